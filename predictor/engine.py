@@ -1,0 +1,435 @@
+"""The generation engine: one worker thread owns torch and runs step-level (continuous) batching.
+
+Every image is a *job* with its own scheduler instance, seeded generator, latents, text embeddings,
+guidance scale and step count. The worker runs one loop:
+
+1. admit waiting jobs (FIFO per resolution group, while the group has fewer than ``max_batch_size``
+   images in flight), encoding the text of all newly admitted jobs in one text-encoder call;
+2. pick the next resolution group round-robin and run ONE UNet call over all its jobs, each at its own
+   timestep (both classifier-free-guidance halves when a job uses guidance);
+3. advance each job's scheduler on its own slice of the UNet output;
+4. VAE-decode the jobs that finished on this step together and answer them at once.
+
+A job joins at the next step boundary (nobody waits for a batch to fill) and leaves as soon as it is done.
+Fairness: within a group, jobs are admitted in arrival order, so a job waits at most for the jobs ahead of it
+in its own group; groups take turns step by step, so no group can starve another.
+
+Jobs whose future is cancelled (client gone) or whose deadline passed stop at the next step boundary.
+Out-of-memory inside a batch frees the cache and retries the step in halves; a job that does not fit alone
+fails with ``OutOfMemory`` and the engine keeps serving.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from predictor import metrics
+from predictor.errors import (
+    DeadlineExceeded,
+    GenerationFailed,
+    OutOfMemory,
+    Overloaded,
+    PredictorError,
+    ShuttingDown,
+)
+from predictor.pipeline import LoadedPipeline, make_scheduler
+from predictor.schemas import GenerationParams
+
+logger = logging.getLogger(__name__)
+
+# Called on the worker thread as (event, current, total): ("queued", position, 0) and ("step", i, n).
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    image: Image.Image
+    params: GenerationParams
+    prompt_truncated: bool
+    nsfw: bool
+    seconds: float
+
+
+@dataclass(eq=False)
+class _Job:
+    params: GenerationParams
+    future: Future[GenerationResult]
+    submitted_at: float
+    deadline: float | None
+    on_progress: ProgressCallback | None
+    # Set on admission.
+    scheduler: Any = None
+    timesteps: torch.Tensor | None = None
+    step: int = 0
+    latents: torch.Tensor | None = None
+    cond: torch.Tensor | None = None
+    uncond: torch.Tensor | None = None
+    step_kwargs: dict[str, Any] = field(default_factory=dict)
+    prompt_truncated: bool = False
+
+    @property
+    def group(self) -> tuple[int, int]:
+        return (self.params.height, self.params.width)
+
+    @property
+    def done(self) -> bool:
+        return self.timesteps is not None and self.step >= len(self.timesteps)
+
+    def abandoned(self) -> bool:
+        return self.future.cancelled()
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_name: str = "model"
+    max_batch_size: int = 8
+    max_queue: int = 32
+    request_timeout_s: float | None = 300.0
+    torch_threads: int = 0  # 0: torch's default
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+class GenerationEngine:
+    def __init__(self, loaded: LoadedPipeline, config: EngineConfig):
+        self.loaded = loaded
+        self.pipe = loaded.pipe
+        self.config = config
+        self._labels = {"model_name": config.model_name}
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[_Job] = collections.deque()
+        self._active: list[_Job] = []
+        self._group_turns: collections.deque[tuple[int, int]] = collections.deque()
+        self._accepting = True
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._step_kwargs_names: dict[type, set[str]] = {}
+        self.healthy = True
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop admitting; let admitted work finish (up to ``timeout``); stop the worker. True if drained."""
+        with self._cond:
+            self._accepting = False
+            self._cond.notify_all()
+        drained = self.wait_idle(timeout)
+        with self._cond:
+            self._stop = True
+            for job in list(self._waiting) + self._active:
+                self._fail(job, ShuttingDown("the server is shutting down"))
+            self._waiting.clear()
+            self._active.clear()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        return drained
+
+    def stop_admitting(self) -> None:
+        with self._cond:
+            self._accepting = False
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._waiting or self._active:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining if remaining is not None else 1.0)
+        return True
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active_images(self) -> int:
+        return len(self._active)
+
+    # ---- submission (any thread) ---------------------------------------------------------------
+
+    def submit(
+        self,
+        params: Iterable[GenerationParams],
+        on_progress: ProgressCallback | None = None,
+        timeout_s: float | None = None,
+    ) -> list[Future[GenerationResult]]:
+        """Queue the images of one request together: all are admitted, or none (503 overloaded)."""
+        params = list(params)
+        now = time.monotonic()
+        timeout_s = self.config.request_timeout_s if timeout_s is None else timeout_s
+        deadline = now + timeout_s if timeout_s else None
+        jobs = [_Job(p, Future(), now, deadline, on_progress) for p in params]
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down; retry on another replica")
+            if not self.healthy:
+                raise GenerationFailed("the GPU is in a failed state; the server is restarting")
+            if len(self._waiting) + len(jobs) > self.config.max_queue:
+                raise Overloaded(
+                    f"too many queued images ({len(self._waiting)} waiting, limit {self.config.max_queue}); "
+                    "retry later",
+                    headers={"Retry-After": "1"},
+                )
+            position = len(self._waiting)
+            self._waiting.extend(jobs)
+            metrics.QUEUE_DEPTH.labels(**self._labels).set(len(self._waiting))
+            self._cond.notify_all()
+        if on_progress is not None:
+            on_progress("queued", position, 0)
+        return [job.future for job in jobs]
+
+    def generate(self, params: GenerationParams, timeout: float | None = None) -> GenerationResult:
+        """Blocking helper (warm-up, benchmarks, tests): one image."""
+        return self.submit([params])[0].result(timeout=timeout)
+
+    # ---- worker ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        if self.config.torch_threads > 0:
+            torch.set_num_threads(self.config.torch_threads)
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stop and not self._waiting and not self._active:
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    admitted = self._admit_locked()
+                try:
+                    if admitted:
+                        self._prepare(admitted)
+                    self._drop_finished_elsewhere()
+                    group = self._next_group()
+                    if group is not None:
+                        members = [job for job in self._active if job.group == group]
+                        self._step(members)
+                        finished = [job for job in members if job.done and not job.future.done()]
+                        if finished:
+                            self._decode(finished)
+                except Exception as exc:  # a bug or a device fault: fail what was in flight, keep serving
+                    logger.exception("generation step failed")
+                    self._fail_all_active(exc)
+                finally:
+                    self._retire()
+
+    def _admit_locked(self) -> list[_Job]:
+        in_flight = collections.Counter(job.group for job in self._active)
+        admitted: list[_Job] = []
+        kept: collections.deque[_Job] = collections.deque()
+        for job in self._waiting:
+            if job.abandoned():
+                continue
+            if in_flight[job.group] < self.config.max_batch_size:
+                in_flight[job.group] += 1
+                admitted.append(job)
+                if job.group not in self._group_turns:
+                    self._group_turns.append(job.group)
+            else:
+                kept.append(job)
+        self._waiting = kept
+        self._active.extend(admitted)
+        metrics.QUEUE_DEPTH.labels(**self._labels).set(len(kept))
+        metrics.ACTIVE_IMAGES.labels(**self._labels).set(len(self._active))
+        return admitted
+
+    def _prepare(self, jobs: list[_Job]) -> None:
+        """Encode the text of all new jobs in one call; give each its scheduler, generator and latents."""
+        pipe, device = self.pipe, self.loaded.device
+        guided = [job for job in jobs if job.params.uses_guidance]
+        texts = [job.params.prompt for job in jobs] + [job.params.negative_prompt for job in guided]
+        embeds, _ = pipe.encode_prompt(texts, device, 1, False)
+        for index, job in enumerate(jobs):
+            job.cond = embeds[index : index + 1]
+        for index, job in enumerate(guided, start=len(jobs)):
+            job.uncond = embeds[index : index + 1]
+        latent_channels = pipe.unet.config.in_channels
+        scale = pipe.vae_scale_factor
+        max_tokens = pipe.tokenizer.model_max_length
+        for job in jobs:
+            p = job.params
+            job.prompt_truncated = (
+                len(pipe.tokenizer(p.prompt, truncation=True, max_length=max_tokens + 1).input_ids) > max_tokens
+            )
+            job.scheduler = make_scheduler(p.scheduler, pipe.scheduler.config)
+            job.scheduler.set_timesteps(p.num_inference_steps, device=device)
+            job.timesteps = job.scheduler.timesteps
+            # Same draw as diffusers' pipeline with generator=torch.Generator("cpu").manual_seed(seed).
+            generator = torch.Generator("cpu").manual_seed(p.seed)
+            shape = (1, latent_channels, p.height // scale, p.width // scale)
+            job.latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
+            job.latents = job.latents * job.scheduler.init_noise_sigma
+            accepted = self._step_kwarg_names(job.scheduler)
+            if "generator" in accepted:
+                job.step_kwargs["generator"] = generator
+            if "eta" in accepted:
+                job.step_kwargs["eta"] = 0.0
+
+    def _step_kwarg_names(self, scheduler: Any) -> set[str]:
+        cls = type(scheduler)
+        if cls not in self._step_kwargs_names:
+            self._step_kwargs_names[cls] = set(inspect.signature(scheduler.step).parameters)
+        return self._step_kwargs_names[cls]
+
+    def _next_group(self) -> tuple[int, int] | None:
+        live = {job.group for job in self._active}
+        for _ in range(len(self._group_turns)):
+            group = self._group_turns[0]
+            self._group_turns.rotate(-1)
+            if group in live:
+                return group
+        return None
+
+    def _drop_finished_elsewhere(self) -> None:
+        now = time.monotonic()
+        for job in self._active:
+            if job.abandoned():
+                metrics.FAILURES.labels(error_type="cancelled", **self._labels).inc()
+            elif job.expired(now):
+                self._fail(job, DeadlineExceeded(f"the request did not finish within {self._timeout_text()}"))
+
+    def _timeout_text(self) -> str:
+        return f"{self.config.request_timeout_s:g} s (--request_timeout_s)"
+
+    def _step(self, members: list[_Job]) -> None:
+        members = [job for job in members if not job.future.done()]
+        if not members:
+            return
+        started = time.perf_counter()
+        self._run_with_oom_split(members, self._unet_step)
+        metrics.STEP_SECONDS.labels(**self._labels).observe(time.perf_counter() - started)
+        for job in members:
+            if job.on_progress is not None and not job.future.done():
+                job.on_progress("step", job.step, len(job.timesteps))
+
+    def _run_with_oom_split(self, members: list[_Job], fn: Callable[[list[_Job]], None]) -> None:
+        try:
+            fn(members)
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(members) == 1:
+                logger.warning("out of memory for a single %dx%d image", *reversed(members[0].group))
+                self._fail(members[0], OutOfMemory("this image does not fit in GPU memory; ask for a smaller size"))
+                return
+            half = len(members) // 2
+            logger.warning("out of memory with %d images in one call; retrying in halves", len(members))
+            self._run_with_oom_split(members[:half], fn)
+            self._run_with_oom_split(members[half:], fn)
+
+    def _unet_step(self, members: list[_Job]) -> None:
+        inputs, contexts, timesteps = [], [], []
+        for job in members:
+            t = job.timesteps[job.step]
+            x = job.scheduler.scale_model_input(job.latents, t)
+            t = t.to(torch.float32).reshape(1)  # the UNet embeds timesteps as float32 either way
+            if job.uncond is not None:
+                inputs += [x, x]
+                contexts += [job.uncond, job.cond]
+                timesteps += [t, t]
+            else:
+                inputs.append(x)
+                contexts.append(job.cond)
+                timesteps.append(t)
+        noise = self.pipe.unet(
+            torch.cat(inputs),
+            torch.cat(timesteps),
+            encoder_hidden_states=torch.cat(contexts),
+            return_dict=False,
+        )[0]
+        metrics.BATCH_SIZE.labels(**self._labels).observe(len(members))
+        row = 0
+        for job in members:
+            if job.uncond is not None:
+                uncond, text = noise[row : row + 1], noise[row + 1 : row + 2]
+                prediction = uncond + job.params.guidance_scale * (text - uncond)
+                row += 2
+            else:
+                prediction = noise[row : row + 1]
+                row += 1
+            t = job.timesteps[job.step]
+            job.latents = job.scheduler.step(prediction, t, job.latents, **job.step_kwargs, return_dict=False)[0]
+            job.step += 1
+
+    def _decode(self, jobs: list[_Job]) -> None:
+        self._run_with_oom_split(jobs, self._vae_decode)
+
+    def _vae_decode(self, jobs: list[_Job]) -> None:
+        pipe = self.pipe
+        latents = torch.cat([job.latents for job in jobs])
+        finite = torch.isfinite(latents).flatten(1).all(dim=1).tolist()
+        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        images, nsfw = pipe.run_safety_checker(images, self.loaded.device, latents.dtype)
+        nsfw = list(nsfw) if nsfw is not None else [False] * len(jobs)
+        pil_images = pipe.image_processor.postprocess(
+            images, output_type="pil", do_denormalize=[not flagged for flagged in nsfw]
+        )
+        now = time.monotonic()
+        for job, image, ok, flagged in zip(jobs, pil_images, finite, nsfw, strict=True):
+            if not ok:
+                self._fail(job, GenerationFailed("the model produced NaN/Inf values; no image was made"))
+                continue
+            result = GenerationResult(image, job.params, job.prompt_truncated, bool(flagged), now - job.submitted_at)
+            if self._resolve(job, result):
+                metrics.IMAGES.labels(**self._labels).inc()
+                metrics.REQUEST_SECONDS.labels(**self._labels).observe(result.seconds)
+
+    # ---- bookkeeping ----------------------------------------------------------------------------
+
+    def _retire(self) -> None:
+        """Forget jobs that are answered, failed or abandoned; wake anyone waiting for idleness."""
+        with self._cond:
+            self._active = [job for job in self._active if not job.future.done()]
+            live = {job.group for job in self._active}
+            self._group_turns = collections.deque(g for g in self._group_turns if g in live)
+            metrics.ACTIVE_IMAGES.labels(**self._labels).set(len(self._active))
+            self._cond.notify_all()
+
+    def _resolve(self, job: _Job, result: GenerationResult) -> bool:
+        try:
+            job.future.set_result(result)
+            return True
+        except InvalidStateError:  # cancelled meanwhile
+            return False
+
+    def _fail(self, job: _Job, error: PredictorError) -> None:
+        try:
+            job.future.set_exception(error)
+        except InvalidStateError:
+            return
+        metrics.FAILURES.labels(error_type=error.error_type, **self._labels).inc()
+
+    def _fail_all_active(self, exc: Exception) -> None:
+        message = "image generation failed on the server"
+        if isinstance(exc, torch.AcceleratorError if hasattr(torch, "AcceleratorError") else ()):
+            # An unrecoverable device error: stop taking work so the liveness probe restarts the pod.
+            self.healthy = False
+            message = "the GPU failed; the server is restarting"
+        for job in self._active:
+            self._fail(job, GenerationFailed(message))

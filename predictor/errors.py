@@ -1,0 +1,83 @@
+"""Error types and their one HTTP mapping.
+
+Every error a client can see is a ``PredictorError``: it carries the HTTP status, a stable
+``error_type`` and, for bad input, the offending ``param``. ``server.py`` turns it into the one
+error body, ``{"error": ..., "error_type": ..., "param": ...}``; the OpenAI-compatible route
+wraps the same fields in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kserve.errors import InvalidInput
+
+
+class PredictorError(Exception):
+    status_code = 500
+    error_type = "internal_error"
+
+    def __init__(self, message: str, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.message, "error_type": self.error_type, "param": self.param}
+
+
+class InvalidRequest(PredictorError, InvalidInput):
+    """Bad input: 400. Also a kserve ``InvalidInput`` so KServe code paths treat it as such."""
+
+    status_code = 400
+    error_type = "invalid_input"
+
+    def __init__(self, message: str, param: str | None = None):
+        PredictorError.__init__(self, message, param)
+        self.reason = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class PayloadTooLarge(PredictorError):
+    status_code = 413
+    error_type = "payload_too_large"
+
+
+class ModelNotLoaded(PredictorError):
+    status_code = 503
+    error_type = "model_not_ready"
+
+
+class Overloaded(PredictorError):
+    status_code = 503
+    error_type = "overloaded"
+
+
+class ShuttingDown(PredictorError):
+    status_code = 503
+    error_type = "shutting_down"
+
+
+class OutOfMemory(PredictorError):
+    status_code = 503
+    error_type = "out_of_memory"
+
+
+class DeadlineExceeded(PredictorError):
+    status_code = 504
+    error_type = "timeout"
+
+
+class GenerationFailed(PredictorError):
+    status_code = 500
+    error_type = "generation_failed"
+
+
+class Cancelled(PredictorError):
+    """The client went away; nobody reads this answer (499 is nginx's convention)."""
+
+    status_code = 499
+    error_type = "cancelled"

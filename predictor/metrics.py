@@ -1,0 +1,30 @@
+"""Prometheus metrics, served on KServe's /metrics (prometheus_client's default registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0)
+
+QUEUE_DEPTH = Gauge("diffusion_queue_depth", "Images waiting for a batch slot", ["model_name"])
+ACTIVE_IMAGES = Gauge("diffusion_active_images", "Images in the denoising loop", ["model_name"])
+BATCH_SIZE = Histogram(
+    "diffusion_batch_size",
+    "Images in one UNet call",
+    ["model_name"],
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+)
+STEP_SECONDS = Histogram(
+    "diffusion_step_seconds",
+    "Duration of one batched denoising step",
+    ["model_name"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+REQUEST_SECONDS = Histogram(
+    "diffusion_image_seconds",
+    "Time from admission to a finished image, queueing included",
+    ["model_name"],
+    buckets=_LATENCY_BUCKETS,
+)
+IMAGES = Counter("diffusion_images_total", "Images generated", ["model_name"])
+FAILURES = Counter("diffusion_failures_total", "Images not delivered, by reason", ["model_name", "error_type"])

@@ -1,0 +1,299 @@
+"""DiffusionModel: the kserve.Model that every route goes through.
+
+preprocess   protocol body (v1 dict, v2 InferRequest, or a RouteCall from /generate) -> validated params
+predict      submit the images to the engine and await them (torch runs on the engine's thread only)
+postprocess  encode the images (off the event loop) and shape the protocol's response
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from kserve import InferOutput, InferRequest, InferResponse, Model
+
+from predictor.codec import MEDIA_TYPES, encode_image, to_base64
+from predictor.config import Settings
+from predictor.engine import EngineConfig, GenerationEngine, GenerationResult, ProgressCallback
+from predictor.errors import InvalidRequest, ModelNotLoaded
+from predictor.pipeline import LoadedPipeline, load_pipeline
+from predictor.schemas import GenerationParams, GenerationRequest, parse_request, resolve
+
+logger = logging.getLogger(__name__)
+
+# v2 request parameters that belong to the protocol, not to the generation request.
+_V2_PROTOCOL_PARAMETERS = frozenset({"binary_data_output"})
+
+
+@dataclass
+class RouteCall:
+    """A request from one of this server's own routes, carried through the same model path."""
+
+    protocol: Literal["generate", "openai"]
+    body: Any
+    on_progress: ProgressCallback | None = None
+    # OpenAI's n: images of one request (seeds seed, seed+1, ...).
+    images: int = 1
+
+
+@dataclass
+class Batch:
+    protocol: str
+    params: list[GenerationParams]
+    request_id: str | None = None
+    on_progress: ProgressCallback | None = None
+    results: list[GenerationResult] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes
+    media_type: str
+    result: GenerationResult
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {
+            "X-Seed": str(self.result.params.seed),
+            "X-Prompt-Truncated": str(self.result.prompt_truncated).lower(),
+            "X-NSFW": str(self.result.nsfw).lower(),
+        }
+
+
+class DiffusionModel(Model):
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline_loader: Callable[[Settings], LoadedPipeline] | None = None,
+    ):
+        super().__init__(settings.model_name, return_response_headers=True)
+        self.settings = settings
+        self.limits = settings.limits
+        self.engine: GenerationEngine | None = None  # type: ignore[assignment]  # kserve uses a bool here
+        self.loaded: LoadedPipeline | None = None
+        self._pipeline_loader = pipeline_loader or _load_from_settings
+        self.ready = False
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def load(self) -> bool:
+        started = time.perf_counter()
+        self.loaded = self._pipeline_loader(self.settings)
+        self.engine = GenerationEngine(
+            self.loaded,
+            EngineConfig(
+                model_name=self.name,
+                max_batch_size=self.settings.max_batch_size,
+                max_queue=self.settings.max_queue,
+                request_timeout_s=self.settings.request_timeout_s,
+                torch_threads=self.settings.torch_threads,
+            ),
+        )
+        self.engine.start()
+        if self.settings.warmup_steps:
+            warmup = self.default_params("warm-up", steps=self.settings.warmup_steps)
+            self.engine.generate(warmup)
+        self.ready = True
+        logger.info("model %s ready in %.1f s", self.name, time.perf_counter() - started)
+        return self.ready
+
+    def start(self) -> None:
+        # KServe's default marks the model ready here; readiness belongs to load() and its warm-up.
+        pass
+
+    def stop(self) -> None:
+        self.ready = False
+        if self.engine is not None:
+            self.engine.close(timeout=self.settings.grace_period_s)
+
+    @property
+    def native_size(self) -> int:
+        if self.loaded is None:
+            raise ModelNotLoaded(f"model {self.name} is not loaded yet")
+        return self.loaded.native_size
+
+    def default_params(self, prompt: str, steps: int | None = None) -> GenerationParams:
+        request = GenerationRequest(prompt=prompt, num_inference_steps=steps, seed=0)
+        return resolve(request, self.limits, self.native_size)
+
+    # ---- protocol path -------------------------------------------------------------------------
+
+    def validate(self, payload: Any) -> Any:
+        # preprocess already validated everything against schemas.py.
+        return payload
+
+    async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> Batch:
+        if not self.ready or self.engine is None:
+            raise ModelNotLoaded(f"model {self.name} is not ready")
+        request_id = (headers or {}).get("x-request-id")
+        if isinstance(payload, RouteCall):
+            body = _json_object(payload.body) if isinstance(payload.body, bytes) else payload.body
+            request = parse_request(body, self.limits)
+            params = [resolve(request, self.limits, self.native_size)]
+            params += [
+                GenerationParams(**{**params[0].__dict__, "seed": (params[0].seed + k) % 2**32})
+                for k in range(1, payload.images)
+            ]
+            return Batch(payload.protocol, params, request_id, payload.on_progress)
+        if isinstance(payload, InferRequest):
+            return Batch("v2", self._parse_v2(payload), payload.id or request_id)
+        if isinstance(payload, bytes):
+            # KServe hands over the raw body when the content type is not JSON (curl -d sends a form type).
+            payload = _json_object(payload)
+        if isinstance(payload, dict):
+            return Batch("v1", self._parse_v1(payload), request_id)
+        raise InvalidRequest("the request body must be a JSON object", param="body")
+
+    def _parse_v1(self, body: dict[str, Any]) -> list[GenerationParams]:
+        unknown = set(body) - {"instances"}
+        if unknown:
+            name = sorted(unknown)[0][:64]
+            raise InvalidRequest(f"unknown field '{name}'; a v1 request is {{\"instances\": [...]}}", param=name)
+        instances = body.get("instances")
+        if not isinstance(instances, list):
+            raise InvalidRequest("'instances' must be a list of generation requests", param="instances")
+        self._check_count(len(instances), "instances")
+        requests = [parse_request(item, self.limits, prefix=f"instances[{i}].") for i, item in enumerate(instances)]
+        return [resolve(request, self.limits, self.native_size) for request in requests]
+
+    def _parse_v2(self, request: InferRequest) -> list[GenerationParams]:
+        tensors: dict[str, list[str]] = {}
+        for tensor in request.inputs:
+            if tensor.name not in ("prompt", "negative_prompt"):
+                raise InvalidRequest(
+                    f"unknown input '{tensor.name[:64]}'; inputs are 'prompt' and optional 'negative_prompt'",
+                    param=f"inputs.{tensor.name[:64]}",
+                )
+            tensors[tensor.name] = _bytes_tensor_as_strings(tensor.name, tensor.datatype, tensor.shape, tensor.data)
+        if "prompt" not in tensors:
+            raise InvalidRequest("input 'prompt' (BYTES, shape [N]) is required", param="inputs.prompt")
+        prompts = tensors["prompt"]
+        self._check_count(len(prompts), "inputs.prompt")
+        negatives = tensors.get("negative_prompt")
+        if negatives is not None and len(negatives) != len(prompts):
+            raise InvalidRequest(
+                "input 'negative_prompt' must have as many elements as 'prompt'", param="inputs.negative_prompt"
+            )
+        parameters = {k: v for k, v in (request.parameters or {}).items() if k not in _V2_PROTOCOL_PARAMETERS}
+        for name in ("prompt", "negative_prompt"):
+            if name in parameters:
+                raise InvalidRequest(f"'{name}' is an input tensor, not a parameter", param=f"parameters.{name}")
+        params = []
+        for index, prompt in enumerate(prompts):
+            body = {"prompt": prompt, **parameters}
+            if negatives is not None:
+                body["negative_prompt"] = negatives[index]
+            params.append(resolve(parse_request(body, self.limits), self.limits, self.native_size))
+        return params
+
+    def _check_count(self, count: int, param: str) -> None:
+        if count < 1:
+            raise InvalidRequest(f"'{param}' must hold at least one request", param=param)
+        if count > self.limits.max_batch_instances:
+            raise InvalidRequest(
+                f"'{param}' holds {count} requests; at most {self.limits.max_batch_instances} "
+                "(--max_batch_instances) per call",
+                param=param,
+            )
+
+    async def predict(
+        self, batch: Batch, headers: dict[str, str] | None = None, response_headers: dict[str, str] | None = None
+    ) -> Batch:
+        assert self.engine is not None  # preprocess checked readiness
+        futures = self.engine.submit(batch.params, on_progress=batch.on_progress)
+        try:
+            batch.results = list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        except BaseException:
+            # One image failed or the client went away: stop the request's other images too.
+            for future in futures:
+                future.cancel()
+            raise
+        return batch
+
+    async def postprocess(
+        self, batch: Batch, headers: dict[str, str] | None = None, response_headers: dict[str, str] | None = None
+    ) -> Any:
+        encoded = await asyncio.to_thread(_encode_all, batch.results)
+        if batch.protocol == "v1":
+            return {"predictions": [_v1_prediction(item) for item in encoded]}
+        if batch.protocol == "v2":
+            return _v2_response(self.name, batch.request_id, encoded)
+        if response_headers is not None and len(encoded) == 1:
+            response_headers.update(encoded[0].headers)
+        return encoded
+
+
+def _json_object(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequest("the request body is not valid JSON", param="body") from None
+
+
+def _load_from_settings(settings: Settings) -> LoadedPipeline:
+    return load_pipeline(settings.model_dir, settings.model_id, settings.revision, settings.device, settings.dtype)
+
+
+def _encode_all(results: list[GenerationResult]) -> list[EncodedImage]:
+    return [
+        EncodedImage(encode_image(r.image, r.params.output_format), MEDIA_TYPES[r.params.output_format], r)
+        for r in results
+    ]
+
+
+def _v1_prediction(item: EncodedImage) -> dict[str, Any]:
+    params = item.result.params
+    return {
+        "image": {"b64": to_base64(item.data), "format": params.output_format},
+        "seed": params.seed,
+        "width": params.width,
+        "height": params.height,
+        "prompt_truncated": item.result.prompt_truncated,
+        "nsfw": item.result.nsfw,
+    }
+
+
+def _v2_response(model_name: str, request_id: str | None, encoded: list[EncodedImage]) -> InferResponse:
+    n = len(encoded)
+    outputs = [
+        InferOutput("image", [n], "BYTES", [to_base64(item.data) for item in encoded]),
+        InferOutput("seed", [n], "INT64", [item.result.params.seed for item in encoded]),
+        InferOutput("nsfw", [n], "BOOL", [item.result.nsfw for item in encoded]),
+        InferOutput("prompt_truncated", [n], "BOOL", [item.result.prompt_truncated for item in encoded]),
+    ]
+    formats = sorted({item.result.params.output_format for item in encoded})
+    return InferResponse(
+        response_id=request_id or str(uuid.uuid4()),
+        model_name=model_name,
+        infer_outputs=outputs,
+        parameters={"output_format": ",".join(formats)},
+    )
+
+
+def _bytes_tensor_as_strings(name: str, datatype: str, shape: list[int], data: Any) -> list[str]:
+    param = f"inputs.{name}"
+    if datatype != "BYTES":
+        raise InvalidRequest(f"input '{name}' must have datatype BYTES, not {datatype[:16]}", param=param)
+    values = data.tolist() if isinstance(data, np.ndarray) else data
+    if not isinstance(values, list):
+        raise InvalidRequest(f"input '{name}' must hold a list of strings", param=param)
+    if len(shape) != 1 or shape[0] != len(values):
+        raise InvalidRequest(f"input '{name}' must have shape [N] matching its {len(values)} elements", param=param)
+    strings = []
+    for value in values:
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidRequest(f"input '{name}' is not valid UTF-8", param=param) from None
+        if not isinstance(value, str):
+            raise InvalidRequest(f"input '{name}' must hold strings", param=param)
+        strings.append(value)
+    return strings

@@ -1,0 +1,67 @@
+"""This server's own routes, on the same app as KServe's: POST /generate (prompt in, image out)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request, Response
+
+from predictor.errors import ModelNotLoaded
+from predictor.model import DiffusionModel, EncodedImage, RouteCall
+from predictor.schemas import GenerationRequest
+
+ERROR_BODY_SCHEMA = {
+    "type": "object",
+    "required": ["error", "error_type"],
+    "properties": {
+        "error": {"type": "string"},
+        "error_type": {"type": "string"},
+        "param": {"type": ["string", "null"]},
+    },
+}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": ERROR_BODY_SCHEMA}}}
+
+
+GENERATE_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": GenerationRequest.model_json_schema()}},
+    },
+    "responses": {
+        "200": {
+            "description": "The encoded image; its seed in X-Seed.",
+            "content": {
+                media: {"schema": {"type": "string", "format": "binary"}}
+                for media in ("image/png", "image/jpeg", "image/webp")
+            },
+            "headers": {
+                "X-Seed": {"schema": {"type": "integer"}, "description": "Seed that reproduces the image"},
+                "X-Prompt-Truncated": {"schema": {"type": "string", "enum": ["true", "false"]}},
+                "X-NSFW": {"schema": {"type": "string", "enum": ["true", "false"]}},
+            },
+        },
+        "400": _error("Invalid input"),
+        "500": _error("Generation failed"),
+        "503": _error("Model not ready, overloaded or shutting down"),
+        "504": _error("Deadline exceeded"),
+    },
+}
+
+
+def register_routes(app: FastAPI, model: DiffusionModel) -> None:
+    router = APIRouter(tags=["Images"])
+
+    @router.post("/generate", response_class=Response, openapi_extra=GENERATE_OPENAPI)
+    async def generate(request: Request) -> Response:
+        """Generate one image; the body is the generation request, the response the encoded image."""
+        if not model.ready:
+            raise ModelNotLoaded(f"model {model.name} is not ready")
+        body = await request.body()
+        encoded, headers = await model(RouteCall("generate", body), headers=dict(request.headers))
+        image: EncodedImage = encoded[0]
+        return Response(content=image.data, media_type=image.media_type, headers=headers)
+
+    app.include_router(router)

@@ -1,0 +1,193 @@
+"""The one definition of valid input.
+
+``GenerationRequest`` is what a client may send (strict types, no unknown fields, finite floats).
+``Limits`` holds the bounds an operator sets by flag; ``parse_request`` applies both and turns every
+failure into ``InvalidRequest`` with the offending parameter, without echoing the input back.
+``resolve`` fills the defaults (seed, size, steps, scheduler) and gives the engine a
+``GenerationParams`` it can trust.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from predictor.errors import InvalidRequest
+
+# Names of the schedulers a request may ask for; pipeline.py maps each to a diffusers class.
+SCHEDULER_NAMES: tuple[str, ...] = (
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "euler",
+    "euler_a",
+    "ddim",
+    "pndm",
+    "lms",
+    "unipc",
+)
+SchedulerName = Literal["dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "ddim", "pndm", "lms", "unipc"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
+
+MAX_SEED = 2**32 - 1
+# Absolute ceilings; the operator's flags may only lower what a request can ask for.
+HARD_MAX_STEPS = 1000
+HARD_MAX_IMAGE_SIZE = 4096
+HARD_MAX_PROMPT_CHARS = 100_000
+MIN_IMAGE_SIZE = 64
+SIZE_MULTIPLE = 8
+MAX_GUIDANCE = 30.0
+# Longest parameter name echoed back in an error body.
+_MAX_PARAM_CHARS = 64
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_chars: int = 2000
+    max_steps: int = 150
+    default_steps: int = 25
+    max_image_size: int = 1024
+    max_batch_instances: int = 8
+    default_scheduler: str = "dpmpp_2m"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "max_prompt_chars": self.max_prompt_chars,
+            "max_steps": self.max_steps,
+            "default_steps": self.default_steps,
+            "min_image_size": MIN_IMAGE_SIZE,
+            "max_image_size": self.max_image_size,
+            "image_size_multiple": SIZE_MULTIPLE,
+            "max_guidance_scale": MAX_GUIDANCE,
+            "max_seed": MAX_SEED,
+            "max_batch_instances": self.max_batch_instances,
+            "default_scheduler": self.default_scheduler,
+            "schedulers": list(SCHEDULER_NAMES),
+            "output_formats": list(OUTPUT_FORMATS),
+        }
+
+
+Steps = Annotated[int, Field(ge=1, le=HARD_MAX_STEPS)]
+ImageSize = Annotated[int, Field(ge=MIN_IMAGE_SIZE, le=HARD_MAX_IMAGE_SIZE, multiple_of=SIZE_MULTIPLE)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Guidance = Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)]
+Prompt = Annotated[str, Field(min_length=1, max_length=HARD_MAX_PROMPT_CHARS)]
+
+
+class GenerationRequest(BaseModel):
+    """One image request, as /generate, each v1 instance and the v2 parameters carry it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    prompt: Prompt = Field(description="What to draw. Prompts past the text encoder's 77 tokens are truncated.")
+    negative_prompt: Annotated[str, Field(max_length=HARD_MAX_PROMPT_CHARS)] | None = Field(
+        default=None, description="What to steer away from."
+    )
+    num_inference_steps: Steps | None = Field(default=None, description="Denoising steps (default: --default_steps).")
+    guidance_scale: Guidance = Field(default=7.5, description="Classifier-free guidance; <= 1 disables it.")
+    width: ImageSize | None = Field(default=None, description="Multiple of 8; default: the model's native size.")
+    height: ImageSize | None = Field(default=None, description="Multiple of 8; default: the model's native size.")
+    seed: Seed | None = Field(default=None, description="0..2^32-1; drawn by the server when absent, always returned.")
+    scheduler: SchedulerName | None = Field(default=None, description="Sampler (default: --default_scheduler).")
+    output_format: OutputFormat = Field(default="png", description="Encoding of the returned image.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must contain a non-whitespace character")
+        return value
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """A validated request with every default resolved: what the engine runs."""
+
+    prompt: str
+    negative_prompt: str
+    num_inference_steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    seed: int
+    scheduler: str
+    output_format: str
+
+    @property
+    def uses_guidance(self) -> bool:
+        # diffusers' rule: classifier-free guidance only when the scale exceeds 1.
+        return self.guidance_scale > 1.0
+
+
+def _param_name(loc: tuple[Any, ...], prefix: str) -> str:
+    name = ".".join(str(part) for part in loc)
+    if len(name) > _MAX_PARAM_CHARS:
+        name = name[:_MAX_PARAM_CHARS] + "..."
+    return f"{prefix}{name}" if name else prefix.rstrip(".") or "body"
+
+
+def invalid_from_validation_error(exc: ValidationError, prefix: str = "") -> InvalidRequest:
+    """The first pydantic error as an ``InvalidRequest``; pydantic's messages never include the input."""
+    error = exc.errors(include_url=False, include_input=False)[0]
+    param = _param_name(tuple(error["loc"]), prefix)
+    if error["type"] == "extra_forbidden":
+        return InvalidRequest(f"unknown field '{param}'", param=param)
+    if error["type"] == "missing":
+        return InvalidRequest(f"'{param}' is required", param=param)
+    return InvalidRequest(f"'{param}': {error['msg']}", param=param)
+
+
+def parse_request(data: Any, limits: Limits, prefix: str = "") -> GenerationRequest:
+    """Validate one request body (a JSON object already decoded) against the type and the limits."""
+    if not isinstance(data, dict):
+        param = prefix.rstrip(".") or "body"
+        raise InvalidRequest(f"'{param}' must be a JSON object", param=param)
+    try:
+        request = GenerationRequest.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_from_validation_error(exc, prefix) from None
+    check_limits(request, limits, prefix)
+    return request
+
+
+def check_limits(request: GenerationRequest, limits: Limits, prefix: str = "") -> None:
+    def fail(field: str, message: str) -> None:
+        raise InvalidRequest(f"'{prefix}{field}' {message}", param=f"{prefix}{field}")
+
+    if len(request.prompt) > limits.max_prompt_chars:
+        fail("prompt", f"is longer than {limits.max_prompt_chars} characters")
+    if request.negative_prompt is not None and len(request.negative_prompt) > limits.max_prompt_chars:
+        fail("negative_prompt", f"is longer than {limits.max_prompt_chars} characters")
+    if request.num_inference_steps is not None and request.num_inference_steps > limits.max_steps:
+        fail("num_inference_steps", f"must be at most {limits.max_steps}")
+    for field in ("width", "height"):
+        value = getattr(request, field)
+        if value is not None and value > limits.max_image_size:
+            fail(field, f"must be at most {limits.max_image_size}")
+
+
+def resolve(request: GenerationRequest, limits: Limits, native_size: int, seed_offset: int = 0) -> GenerationParams:
+    """Fill the defaults. ``seed_offset`` numbers the images of one multi-image request (seed, seed+1, ...)."""
+    seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    width = request.width or native_size
+    height = request.height or native_size
+    if max(width, height) > limits.max_image_size:
+        raise InvalidRequest(
+            f"the model's native size {native_size} exceeds --max_image_size {limits.max_image_size}; "
+            "pass width and height",
+            param="width",
+        )
+    return GenerationParams(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt or "",
+        num_inference_steps=request.num_inference_steps or limits.default_steps,
+        guidance_scale=float(request.guidance_scale),
+        width=width,
+        height=height,
+        seed=(seed + seed_offset) % (MAX_SEED + 1),
+        scheduler=request.scheduler or limits.default_scheduler,
+        output_format=request.output_format,
+    )

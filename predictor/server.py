@@ -1,0 +1,172 @@
+"""The KServe model server, extended: this server's routes, one error body, safe defaults.
+
+KServe's ``ModelServer`` serves its module-global FastAPI app; ``PredictorServer`` builds a fresh app per
+server instead (so tests can build several), registers /generate beside KServe's v1/v2 routes, removes the
+model repository load/unload routes (anyone could unload the model), and maps every error to
+``{"error", "error_type", "param"}`` without tracebacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from importlib import metadata
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kserve import ModelServer
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady, ServerNotReady
+from kserve.protocol.rest.server import RESTServer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from predictor.config import Settings
+from predictor.errors import PredictorError
+from predictor.model import DiffusionModel
+from predictor.routes import register_routes
+
+logger = logging.getLogger(__name__)
+
+
+def _error_response(status: int, message: str, error_type: str, param: str | None = None, headers=None):
+    body = {"error": message, "error_type": error_type, "param": param}
+    return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+async def _predictor_error(_: Request, exc: PredictorError) -> JSONResponse:
+    if exc.status_code >= 500:
+        logger.warning("%s: %s", exc.error_type, exc.message)
+    return _error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.headers)
+
+
+async def _kserve_invalid_input(_: Request, exc: InvalidInput) -> JSONResponse:
+    # KServe raises these for bodies that are not JSON before our code sees them.
+    return _error_response(400, str(exc)[:300], "invalid_input", "body")
+
+
+async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    error = exc.errors()[0] if exc.errors() else {}
+    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    param = ".".join(loc)[:64] or "body"
+    if error.get("type") == "json_invalid":
+        return _error_response(400, "the request body is not valid JSON", "invalid_input", "body")
+    return _error_response(400, f"'{param}': {error.get('msg', 'invalid value')}", "invalid_input", param)
+
+
+async def _not_ready(_: Request, exc: Exception) -> JSONResponse:
+    return _error_response(503, str(exc), "model_not_ready")
+
+
+async def _not_found(_: Request, exc: ModelNotFound) -> JSONResponse:
+    return _error_response(404, str(exc), "model_not_found")
+
+
+async def _http_exception(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return _error_response(exc.status_code, str(exc.detail), error_type, headers=getattr(exc, "headers", None))
+
+
+async def _repository_disabled(model_name: str) -> JSONResponse:
+    return _error_response(403, "model load/unload over HTTP is disabled on this server", "forbidden")
+
+
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    logger.error("unhandled error", exc_info=exc)
+    return _error_response(500, "internal server error", "internal_error")
+
+
+class PredictorRESTServer(RESTServer):
+    def create_application(self) -> FastAPI:
+        app = FastAPI(
+            title="diffusion-predictor",
+            version=metadata.version("diffusion-predictor"),
+            docs_url=None,
+            redoc_url=None,
+        )
+        self._add_middlewares(app)
+        self._register_endpoints(app)
+        self._add_exception_handlers(app)
+        self.config.app = app  # uvicorn serves this instance, not kserve's module-global app
+        self.app = app
+        return app
+
+    def _register_endpoints(self, app: FastAPI) -> None:
+        # Registered first, so they shadow KServe's model repository routes: anyone could unload the model.
+        for action in ("load", "unload"):
+            app.add_api_route(
+                f"/v2/repository/models/{{model_name}}/{action}",
+                _repository_disabled,
+                methods=["POST"],
+                include_in_schema=False,
+            )
+        super()._register_endpoints(app)
+
+    def _add_exception_handlers(self, app: FastAPI) -> None:
+        super()._add_exception_handlers(app)
+        app.add_exception_handler(PredictorError, _predictor_error)
+        app.add_exception_handler(InvalidInput, _kserve_invalid_input)
+        app.add_exception_handler(RequestValidationError, _request_validation)
+        app.add_exception_handler(ModelNotReady, _not_ready)
+        app.add_exception_handler(ServerNotReady, _not_ready)
+        app.add_exception_handler(ModelNotFound, _not_found)
+        app.add_exception_handler(StarletteHTTPException, _http_exception)
+        app.add_exception_handler(Exception, _internal_error)
+
+
+class PredictorServer(ModelServer):
+    def __init__(self, settings: Settings, http_port: int, grpc_port: int, enable_grpc: bool, **kwargs):
+        super().__init__(
+            http_port=http_port,
+            grpc_port=grpc_port,
+            workers=1,
+            enable_grpc=enable_grpc,
+            enable_docs_url=False,
+            grace_period=settings.grace_period_s,
+            **kwargs,
+        )
+        self.settings = settings
+        self.model: DiffusionModel | None = None
+
+    def create_app(self, model: DiffusionModel) -> FastAPI:
+        """Register the model and build the HTTP app (without serving it): used by start() and tests."""
+        self.register_model(model)
+        model.enable_latency_logging = self.enable_latency_logging
+        self.model = model
+        self._rest_server = PredictorRESTServer(
+            "kserve.model_server:app",  # replaced by the app built in create_application
+            self.dataplane,
+            self.model_repository_extension,
+            self.http_port,
+            access_log_format=self.access_log_format,
+            workers=1,
+            grace_period=self.grace_period,
+            event_loop=self.event_loop,
+            timeout_keep_alive=self.timeout_keep_alive,
+            ssl_certfile=self.ssl_certfile,
+            ssl_keyfile=self.ssl_keyfile,
+        )
+        app = self._rest_server.create_application()
+        register_routes(app, model)
+        return app
+
+    def serve(self, model: DiffusionModel) -> None:
+        """Serve until SIGTERM/SIGINT; in-flight requests get --grace_period_s to finish."""
+        app = self.create_app(model)
+        rest = self._rest_server
+        self.servers.append(rest._server.serve())
+        if self.enable_grpc:
+            from kserve.protocol.grpc.server import GRPCServer
+
+            self._grpc_server = GRPCServer(
+                self.grpc_port, self.dataplane, self.model_repository_extension, grace_period=self.grace_period
+            )
+            self.servers.append(self._grpc_server.start(self.max_threads))
+        del app
+        self.setup_event_loop()
+        self.register_signal_handler()
+        asyncio.run(self._serve())
+
+    def stop(self, sig: int) -> None:
+        if self.model is not None and self.model.engine is not None:
+            self.model.engine.stop_admitting()
+        super().stop(sig)
