@@ -28,6 +28,10 @@ from predictor.routes import register_routes
 logger = logging.getLogger(__name__)
 
 
+# Parts of a location that name the body or a union member (KServe types parameters as float|int|bool|str).
+_BODY_LOC_PARTS = frozenset({"body", "InferenceRequest", "bytes", "float", "int", "bool", "str"})
+
+
 def _error_response(status: int, message: str, error_type: str, param: str | None = None, headers=None):
     body = {"error": message, "error_type": error_type, "param": param}
     return JSONResponse(status_code=status, content=body, headers=headers)
@@ -45,11 +49,16 @@ async def _kserve_invalid_input(_: Request, exc: InvalidInput) -> JSONResponse:
 
 
 async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-    error = exc.errors()[0] if exc.errors() else {}
-    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
-    param = ".".join(loc)[:64] or "body"
+    # FastAPI validated a KServe body model (v2); report it like our own validation does.
+    errors = exc.errors()
+    error = errors[0] if errors else {}
     if error.get("type") == "json_invalid":
         return _error_response(400, "the request body is not valid JSON", "invalid_input", "body")
+    # The location starts with "body" and, for union bodies, the model's name: neither is a parameter.
+    loc = [str(part) for part in error.get("loc", ()) if part not in _BODY_LOC_PARTS]
+    param = ".".join(loc)[:64] or "body"
+    if error.get("type") == "missing":
+        return _error_response(400, f"'{param}' is required", "invalid_input", param)
     return _error_response(400, f"'{param}': {error.get('msg', 'invalid value')}", "invalid_input", param)
 
 

@@ -1,0 +1,111 @@
+"""Every kind of bad input gets 400 with the one error body, names the parameter, and echoes nothing large."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import MODEL_NAME
+from fastapi.testclient import TestClient
+
+V1 = f"/v1/models/{MODEL_NAME}:predict"
+V2 = f"/v2/models/{MODEL_NAME}/infer"
+HUGE = "x" * 5000
+
+
+def v2(prompts=("ok",), datatype="BYTES", shape=None, **parameters):
+    tensor = {"name": "prompt", "datatype": datatype, "shape": shape or [len(prompts)], "data": list(prompts)}
+    body = {"inputs": [tensor]}
+    if parameters:
+        body["parameters"] = parameters
+    return body
+
+
+# (route, body (dict / raw bytes), expected param)
+CASES = [
+    ("/generate", {}, "prompt"),
+    ("/generate", {"prompt": ""}, "prompt"),
+    ("/generate", {"prompt": "   "}, "prompt"),
+    ("/generate", {"prompt": 42}, "prompt"),
+    ("/generate", {"prompt": None}, "prompt"),
+    ("/generate", {"prompt": HUGE}, "prompt"),
+    ("/generate", {"prompt": "a", "negative_prompt": HUGE}, "negative_prompt"),
+    ("/generate", {"prompt": "a", "negative_prompt": 1}, "negative_prompt"),
+    ("/generate", {"prompt": "a", "num_inference_steps": 0}, "num_inference_steps"),
+    ("/generate", {"prompt": "a", "num_inference_steps": 151}, "num_inference_steps"),
+    ("/generate", {"prompt": "a", "num_inference_steps": True}, "num_inference_steps"),
+    ("/generate", {"prompt": "a", "num_inference_steps": 2.5}, "num_inference_steps"),
+    ("/generate", {"prompt": "a", "num_inference_steps": "10"}, "num_inference_steps"),
+    ("/generate", {"prompt": "a", "guidance_scale": -1}, "guidance_scale"),
+    ("/generate", {"prompt": "a", "guidance_scale": 31}, "guidance_scale"),
+    ("/generate", {"prompt": "a", "guidance_scale": "7"}, "guidance_scale"),
+    ("/generate", {"prompt": "a", "guidance_scale": False}, "guidance_scale"),
+    ("/generate", b'{"prompt": "a", "guidance_scale": NaN}', "guidance_scale"),
+    ("/generate", b'{"prompt": "a", "guidance_scale": Infinity}', "guidance_scale"),
+    ("/generate", {"prompt": "a", "width": 100}, "width"),
+    ("/generate", {"prompt": "a", "height": 56}, "height"),
+    ("/generate", {"prompt": "a", "width": 1032}, "width"),
+    ("/generate", {"prompt": "a", "height": -64}, "height"),
+    ("/generate", {"prompt": "a", "seed": -1}, "seed"),
+    ("/generate", {"prompt": "a", "seed": 2**32}, "seed"),
+    ("/generate", {"prompt": "a", "seed": 1.5}, "seed"),
+    ("/generate", {"prompt": "a", "scheduler": "karras_9000"}, "scheduler"),
+    ("/generate", {"prompt": "a", "output_format": "gif"}, "output_format"),
+    ("/generate", {"prompt": "a", "nsfw_filter": False}, "nsfw_filter"),
+    ("/generate", {"prompt": "a", "x" * 1000: 1}, None),
+    ("/generate", b"{not json", "body"),
+    ("/generate", b"", "body"),
+    ("/generate", b'["a list"]', "body"),
+    ("/generate", b"\xff\xfe\x00", "body"),
+    (V1, {"instances": []}, "instances"),
+    (V1, {"instances": [{"prompt": "a"}] * 5}, "instances"),
+    (V1, {"instances": "a cat"}, "instances"),
+    (V1, {"inputs": [{"prompt": "a"}]}, "inputs"),
+    (V1, {"instances": [{"prompt": "a"}, {"prompt": "b", "width": 7}]}, "instances[1].width"),
+    (V1, {"instances": [{"prompt": "a"}, "b"]}, "instances[1]"),
+    (V1, b"{broken", "body"),
+    (V2, v2(datatype="FP32"), "inputs.prompt"),
+    (V2, v2(shape=[3]), "inputs.prompt"),
+    (V2, v2(prompts=["a"] * 5), "inputs.prompt"),
+    (V2, v2(prompts=[""]), "prompt"),
+    (V2, v2(num_inference_steps=1000), "num_inference_steps"),
+    (V2, v2(scheduler="nope"), "scheduler"),
+    (V2, v2(mystery=1), "mystery"),
+    (V2, v2(prompt="in parameters"), "parameters.prompt"),
+    (V2, {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}, "inputs.image"),
+    (V2, {"inputs": []}, "inputs.prompt"),
+    (V2, {"nothing": True}, "inputs"),
+    (
+        V2,
+        {
+            "inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["a"]}],
+            "parameters": {"seed": None},
+        },
+        "parameters.seed",
+    ),
+    (V2, b"{broken", "body"),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "param"), CASES, ids=[f"{i}-{c[0]}" for i, c in enumerate(CASES)])
+def test_bad_input_is_400_with_error_body(client: TestClient, route: str, body, param: str | None) -> None:
+    if isinstance(body, bytes):
+        response = client.post(route, content=body, headers={"Content-Type": "application/json"})
+    else:
+        response = client.post(route, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()
+    assert set(error) == {"error", "error_type", "param"}
+    assert error["error_type"] == "invalid_input"
+    assert error["error"] and "Traceback" not in error["error"]
+    if param is not None:
+        assert error["param"] == param, error
+    assert len(response.content) < 600, "the error body must not echo large input"
+    assert HUGE not in response.text
+
+
+def test_valid_request_is_served_after_bad_ones(client: TestClient) -> None:
+    for route, body, _ in CASES[:10]:
+        client.post(route, json=body) if isinstance(body, dict) else client.post(route, content=body)
+    response = client.post("/generate", json={"prompt": "still serving", "seed": 1})
+    assert response.status_code == 200
+    assert client.get(f"/v1/models/{MODEL_NAME}").status_code == 200
+    assert len(CASES) >= 30

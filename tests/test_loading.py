@@ -1,0 +1,117 @@
+"""The real loader: model dir first, then model id; builtins; devices, dtypes; clear load errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MODEL_NAME, make_settings
+from fastapi.testclient import TestClient
+
+from predictor.config import parse_settings
+from predictor.model import DiffusionModel
+from predictor.pipeline import LoadError, describe_source, load_pipeline, resolve_dtype
+from predictor.server import PredictorServer
+
+
+def test_model_dir_with_model_index_is_used_first(tiny_model_dir: Path) -> None:
+    assert describe_source(str(tiny_model_dir), "builtin:tiny") == str(tiny_model_dir)
+    loaded = load_pipeline(str(tiny_model_dir), "CompVis/stable-diffusion-v1-4", None, "cpu")
+    assert loaded.source == str(tiny_model_dir)
+    assert not loaded.random_weights
+    assert loaded.native_size == 64
+    assert loaded.pipe.vae_scale_factor == 8
+
+
+def test_model_id_is_used_when_dir_holds_no_pipeline(tmp_path: Path) -> None:
+    assert describe_source(str(tmp_path), "builtin:tiny") == "builtin:tiny"
+    assert describe_source("/definitely/missing", "org/repo") == "org/repo"
+
+
+def test_builtin_tiny_says_it_is_random(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        loaded = load_pipeline(None, "builtin:tiny", None, "cpu")
+    assert loaded.random_weights
+    assert "RANDOM weights" in caplog.text
+    config = loaded.pipe.scheduler.config
+    assert (config.clip_sample, config.set_alpha_to_one, config.steps_offset) == (False, False, 1)
+    assert (config.beta_start, config.beta_end, config.beta_schedule) == (0.00085, 0.012, "scaled_linear")
+
+
+def test_unknown_builtin_and_missing_dir_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown builtin model 'builtin:huge'"):
+        load_pipeline(None, "builtin:huge", None, "cpu")
+    with pytest.raises(LoadError, match="does not exist"):
+        load_pipeline(None, str(tmp_path / "nope"), None, "cpu")
+
+
+def test_weights_must_be_safetensors(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A pipeline whose UNet exists only as a pickle (.bin) is refused: no pickles are loaded."""
+    import shutil
+
+    copy = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, copy)
+    unet_dir = copy / "unet"
+    state = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(next(unet_dir.glob("*.safetensors"))))
+    for file in unet_dir.glob("*.safetensors"):
+        file.unlink()
+    torch.save(state, unet_dir / "diffusion_pytorch_model.bin")
+    with pytest.raises(LoadError):
+        load_pipeline(str(copy), "not/used", None, "cpu")
+
+
+def test_dtype_defaults() -> None:
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_cuda_requested_without_cuda_is_a_clear_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(LoadError, match="no CUDA device"):
+        load_pipeline(None, "builtin:tiny", None, "cuda")
+
+
+def test_not_ready_until_loaded(tiny_model_dir: Path) -> None:
+    settings = make_settings(tiny_model_dir, "--default_steps", "2")
+    model = DiffusionModel(settings)
+    server = PredictorServer(settings, http_port=0, grpc_port=0, enable_grpc=False)
+    with TestClient(server.create_app(model), raise_server_exceptions=False) as client:
+        assert client.get(f"/v1/models/{MODEL_NAME}").status_code == 503
+        response = client.post("/generate", json={"prompt": "too early"})
+        assert response.status_code == 503
+        assert response.json()["error_type"] == "model_not_ready"
+        assert client.post(f"/v1/models/{MODEL_NAME}:predict", json={"instances": [{"prompt": "x"}]}).status_code == 503
+        model.load()
+        try:
+            assert client.get(f"/v1/models/{MODEL_NAME}").status_code == 200
+            assert client.post("/generate", json={"prompt": "now"}).status_code == 200
+        finally:
+            model.stop()
+        assert client.get(f"/v1/models/{MODEL_NAME}").status_code == 503
+
+
+def test_every_documented_flag_parses() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    flags = sorted(set(re.findall(r"`(--[a-z][a-z0-9_]*)", readme)))
+    assert len(flags) >= 15, "the README's flag table is missing"
+    from predictor.config import build_parser
+
+    known = {option for action in build_parser()._actions for option in action.option_strings}
+    unknown = [flag for flag in flags if flag not in known]
+    assert not unknown, f"README mentions flags the server does not have: {unknown}"
+
+
+def test_workers_above_one_are_refused() -> None:
+    with pytest.raises(SystemExit):
+        parse_settings(["--workers", "2"])
+
+
+def test_model_index_json_is_what_marks_a_model_dir(tmp_path: Path) -> None:
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    assert describe_source(str(tmp_path), "builtin:tiny") == str(tmp_path)

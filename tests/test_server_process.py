@@ -1,0 +1,106 @@
+"""Real processes: `python -m predictor` on a loopback port, as a user starts it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+READY_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(*args: str, port: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "predictor", "--model_name", "sd", "--http_port", str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+
+
+def wait_ready(process: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited early:\n{process.stdout.read()}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError("server did not become ready")
+
+
+def test_builtin_tiny_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    process = start_server("--model_id", "builtin:tiny", "--model_dir", str(tmp_path / "none"), port=port)
+    try:
+        wait_ready(process, f"{base}/v1/models/sd")
+        response = httpx.post(f"{base}/generate", json={"prompt": "a kite", "seed": 4}, timeout=60)
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "image/png"
+        assert response.headers["x-seed"] == "4"
+
+        # SIGTERM while a request is in flight: that request still completes, then the process exits 0.
+        slow: dict = {}
+
+        def slow_request() -> None:
+            slow["response"] = httpx.post(
+                f"{base}/generate", json={"prompt": "slow", "num_inference_steps": 150, "width": 256}, timeout=60
+            )
+
+        thread = threading.Thread(target=slow_request)
+        thread.start()
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        thread.join(timeout=60)
+        assert slow["response"].status_code == 200
+        assert process.wait(timeout=60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{base}/v1/models/sd", timeout=2)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output = process.stdout.read()
+    assert "RANDOM weights" in output, "a builtin must say it produces noise"
+
+
+def test_load_failure_exits_non_zero_with_clear_message(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    process = start_server("--model_id", str(missing), "--model_dir", str(tmp_path), port=free_port())
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert "failed to load model 'sd'" in output
+    assert str(missing) in output
+    assert "Traceback" not in output
+
+
+def test_bad_flag_values_are_refused(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "predictor", "--model_id", "builtin:tiny", "--default_steps", "200"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--default_steps must not exceed --max_steps" in result.stderr
