@@ -38,6 +38,7 @@ from PIL import Image
 from predictor import metrics
 from predictor.errors import (
     DeadlineExceeded,
+    DeviceFailed,
     GenerationFailed,
     OutOfMemory,
     Overloaded,
@@ -188,7 +189,7 @@ class GenerationEngine:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down; retry on another replica")
             if not self.healthy:
-                raise GenerationFailed("the GPU is in a failed state; the server is restarting")
+                raise DeviceFailed("the GPU is in a failed state; the server is restarting")
             if len(self._waiting) + len(jobs) > self.config.max_queue:
                 raise Overloaded(
                     f"too many queued images ({len(self._waiting)} waiting, limit {self.config.max_queue}); "

@@ -76,6 +76,13 @@ class GenerationFailed(PredictorError):
     error_type = "generation_failed"
 
 
+class DeviceFailed(PredictorError):
+    """An unrecoverable GPU error: the process must be restarted (liveness answers 503)."""
+
+    status_code = 503
+    error_type = "device_failed"
+
+
 class Cancelled(PredictorError):
     """The client went away; nobody reads this answer (499 is nginx's convention)."""
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
 
-from predictor.errors import ModelNotLoaded
+from predictor.errors import DeviceFailed, ModelNotLoaded
 from predictor.model import DiffusionModel, EncodedImage, RouteCall
 from predictor.schemas import GenerationRequest
 
@@ -63,5 +63,12 @@ def register_routes(app: FastAPI, model: DiffusionModel) -> None:
         encoded, headers = await model(RouteCall("generate", body), headers=dict(request.headers))
         image: EncodedImage = encoded[0]
         return Response(content=image.data, media_type=image.media_type, headers=headers)
+
+    @router.get("/livez", tags=["Health"], responses={503: _error("The GPU failed; restart the pod")})
+    async def live() -> dict[str, bool]:
+        """Liveness for Kubernetes: 503 after an unrecoverable device error, so the pod is restarted."""
+        if model.engine is not None and not model.engine.healthy:
+            raise DeviceFailed("the GPU is in a failed state; restart the pod")
+        return {"live": True}
 
     app.include_router(router)

@@ -1,0 +1,277 @@
+"""The deployment artefacts, validated offline: kustomize renders, Kubernetes schemas, the InferenceService
+field by field, every manifest argument against the predictor's own parser, and the Dockerfile."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from predictor.config import parse_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+KUSTOMIZE_DIRS = [
+    "manifests/kserve/base",
+    "manifests/kserve/overlays/gpu",
+    "manifests/kserve/overlays/cpu",
+    "manifests/kubernetes/base",
+]
+KUBERNETES_VERSION = "1.32.0"
+ISVC_SCHEMA = ROOT.parent / "shared" / "reference" / "kserve-inferenceservice-v1beta1.schema.json"
+
+
+def tool(name: str) -> str | None:
+    """A validation tool from the tools venv (.tools, made by .ci/run) or PATH."""
+    local = ROOT / ".tools" / "bin" / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+def require_tool(name: str) -> str:
+    path = tool(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is missing: .ci/run installs it into .tools")
+        pytest.skip(f"{name} not installed (bash .ci/run installs it into .tools)")
+    return path
+
+
+def render(directory: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: cannot render the kustomizations")
+    result = subprocess.run([kubectl, "kustomize", str(ROOT / directory)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {directory: render(directory) for directory in KUSTOMIZE_DIRS}
+
+
+def containers_of(doc: dict) -> list[dict]:
+    if doc["kind"] == "InferenceService":
+        return doc["spec"]["predictor"]["containers"]
+    if doc["kind"] == "Deployment":
+        return doc["spec"]["template"]["spec"]["containers"]
+    return []
+
+
+def test_every_kustomization_renders(rendered) -> None:
+    kinds = {directory: sorted(doc["kind"] for doc in docs) for directory, docs in rendered.items()}
+    assert kinds["manifests/kserve/base"] == ["InferenceService"]
+    assert kinds["manifests/kubernetes/base"] == [
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "Namespace",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "Service",
+    ]
+
+
+def test_core_kinds_pass_strict_schema_validation(rendered, tmp_path: Path) -> None:
+    validate = require_tool("kubernetes-validate")
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump_all(rendered["manifests/kubernetes/base"]))
+    result = subprocess.run(
+        [validate, "--strict", "-k", KUBERNETES_VERSION, str(path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("passed") == 6
+
+
+def _check_against_schema(value, schema: dict, path: str, problems: list[str]) -> None:
+    if schema.get("x-kubernetes-preserve-unknown-fields") or schema.get("x-kubernetes-int-or-string"):
+        return
+    expected = schema.get("type")
+    if expected == "object" or "properties" in schema:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected an object")
+            return
+        properties = schema.get("properties")
+        additional = schema.get("additionalProperties")
+        for key, item in value.items():
+            if properties is not None and key in properties:
+                _check_against_schema(item, properties[key], f"{path}.{key}", problems)
+            elif isinstance(additional, dict):
+                _check_against_schema(item, additional, f"{path}.{key}", problems)
+            elif properties is not None:
+                problems.append(f"{path}.{key}: unknown field")
+        for key in schema.get("required", []):
+            if key not in value:
+                problems.append(f"{path}.{key}: required field missing")
+    elif expected == "array":
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list")
+            return
+        for index, item in enumerate(value):
+            _check_against_schema(item, schema.get("items", {}), f"{path}[{index}]", problems)
+    elif expected == "string" and not isinstance(value, str):
+        problems.append(f"{path}: expected a string")
+    elif expected == "integer" and (not isinstance(value, int) or isinstance(value, bool)):
+        problems.append(f"{path}: expected an integer")
+    elif expected == "boolean" and not isinstance(value, bool):
+        problems.append(f"{path}: expected a boolean")
+
+
+def _check_against_sdk(value, model_name: str, path: str, problems: list[str]) -> None:
+    """Walk the kserve SDK's typed models (and the kubernetes client's) when no CRD schema is at hand."""
+    import kserve.models
+    import kubernetes.client.models
+
+    match = re.fullmatch(r"list\[(.+)\]", model_name) or re.fullmatch(r"dict\(str, (.+)\)", model_name)
+    if match:
+        items = value if model_name.startswith("list") else list(value.values())
+        for index, item in enumerate(items):
+            _check_against_sdk(item, match.group(1), f"{path}[{index}]", problems)
+        return
+    cls = getattr(kserve.models, model_name, None) or getattr(kubernetes.client.models, model_name, None)
+    if cls is None:
+        return  # a primitive (str, int, object): nothing to walk
+    json_to_attr = {json_key: attr for attr, json_key in cls.attribute_map.items()}
+    for key, item in value.items():
+        if key not in json_to_attr:
+            problems.append(f"{path}.{key}: unknown field")
+            continue
+        _check_against_sdk(item, cls.openapi_types[json_to_attr[key]], f"{path}.{key}", problems)
+
+
+@pytest.mark.parametrize("directory", [d for d in KUSTOMIZE_DIRS if "kserve" in d])
+def test_inference_service_has_no_unknown_fields(rendered, directory: str) -> None:
+    (isvc,) = rendered[directory]
+    problems: list[str] = []
+    if ISVC_SCHEMA.exists():
+        schema = json.loads(ISVC_SCHEMA.read_text())
+        _check_against_schema(isvc["spec"], schema["properties"]["spec"], "spec", problems)
+    _check_against_sdk(isvc["spec"], "V1beta1InferenceServiceSpec", "spec", problems)
+    assert not problems, problems
+    # The sanity of the checker itself: a misspelt field is caught.
+    bad = json.loads(json.dumps(isvc["spec"]))
+    bad["predictor"]["minReplica"] = 0
+    caught: list[str] = []
+    _check_against_sdk(bad, "V1beta1InferenceServiceSpec", "spec", caught)
+    assert caught == ["spec.predictor.minReplica: unknown field"]
+
+
+def test_inference_service_scales_to_zero_on_one_gpu(rendered) -> None:
+    (isvc,) = rendered["manifests/kserve/overlays/gpu"]
+    annotations = isvc["metadata"]["annotations"]
+    predictor = isvc["spec"]["predictor"]
+    assert annotations["serving.kserve.io/deploymentMode"] == "Knative"
+    assert predictor["minReplicas"] == 0 and predictor["maxReplicas"] >= 1
+    assert predictor["scaleMetric"] == "concurrency"
+    assert predictor["containerConcurrency"] > 1, "a pod that sees one request at a time can never batch"
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert predictor["storageUris"][0]["mountPath"] == "/mnt/models"
+    assert {"name": "HF_HUB_OFFLINE", "value": "1"} in container["env"]
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] and security["runAsNonRoot"]
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert predictor["tolerations"] and predictor["nodeSelector"]
+    settings = parse_settings(container["args"])[1]
+    # The Knative timeout must outlast the predictor's own deadline.
+    assert predictor["timeout"] > settings.request_timeout_s
+    assert predictor["containerConcurrency"] <= settings.max_batch_size + settings.max_queue
+
+
+def test_cpu_overlay_serves_builtin_tiny_without_gpu(rendered) -> None:
+    (isvc,) = rendered["manifests/kserve/overlays/cpu"]
+    (container,) = isvc["spec"]["predictor"]["containers"]
+    assert "nvidia.com/gpu" not in json.dumps(container["resources"])
+    assert "storageUris" not in isvc["spec"]["predictor"]
+    assert parse_settings(container["args"])[1].model_id == "builtin:tiny"
+
+
+def test_every_manifest_argument_is_a_predictor_flag(rendered) -> None:
+    checked = 0
+    for docs in rendered.values():
+        for doc in docs:
+            for container in containers_of(doc):
+                parse_settings(container["args"])  # exits (SystemExit) on any flag the predictor lacks
+                checked += 1
+    assert checked == 4
+
+
+def test_readiness_probe_paths_exist(rendered, client) -> None:
+    for docs in rendered.values():
+        for doc in docs:
+            for container in containers_of(doc):
+                name = parse_settings(container["args"])[1].model_name
+                for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                    if probe in container:
+                        path = container[probe]["httpGet"]["path"].replace(name, "sd")
+                        assert client.get(path).status_code == 200, (probe, path)
+
+
+def test_dockerfile_entrypoint_starts_the_server() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (.+)$", dockerfile, re.M).group(1))
+    command = json.loads(re.search(r"^CMD (.+)$", dockerfile, re.M).group(1))
+    assert entrypoint == ["python", "-m", "predictor"]
+    parse_settings(command)
+    result = subprocess.run([sys.executable, "-m", "predictor", *command, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--model_dir" in result.stdout
+    assert re.search(r"^USER \d+:\d+$", dockerfile, re.M), "the runtime user must be numeric"
+
+
+def test_lock_file_pins_every_dependency() -> None:
+    from packaging.requirements import Requirement
+
+    lock = (ROOT / "docker" / "requirements.lock").read_text()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", lock, re.M))
+    pins = {name.lower().replace("_", "-"): version for name, version in pins.items()}
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies = \[(.*?)^\]", pyproject, re.M | re.S).group(1)
+    for line in re.findall(r'^\s*"([^"]+)"', block, re.M):
+        requirement = Requirement(line)
+        name = requirement.name.lower()
+        assert name in pins, f"{name} is not in docker/requirements.lock: run docker/lock.sh"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (name, pins[name])
+    assert "--hash=sha256:" in lock
+
+
+def test_hadolint_reports_nothing() -> None:
+    hadolint = require_tool("hadolint")
+    result = subprocess.run(
+        [hadolint, "--failure-threshold", "warning", "Dockerfile", "docker/baked.Dockerfile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_checkov_passes_plain_manifests_and_dockerfile(rendered, tmp_path: Path) -> None:
+    checkov = require_tool("checkov")
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump_all(rendered["manifests/kubernetes/base"]))
+    shutil.copy(ROOT / "Dockerfile", tmp_path / "Dockerfile")
+    result = subprocess.run(
+        [
+            checkov,
+            "--skip-download",
+            "--quiet",
+            "--compact",
+            "-d",
+            str(tmp_path),
+            "--framework",
+            "kubernetes",
+            "dockerfile",
+            "--output",
+            "cli",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
