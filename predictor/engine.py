@@ -224,7 +224,7 @@ class GenerationEngine:
                 try:
                     if admitted:
                         self._prepare(admitted)
-                    self._drop_finished_elsewhere()
+                    self._expire_overdue()
                     group = self._next_group()
                     if group is not None:
                         members = [job for job in self._active if job.group == group]
@@ -242,8 +242,12 @@ class GenerationEngine:
         in_flight = collections.Counter(job.group for job in self._active)
         admitted: list[_Job] = []
         kept: collections.deque[_Job] = collections.deque()
+        now = time.monotonic()
         for job in self._waiting:
             if job.abandoned():
+                continue
+            if job.expired(now):
+                self._fail(job, DeadlineExceeded(f"the request waited longer than {self._timeout_text()}"))
                 continue
             if in_flight[job.group] < self.config.max_batch_size:
                 in_flight[job.group] += 1
@@ -305,12 +309,10 @@ class GenerationEngine:
                 return group
         return None
 
-    def _drop_finished_elsewhere(self) -> None:
+    def _expire_overdue(self) -> None:
         now = time.monotonic()
         for job in self._active:
-            if job.abandoned():
-                metrics.FAILURES.labels(error_type="cancelled", **self._labels).inc()
-            elif job.expired(now):
+            if not job.future.done() and job.expired(now):
                 self._fail(job, DeadlineExceeded(f"the request did not finish within {self._timeout_text()}"))
 
     def _timeout_text(self) -> str:
@@ -384,8 +386,11 @@ class GenerationEngine:
     def _vae_decode(self, jobs: list[_Job]) -> None:
         pipe = self.pipe
         latents = torch.cat([job.latents for job in jobs])
-        finite = torch.isfinite(latents).flatten(1).all(dim=1).tolist()
         images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        # NaN latents or a VAE overflow (fp16) would come out as a silent black image: refuse it instead.
+        finite = torch.isfinite(images).flatten(1).all(dim=1).tolist()
+        if not all(finite):
+            images = torch.nan_to_num(images)  # those jobs fail below; keep postprocessing quiet
         images, nsfw = pipe.run_safety_checker(images, self.loaded.device, latents.dtype)
         nsfw = list(nsfw) if nsfw is not None else [False] * len(jobs)
         pil_images = pipe.image_processor.postprocess(
@@ -406,6 +411,9 @@ class GenerationEngine:
     def _retire(self) -> None:
         """Forget jobs that are answered, failed or abandoned; wake anyone waiting for idleness."""
         with self._cond:
+            for job in self._active:
+                if job.abandoned():
+                    metrics.FAILURES.labels(error_type="cancelled", **self._labels).inc()
             self._active = [job for job in self._active if not job.future.done()]
             live = {job.group for job in self._active}
             self._group_turns = collections.deque(g for g in self._group_turns if g in live)

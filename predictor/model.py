@@ -22,12 +22,14 @@ from kserve import InferOutput, InferRequest, InferResponse, Model
 from predictor.codec import MEDIA_TYPES, encode_image, to_base64
 from predictor.config import Settings
 from predictor.engine import EngineConfig, GenerationEngine, GenerationResult, ProgressCallback
-from predictor.errors import InvalidRequest, ModelNotLoaded
+from predictor.errors import DeadlineExceeded, InvalidRequest, ModelNotLoaded
 from predictor.pipeline import LoadedPipeline, load_pipeline
 from predictor.schemas import GenerationParams, GenerationRequest, parse_request, resolve
 
 logger = logging.getLogger(__name__)
 
+# Grace beyond --request_timeout_s before a request whose step is stuck is answered 504 anyway.
+_DEADLINE_SLACK_S = 2.0
 # v2 request parameters that belong to the protocol, not to the generation request.
 _V2_PROTOCOL_PARAMETERS = frozenset({"binary_data_output"})
 
@@ -208,13 +210,24 @@ class DiffusionModel(Model):
     ) -> Batch:
         assert self.engine is not None  # preprocess checked readiness
         futures = self.engine.submit(batch.params, on_progress=batch.on_progress)
+        waiters = [asyncio.wrap_future(future) for future in futures]
+        # The engine enforces the deadline between steps; this bound also holds when a step itself hangs.
+        hard_deadline = self.settings.request_timeout_s + _DEADLINE_SLACK_S
         try:
-            batch.results = list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
-        except BaseException:
-            # One image failed or the client went away: stop the request's other images too.
+            _, pending = await asyncio.wait(waiters, timeout=hard_deadline, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            # Client gone (this task cancelled), one image failed, or time is up: stop the others too.
             for future in futures:
-                future.cancel()
-            raise
+                if not future.done():
+                    future.cancel()
+        failed = [w for w in waiters if w.done() and not w.cancelled() and w.exception() is not None]
+        if failed:
+            raise failed[0].exception()
+        if pending:
+            raise DeadlineExceeded(
+                f"the request did not finish within {self.settings.request_timeout_s:g} s (--request_timeout_s)"
+            )
+        batch.results = [w.result() for w in waiters]
         return batch
 
     async def postprocess(
@@ -238,7 +251,14 @@ def _json_object(body: bytes) -> Any:
 
 
 def _load_from_settings(settings: Settings) -> LoadedPipeline:
-    return load_pipeline(settings.model_dir, settings.model_id, settings.revision, settings.device, settings.dtype)
+    return load_pipeline(
+        settings.model_dir,
+        settings.model_id,
+        settings.revision,
+        settings.device,
+        settings.dtype,
+        settings.safety_checker,
+    )
 
 
 def _encode_all(results: list[GenerationResult]) -> list[EncodedImage]:

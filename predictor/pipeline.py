@@ -104,6 +104,7 @@ def load_pipeline(
     revision: str | None,
     device_flag: str = "auto",
     dtype_flag: str = "auto",
+    safety_checker: str = "checkpoint",
 ) -> LoadedPipeline:
     device = resolve_device(device_flag)
     dtype = resolve_dtype(dtype_flag, device)
@@ -117,6 +118,10 @@ def load_pipeline(
     if not isinstance(pipe, StableDiffusionPipeline):
         raise LoadError(f"'{source}' holds a {type(pipe).__name__}; this server serves StableDiffusionPipeline")
     pipe.set_progress_bar_config(disable=True)
+    if safety_checker == "off":
+        pipe.safety_checker = None
+    elif safety_checker == "on" and pipe.safety_checker is None:
+        raise LoadError(f"--safety_checker on, but '{source}' ships no safety checker")
     if device.type == "cuda":
         # SDPA is the default attention in diffusers on torch 2; channels_last helps the convolutions.
         pipe.unet.to(memory_format=torch.channels_last)

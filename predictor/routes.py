@@ -8,7 +8,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 
 from predictor.errors import DeviceFailed, ModelNotLoaded
 from predictor.model import DiffusionModel, EncodedImage, RouteCall
-from predictor.schemas import GenerationRequest
+from predictor.schemas import Limits, request_json_schema
 
 ERROR_BODY_SCHEMA = {
     "type": "object",
@@ -25,36 +25,36 @@ def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": ERROR_BODY_SCHEMA}}}
 
 
-GENERATE_OPENAPI = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": GenerationRequest.model_json_schema()}},
-    },
-    "responses": {
-        "200": {
-            "description": "The encoded image; its seed in X-Seed.",
-            "content": {
-                media: {"schema": {"type": "string", "format": "binary"}}
-                for media in ("image/png", "image/jpeg", "image/webp")
+def generate_openapi(limits: Limits) -> dict[str, Any]:
+    """The OpenAPI entry of POST /generate: the request schema with this server's limits, every real status."""
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": request_json_schema(limits)}}},
+        "responses": {
+            "200": {
+                "description": "The encoded image; its seed in X-Seed.",
+                "content": {
+                    media: {"schema": {"type": "string", "format": "binary"}}
+                    for media in ("image/png", "image/jpeg", "image/webp")
+                },
+                "headers": {
+                    "X-Seed": {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "description": "Reproduces it"},
+                    "X-Prompt-Truncated": {"schema": {"type": "string", "enum": ["true", "false"]}},
+                    "X-NSFW": {"schema": {"type": "string", "enum": ["true", "false"]}},
+                },
             },
-            "headers": {
-                "X-Seed": {"schema": {"type": "integer"}, "description": "Seed that reproduces the image"},
-                "X-Prompt-Truncated": {"schema": {"type": "string", "enum": ["true", "false"]}},
-                "X-NSFW": {"schema": {"type": "string", "enum": ["true", "false"]}},
-            },
+            "400": _error("Invalid input"),
+            "413": _error("Request body too large"),
+            "500": _error("The model produced no valid image"),
+            "503": _error("Not ready, overloaded, out of GPU memory or shutting down"),
+            "504": _error("Deadline exceeded"),
         },
-        "400": _error("Invalid input"),
-        "500": _error("Generation failed"),
-        "503": _error("Model not ready, overloaded or shutting down"),
-        "504": _error("Deadline exceeded"),
-    },
-}
+    }
 
 
 def register_routes(app: FastAPI, model: DiffusionModel) -> None:
     router = APIRouter(tags=["Images"])
 
-    @router.post("/generate", response_class=Response, openapi_extra=GENERATE_OPENAPI)
+    @router.post("/generate", response_class=Response, openapi_extra=generate_openapi(model.limits))
     async def generate(request: Request) -> Response:
         """Generate one image; the body is the generation request, the response the encoded image."""
         if not model.ready:

@@ -82,7 +82,10 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    prompt: Prompt = Field(description="What to draw. Prompts past the text encoder's 77 tokens are truncated.")
+    prompt: Prompt = Field(
+        description="What to draw. Prompts past the text encoder's 77 tokens are truncated.",
+        json_schema_extra={"pattern": r"\S"},  # not blank; checked by _prompt_not_blank
+    )
     negative_prompt: Annotated[str, Field(max_length=HARD_MAX_PROMPT_CHARS)] | None = Field(
         default=None, description="What to steer away from."
     )
@@ -167,6 +170,24 @@ def check_limits(request: GenerationRequest, limits: Limits, prefix: str = "") -
         value = getattr(request, field)
         if value is not None and value > limits.max_image_size:
             fail(field, f"must be at most {limits.max_image_size}")
+
+
+def request_json_schema(limits: Limits) -> dict[str, Any]:
+    """GenerationRequest's JSON schema with the operator's limits in place of the hard ceilings."""
+    schema = GenerationRequest.model_json_schema()
+    maxima = {
+        "prompt": ("maxLength", limits.max_prompt_chars),
+        "negative_prompt": ("maxLength", limits.max_prompt_chars),
+        "num_inference_steps": ("maximum", limits.max_steps),
+        "width": ("maximum", limits.max_image_size),
+        "height": ("maximum", limits.max_image_size),
+    }
+    for field, (keyword, value) in maxima.items():
+        prop = schema["properties"][field]
+        for variant in prop.get("anyOf", [prop]):
+            if keyword in variant:
+                variant[keyword] = value
+    return schema
 
 
 def resolve(request: GenerationRequest, limits: Limits, native_size: int, seed_offset: int = 0) -> GenerationParams:

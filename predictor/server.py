@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from predictor.config import Settings
 from predictor.errors import PredictorError
+from predictor.middleware import RequestGuard
 from predictor.model import DiffusionModel
 from predictor.routes import register_routes
 
@@ -84,7 +85,24 @@ async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     return _error_response(500, "internal server error", "internal_error")
 
 
+def _hide_repository_routes(app: FastAPI) -> None:
+    """Keep the disabled load/unload routes out of the OpenAPI document too."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        schema = build()
+        for path in [p for p in schema.get("paths", {}) if p.startswith("/v2/repository/")]:
+            del schema["paths"][path]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 class PredictorRESTServer(RESTServer):
+    def __init__(self, *args, max_body_bytes: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_body_bytes = max_body_bytes
+
     def create_application(self) -> FastAPI:
         app = FastAPI(
             title="diffusion-predictor",
@@ -93,8 +111,10 @@ class PredictorRESTServer(RESTServer):
             redoc_url=None,
         )
         self._add_middlewares(app)
+        app.add_middleware(RequestGuard, max_body_bytes=self.max_body_bytes)  # outermost
         self._register_endpoints(app)
         self._add_exception_handlers(app)
+        _hide_repository_routes(app)
         self.config.app = app  # uvicorn serves this instance, not kserve's module-global app
         self.app = app
         return app
@@ -153,6 +173,7 @@ class PredictorServer(ModelServer):
             timeout_keep_alive=self.timeout_keep_alive,
             ssl_certfile=self.ssl_certfile,
             ssl_keyfile=self.ssl_keyfile,
+            max_body_bytes=self.settings.max_body_bytes,
         )
         app = self._rest_server.create_application()
         register_routes(app, model)

@@ -24,22 +24,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(*args: str, port: int) -> subprocess.Popen:
+def start_server(*args: str, port: int, log: Path) -> subprocess.Popen:
+    """The server logs every request: to a file, since an unread pipe fills up and blocks the server."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "predictor", "--model_name", "sd", "--http_port", str(port), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+    with log.open("w") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "predictor", "--model_name", "sd", "--http_port", str(port), *args],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
 
 
-def wait_ready(process: subprocess.Popen, url: str) -> None:
+def wait_ready(process: subprocess.Popen, url: str, log: Path) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"server exited early:\n{process.stdout.read()}")
+            raise AssertionError(f"server exited early:\n{log.read_text()[-5000:]}")
         try:
             if httpx.get(url, timeout=1).status_code == 200:
                 return
@@ -53,9 +54,10 @@ def wait_ready(process: subprocess.Popen, url: str) -> None:
 def test_builtin_tiny_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    process = start_server("--model_id", "builtin:tiny", "--model_dir", str(tmp_path / "none"), port=port)
+    log = tmp_path / "server.log"
+    process = start_server("--model_id", "builtin:tiny", "--model_dir", str(tmp_path / "none"), port=port, log=log)
     try:
-        wait_ready(process, f"{base}/v1/models/sd")
+        wait_ready(process, f"{base}/v1/models/sd", log)
         response = httpx.post(f"{base}/generate", json={"prompt": "a kite", "seed": 4}, timeout=60)
         assert response.status_code == 200
         assert response.headers["content-type"] == "image/png"
@@ -81,15 +83,15 @@ def test_builtin_tiny_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
     finally:
         if process.poll() is None:
             process.kill()
-        output = process.stdout.read()
-    assert "RANDOM weights" in output, "a builtin must say it produces noise"
+    assert "RANDOM weights" in log.read_text(), "a builtin must say it produces noise"
 
 
 def test_load_failure_exits_non_zero_with_clear_message(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
-    process = start_server("--model_id", str(missing), "--model_dir", str(tmp_path), port=free_port())
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 1
+    log = tmp_path / "server.log"
+    process = start_server("--model_id", str(missing), "--model_dir", str(tmp_path), port=free_port(), log=log)
+    assert process.wait(timeout=120) == 1
+    output = log.read_text()
     assert "failed to load model 'sd'" in output
     assert str(missing) in output
     assert "Traceback" not in output

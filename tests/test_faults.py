@@ -1,0 +1,209 @@
+"""Fault injection on the real app: a UNet that is slow, runs out of memory, returns NaN, hangs, or breaks the
+device; a safety checker that flags; oversized bodies. Exact statuses and bodies, and the server keeps serving.
+
+The fakes wrap the real tiny pipeline's UNet: everything else (engine, KServe app, HTTP) is the real thing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from conftest import MODEL_NAME, make_settings
+from fastapi.testclient import TestClient
+
+from predictor.model import DiffusionModel
+from predictor.pipeline import load_pipeline
+from predictor.server import PredictorServer
+
+
+class FaultyUNet:
+    """Wraps a UNet; each fault is switched on by setting its attribute."""
+
+    def __init__(self, unet) -> None:
+        self.unet = unet
+        self.reset()
+
+    def reset(self) -> None:
+        self.delay_s = 0.0
+        self.oom_above_rows: int | None = None
+        self.nan = False
+        self.hang: threading.Event | None = None
+        self.device_error = False
+
+    def __getattr__(self, name):
+        return getattr(self.unet, name)
+
+    def __call__(self, sample, *args, **kwargs):
+        if self.hang is not None:
+            self.hang.wait(timeout=30)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.device_error:
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered (injected)")
+        if self.oom_above_rows is not None and sample.shape[0] > self.oom_above_rows:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        output = self.unet(sample, *args, **kwargs)
+        if self.nan:
+            return (torch.full_like(output[0], float("nan")),)
+        return output
+
+
+def faulty_app(tiny_model_dir, *flags: str) -> tuple[TestClient, FaultyUNet, DiffusionModel]:
+    settings = make_settings(
+        tiny_model_dir,
+        "--default_steps",
+        "3",
+        "--max_batch_size",
+        "2",
+        "--max_queue",
+        "2",
+        "--max_batch_instances",
+        "2",
+        "--request_timeout_s",
+        "6",
+        "--max_body_bytes",
+        "4096",
+        *flags,
+    )
+
+    def loader(_settings):
+        loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu")
+        loaded.pipe.unet = FaultyUNet(loaded.pipe.unet)
+        return loaded
+
+    model = DiffusionModel(settings, pipeline_loader=loader)
+    model.load()
+    app = PredictorServer(settings, http_port=0, grpc_port=0, enable_grpc=False).create_app(model)
+    return TestClient(app, raise_server_exceptions=False), model.loaded.pipe.unet, model
+
+
+@pytest.fixture(scope="module")
+def faulty(tiny_model_dir) -> Iterator[tuple[TestClient, FaultyUNet, DiffusionModel]]:
+    client, unet, model = faulty_app(tiny_model_dir)
+    with client:
+        yield client, unet, model
+    model.stop()
+
+
+@pytest.fixture
+def fault(faulty) -> Iterator[tuple[TestClient, FaultyUNet, DiffusionModel]]:
+    client, unet, _ = faulty
+    unet.reset()
+    yield faulty
+    unet.reset()
+    # Whatever the fault did, the server still serves.
+    response = client.post("/generate", json={"prompt": "after the fault", "seed": 1})
+    assert response.status_code == 200, response.text
+
+
+def assert_error(response, status: int, error_type: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error_type"] == error_type
+    assert "Traceback" not in body["error"]
+    return body
+
+
+def test_queue_full_is_503_overloaded_with_retry_after_at_once(fault) -> None:
+    client, unet, _ = fault
+    unet.delay_s = 0.05  # 10 steps: over half a second per request
+    slow = {"prompt": "slow", "num_inference_steps": 10}
+    with ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(client.post, "/generate", json=slow) for _ in range(2)]
+        time.sleep(0.3)  # both admitted into the batch (max_batch_size 2)
+        queued = [pool.submit(client.post, "/generate", json=slow) for _ in range(2)]
+        time.sleep(0.3)  # both waiting (max_queue 2)
+        started = time.perf_counter()
+        rejected = client.post("/generate", json=slow)
+        elapsed = time.perf_counter() - started
+        statuses = [f.result().status_code for f in running + queued]
+    assert_error(rejected, 503, "overloaded")
+    assert rejected.headers["retry-after"] == "1"
+    assert elapsed < 0.05 * 4, f"rejection took {elapsed:.3f} s"  # generous on a shared 2-core machine
+    assert statuses == [200, 200, 200, 200], "nothing admitted may be dropped"
+
+
+def test_deadline_is_504_and_the_work_stops(fault) -> None:
+    client, unet, _ = fault
+    unet.delay_s = 0.2  # 150 steps would take 30 s; the deadline is 6 s
+    started = time.perf_counter()
+    response = client.post("/generate", json={"prompt": "too slow", "num_inference_steps": 150})
+    assert_error(response, 504, "timeout")
+    assert time.perf_counter() - started < 6 + 2
+    time.sleep(0.5)  # at most one more step
+    assert 'diffusion_active_images{model_name="sd"} 0.0' in client.get("/metrics").text
+
+
+def test_hung_step_still_answers_504_and_health_stays_up(fault) -> None:
+    client, unet, _ = fault
+    unet.hang = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(client.post, "/generate", json={"prompt": "hangs"})
+        time.sleep(0.5)
+        started = time.perf_counter()
+        assert client.get("/v2/health/live").status_code == 200
+        assert time.perf_counter() - started < 0.5
+        response = pending.result(timeout=30)
+    unet.hang.set()
+    assert_error(response, 504, "timeout")
+
+
+def test_out_of_memory_alone_is_503_and_batches_are_split(fault) -> None:
+    client, unet, _ = fault
+    unet.oom_above_rows = 2  # one guided image (2 rows) fits, two do not
+    response = client.post(f"/v1/models/{MODEL_NAME}:predict", json={"instances": [{"prompt": "a"}, {"prompt": "b"}]})
+    assert response.status_code == 200, "a batch that does not fit is retried in halves"
+    unet.oom_above_rows = 1  # not even one guided image
+    body = assert_error(client.post("/generate", json={"prompt": "too big"}), 503, "out_of_memory")
+    assert "does not fit" in body["error"]
+    unguided = client.post("/generate", json={"prompt": "fits", "guidance_scale": 1.0})
+    assert unguided.status_code == 200
+
+
+def test_nan_output_is_reported_never_a_black_image(fault) -> None:
+    client, unet, _ = fault
+    unet.nan = True
+    body = assert_error(client.post("/generate", json={"prompt": "nan"}), 500, "generation_failed")
+    assert "NaN" in body["error"]
+    v1 = client.post(f"/v1/models/{MODEL_NAME}:predict", json={"instances": [{"prompt": "nan"}]})
+    assert_error(v1, 500, "generation_failed")
+
+
+def test_flagged_image_is_marked_nsfw(fault, monkeypatch) -> None:
+    client, _, model = fault
+    served = model.loaded.pipe
+    monkeypatch.setattr(served, "run_safety_checker", lambda images, device, dtype: (images * 0, [True] * len(images)))
+    response = client.post("/generate", json={"prompt": "flagged", "seed": 3})
+    assert response.status_code == 200
+    assert response.headers["x-nsfw"] == "true"
+    v1 = client.post(f"/v1/models/{MODEL_NAME}:predict", json={"instances": [{"prompt": "flagged"}]})
+    assert v1.json()["predictions"][0]["nsfw"] is True
+
+
+def test_body_over_limit_is_413_before_reading_it(fault) -> None:
+    client, _, _ = fault
+    big = {"prompt": "x" * 5000}
+    for route in ("/generate", f"/v1/models/{MODEL_NAME}:predict", f"/v2/models/{MODEL_NAME}/infer"):
+        assert_error(client.post(route, json=big), 413, "payload_too_large")
+
+    def chunks():  # no Content-Length: counted while streaming
+        for _ in range(10):
+            yield b" " * 1000
+
+    assert_error(client.post("/generate", content=chunks()), 413, "payload_too_large")
+
+
+def test_device_error_fails_liveness_so_the_pod_restarts(tiny_model_dir) -> None:
+    client, unet, model = faulty_app(tiny_model_dir)
+    with client:
+        assert client.get("/livez").status_code == 200
+        unet.device_error = True
+        assert_error(client.post("/generate", json={"prompt": "boom"}), 500, "generation_failed")
+        assert_error(client.get("/livez"), 503, "device_failed")
+        assert_error(client.post("/generate", json={"prompt": "after"}), 503, "device_failed")
+    model.stop()

@@ -1,0 +1,187 @@
+"""Real server processes under load: hundreds of requests, exact queue-full behaviour, memory, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+from test_server_process import free_port, start_server, wait_ready
+
+pytestmark = pytest.mark.slow
+
+
+def metric(base: str, name: str, **labels: str) -> float:
+    """One sample from /metrics, matching its labels in any order; 0 when absent."""
+    wanted = {"model_name": "sd", **labels}
+    for match in re.finditer(rf"^{name}{{([^}}]*)}} (\S+)$", httpx.get(f"{base}/metrics", timeout=5).text, re.M):
+        if dict(re.findall(r'(\w+)="([^"]*)"', match.group(1))) == wanted:
+            return float(match.group(2))
+    return 0.0
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def fire(base: str, bodies: list[dict], concurrency: int) -> list[int]:
+    statuses: list[int] = []
+    pending = list(bodies)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while pending:
+            body = pending.pop()
+            statuses.append((await client.post("/generate", json=body)).status_code)
+
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    return statuses
+
+
+@pytest.fixture
+def server(tmp_path: Path, request):
+    processes = []
+
+    def start(*flags: str) -> tuple[str, int]:
+        port = free_port()
+        log = tmp_path / f"server-{port}.log"
+        process = start_server(
+            "--model_id", "builtin:tiny", "--model_dir", str(tmp_path / "none"), *flags, port=port, log=log
+        )
+        processes.append(process)
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(process, f"{base}/v1/models/sd", log)
+        return base, process.pid
+
+    yield start
+    for process in processes:
+        process.terminate()
+        assert process.wait(timeout=60) == 0
+
+
+def test_500_requests_at_concurrency_12_no_surprises_no_leak(server) -> None:
+    base, pid = server("--max_batch_size", "8", "--max_queue", "32", "--default_steps", "2")
+    bodies = [{"prompt": f"load test {i}", "seed": i} for i in range(600)]
+    warmup = asyncio.run(fire(base, bodies[:100], 12))
+    rss_after_warmup = rss_bytes(pid)
+    statuses = asyncio.run(fire(base, bodies[100:], 12))
+    growth = rss_bytes(pid) - rss_after_warmup
+    assert Counter(warmup + statuses) == {200: 600}
+    assert growth < 50 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB over 500 requests"
+    assert metric(base, "diffusion_images_total") >= 600
+    # With 12 concurrent clients the engine batched: mean images per UNet call well above one.
+    calls = metric(base, "diffusion_batch_size_count")
+    images = metric(base, "diffusion_batch_size_sum")
+    assert images / calls > 2, f"mean batch {images / calls:.2f}"
+
+
+def test_queue_full_admits_exactly_the_limit(server) -> None:
+    base, _ = server("--max_batch_size", "2", "--max_queue", "4", "--max_batch_instances", "2")
+    long = {"prompt": "long", "num_inference_steps": 60}
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+            running = [asyncio.ensure_future(client.post("/generate", json=long)) for _ in range(2)]
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if metric(base, "diffusion_active_images") == 2:
+                    break
+            burst = await asyncio.gather(
+                *(client.post("/generate", json={**long, "num_inference_steps": 5}) for _ in range(8)),
+            )
+            first = await asyncio.gather(*running)
+            return [r.status_code for r in first], [r.status_code for r in burst]
+
+    running, burst = asyncio.run(scenario())
+    assert running == [200, 200]
+    assert Counter(burst) == {200: 4, 503: 4}, burst
+
+
+def test_client_disconnect_stops_the_work(server) -> None:
+    base, _ = server("--max_batch_size", "4")
+    port = int(base.rsplit(":", 1)[1])
+    body = b'{"prompt": "abandoned", "num_inference_steps": 150, "width": 256, "height": 256}'
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 10
+        while metric(base, "diffusion_active_images") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        steps_before = metric(base, "diffusion_step_seconds_count")
+        assert metric(base, "diffusion_active_images") == 1
+    closed_at = time.monotonic()
+    while metric(base, "diffusion_active_images") > 0 and time.monotonic() - closed_at < 10:
+        time.sleep(0.02)
+    stopped_after = time.monotonic() - closed_at
+    assert metric(base, "diffusion_active_images") == 0
+    assert metric(base, "diffusion_failures_total", error_type="cancelled") == 1
+    steps_run = metric(base, "diffusion_step_seconds_count") - steps_before
+    assert steps_run < 150, "the abandoned generation ran to the end"
+    assert stopped_after < 3, f"work went on {stopped_after:.2f} s after the disconnect"
+
+
+def test_serves_as_non_root_with_read_only_model_dir(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to another UID")
+    interpreter = Path(sys.executable).resolve()
+    if any(not (parent.stat().st_mode & 0o001) for parent in interpreter.parents):
+        pytest.skip(f"other users cannot reach the Python interpreter ({interpreter}): install Python outside /root")
+    model_dir = Path("/tmp") / f"ro-model-{os.getpid()}"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    shutil.copytree(tiny_model_dir, model_dir)
+    for path in [model_dir, *model_dir.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)  # readable by anyone, writable by no one
+    port = free_port()
+    env = {
+        "PATH": os.environ["PATH"],
+        "HF_HOME": f"/tmp/hf-{os.getpid()}",
+        "HOME": "/nonexistent",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "predictor",
+            "--model_name",
+            "sd",
+            "--http_port",
+            str(port),
+            "--model_dir",
+            str(model_dir),
+            "--model_id",
+            "not/used",
+        ],
+        user=54321,
+        group=54321,
+        env=env,
+        cwd="/",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_ready(process, f"http://127.0.0.1:{port}/v1/models/sd")
+        response = httpx.post(f"http://127.0.0.1:{port}/generate", json={"prompt": "as nobody"}, timeout=60)
+        assert response.status_code == 200
+    finally:
+        process.terminate()
+        assert process.wait(timeout=60) == 0
+        shutil.rmtree(model_dir, ignore_errors=True)
