@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from predictor.config import parse_settings
@@ -12,6 +13,11 @@ def main(argv: list[str] | None = None) -> int:
     args, settings = parse_settings(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger = logging.getLogger("predictor")
+
+    if settings.compile:
+        # Before torch is imported: inductor and triton read their cache locations from the environment.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = settings.compile_cache_dir
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(settings.compile_cache_dir, "triton")
 
     from predictor.model import DiffusionModel
     from predictor.server import PredictorServer

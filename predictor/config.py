@@ -105,6 +105,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="Steps of the warm-up generation run before the model reports ready (0: none).",
     )
+    fast = parser.add_argument_group("GPU fast path")
+    fast.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet and VAE decoder; every batch-size bucket is compiled before ready.",
+    )
+    fast.add_argument(
+        "--compile_mode",
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        default="default",
+        help="torch.compile mode; reduce-overhead replays CUDA graphs.",
+    )
+    fast.add_argument(
+        "--compile_cache_dir",
+        default=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor"),
+        help="Persistent compile cache (sets TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR); keep it on a volume "
+        "or in the image so a restarted pod skips compiling.",
+    )
+    fast.add_argument(
+        "--compile_backend", default="inductor", help="torch.compile backend (inductor; eager for testing)."
+    )
+
     server = parser.add_argument_group("server")
     server.add_argument(
         "--max_body_bytes",
@@ -138,6 +160,10 @@ class Settings:
     warmup_steps: int
     grace_period_s: int
     max_body_bytes: int
+    compile: bool = False
+    compile_mode: str = "default"
+    compile_cache_dir: str = "/tmp/torchinductor"
+    compile_backend: str = "inductor"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -164,6 +190,10 @@ class Settings:
             warmup_steps=args.warmup_steps,
             grace_period_s=args.grace_period_s,
             max_body_bytes=args.max_body_bytes,
+            compile=args.compile,
+            compile_mode=args.compile_mode,
+            compile_cache_dir=args.compile_cache_dir,
+            compile_backend=args.compile_backend,
         )
 
 

@@ -22,6 +22,7 @@ fails with ``OutOfMemory`` and the engine keeps serving.
 from __future__ import annotations
 
 import collections
+import copy
 import inspect
 import logging
 import threading
@@ -102,6 +103,26 @@ class EngineConfig:
     max_queue: int = 32
     request_timeout_s: float | None = 300.0
     torch_threads: int = 0  # 0: torch's default
+    compile: bool = False
+    compile_mode: str = "default"
+    compile_backend: str = "inductor"
+
+
+def batch_buckets(max_rows: int) -> tuple[int, ...]:
+    """Powers of two up to ``max_rows``: compiled graphs exist for these batch sizes only, so the engine pads
+    a UNet call's rows (or a decode's images) up to the next bucket instead of compiling for every size."""
+    buckets, size = [], 1
+    while size < max_rows:
+        buckets.append(size)
+        size *= 2
+    buckets.append(max_rows if max_rows > 0 else 1)
+    return tuple(dict.fromkeys(buckets))
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    if tensor.shape[0] == rows:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros((rows - tensor.shape[0], *tensor.shape[1:]))])
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -125,12 +146,91 @@ class GenerationEngine:
         self._thread: threading.Thread | None = None
         self._step_kwargs_names: dict[type, set[str]] = {}
         self.healthy = True
+        self._unet: Callable[..., Any] = self.pipe.unet
+        self._vae_decode_fn: Callable[..., Any] = self.pipe.vae.decode
+        # Guided images take two UNet rows; compiled graphs exist per bucket, eager runs any size.
+        # A lone unguided image (one row) is padded to two rather than compiled for: one graph fewer.
+        self._row_buckets = (
+            tuple(b for b in batch_buckets(2 * config.max_batch_size) if b > 1) if config.compile else ()
+        )
+        self._decode_buckets = batch_buckets(config.max_batch_size) if config.compile else ()
+        self._vae_float32: Any = None  # made on the first fp16 overflow
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the worker; with ``compile``, wait until every bucket's graph is compiled and warm."""
         self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._startup_error is not None:
+            raise self._startup_error
+
+    @staticmethod
+    def compiled_graphs() -> int:
+        """Graphs torch.compile has built in this process: constant after warm-up means no recompiles."""
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+
+    def _compile(self) -> None:
+        """torch.compile the UNet and the VAE decoder, then run each bucket once so no request compiles."""
+        pipe, device = self.pipe, self.loaded.device
+        options = {
+            "mode": self.config.compile_mode,
+            "backend": self.config.compile_backend,
+            "fullgraph": True,
+            "dynamic": False,
+        }
+        if options["backend"] != "inductor":
+            del options["mode"]
+        started = time.perf_counter()
+        self._unet = torch.compile(pipe.unet, **options)
+        self._vae_decode_fn = torch.compile(pipe.vae.decode, **options)
+        size = self.loaded.native_size // pipe.vae_scale_factor
+        channels = pipe.unet.config.in_channels
+        context = pipe.text_encoder.config.hidden_size
+        dtype = self.loaded.dtype
+        for rows in self._row_buckets:
+            sample = torch.zeros((rows, channels, size, size), device=device, dtype=dtype)
+            timesteps = torch.full((rows,), 500.0, device=device)
+            hidden = torch.zeros((rows, pipe.tokenizer.model_max_length, context), device=device, dtype=dtype)
+            self._call_unet(sample, timesteps, hidden)
+        for images in self._decode_buckets:
+            latents = torch.zeros((images, pipe.vae.config.latent_channels, size, size), device=device, dtype=dtype)
+            self._call_decode(latents)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        logger.info(
+            "compiled %d UNet and %d VAE batch sizes (%s, mode %s) in %.1f s",
+            len(self._row_buckets),
+            len(self._decode_buckets),
+            self.config.compile_backend,
+            self.config.compile_mode,
+            time.perf_counter() - started,
+        )
+
+    def _call_unet(self, sample: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        rows = sample.shape[0]
+        bucket = next((b for b in self._row_buckets if b >= rows), rows)
+        if self.config.compile and self.config.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        noise = self._unet(
+            _pad_rows(sample, bucket),
+            _pad_rows(timesteps, bucket),
+            encoder_hidden_states=_pad_rows(hidden, bucket),
+            return_dict=False,
+        )[0]
+        return noise[:rows]
+
+    def _call_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        images = latents.shape[0]
+        bucket = next((b for b in self._decode_buckets if b >= images), images)
+        if self.config.compile and self.config.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._vae_decode_fn(_pad_rows(latents, bucket), return_dict=False)[0][:images]
 
     def close(self, timeout: float | None = None) -> bool:
         """Stop admitting; let admitted work finish (up to ``timeout``); stop the worker. True if drained."""
@@ -214,6 +314,14 @@ class GenerationEngine:
         if self.config.torch_threads > 0:
             torch.set_num_threads(self.config.torch_threads)
         with torch.inference_mode():
+            try:
+                if self.config.compile:
+                    self._compile()  # on this thread: CUDA graphs belong to the thread that records them
+            except BaseException as exc:
+                self._startup_error = exc
+                return
+            finally:
+                self._ready.set()
             while True:
                 with self._cond:
                     while not self._stop and not self._waiting and not self._active:
@@ -325,6 +433,8 @@ class GenerationEngine:
         started = time.perf_counter()
         self._run_with_oom_split(members, self._unet_step)
         metrics.STEP_SECONDS.labels(**self._labels).observe(time.perf_counter() - started)
+        if self.config.compile:
+            metrics.COMPILED_GRAPHS.labels(**self._labels).set(self.compiled_graphs())
         for job in members:
             if job.on_progress is not None and not job.future.done():
                 job.on_progress("step", job.step, len(job.timesteps))
@@ -360,12 +470,7 @@ class GenerationEngine:
                 inputs.append(x)
                 contexts.append(job.cond)
                 timesteps.append(t)
-        noise = self.pipe.unet(
-            torch.cat(inputs),
-            torch.cat(timesteps),
-            encoder_hidden_states=torch.cat(contexts),
-            return_dict=False,
-        )[0]
+        noise = self._call_unet(torch.cat(inputs), torch.cat(timesteps), torch.cat(contexts))
         metrics.BATCH_SIZE.labels(**self._labels).observe(len(members))
         row = 0
         for job in members:
@@ -386,9 +491,11 @@ class GenerationEngine:
     def _vae_decode(self, jobs: list[_Job]) -> None:
         pipe = self.pipe
         latents = torch.cat([job.latents for job in jobs])
-        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        images = self._call_decode(latents / pipe.vae.config.scaling_factor)
         # NaN latents or a VAE overflow (fp16) would come out as a silent black image: refuse it instead.
         finite = torch.isfinite(images).flatten(1).all(dim=1).tolist()
+        if not all(finite) and images.dtype == torch.float16:
+            images, finite = self._decode_in_float32(latents, images, finite)
         if not all(finite):
             images = torch.nan_to_num(images)  # those jobs fail below; keep postprocessing quiet
         images, nsfw = pipe.run_safety_checker(images, self.loaded.device, latents.dtype)
@@ -405,6 +512,19 @@ class GenerationEngine:
             if self._resolve(job, result):
                 metrics.IMAGES.labels(**self._labels).inc()
                 metrics.REQUEST_SECONDS.labels(**self._labels).observe(result.seconds)
+
+    def _decode_in_float32(
+        self, latents: torch.Tensor, images: torch.Tensor, finite: list[bool]
+    ) -> tuple[torch.Tensor, list[bool]]:
+        """fp16 VAEs can overflow on some latents; decode those again with a float32 copy of the VAE."""
+        if self._vae_float32 is None:
+            logger.warning("the float16 VAE overflowed; decoding such images in float32 from now on")
+            self._vae_float32 = copy.deepcopy(self.pipe.vae).to(torch.float32)
+        bad = [index for index, ok in enumerate(finite) if not ok]
+        scaled = latents[bad].to(torch.float32) / self.pipe.vae.config.scaling_factor
+        images = images.clone()
+        images[bad] = self._vae_float32.decode(scaled, return_dict=False)[0].to(images.dtype)
+        return images, torch.isfinite(images).flatten(1).all(dim=1).tolist()
 
     # ---- bookkeeping ----------------------------------------------------------------------------
 

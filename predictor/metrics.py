@@ -28,3 +28,8 @@ REQUEST_SECONDS = Histogram(
 )
 IMAGES = Counter("diffusion_images_total", "Images generated", ["model_name"])
 FAILURES = Counter("diffusion_failures_total", "Images not delivered, by reason", ["model_name", "error_type"])
+COMPILED_GRAPHS = Gauge(
+    "diffusion_compiled_graphs",
+    "Graphs torch.compile has built (constant after warm-up: no recompiles)",
+    ["model_name"],
+)

@@ -96,6 +96,9 @@ class DiffusionModel(Model):
                 max_queue=self.settings.max_queue,
                 request_timeout_s=self.settings.request_timeout_s,
                 torch_threads=self.settings.torch_threads,
+                compile=self.settings.compile,
+                compile_mode=self.settings.compile_mode,
+                compile_backend=self.settings.compile_backend,
             ),
         )
         self.engine.start()

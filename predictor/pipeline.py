@@ -151,6 +151,7 @@ def _from_pretrained(source: str, revision: str | None, device: torch.device, dt
             dtype=dtype,
             use_safetensors=True,
             local_files_only=local,
+            device_map=device.type,  # weights go straight to the device, not through host memory first
         )
     except (OSError, ValueError) as exc:
         where = "directory" if local else "Hugging Face repo"

@@ -85,6 +85,13 @@ async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     return _error_response(500, "internal server error", "internal_error")
 
 
+def _version() -> str:
+    try:
+        return metadata.version("diffusion-predictor")
+    except metadata.PackageNotFoundError:  # running from a source tree that was not installed
+        return "0+source"
+
+
 def _hide_repository_routes(app: FastAPI) -> None:
     """Keep the disabled load/unload routes out of the OpenAPI document too."""
     build = app.openapi
@@ -106,7 +113,7 @@ class PredictorRESTServer(RESTServer):
     def create_application(self) -> FastAPI:
         app = FastAPI(
             title="diffusion-predictor",
-            version=metadata.version("diffusion-predictor"),
+            version=_version(),
             docs_url=None,
             redoc_url=None,
         )

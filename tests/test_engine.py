@@ -252,3 +252,29 @@ def test_out_of_memory_retries_in_halves_then_fails_alone(tiny_model_dir) -> Non
             engine.generate(jobs[0], timeout=60)
         # ...but an unguided one does, and the engine keeps serving.
         assert engine.generate(params(guidance_scale=1.0, num_inference_steps=2), timeout=60).image
+
+
+def test_compiled_engine_pads_to_buckets_and_never_recompiles(tiny_model_dir) -> None:
+    """--compile: each batch-size bucket is compiled at start; a mixed load afterwards compiles nothing new.
+
+    The eager backend keeps this fast on CPU; dynamo's graph capture and shape guards are the same as
+    with inductor, so a recompile would show here too.
+    """
+    from predictor.engine import batch_buckets
+
+    loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
+    jobs = [
+        params(prompt=f"c{i}", seed=i, num_inference_steps=2 + i % 3, guidance_scale=[1.0, 7.5][i % 2])
+        for i in range(7)
+    ]
+    with running_engine(loaded, max_batch_size=4) as engine:
+        expected = [pixels(f.result(timeout=60).image) for f in engine.submit(jobs)]
+    assert batch_buckets(8) == (1, 2, 4, 8) and batch_buckets(6) == (1, 2, 4, 6)
+    with running_engine(loaded, max_batch_size=4, compile=True, compile_backend="eager") as engine:
+        after_warmup = engine.compiled_graphs()
+        assert after_warmup >= 2
+        results = [f.result(timeout=60) for f in engine.submit(jobs)]  # batches of 1..4 images, 1..8 rows
+        results += [engine.generate(jobs[0], timeout=60)]
+        assert engine.compiled_graphs() == after_warmup, "a batch size compiled after warm-up"
+    for got, want in zip(results, expected, strict=False):
+        assert np.abs(pixels(got.image) - want).max() <= TOLERANCE
