@@ -20,8 +20,12 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-async def _send_error(send: Send, status: int, message: str, error_type: str) -> None:
-    body = json.dumps({"error": message, "error_type": error_type, "param": "body"}).encode()
+async def _send_error(send: Send, status: int, message: str, error_type: str, openai_shape: bool) -> None:
+    if openai_shape:  # the OpenAI-compatible route answers in OpenAI's error shape
+        error = {"error": {"message": message, "type": "invalid_request_error", "param": "body", "code": error_type}}
+    else:
+        error = {"error": message, "error_type": error_type, "param": "body"}
+    body = json.dumps(error).encode()
     await send(
         {
             "type": "http.response.start",
@@ -48,7 +52,8 @@ class RequestGuard:
         too_large = f"the request body exceeds {limit} bytes (--max_body_bytes)"
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await _send_error(send, 413, too_large, "payload_too_large")
+                openai_shape = scope.get("path", "").startswith("/v1/images/")
+                await _send_error(send, 413, too_large, "payload_too_large", openai_shape)
                 return
 
         body_done = asyncio.Event()

@@ -8,6 +8,7 @@ postprocess  encode the images (off the event loop) and shape the protocol's res
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -24,7 +25,14 @@ from predictor.config import Settings
 from predictor.engine import EngineConfig, GenerationEngine, GenerationResult, ProgressCallback
 from predictor.errors import DeadlineExceeded, InvalidRequest, ModelNotLoaded
 from predictor.pipeline import LoadedPipeline, load_pipeline
-from predictor.schemas import GenerationParams, GenerationRequest, parse_request, resolve
+from predictor.schemas import (
+    MAX_SEED,
+    GenerationParams,
+    GenerationRequest,
+    parse_openai_request,
+    parse_request,
+    resolve,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +49,6 @@ class RouteCall:
     protocol: Literal["generate", "openai"]
     body: Any
     on_progress: ProgressCallback | None = None
-    # OpenAI's n: images of one request (seeds seed, seed+1, ...).
-    images: int = 1
 
 
 @dataclass
@@ -140,11 +146,14 @@ class DiffusionModel(Model):
         request_id = (headers or {}).get("x-request-id")
         if isinstance(payload, RouteCall):
             body = _json_object(payload.body) if isinstance(payload.body, bytes) else payload.body
-            request = parse_request(body, self.limits)
-            params = [resolve(request, self.limits, self.native_size)]
-            params += [
-                GenerationParams(**{**params[0].__dict__, "seed": (params[0].seed + k) % 2**32})
-                for k in range(1, payload.images)
+            if payload.protocol == "openai":
+                request, images = parse_openai_request(body, self.limits, self.name)
+            else:
+                request, images = parse_request(body, self.limits), 1
+            first = resolve(request, self.limits, self.native_size)
+            # The images of one request: seeds seed, seed+1, ... so each can be reproduced alone.
+            params = [first] + [
+                dataclasses.replace(first, seed=(first.seed + k) % (MAX_SEED + 1)) for k in range(1, images)
             ]
             return Batch(payload.protocol, params, request_id, payload.on_progress)
         if isinstance(payload, InferRequest):

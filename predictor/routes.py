@@ -1,14 +1,26 @@
-"""This server's own routes, on the same app as KServe's: POST /generate (prompt in, image out)."""
+"""This server's own routes, on the same app as KServe's: POST /generate (image or Server-Sent Events),
+the OpenAI-compatible POST /v1/images/generations, scheduler discovery, liveness and the playground page."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from kserve.errors import ModelNotFound
 
-from predictor.errors import DeviceFailed, ModelNotLoaded
-from predictor.model import DiffusionModel, EncodedImage, RouteCall
-from predictor.schemas import Limits, request_json_schema
+from predictor.codec import to_base64
+from predictor.errors import DeviceFailed, ModelNotLoaded, PredictorError
+from predictor.model import Batch, DiffusionModel, EncodedImage, RouteCall
+from predictor.schemas import Limits, OpenAIImageRequest, request_json_schema
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 ERROR_BODY_SCHEMA = {
     "type": "object",
@@ -25,6 +37,28 @@ def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": ERROR_BODY_SCHEMA}}}
 
 
+def openai_openapi() -> dict[str, Any]:
+    error = {
+        "type": "object",
+        "properties": {"error": {"type": "object", "required": ["message", "type"]}},
+        "required": ["error"],
+    }
+    error_response = {"content": {"application/json": {"schema": error}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": OpenAIImageRequest.model_json_schema()}},
+        },
+        "responses": {
+            "200": {"description": "Images as base64 (b64_json)"},
+            **{
+                code: {"description": "Error in OpenAI's shape", **error_response}
+                for code in ("400", "413", "500", "503", "504")
+            },
+        },
+    }
+
+
 def generate_openapi(limits: Limits) -> dict[str, Any]:
     """The OpenAPI entry of POST /generate: the request schema with this server's limits, every real status."""
     return {
@@ -33,8 +67,11 @@ def generate_openapi(limits: Limits) -> dict[str, Any]:
             "200": {
                 "description": "The encoded image; its seed in X-Seed.",
                 "content": {
-                    media: {"schema": {"type": "string", "format": "binary"}}
-                    for media in ("image/png", "image/jpeg", "image/webp")
+                    **{
+                        media: {"schema": {"type": "string", "format": "binary"}}
+                        for media in ("image/png", "image/jpeg", "image/webp")
+                    },
+                    "text/event-stream": {"schema": {"type": "string"}},
                 },
                 "headers": {
                     "X-Seed": {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "description": "Reproduces it"},
@@ -51,18 +88,111 @@ def generate_openapi(limits: Limits) -> dict[str, Any]:
     }
 
 
+def _openai_error(exc: PredictorError) -> JSONResponse:
+    """OpenAI's error shape, so OpenAI SDKs raise their usual exceptions with our message."""
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    body = {"error": {"message": exc.message, "type": kind, "param": exc.param, "code": exc.error_type}}
+    return JSONResponse(status_code=exc.status_code, content=body, headers=exc.headers)
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def _image_event(image: EncodedImage) -> dict[str, Any]:
+    params = image.result.params
+    return {
+        "b64": to_base64(image.data),
+        "format": params.output_format,
+        "seed": params.seed,
+        "width": params.width,
+        "height": params.height,
+        "prompt_truncated": image.result.prompt_truncated,
+        "nsfw": image.result.nsfw,
+    }
+
+
+async def _start_stream(model: DiffusionModel, body: bytes) -> AsyncIterator[bytes]:
+    """Validate first (bad input is a plain 400, not a stream), then stream Server-Sent Events for one request:
+    queued, progress per step, then the image (or an error).
+
+    The engine reports from its worker thread; events cross to the event loop through a queue. When the client
+    goes away the response stops iterating and the generation is cancelled at its next step.
+    """
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+
+    def on_progress(kind: str, current: int, total: int) -> None:
+        event = (
+            ("queued", {"position": current}) if kind == "queued" else ("progress", {"step": current, "total": total})
+        )
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    batch = await model.preprocess(RouteCall("generate", body, on_progress=on_progress))
+    return _stream(model, batch, events)
+
+
+async def _stream(model: DiffusionModel, batch: Batch, events: asyncio.Queue) -> AsyncIterator[bytes]:
+    async def run() -> list[EncodedImage]:
+        return await model.postprocess(await model.predict(batch))
+
+    task = asyncio.ensure_future(run())
+    try:
+        while not task.done() or not events.empty():
+            getter = asyncio.ensure_future(events.get())
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield _sse(*getter.result())
+            else:
+                getter.cancel()
+        try:
+            yield _sse("image", _image_event(task.result()[0]))
+        except PredictorError as exc:
+            yield _sse("error", exc.body())
+    finally:
+        task.cancel()
+
+
 def register_routes(app: FastAPI, model: DiffusionModel) -> None:
     router = APIRouter(tags=["Images"])
 
     @router.post("/generate", response_class=Response, openapi_extra=generate_openapi(model.limits))
     async def generate(request: Request) -> Response:
-        """Generate one image; the body is the generation request, the response the encoded image."""
+        """Generate one image; the body is the generation request, the response the encoded image.
+
+        With ``Accept: text/event-stream`` the response is a stream of Server-Sent Events instead: ``queued``
+        (position), ``progress`` (step of total) and finally ``image`` (base64 and seed) or ``error``.
+        """
         if not model.ready:
             raise ModelNotLoaded(f"model {model.name} is not ready")
         body = await request.body()
+        if "text/event-stream" in request.headers.get("accept", ""):
+            stream = await _start_stream(model, body)
+            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         encoded, headers = await model(RouteCall("generate", body), headers=dict(request.headers))
         image: EncodedImage = encoded[0]
         return Response(content=image.data, media_type=image.media_type, headers=headers)
+
+    @router.post("/v1/images/generations", tags=["OpenAI"], response_model=None, openapi_extra=openai_openapi())
+    async def openai_images(request: Request) -> Response:
+        """OpenAI-compatible image generation: ``client.images.generate(...)`` works against this route."""
+        try:
+            if not model.ready:
+                raise ModelNotLoaded(f"model {model.name} is not ready")
+            body = await request.body()
+            encoded, _ = await model(RouteCall("openai", body), headers=dict(request.headers))
+        except PredictorError as exc:
+            return _openai_error(exc)
+        data = [{"b64_json": to_base64(image.data), "seed": image.result.params.seed} for image in encoded]
+        return JSONResponse({"created": int(time.time()), "data": data})
+
+    @router.get("/v1/models/{model_name}/schedulers", tags=["Discovery"], responses={404: _error("Unknown model")})
+    async def schedulers(model_name: str) -> dict[str, Any]:
+        """Scheduler names and request limits, for clients that build forms."""
+        if model_name != model.name:
+            raise ModelNotFound(model_name)
+        native = model.native_size if model.loaded is not None else None
+        return {"model": model.name, "native_size": native, **model.limits.as_dict()}
 
     @router.get("/livez", tags=["Health"], responses={503: _error("The GPU failed; restart the pod")})
     async def live() -> dict[str, bool]:
@@ -71,4 +201,9 @@ def register_routes(app: FastAPI, model: DiffusionModel) -> None:
             raise DeviceFailed("the GPU is in a failed state; restart the pod")
         return {"live": True}
 
+    @router.get("/playground", include_in_schema=False)
+    async def playground_redirect() -> RedirectResponse:
+        return RedirectResponse("/playground/")
+
     app.include_router(router)
+    app.mount("/playground/", StaticFiles(directory=STATIC_DIR, html=True), name="playground")

@@ -172,6 +172,64 @@ def check_limits(request: GenerationRequest, limits: Limits, prefix: str = "") -
             fail(field, f"must be at most {limits.max_image_size}")
 
 
+class OpenAIImageRequest(BaseModel):
+    """OpenAI's Images API request (``POST /v1/images/generations``) plus this server's extensions."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    prompt: Prompt
+    n: Annotated[int, Field(ge=1, le=HARD_MAX_STEPS)] = 1
+    size: Annotated[str, Field(pattern=r"^[0-9]{2,4}x[0-9]{2,4}$")] | None = None
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: OutputFormat = "png"
+    model: str | None = None
+    user: str | None = None
+    # Extensions, as in GenerationRequest.
+    negative_prompt: Annotated[str, Field(max_length=HARD_MAX_PROMPT_CHARS)] | None = None
+    num_inference_steps: Steps | None = None
+    guidance_scale: Guidance = 7.5
+    seed: Seed | None = None
+    scheduler: SchedulerName | None = None
+
+
+def parse_openai_request(data: Any, limits: Limits, served_model: str) -> tuple[GenerationRequest, int]:
+    """An OpenAI images request as (the generation request, how many images)."""
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object", param="body")
+    try:
+        request = OpenAIImageRequest.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_from_validation_error(exc) from None
+    if request.response_format == "url":
+        raise InvalidRequest(
+            "response_format 'url' is not supported: this server stores no images; use 'b64_json'",
+            param="response_format",
+        )
+    if request.model is not None and request.model != served_model:
+        raise InvalidRequest(
+            f"model '{request.model[:64]}' is not served here; this server serves '{served_model}'", param="model"
+        )
+    if request.n > limits.max_batch_instances:
+        raise InvalidRequest(f"'n' must be at most {limits.max_batch_instances}", param="n")
+    body: dict[str, Any] = {
+        "prompt": request.prompt,
+        "guidance_scale": request.guidance_scale,
+        "output_format": request.output_format,
+    }
+    for field in ("negative_prompt", "num_inference_steps", "seed", "scheduler"):
+        if getattr(request, field) is not None:
+            body[field] = getattr(request, field)
+    if request.size is not None:
+        body["width"], body["height"] = (int(part) for part in request.size.split("x"))
+    try:
+        generation = parse_request(body, limits)
+    except InvalidRequest as exc:
+        if exc.param in ("width", "height"):
+            raise InvalidRequest(f"'size' {exc.message.split(' ', 1)[1]}", param="size") from None
+        raise
+    return generation, request.n
+
+
 def request_json_schema(limits: Limits) -> dict[str, Any]:
     """GenerationRequest's JSON schema with the operator's limits in place of the hard ceilings."""
     schema = GenerationRequest.model_json_schema()

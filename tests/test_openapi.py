@@ -53,6 +53,8 @@ def test_schemathesis_finds_nothing(tmp_path: Path) -> None:
                 "/generate",
                 "--include-path",
                 "/livez",
+                "--include-path",
+                "/v1/images/generations",
                 "--checks",
                 ",".join(CHECKS),
                 "--max-examples",

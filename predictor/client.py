@@ -1,0 +1,114 @@
+"""Command-line client: ``python -m predictor.client "a prompt" -o out.png``.
+
+Streams POST /generate as Server-Sent Events, draws a progress bar on stderr and writes the image.
+Exits 1 with the server's message when the server refuses or fails the request, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+import httpx
+
+DEFAULT_URL = "http://localhost:8080"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m predictor.client", description=__doc__.splitlines()[0])
+    parser.add_argument("prompt", help="What to draw.")
+    parser.add_argument("-o", "--output", default="out.png", help="Where to write the image (default: out.png).")
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"Server base URL (default: {DEFAULT_URL}).")
+    parser.add_argument("--steps", type=int, help="Denoising steps.")
+    parser.add_argument("--seed", type=int, help="Seed (default: drawn by the server; printed).")
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--negative", help="Negative prompt.")
+    parser.add_argument("--guidance", type=float, help="Guidance scale.")
+    parser.add_argument("--scheduler", help="Scheduler name (see GET /v1/models/NAME/schedulers).")
+    parser.add_argument("--format", choices=["png", "jpeg", "webp"], help="Image format (default: from -o).")
+    parser.add_argument("--timeout", type=float, default=600.0, help="Seconds to wait (default: 600).")
+    return parser
+
+
+def request_body(args: argparse.Namespace) -> dict:
+    body: dict = {"prompt": args.prompt}
+    fields = {
+        "steps": "num_inference_steps",
+        "seed": "seed",
+        "width": "width",
+        "height": "height",
+        "negative": "negative_prompt",
+        "guidance": "guidance_scale",
+        "scheduler": "scheduler",
+    }
+    for option, field in fields.items():
+        value = getattr(args, option)
+        if value is not None:
+            body[field] = value
+    suffix = Path(args.output).suffix.lower().lstrip(".")
+    body["output_format"] = args.format or {"jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}.get(suffix, "png")
+    return body
+
+
+def events(response: httpx.Response) -> Iterator[tuple[str, dict]]:
+    name = None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line[len("event: ") :]
+        elif line.startswith("data: ") and name is not None:
+            yield name, json.loads(line[len("data: ") :])
+            name = None
+
+
+def draw_bar(out: TextIO, step: int, total: int, width: int = 30) -> None:
+    filled = width * step // max(total, 1)
+    out.write(f"\r[{'#' * filled}{'.' * (width - filled)}] step {step}/{total}")
+    out.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    err = sys.stderr
+    headers = {"Accept": "text/event-stream"}
+    try:
+        with httpx.stream(
+            "POST", f"{args.url.rstrip('/')}/generate", json=request_body(args), headers=headers, timeout=args.timeout
+        ) as response:
+            if response.status_code != 200:
+                response.read()
+                try:
+                    message = response.json().get("error", response.text)
+                except ValueError:
+                    message = response.text
+                print(f"error: {response.status_code}: {message}", file=err)
+                return 1
+            for name, data in events(response):
+                if name == "queued" and data["position"] > 0:
+                    err.write(f"\rqueued, {data['position']} ahead")
+                elif name == "progress":
+                    draw_bar(err, data["step"], data["total"])
+                elif name == "error":
+                    print(f"\nerror: {data['error']}", file=err)
+                    return 1
+                elif name == "image":
+                    Path(args.output).write_bytes(base64.b64decode(data["b64"]))
+                    note = " (flagged by the safety checker)" if data.get("nsfw") else ""
+                    print(
+                        f"\nwrote {args.output} ({data['width']}x{data['height']}, seed {data['seed']}){note}", file=err
+                    )
+                    return 0
+    except httpx.HTTPError as exc:
+        print(f"error: cannot reach {args.url}: {exc}", file=err)
+        return 1
+    print("\nerror: the server closed the stream without an image", file=err)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

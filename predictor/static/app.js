@@ -1,0 +1,98 @@
+// The playground: a form over POST /generate with Accept: text/event-stream (queued, progress, image).
+"use strict";
+const $ = (id) => document.getElementById(id);
+let modelName = null;
+
+async function loadLimits() {
+  const models = await (await fetch("/v1/models")).json();
+  modelName = models.models[0];
+  $("model-name").textContent = modelName;
+  const info = await (await fetch(`/v1/models/${encodeURIComponent(modelName)}/schedulers`)).json();
+  for (const name of info.schedulers) {
+    const option = new Option(name, name, name === info.default_scheduler, name === info.default_scheduler);
+    $("scheduler").add(option);
+  }
+  $("num_inference_steps").max = info.max_steps;
+  $("num_inference_steps").value = info.default_steps;
+  for (const field of ["width", "height"]) {
+    $(field).max = info.max_image_size;
+    $(field).placeholder = info.native_size;
+  }
+}
+
+function requestBody() {
+  const body = { prompt: $("prompt").value, output_format: $("output_format").value, scheduler: $("scheduler").value };
+  if ($("negative_prompt").value) body.negative_prompt = $("negative_prompt").value;
+  for (const field of ["num_inference_steps", "width", "height", "seed"]) {
+    if ($(field).value !== "") body[field] = parseInt($(field).value, 10);
+  }
+  body.guidance_scale = parseFloat($("guidance_scale").value);
+  return body;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+  $("status").textContent = "Failed.";
+}
+
+function handleEvent(name, data) {
+  if (name === "queued") {
+    $("status").textContent = data.position > 0 ? `Queued (${data.position} ahead)` : "Starting...";
+  } else if (name === "progress") {
+    $("progress").max = data.total;
+    $("progress").value = data.step;
+    $("status").textContent = `Step ${data.step} of ${data.total}`;
+  } else if (name === "image") {
+    $("image").src = `data:image/${data.format};base64,${data.b64}`;
+    $("result-seed").textContent = data.seed;
+    $("result").hidden = false;
+    $("status").textContent = data.nsfw ? "Done (flagged by the safety checker)." : "Done.";
+  } else if (name === "error") {
+    showError(data.error);
+  }
+}
+
+async function generate(event) {
+  event.preventDefault();
+  $("error").hidden = true;
+  $("generate").disabled = true;
+  $("progress").value = 0;
+  $("status").textContent = "Sending...";
+  try {
+    const response = await fetch("/generate", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "Accept": "text/event-stream" },
+      body: JSON.stringify(requestBody()),
+    });
+    if (!response.ok) {
+      const error = await response.json().catch(() => ({ error: response.statusText }));
+      showError(`${response.status}: ${error.error}`);
+      return;
+    }
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const name = /^event: (.*)$/m.exec(block)?.[1];
+        const data = /^data: (.*)$/m.exec(block)?.[1];
+        if (name && data) handleEvent(name, JSON.parse(data));
+      }
+    }
+  } catch (error) {
+    showError(String(error));
+  } finally {
+    $("generate").disabled = false;
+  }
+}
+
+$("form").addEventListener("submit", generate);
+$("reuse-seed").addEventListener("click", () => { $("seed").value = $("result-seed").textContent; });
+loadLimits().catch((error) => showError(`Could not reach the server: ${error}`));

@@ -1,0 +1,256 @@
+"""The clients people already use, against a real server process: the official OpenAI SDK, Server-Sent Events,
+the command-line client, and the playground page in a real headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+from test_server_process import free_port, start_server, wait_ready
+
+from predictor.schemas import SCHEDULER_NAMES
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("clients")
+    port = free_port()
+    log = tmp / "server.log"
+    process = start_server(
+        "--model_id",
+        "builtin:tiny",
+        "--model_dir",
+        str(tmp / "none"),
+        "--default_steps",
+        "3",
+        "--max_batch_instances",
+        "4",
+        port=port,
+        log=log,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(process, f"{base}/v1/models/sd", log)
+        yield base
+    finally:
+        process.terminate()
+        assert process.wait(timeout=60) == 0
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data.startswith(b"\x89PNG")
+    return Image.open(io.BytesIO(data)).size
+
+
+def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
+    events, name = [], None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line.removeprefix("data: "))))
+    return events
+
+
+def test_openai_sdk_generates_images(server: str) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    result = client.images.generate(
+        model="sd",
+        prompt="a lighthouse",
+        n=2,
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"seed": 5, "num_inference_steps": 3},
+    )
+    assert len(result.data) == 2
+    images = [base64.b64decode(item.b64_json) for item in result.data]
+    assert [png_size(image) for image in images] == [(64, 64), (64, 64)]
+    assert images[0] != images[1], "n images get seeds seed, seed+1"
+    assert [item.model_extra["seed"] for item in result.data] == [5, 6]
+    assert result.created > 0
+    # The second image is exactly what a lone request with seed+1 gives.
+    alone = httpx.post(f"{server}/generate", json={"prompt": "a lighthouse", "seed": 6, "num_inference_steps": 3})
+    assert Image.open(io.BytesIO(alone.content)).tobytes() == Image.open(io.BytesIO(images[1])).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param", "words"),
+    [
+        ({"size": "65x64"}, "size", "multiple of 8"),
+        ({"response_format": "url"}, "response_format", "b64_json"),
+        ({"model": "dall-e-3"}, "model", "serves 'sd'"),
+        ({"n": 5}, "n", "at most 4"),
+        ({"extra_body": {"guidance_scale": 99}}, "guidance_scale", "less than or equal to 30"),
+    ],
+)
+def test_openai_sdk_bad_input_raises_bad_request(server: str, kwargs: dict, param: str, words: str) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as error:
+        client.images.generate(prompt="a lighthouse", **kwargs)
+    assert error.value.status_code == 400
+    body = error.value.body
+    assert body["param"] == param and body["type"] == "invalid_request_error"
+    assert words in body["message"]
+
+
+def test_event_stream_reports_queue_progress_then_the_image(server: str) -> None:
+    body = {"prompt": "streamed", "seed": 11, "num_inference_steps": 4}
+    with httpx.stream(
+        "POST", f"{server}/generate", json=body, headers={"Accept": "text/event-stream"}, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    names = [name for name, _ in events]
+    assert names[0] == "queued" and names[-1] == "image"
+    assert [data["step"] for name, data in events if name == "progress"] == [1, 2, 3, 4]
+    assert all(data["total"] == 4 for name, data in events if name == "progress")
+    image = events[-1][1]
+    assert image["seed"] == 11 and image["format"] == "png"
+    plain = httpx.post(f"{server}/generate", json=body, timeout=60)
+    assert base64.b64decode(image["b64"]) == plain.content
+
+
+def test_event_stream_bad_input_is_a_plain_400(server: str) -> None:
+    response = httpx.post(
+        f"{server}/generate", json={"prompt": "x", "width": 65}, headers={"Accept": "text/event-stream"}
+    )
+    assert response.status_code == 400
+    assert response.json()["param"] == "width"
+
+
+def test_leaving_the_event_stream_cancels_the_work(server: str) -> None:
+    body = {"prompt": "abandoned stream", "num_inference_steps": 150, "width": 256, "height": 256}
+    with httpx.stream(
+        "POST", f"{server}/generate", json=body, headers={"Accept": "text/event-stream"}, timeout=60
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("event: progress"):
+                break
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if 'diffusion_active_images{model_name="sd"} 0.0' in httpx.get(f"{server}/metrics").text:
+            break
+        time.sleep(0.05)
+    assert 'diffusion_active_images{model_name="sd"} 0.0' in httpx.get(f"{server}/metrics").text
+
+
+def test_schedulers_and_limits_are_discoverable(server: str) -> None:
+    info = httpx.get(f"{server}/v1/models/sd/schedulers").json()
+    assert info["schedulers"] == list(SCHEDULER_NAMES)
+    assert info["default_scheduler"] == "dpmpp_2m"
+    assert (info["max_steps"], info["default_steps"], info["native_size"]) == (150, 3, 64)
+    assert httpx.get(f"{server}/v1/models/nope/schedulers").status_code == 404
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "predictor.client", *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_cli_writes_the_image_and_shows_progress(server: str, tmp_path: Path) -> None:
+    output = tmp_path / "fox.png"
+    result = run_cli(
+        "a fox",
+        "-o",
+        str(output),
+        "--url",
+        server,
+        "--steps",
+        "3",
+        "--seed",
+        "7",
+        "--width",
+        "72",
+        "--height",
+        "64",
+        "--guidance",
+        "5",
+        "--scheduler",
+        "euler",
+        "--negative",
+        "blurry",
+    )
+    assert result.returncode == 0, result.stderr
+    assert png_size(output.read_bytes()) == (72, 64)
+    assert "step 3/3" in result.stderr and "seed 7" in result.stderr
+    jpeg = tmp_path / "fox.jpg"
+    assert run_cli("a fox", "-o", str(jpeg), "--url", server, "--steps", "2").returncode == 0
+    assert jpeg.read_bytes()[:3] == b"\xff\xd8\xff"
+
+
+def test_cli_reports_the_servers_message_and_exits_non_zero(server: str, tmp_path: Path) -> None:
+    result = run_cli("a fox", "-o", str(tmp_path / "x.png"), "--url", server, "--width", "65")
+    assert result.returncode == 1
+    assert "400" in result.stderr and "multiple of 8" in result.stderr
+    unreachable = run_cli("a fox", "--url", f"http://127.0.0.1:{free_port()}")
+    assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
+
+
+def test_playground_in_headless_chromium(server: str, tmp_path: Path) -> None:
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
+        pytest.skip("chromium is not installed (apt-get install chromium); the playground test needs a browser")
+    from playwright.sync_api import sync_playwright
+
+    flags = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 1000})
+            page.goto(f"{server}/playground")
+            page.wait_for_function("document.getElementById('scheduler').options.length > 0")
+            assert page.locator("#model-name").inner_text() == "sd"
+            page.fill("#prompt", "a lighthouse in the playground")
+            page.fill("#num_inference_steps", "3")
+            page.fill("#seed", "21")
+            page.click("#generate")
+            page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+            assert page.locator("#result-seed").inner_text() == "21"
+            assert page.get_attribute("#image", "src").startswith("data:image/png;base64,")
+            assert page.evaluate(
+                "[document.getElementById('progress').value, document.getElementById('progress').max]"
+            ) == [3, 3]
+            assert page.locator("#status").inner_text() == "Done."
+            page.screenshot(path=str(tmp_path / "playground.png"))
+            if os.environ.get("PLAYGROUND_SCREENSHOT"):
+                shutil.copy(tmp_path / "playground.png", os.environ["PLAYGROUND_SCREENSHOT"])
+            # Reuse the seed, then an error from the server is shown, not swallowed.
+            page.fill("#seed", "")
+            page.click("#reuse-seed")
+            assert page.input_value("#seed") == "21"
+            page.fill("#prompt", "   ")
+            page.click("#generate")
+            page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+            assert "400" in page.locator("#error").inner_text()
+            assert "non-whitespace" in page.locator("#error").inner_text()
+        finally:
+            browser.close()
