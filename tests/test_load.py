@@ -131,22 +131,49 @@ def test_client_disconnect_stops_the_work(server) -> None:
     assert stopped_after < 3, f"work went on {stopped_after:.2f} s after the disconnect"
 
 
+def _reachable_by_others(path: Path) -> bool:
+    return all(parent.stat().st_mode & 0o001 for parent in [path, *path.parents] if parent.is_dir())
+
+
+def _interpreter_for_others() -> tuple[str, list[str]]:
+    """A Python of this version that any user can run, and the path to this project's packages for it.
+
+    The test's own interpreter may live where other users cannot go (pyenv under /root, say); the system's
+    Python of the same version then runs the very same packages.
+    """
+    import site
+    import sys
+
+    project = Path(__file__).resolve().parents[1]
+    packages = [Path(p) for p in site.getsitepackages()] + [project]
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (Path(sys.executable), Path(f"/usr/bin/python{version}")):
+        if candidate.exists() and _reachable_by_others(candidate.resolve()):
+            break
+    else:
+        pytest.skip(f"no Python {version} that other users can run")
+    if not all(_reachable_by_others(path) for path in packages):
+        pytest.skip("this project's packages are in a directory other users cannot enter")
+    return str(candidate), [str(path) for path in packages]
+
+
 def test_serves_as_non_root_with_read_only_model_dir(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """An arbitrary non-root UID, a read-only model directory, HF_HOME under /tmp, HOME unwritable: it serves."""
     import os
     import shutil
     import subprocess
-    import sys
 
     if os.geteuid() != 0:
         pytest.skip("needs root to switch to another UID")
-    interpreter = Path(sys.executable).resolve()
-    if any(not (parent.stat().st_mode & 0o001) for parent in interpreter.parents):
-        pytest.skip(f"other users cannot reach the Python interpreter ({interpreter}): install Python outside /root")
+    interpreter, pythonpath = _interpreter_for_others()
     model_dir = Path("/tmp") / f"ro-model-{os.getpid()}"
     shutil.rmtree(model_dir, ignore_errors=True)
     shutil.copytree(tiny_model_dir, model_dir)
     for path in [model_dir, *model_dir.rglob("*")]:
         path.chmod(0o555 if path.is_dir() else 0o444)  # readable by anyone, writable by no one
+    log_dir = Path("/tmp") / f"non-root-log-{os.getpid()}"
+    log_dir.mkdir(exist_ok=True)
+    log = log_dir / "server.log"
     port = free_port()
     env = {
         "PATH": os.environ["PATH"],
@@ -154,34 +181,34 @@ def test_serves_as_non_root_with_read_only_model_dir(tmp_path: Path, tiny_model_
         "HOME": "/nonexistent",
         "PYTHONUNBUFFERED": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONPATH": os.pathsep.join(pythonpath),
     }
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "predictor",
-            "--model_name",
-            "sd",
-            "--http_port",
-            str(port),
-            "--model_dir",
-            str(model_dir),
-            "--model_id",
-            "not/used",
-        ],
-        user=54321,
-        group=54321,
-        env=env,
-        cwd="/",
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    command = [
+        interpreter,
+        "-m",
+        "predictor",
+        "--model_name",
+        "sd",
+        "--http_port",
+        str(port),
+        "--model_dir",
+        str(model_dir),
+        "--model_id",
+        "not/used",
+    ]
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            command, user=54321, group=54321, env=env, cwd="/", stdout=output, stderr=subprocess.STDOUT
+        )
     try:
-        wait_ready(process, f"http://127.0.0.1:{port}/v1/models/sd")
+        wait_ready(process, f"http://127.0.0.1:{port}/v1/models/sd", log)
         response = httpx.post(f"http://127.0.0.1:{port}/generate", json={"prompt": "as nobody"}, timeout=60)
         assert response.status_code == 200
+        assert response.content.startswith(b"\x89PNG")
     finally:
         process.terminate()
         assert process.wait(timeout=60) == 0
+        for path in [model_dir, *model_dir.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
         shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.rmtree(log_dir, ignore_errors=True)
