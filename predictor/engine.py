@@ -51,6 +51,8 @@ from predictor.schemas import GenerationParams
 
 logger = logging.getLogger(__name__)
 
+# One step (or decode) running longer than this means the device hangs: liveness fails, the pod restarts.
+STALL_S = 120.0
 # Called on the worker thread as (event, current, total): ("queued", position, 0) and ("step", i, n).
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -125,6 +127,11 @@ def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros((rows - tensor.shape[0], *tensor.shape[1:]))])
 
 
+_DEVICE_ERRORS: tuple[type[BaseException], ...] = (
+    (torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()
+)
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
@@ -156,6 +163,7 @@ class GenerationEngine:
         self._decode_buckets = batch_buckets(config.max_batch_size) if config.compile else ()
         self._vae_float32: Any = None  # made on the first fp16 overflow
         self._ready = threading.Event()
+        self._busy_since: float | None = None  # when the worker started its current step (liveness)
         self._startup_error: BaseException | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -212,7 +220,15 @@ class GenerationEngine:
             time.perf_counter() - started,
         )
 
+    def _compiled_for(self, latents: torch.Tensor) -> bool:
+        """Compiled graphs exist for the native resolution only; other sizes run eagerly rather than compile
+        at request time (which would stall every request and, past dynamo's limit, fail)."""
+        size = self.loaded.native_size // self.pipe.vae_scale_factor
+        return self.config.compile and tuple(latents.shape[-2:]) == (size, size)
+
     def _call_unet(self, sample: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        if not self._compiled_for(sample):
+            return self.pipe.unet(sample, timesteps, encoder_hidden_states=hidden, return_dict=False)[0]
         rows = sample.shape[0]
         bucket = next((b for b in self._row_buckets if b >= rows), rows)
         if self.config.compile and self.config.compile_mode == "reduce-overhead":
@@ -226,6 +242,8 @@ class GenerationEngine:
         return noise[:rows]
 
     def _call_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if not self._compiled_for(latents):
+            return self.pipe.vae.decode(latents, return_dict=False)[0]
         images = latents.shape[0]
         bucket = next((b for b in self._decode_buckets if b >= images), images)
         if self.config.compile and self.config.compile_mode == "reduce-overhead":
@@ -262,6 +280,13 @@ class GenerationEngine:
                     return False
                 self._cond.wait(remaining if remaining is not None else 1.0)
         return True
+
+    def alive(self, stall_s: float = STALL_S) -> bool:
+        """False when the worker is dead, the device failed, or one step has run for ``stall_s`` (a hung GPU)."""
+        if not self.healthy or self._thread is None or not self._thread.is_alive():
+            return False
+        busy_since = self._busy_since
+        return busy_since is None or time.monotonic() - busy_since < stall_s
 
     @property
     def queue_depth(self) -> int:
@@ -329,9 +354,10 @@ class GenerationEngine:
                     if self._stop:
                         return
                     admitted = self._admit_locked()
+                self._busy_since = time.monotonic()
                 try:
                     if admitted:
-                        self._prepare(admitted)
+                        self._run_with_oom_split(admitted, self._prepare_or_fail)
                     self._expire_overdue()
                     group = self._next_group()
                     if group is not None:
@@ -340,10 +366,15 @@ class GenerationEngine:
                         finished = [job for job in members if job.done and not job.future.done()]
                         if finished:
                             self._decode(finished)
-                except Exception as exc:  # a bug or a device fault: fail what was in flight, keep serving
+                except Exception as exc:  # a device fault or a bug: fail what was in flight, keep serving
                     logger.exception("generation step failed")
                     self._fail_all_active(exc)
+                except BaseException as exc:
+                    self.healthy = False  # the worker is gone: liveness must fail so the pod restarts
+                    self._fail_all_active(exc)
+                    raise
                 finally:
+                    self._busy_since = None
                     self._retire()
 
     def _admit_locked(self) -> list[_Job]:
@@ -369,6 +400,23 @@ class GenerationEngine:
         metrics.QUEUE_DEPTH.labels(**self._labels).set(len(kept))
         metrics.ACTIVE_IMAGES.labels(**self._labels).set(len(self._active))
         return admitted
+
+    def _prepare_or_fail(self, jobs: list[_Job]) -> None:
+        """Prepare new jobs together; if that fails for another reason than memory, retry one by one so only
+        the job at fault fails."""
+        try:
+            self._prepare(jobs)
+        except Exception as exc:
+            if _is_oom(exc) or isinstance(exc, _DEVICE_ERRORS):
+                raise
+            for job in jobs:
+                try:
+                    self._prepare([job])
+                except Exception as single:
+                    if _is_oom(single) or isinstance(single, _DEVICE_ERRORS):
+                        raise
+                    logger.exception("could not start a generation")
+                    self._fail(job, GenerationFailed("the generation could not start"))
 
     def _prepare(self, jobs: list[_Job]) -> None:
         """Encode the text of all new jobs in one call; give each its scheduler, generator and latents."""
@@ -431,7 +479,13 @@ class GenerationEngine:
         if not members:
             return
         started = time.perf_counter()
-        self._run_with_oom_split(members, self._unet_step)
+        # Only the UNet call is retried in halves on out-of-memory: it changes no job state, so a retry is safe.
+        predictions: dict[_Job, torch.Tensor] = {}
+        self._run_with_oom_split(members, lambda subset: predictions.update(self._predict_noise(subset)))
+        for job in members:
+            if job in predictions and not job.future.done():
+                self._advance(job, predictions[job])
+        metrics.BATCH_SIZE.labels(**self._labels).observe(len(predictions))
         metrics.STEP_SECONDS.labels(**self._labels).observe(time.perf_counter() - started)
         if self.config.compile:
             metrics.COMPILED_GRAPHS.labels(**self._labels).set(self.compiled_graphs())
@@ -456,7 +510,8 @@ class GenerationEngine:
             self._run_with_oom_split(members[:half], fn)
             self._run_with_oom_split(members[half:], fn)
 
-    def _unet_step(self, members: list[_Job]) -> None:
+    def _predict_noise(self, members: list[_Job]) -> dict[_Job, torch.Tensor]:
+        """One UNet call for ``members``, each at its own timestep; the guided noise prediction per job."""
         inputs, contexts, timesteps = [], [], []
         for job in members:
             t = job.timesteps[job.step]
@@ -471,19 +526,28 @@ class GenerationEngine:
                 contexts.append(job.cond)
                 timesteps.append(t)
         noise = self._call_unet(torch.cat(inputs), torch.cat(timesteps), torch.cat(contexts))
-        metrics.BATCH_SIZE.labels(**self._labels).observe(len(members))
-        row = 0
+        predictions, row = {}, 0
         for job in members:
             if job.uncond is not None:
                 uncond, text = noise[row : row + 1], noise[row + 1 : row + 2]
-                prediction = uncond + job.params.guidance_scale * (text - uncond)
+                predictions[job] = uncond + job.params.guidance_scale * (text - uncond)
                 row += 2
             else:
-                prediction = noise[row : row + 1]
+                predictions[job] = noise[row : row + 1]
                 row += 1
+        return predictions
+
+    def _advance(self, job: _Job, prediction: torch.Tensor) -> None:
+        """Step one job's own scheduler; a failure there fails that job only."""
+        try:
             t = job.timesteps[job.step]
             job.latents = job.scheduler.step(prediction, t, job.latents, **job.step_kwargs, return_dict=False)[0]
             job.step += 1
+        except Exception as exc:
+            if _is_oom(exc) or isinstance(exc, _DEVICE_ERRORS):
+                raise
+            logger.exception("scheduler %s failed at step %d", job.params.scheduler, job.step)
+            self._fail(job, GenerationFailed(f"the {job.params.scheduler} scheduler failed at step {job.step}"))
 
     def _decode(self, jobs: list[_Job]) -> None:
         self._run_with_oom_split(jobs, self._vae_decode)
@@ -554,11 +618,16 @@ class GenerationEngine:
             return
         metrics.FAILURES.labels(error_type=error.error_type, **self._labels).inc()
 
-    def _fail_all_active(self, exc: Exception) -> None:
+    def _fail_all_active(self, exc: BaseException) -> None:
         message = "image generation failed on the server"
-        if isinstance(exc, torch.AcceleratorError if hasattr(torch, "AcceleratorError") else ()):
+        if isinstance(exc, _DEVICE_ERRORS):
             # An unrecoverable device error: stop taking work so the liveness probe restarts the pod.
             self.healthy = False
             message = "the GPU failed; the server is restarting"
         for job in self._active:
             self._fail(job, GenerationFailed(message))
+        if not self.healthy:
+            with self._cond:
+                for job in self._waiting:
+                    self._fail(job, DeviceFailed("the GPU is in a failed state; the server is restarting"))
+                self._waiting.clear()

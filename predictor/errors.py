@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from kserve.errors import InvalidInput
+from starlette.exceptions import HTTPException
 
 
 class PredictorError(Exception):
@@ -18,7 +19,7 @@ class PredictorError(Exception):
     error_type = "internal_error"
 
     def __init__(self, message: str, param: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
+        Exception.__init__(self, message)  # not super(): PayloadTooLarge also inherits Starlette's HTTPException
         self.message = message
         self.param = param
         self.headers = headers or {}
@@ -41,9 +42,15 @@ class InvalidRequest(PredictorError, InvalidInput):
         return self.message
 
 
-class PayloadTooLarge(PredictorError):
+class PayloadTooLarge(PredictorError, HTTPException):
+    """Also a Starlette HTTPException: FastAPI's body parsing re-raises those instead of turning them into 400."""
+
     status_code = 413
     error_type = "payload_too_large"
+
+    def __init__(self, message: str, param: str | None = None):
+        PredictorError.__init__(self, message, param)
+        HTTPException.__init__(self, status_code=413, detail=message, headers=self.headers)
 
 
 class ModelNotLoaded(PredictorError):

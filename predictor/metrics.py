@@ -10,7 +10,7 @@ QUEUE_DEPTH = Gauge("diffusion_queue_depth", "Images waiting for a batch slot", 
 ACTIVE_IMAGES = Gauge("diffusion_active_images", "Images in the denoising loop", ["model_name"])
 BATCH_SIZE = Histogram(
     "diffusion_batch_size",
-    "Images in one UNet call",
+    "Images advanced by one batched denoising step",
     ["model_name"],
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
 )

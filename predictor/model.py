@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +37,8 @@ from predictor.schemas import (
 
 logger = logging.getLogger(__name__)
 
+# A warm-up that takes longer than this means the device is unusable: fail the load instead of hanging.
+_WARMUP_TIMEOUT_S = 600.0
 # Grace beyond --request_timeout_s before a request whose step is stuck is answered 504 anyway.
 _DEADLINE_SLACK_S = 2.0
 # v2 request parameters that belong to the protocol, not to the generation request.
@@ -57,6 +60,7 @@ class Batch:
     params: list[GenerationParams]
     request_id: str | None = None
     on_progress: ProgressCallback | None = None
+    futures: list[Future[GenerationResult]] = field(default_factory=list)
     results: list[GenerationResult] = field(default_factory=list)
 
 
@@ -110,7 +114,7 @@ class DiffusionModel(Model):
         self.engine.start()
         if self.settings.warmup_steps:
             warmup = self.default_params("warm-up", steps=self.settings.warmup_steps)
-            self.engine.generate(warmup)
+            self.engine.generate(warmup, timeout=_WARMUP_TIMEOUT_S)
         self.ready = True
         logger.info("model %s ready in %.1f s", self.name, time.perf_counter() - started)
         return self.ready
@@ -217,11 +221,17 @@ class DiffusionModel(Model):
                 param=param,
             )
 
+    def submit(self, batch: Batch) -> None:
+        """Queue the batch's images (503 overloaded / shutting_down raise here, before any response starts)."""
+        assert self.engine is not None  # preprocess checked readiness
+        batch.futures = self.engine.submit(batch.params, on_progress=batch.on_progress)
+
     async def predict(
         self, batch: Batch, headers: dict[str, str] | None = None, response_headers: dict[str, str] | None = None
     ) -> Batch:
-        assert self.engine is not None  # preprocess checked readiness
-        futures = self.engine.submit(batch.params, on_progress=batch.on_progress)
+        if not batch.futures:
+            self.submit(batch)
+        futures = batch.futures
         waiters = [asyncio.wrap_future(future) for future in futures]
         # The engine enforces the deadline between steps; this bound also holds when a step itself hangs.
         hard_deadline = self.settings.request_timeout_s + _DEADLINE_SLACK_S
@@ -258,7 +268,7 @@ class DiffusionModel(Model):
 def _json_object(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise InvalidRequest("the request body is not valid JSON", param="body") from None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from predictor.model import Batch, DiffusionModel, EncodedImage, RouteCall
 from predictor.schemas import Limits, OpenAIImageRequest, request_json_schema
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+logger = logging.getLogger(__name__)
 
 ERROR_BODY_SCHEMA = {
     "type": "object",
@@ -112,9 +114,13 @@ def _image_event(image: EncodedImage) -> dict[str, Any]:
     }
 
 
+# While an image waits in the queue no event is due; a comment line this often keeps proxies from timing out.
+_HEARTBEAT_S = 15.0
+
+
 async def _start_stream(model: DiffusionModel, body: bytes) -> AsyncIterator[bytes]:
-    """Validate first (bad input is a plain 400, not a stream), then stream Server-Sent Events for one request:
-    queued, progress per step, then the image (or an error).
+    """Validate and queue first, so bad input (400) and a full queue (503) are plain responses, not streams;
+    then stream Server-Sent Events: queued, progress per step, and the image (or an error).
 
     The engine reports from its worker thread; events cross to the event loop through a queue. When the client
     goes away the response stops iterating and the generation is cancelled at its next step.
@@ -129,6 +135,7 @@ async def _start_stream(model: DiffusionModel, body: bytes) -> AsyncIterator[byt
         loop.call_soon_threadsafe(events.put_nowait, event)
 
     batch = await model.preprocess(RouteCall("generate", body, on_progress=on_progress))
+    model.submit(batch)
     return _stream(model, batch, events)
 
 
@@ -137,19 +144,27 @@ async def _stream(model: DiffusionModel, batch: Batch, events: asyncio.Queue) ->
         return await model.postprocess(await model.predict(batch))
 
     task = asyncio.ensure_future(run())
+    getter: asyncio.Future | None = None
     try:
         while not task.done() or not events.empty():
             getter = asyncio.ensure_future(events.get())
-            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({getter, task}, timeout=_HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
             if getter.done():
                 yield _sse(*getter.result())
             else:
                 getter.cancel()
+                if not task.done():
+                    yield b": waiting\n\n"
         try:
             yield _sse("image", _image_event(task.result()[0]))
         except PredictorError as exc:
             yield _sse("error", exc.body())
+        except Exception:
+            logger.exception("streamed generation failed")
+            yield _sse("error", {"error": "internal server error", "error_type": "internal_error", "param": None})
     finally:
+        if getter is not None:
+            getter.cancel()
         task.cancel()
 
 
@@ -197,8 +212,8 @@ def register_routes(app: FastAPI, model: DiffusionModel) -> None:
     @router.get("/livez", tags=["Health"], responses={503: _error("The GPU failed; restart the pod")})
     async def live() -> dict[str, bool]:
         """Liveness for Kubernetes: 503 after an unrecoverable device error, so the pod is restarted."""
-        if model.engine is not None and not model.engine.healthy:
-            raise DeviceFailed("the GPU is in a failed state; restart the pod")
+        if model.engine is not None and not model.engine.alive():
+            raise DeviceFailed("the GPU or the generation worker failed or hangs; restart the pod")
         return {"live": True}
 
     @router.get("/playground", include_in_schema=False)

@@ -34,7 +34,7 @@ OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
 
 MAX_SEED = 2**32 - 1
 # Absolute ceilings; the operator's flags may only lower what a request can ask for.
-HARD_MAX_STEPS = 1000
+HARD_MAX_STEPS = 500  # DDIM and PNDM index past the 1000 training steps at 1000
 HARD_MAX_IMAGE_SIZE = 4096
 HARD_MAX_PROMPT_CHARS = 100_000
 MIN_IMAGE_SIZE = 64

@@ -55,6 +55,7 @@ CASES = [
     ("/generate", b"", "body"),
     ("/generate", b'["a list"]', "body"),
     ("/generate", b"\xff\xfe\x00", "body"),
+    ("/generate", b"[" * 5000, "body"),  # nesting deep enough to exhaust the JSON parser's recursion
     (V1, {"instances": []}, "instances"),
     (V1, {"instances": [{"prompt": "a"}] * 5}, "instances"),
     (V1, {"instances": "a cat"}, "instances"),

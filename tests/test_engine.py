@@ -276,5 +276,8 @@ def test_compiled_engine_pads_to_buckets_and_never_recompiles(tiny_model_dir) ->
         results = [f.result(timeout=60) for f in engine.submit(jobs)]  # batches of 1..4 images, 1..8 rows
         results += [engine.generate(jobs[0], timeout=60)]
         assert engine.compiled_graphs() == after_warmup, "a batch size compiled after warm-up"
+        # Another resolution runs eagerly instead of compiling at request time.
+        assert engine.generate(params(width=96, num_inference_steps=2), timeout=60).image.size == (96, 64)
+        assert engine.compiled_graphs() == after_warmup
     for got, want in zip(results, expected, strict=False):
         assert np.abs(pixels(got.image) - want).max() <= TOLERANCE

@@ -109,22 +109,32 @@ def assert_error(response, status: int, error_type: str) -> dict:
     return body
 
 
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
 def test_queue_full_is_503_overloaded_with_retry_after_at_once(fault) -> None:
-    client, unet, _ = fault
+    client, unet, model = fault
     unet.delay_s = 0.15  # 10 steps: 1.5 s per batch, so the first two run while the others queue
     slow = {"prompt": "slow", "num_inference_steps": 10}
+    engine = model.engine
     with ThreadPoolExecutor(4) as pool:
         running = [pool.submit(client.post, "/generate", json=slow) for _ in range(2)]
-        time.sleep(0.3)  # both admitted into the batch (max_batch_size 2)
+        wait_until(lambda: engine.active_images == 2)  # both in the batch (max_batch_size 2)
         queued = [pool.submit(client.post, "/generate", json=slow) for _ in range(2)]
-        time.sleep(0.3)  # both waiting (max_queue 2)
+        wait_until(lambda: engine.queue_depth == 2)  # both waiting (max_queue 2)
         started = time.perf_counter()
         rejected = client.post("/generate", json=slow)
         elapsed = time.perf_counter() - started
+        streamed = client.post("/generate", json=slow, headers={"Accept": "text/event-stream"})
         statuses = [f.result().status_code for f in running + queued]
     assert_error(rejected, 503, "overloaded")
     assert rejected.headers["retry-after"] == "1"
     assert elapsed < 0.05 * 4, f"rejection took {elapsed:.3f} s"  # generous on a shared 2-core machine
+    assert_error(streamed, 503, "overloaded")  # the event stream is refused up front, not inside a 200
     assert statuses == [200, 200, 200, 200], "nothing admitted may be dropped"
 
 
@@ -195,7 +205,8 @@ def test_body_over_limit_is_413_before_reading_it(fault) -> None:
         for _ in range(10):
             yield b" " * 1000
 
-    assert_error(client.post("/generate", content=chunks()), 413, "payload_too_large")
+    for route in ("/generate", f"/v1/models/{MODEL_NAME}:predict", f"/v2/models/{MODEL_NAME}/infer"):
+        assert_error(client.post(route, content=chunks()), 413, "payload_too_large")
 
 
 def test_device_error_fails_liveness_so_the_pod_restarts(tiny_model_dir) -> None:

@@ -70,6 +70,7 @@ async function generate(event) {
       showError(`${response.status}: ${error.error}`);
       return;
     }
+    let finished = false;
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
@@ -83,9 +84,13 @@ async function generate(event) {
         buffer = buffer.slice(end + 2);
         const name = /^event: (.*)$/m.exec(block)?.[1];
         const data = /^data: (.*)$/m.exec(block)?.[1];
-        if (name && data) handleEvent(name, JSON.parse(data));
+        if (name && data) {
+          handleEvent(name, JSON.parse(data));
+          finished = finished || name === "image" || name === "error";
+        }
       }
     }
+    if (!finished) showError("The connection closed before the image arrived.");
   } catch (error) {
     showError(String(error));
   } finally {
