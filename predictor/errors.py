@@ -88,10 +88,3 @@ class DeviceFailed(PredictorError):
 
     status_code = 503
     error_type = "device_failed"
-
-
-class Cancelled(PredictorError):
-    """The client went away; nobody reads this answer (499 is nginx's convention)."""
-
-    status_code = 499
-    error_type = "cancelled"

@@ -188,7 +188,7 @@ class PredictorServer(ModelServer):
 
     def serve(self, model: DiffusionModel) -> None:
         """Serve until SIGTERM/SIGINT; in-flight requests get --grace_period_s to finish."""
-        app = self.create_app(model)
+        self.create_app(model)
         rest = self._rest_server
         self.servers.append(rest._server.serve())
         if self.enable_grpc:
@@ -198,7 +198,6 @@ class PredictorServer(ModelServer):
                 self.grpc_port, self.dataplane, self.model_repository_extension, grace_period=self.grace_period
             )
             self.servers.append(self._grpc_server.start(self.max_threads))
-        del app
         self.setup_event_loop()
         self.register_signal_handler()
         asyncio.run(self._serve())

@@ -10,7 +10,6 @@ import kserve.model_server  # noqa: E402, F401
 
 sys.argv = _argv
 
-import dataclasses  # noqa: E402
 import io  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -76,7 +75,3 @@ def reference_pipe(tiny_model_dir: Path):
 
 def decode_image(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
-
-
-def with_updates(settings, **changes):
-    return dataclasses.replace(settings, **changes)
