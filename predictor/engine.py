@@ -106,13 +106,13 @@ class EngineConfig:
     request_timeout_s: float | None = 300.0
     torch_threads: int = 0  # 0: torch's default
     compile: bool = False
-    compile_mode: str = "default"
+    compile_mode: str = "reduce-overhead"
     compile_backend: str = "inductor"
 
 
 def batch_buckets(max_rows: int) -> tuple[int, ...]:
-    """Powers of two up to ``max_rows``: compiled graphs exist for these batch sizes only, so the engine pads
-    a UNet call's rows (or a decode's images) up to the next bucket instead of compiling for every size."""
+    """Powers of two up to ``max_rows``: with CUDA graphs, graphs are recorded for these row counts only, and
+    the engine pads a UNet call's rows up to the next bucket instead of recording one for every size."""
     buckets, size = [], 1
     while size < max_rows:
         buckets.append(size)
@@ -155,12 +155,13 @@ class GenerationEngine:
         self.healthy = True
         self._unet: Callable[..., Any] = self.pipe.unet
         self._vae_decode_fn: Callable[..., Any] = self.pipe.vae.decode
-        # Guided images take two UNet rows; compiled graphs exist per bucket, eager runs any size.
-        # A lone unguided image (one row) is padded to two rather than compiled for: one graph fewer.
+        # CUDA graphs (reduce-overhead) replay fixed shapes: UNet calls are padded up to a bucket of rows, each
+        # bucket recorded at start. Without them the compiled UNet takes any row count (a dynamic batch
+        # dimension), so nothing is padded. Guided images take two rows; a lone unguided image is padded to two.
+        self._cuda_graphs = config.compile and config.compile_mode == "reduce-overhead"
         self._row_buckets = (
-            tuple(b for b in batch_buckets(2 * config.max_batch_size) if b > 1) if config.compile else ()
+            tuple(b for b in batch_buckets(2 * config.max_batch_size) if b > 1) if self._cuda_graphs else ()
         )
-        self._decode_buckets = batch_buckets(config.max_batch_size) if config.compile else ()
         self._vae_float32: Any = None  # made on the first fp16 overflow
         self._ready = threading.Event()
         self._busy_since: float | None = None  # when the worker started its current step (liveness)
@@ -184,40 +185,55 @@ class GenerationEngine:
         return int(counters["stats"]["unique_graphs"])
 
     def _compile(self) -> None:
-        """torch.compile the UNet and the VAE decoder, then run each bucket once so no request compiles."""
-        pipe, device = self.pipe, self.loaded.device
-        options = {
-            "mode": self.config.compile_mode,
-            "backend": self.config.compile_backend,
-            "fullgraph": True,
-            "dynamic": False,
-        }
-        if options["backend"] != "inductor":
-            del options["mode"]
+        """torch.compile the UNet (batch dimension dynamic: one graph for every batch size) and the VAE decoder
+        (one image at a time: one graph), then run them so no request compiles or records a CUDA graph."""
+        pipe, device, config = self.pipe, self.loaded.device, self.config
+
+        def options(mode: str, dynamic: bool | None) -> dict[str, Any]:
+            chosen: dict[str, Any] = {"backend": config.compile_backend, "fullgraph": True, "dynamic": dynamic}
+            if config.compile_backend == "inductor":
+                chosen["mode"] = mode
+            return chosen
+
         started = time.perf_counter()
-        self._unet = torch.compile(pipe.unet, **options)
-        self._vae_decode_fn = torch.compile(pipe.vae.decode, **options)
+        self._unet = torch.compile(pipe.unet, **options(config.compile_mode, None))
+        # The decoder runs once per image, not per step: CUDA graphs would buy little and cost memory.
+        vae_mode = "default" if config.compile_mode == "reduce-overhead" else config.compile_mode
+        self._vae_decode_fn = torch.compile(pipe.vae.decode, **options(vae_mode, False))
         size = self.loaded.native_size // pipe.vae_scale_factor
         channels = pipe.unet.config.in_channels
         context = pipe.text_encoder.config.hidden_size
         dtype = self.loaded.dtype
-        for rows in self._row_buckets:
+
+        def unet_inputs(rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             sample = torch.zeros((rows, channels, size, size), device=device, dtype=dtype)
             timesteps = torch.full((rows,), 500.0, device=device)
             hidden = torch.zeros((rows, pipe.tokenizer.model_max_length, context), device=device, dtype=dtype)
-            self._call_unet(sample, timesteps, hidden)
-        for images in self._decode_buckets:
-            latents = torch.zeros((images, pipe.vae.config.latent_channels, size, size), device=device, dtype=dtype)
-            self._call_decode(latents)
+            return sample, timesteps, hidden
+
+        first = unet_inputs(2)
+        for tensor in first:
+            torch._dynamo.mark_dynamic(tensor, 0)  # one graph for all row counts, where the kernels allow
+        self._call_unet(*first)
+        # Run every row count a request can bring, so a size the first graph's guards exclude (some convolution
+        # backends depend on the batch size) compiles now, not under a request. CUDA graph trees need three
+        # runs per bucket: warm up, record, replay.
+        if self._cuda_graphs:
+            row_counts, repeats = self._row_buckets, 3
+        else:
+            row_counts, repeats = tuple(range(2, 2 * config.max_batch_size + 1)), 1
+        for rows in row_counts:
+            for _ in range(repeats):
+                self._call_unet(*unet_inputs(rows))
+        self._call_decode(torch.zeros((1, pipe.vae.config.latent_channels, size, size), device=device, dtype=dtype))
         if device.type == "cuda":
             torch.cuda.synchronize()
         logger.info(
-            "compiled %d UNet and %d VAE batch sizes (%s, mode %s) in %.1f s",
-            len(self._row_buckets),
-            len(self._decode_buckets),
-            self.config.compile_backend,
-            self.config.compile_mode,
+            "compiled the UNet (%s) and the VAE decoder in %.1f s (%s, mode %s)",
+            f"CUDA graphs for {len(self._row_buckets)} batch sizes" if self._cuda_graphs else "dynamic batch size",
             time.perf_counter() - started,
+            config.compile_backend,
+            config.compile_mode,
         )
 
     def _compiled_for(self, latents: torch.Tensor) -> bool:
@@ -230,25 +246,24 @@ class GenerationEngine:
         if not self._compiled_for(sample):
             return self.pipe.unet(sample, timesteps, encoder_hidden_states=hidden, return_dict=False)[0]
         rows = sample.shape[0]
-        bucket = next((b for b in self._row_buckets if b >= rows), rows)
-        if self.config.compile and self.config.compile_mode == "reduce-overhead":
+        # One row would specialise the dynamic batch dimension (a recompile): pad it to two.
+        bucket = next((b for b in self._row_buckets if b >= rows), max(rows, 2))
+        if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         noise = self._unet(
             _pad_rows(sample, bucket),
             _pad_rows(timesteps, bucket),
             encoder_hidden_states=_pad_rows(hidden, bucket),
             return_dict=False,
-        )[0]
-        return noise[:rows]
+        )[0][:rows]
+        # A CUDA graph's output lives in memory the next replay overwrites: keep a copy.
+        return noise.clone() if self._cuda_graphs else noise
 
     def _call_decode(self, latents: torch.Tensor) -> torch.Tensor:
         if not self._compiled_for(latents):
             return self.pipe.vae.decode(latents, return_dict=False)[0]
-        images = latents.shape[0]
-        bucket = next((b for b in self._decode_buckets if b >= images), images)
-        if self.config.compile and self.config.compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()
-        return self._vae_decode_fn(_pad_rows(latents, bucket), return_dict=False)[0][:images]
+        # The compiled decoder has one graph, for one image; a batch goes through it image by image.
+        return torch.cat([self._vae_decode_fn(latents[i : i + 1], return_dict=False)[0] for i in range(len(latents))])
 
     def close(self, timeout: float | None = None) -> bool:
         """Stop admitting; let admitted work finish (up to ``timeout``); stop the worker. True if drained."""

@@ -254,8 +254,10 @@ def test_out_of_memory_retries_in_halves_then_fails_alone(tiny_model_dir) -> Non
         assert engine.generate(params(guidance_scale=1.0, num_inference_steps=2), timeout=60).image
 
 
-def test_compiled_engine_pads_to_buckets_and_never_recompiles(tiny_model_dir) -> None:
-    """--compile: each batch-size bucket is compiled at start; a mixed load afterwards compiles nothing new.
+@pytest.mark.parametrize("mode", ["reduce-overhead", "default"])
+def test_compiled_engine_never_recompiles_after_warmup(tiny_model_dir, mode: str) -> None:
+    """--compile: the UNet is compiled once with a dynamic batch dimension (CUDA graph mode pads rows to
+    buckets), the VAE decoder once; a mixed load afterwards compiles nothing new and matches eager output.
 
     The eager backend keeps this fast on CPU; dynamo's graph capture and shape guards are the same as
     with inductor, so a recompile would show here too.
@@ -270,9 +272,11 @@ def test_compiled_engine_pads_to_buckets_and_never_recompiles(tiny_model_dir) ->
     with running_engine(loaded, max_batch_size=4) as engine:
         expected = [pixels(f.result(timeout=60).image) for f in engine.submit(jobs)]
     assert batch_buckets(8) == (1, 2, 4, 8) and batch_buckets(6) == (1, 2, 4, 6)
-    with running_engine(loaded, max_batch_size=4, compile=True, compile_backend="eager") as engine:
+    with running_engine(loaded, max_batch_size=4, compile=True, compile_backend="eager", compile_mode=mode) as engine:
         after_warmup = engine.compiled_graphs()
-        assert after_warmup >= 2
+        # One UNet graph for every batch size and one decoder graph (a convolution backend's batch-size guard
+        # may split the UNet's range once).
+        assert 2 <= after_warmup <= 3
         results = [f.result(timeout=60) for f in engine.submit(jobs)]  # batches of 1..4 images, 1..8 rows
         results += [engine.generate(jobs[0], timeout=60)]
         assert engine.compiled_graphs() == after_warmup, "a batch size compiled after warm-up"
