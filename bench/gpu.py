@@ -165,6 +165,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating bare/server rounds per lone figure")
     parser.add_argument("--compile_backend", default="inductor")
     parser.add_argument("--compile_mode", default="reduce-overhead")
     parser.add_argument("--skip", default="", help="comma-separated phases to skip: eager,compile,batch16")
@@ -203,9 +204,10 @@ def main() -> None:
     batch = ["--max_batch_size", str(options.batch)]
     bare = Bare(options)
     phase("bare", measure_bare, options, bare)
-    phase("eager", measure_server, options, bare, "eager", batch)
-    phase("compile-cold", measure_server, options, bare, "compile-cold", compile_flags + batch)
-    phase("compile-warm", measure_server, options, bare, "compile-warm", compile_flags + batch, 3)
+    rounds = options.rounds
+    phase("eager", measure_server, options, bare, "eager", batch, rounds)
+    phase("compile-cold", measure_server, options, bare, "compile-cold", compile_flags + batch, rounds)
+    phase("compile-warm", measure_server, options, bare, "compile-warm", compile_flags + batch, max(2, rounds - 2))
     batch16 = ["--max_batch_size", str(2 * options.batch)]
     phase("batch16-compile-warm", measure_server, options, bare, "batch16-compile-warm", compile_flags + batch16, 2)
 

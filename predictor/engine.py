@@ -8,7 +8,9 @@ guidance scale and step count. The worker runs one loop:
 2. pick the next resolution group round-robin and run ONE UNet call over all its jobs, each at its own
    timestep (both classifier-free-guidance halves when a job uses guidance);
 3. advance each job's scheduler on its own slice of the UNet output;
-4. VAE-decode the jobs that finished on this step together and answer them at once.
+4. launch the VAE decode of the jobs that finished on this step; their pixels come back to the host while
+   the GPU runs the next step, and they are answered after it is launched (the GPU never waits for the host
+   to turn images into pictures).
 
 A job joins at the next step boundary (nobody waits for a batch to fill) and leaves as soon as it is done.
 Fairness: within a group, jobs are admitted in arrival order, so a job waits at most for the jobs ahead of it
@@ -98,6 +100,25 @@ class _Job:
         return self.deadline is not None and now > self.deadline
 
 
+@dataclass(eq=False)
+class _PendingDecode:
+    """Images decoded on the device whose pixels are on their way to the host."""
+
+    jobs: list[_Job]
+    latents: torch.Tensor
+    images: torch.Tensor  # decoded, in [-1, 1], on the device: for the safety checker and the float32 redo
+    pixels: torch.Tensor  # uint8, (n, height, width, 3), on the host once ``copied`` has happened
+    finite: torch.Tensor  # bool per image, on the host once ``copied`` has happened
+    copied: torch.cuda.Event | None  # None: nothing asynchronous (CPU)
+
+
+def _to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """diffusers' postprocess to uint8 (denormalise in the model's dtype, then float32 *255, round half to even),
+    done on the device so only bytes cross to the host."""
+    unit = (images / 2 + 0.5).clamp(0, 1)
+    return (unit.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_name: str = "model"
@@ -147,6 +168,7 @@ class GenerationEngine:
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Job] = collections.deque()
         self._active: list[_Job] = []
+        self._finishing: list[_PendingDecode] = []
         self._group_turns: collections.deque[tuple[int, int]] = collections.deque()
         self._accepting = True
         self._stop = False
@@ -273,10 +295,11 @@ class GenerationEngine:
         drained = self.wait_idle(timeout)
         with self._cond:
             self._stop = True
-            for job in list(self._waiting) + self._active:
+            for job in list(self._waiting) + self._active + [j for d in self._finishing for j in d.jobs]:
                 self._fail(job, ShuttingDown("the server is shutting down"))
             self._waiting.clear()
             self._active.clear()
+            self._finishing.clear()
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
@@ -289,7 +312,7 @@ class GenerationEngine:
     def wait_idle(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._waiting or self._active:
+            while self._waiting or self._active or self._finishing:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -364,13 +387,14 @@ class GenerationEngine:
                 self._ready.set()
             while True:
                 with self._cond:
-                    while not self._stop and not self._waiting and not self._active:
+                    while not self._stop and not self._waiting and not self._active and not self._finishing:
                         self._cond.wait()
                     if self._stop:
                         return
                     admitted = self._admit_locked()
                 self._busy_since = time.monotonic()
                 try:
+                    earlier = len(self._finishing)  # decodes launched before this step
                     if admitted:
                         self._run_with_oom_split(admitted, self._prepare_or_fail)
                     self._expire_overdue()
@@ -380,7 +404,10 @@ class GenerationEngine:
                         self._step(members)
                         finished = [job for job in members if job.done and not job.future.done()]
                         if finished:
-                            self._decode(finished)
+                            self._run_with_oom_split(finished, self._launch_decode)
+                    # Answer the decodes launched before this step while the GPU runs it; with nothing left to
+                    # run, answer everything now.
+                    self._finish(self._finishing[:earlier] if self._active else list(self._finishing))
                 except Exception as exc:  # a device fault or a bug: fail what was in flight, keep serving
                     logger.exception("generation step failed")
                     self._fail_all_active(exc)
@@ -564,30 +591,64 @@ class GenerationEngine:
             logger.exception("scheduler %s failed at step %d", job.params.scheduler, job.step)
             self._fail(job, GenerationFailed(f"the {job.params.scheduler} scheduler failed at step {job.step}"))
 
-    def _decode(self, jobs: list[_Job]) -> None:
-        self._run_with_oom_split(jobs, self._vae_decode)
-
-    def _vae_decode(self, jobs: list[_Job]) -> None:
-        pipe = self.pipe
+    def _launch_decode(self, jobs: list[_Job]) -> None:
+        """Queue the decode of finished jobs and the copy of their pixels to the host; wait for neither."""
         latents = torch.cat([job.latents for job in jobs])
-        images = self._call_decode(latents / pipe.vae.config.scaling_factor)
+        images = self._call_decode(latents / self.pipe.vae.config.scaling_factor)
+        finite = torch.isfinite(images).flatten(1).all(dim=1)
+        pixels = _to_pixels(images)
+        copied = None
+        if pixels.is_cuda:
+            host_pixels = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+            host_finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+            host_pixels.copy_(pixels, non_blocking=True)
+            host_finite.copy_(finite, non_blocking=True)
+            pixels, finite = host_pixels, host_finite
+            copied = torch.cuda.Event()
+            copied.record()
+        with self._cond:
+            leaving = set(jobs)
+            self._active = [job for job in self._active if job not in leaving]
+            self._finishing.append(_PendingDecode(jobs, latents, images, pixels, finite, copied))
+
+    def _finish(self, pending: list[_PendingDecode]) -> None:
+        for decode in pending:
+            with self._cond:
+                if decode not in self._finishing:  # failed meanwhile by close()
+                    continue
+                self._finishing.remove(decode)
+            try:
+                self._answer(decode)
+            except Exception as exc:
+                if _is_oom(exc) or isinstance(exc, _DEVICE_ERRORS):
+                    self._finishing.append(decode)  # failed with everything in flight
+                    raise
+                logger.exception("could not finish %d images", len(decode.jobs))
+                for job in decode.jobs:
+                    self._fail(job, GenerationFailed("the image could not be made"))
+
+    def _answer(self, decode: _PendingDecode) -> None:
+        if decode.copied is not None:
+            decode.copied.synchronize()
+        jobs, images, pixels = decode.jobs, decode.images, decode.pixels
+        finite = decode.finite.tolist()
         # NaN latents or a VAE overflow (fp16) would come out as a silent black image: refuse it instead.
-        finite = torch.isfinite(images).flatten(1).all(dim=1).tolist()
         if not all(finite) and images.dtype == torch.float16:
-            images, finite = self._decode_in_float32(latents, images, finite)
+            images, finite = self._decode_in_float32(decode.latents, images, finite)
+            pixels = _to_pixels(images).cpu()
         if not all(finite):
-            images = torch.nan_to_num(images)  # those jobs fail below; keep postprocessing quiet
-        images, nsfw = pipe.run_safety_checker(images, self.loaded.device, latents.dtype)
+            images = torch.nan_to_num(images)  # those jobs fail below; keep the safety checker quiet
+        _, nsfw = self.pipe.run_safety_checker(images, self.loaded.device, decode.latents.dtype)
         nsfw = list(nsfw) if nsfw is not None else [False] * len(jobs)
-        pil_images = pipe.image_processor.postprocess(
-            images, output_type="pil", do_denormalize=[not flagged for flagged in nsfw]
-        )
         now = time.monotonic()
-        for job, image, ok, flagged in zip(jobs, pil_images, finite, nsfw, strict=True):
+        for job, image, ok, flagged in zip(jobs, pixels, finite, nsfw, strict=True):
             if not ok:
                 self._fail(job, GenerationFailed("the model produced NaN/Inf values; no image was made"))
                 continue
-            result = GenerationResult(image, job.params, job.prompt_truncated, bool(flagged), now - job.submitted_at)
+            # A flagged image is replaced by black, as diffusers does. The copy detaches the picture from the
+            # pinned buffer, which is reused once this decode is dropped.
+            picture = Image.new("RGB", image.shape[1::-1]) if flagged else Image.fromarray(image.numpy().copy())
+            result = GenerationResult(picture, job.params, job.prompt_truncated, bool(flagged), now - job.submitted_at)
             if self._resolve(job, result):
                 metrics.IMAGES.labels(**self._labels).inc()
                 metrics.REQUEST_SECONDS.labels(**self._labels).observe(result.seconds)
@@ -639,8 +700,10 @@ class GenerationEngine:
             # An unrecoverable device error: stop taking work so the liveness probe restarts the pod.
             self.healthy = False
             message = "the GPU failed; the server is restarting"
-        for job in self._active:
+        for job in self._active + [job for decode in self._finishing for job in decode.jobs]:
             self._fail(job, GenerationFailed(message))
+        with self._cond:
+            self._finishing.clear()
         if not self.healthy:
             with self._cond:
                 for job in self._waiting:

@@ -285,3 +285,24 @@ def test_compiled_engine_never_recompiles_after_warmup(tiny_model_dir, mode: str
         assert engine.compiled_graphs() == after_warmup
     for got, want in zip(results, expected, strict=False):
         assert np.abs(pixels(got.image) - want).max() <= TOLERANCE
+
+
+def test_float16_vae_overflow_is_decoded_again_in_float32(tiny_model_dir, caplog) -> None:
+    """An fp16 VAE that overflows gives Inf/NaN: the image is decoded again in float32, not served black."""
+    loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float16")
+    job = params(num_inference_steps=2)
+    with running_engine(loaded) as engine:
+        clean = pixels(engine.generate(job, timeout=60).image)
+
+    def overflow_in_float16(module, inputs, output):
+        return output * float("inf") if output.dtype == torch.float16 else output
+
+    handle = loaded.pipe.vae.decoder.register_forward_hook(overflow_in_float16)
+    try:
+        with running_engine(loaded) as engine, caplog.at_level("WARNING"):
+            redone = pixels(engine.generate(job, timeout=60).image)
+    finally:
+        handle.remove()
+    assert "decoding such images in float32" in caplog.text
+    assert redone.std() > 10  # a picture (noise), not a flat black or grey image
+    assert np.abs(redone - clean).max() <= 3  # float32 decoding of the same latents
