@@ -620,12 +620,17 @@ class GenerationEngine:
             try:
                 self._answer(decode)
             except Exception as exc:
-                if _is_oom(exc) or isinstance(exc, _DEVICE_ERRORS):
-                    self._finishing.append(decode)  # failed with everything in flight
+                if isinstance(exc, _DEVICE_ERRORS):
+                    self._finishing.append(decode)  # fails with everything in flight
                     raise
-                logger.exception("could not finish %d images", len(decode.jobs))
+                if _is_oom(exc):  # the float32 redecode or the safety checker did not fit
+                    torch.cuda.empty_cache()
+                    error: PredictorError = OutOfMemory("this image does not fit in GPU memory; ask for a smaller size")
+                else:
+                    logger.exception("could not finish %d images", len(decode.jobs))
+                    error = GenerationFailed("the image could not be made")
                 for job in decode.jobs:
-                    self._fail(job, GenerationFailed("the image could not be made"))
+                    self._fail(job, error)
 
     def _answer(self, decode: _PendingDecode) -> None:
         if decode.copied is not None:
