@@ -159,6 +159,11 @@ def _is_oom(exc: BaseException) -> bool:
     )
 
 
+def _is_device_failure(exc: BaseException) -> bool:
+    """An unrecoverable accelerator error (an out-of-memory reported as one is recoverable)."""
+    return isinstance(exc, _DEVICE_ERRORS) and not _is_oom(exc)
+
+
 class GenerationEngine:
     def __init__(self, loaded: LoadedPipeline, config: EngineConfig):
         self.loaded = loaded
@@ -180,7 +185,9 @@ class GenerationEngine:
         # CUDA graphs (reduce-overhead) replay fixed shapes: UNet calls are padded up to a bucket of rows, each
         # bucket recorded at start. Without them the compiled UNet takes any row count (a dynamic batch
         # dimension), so nothing is padded. Guided images take two rows; a lone unguided image is padded to two.
-        self._cuda_graphs = config.compile and config.compile_mode == "reduce-overhead"
+        self._cuda_graphs = config.compile and (
+            config.compile_mode == "reduce-overhead" or config.compile_backend == "cudagraphs"
+        )
         self._row_buckets = (
             tuple(b for b in batch_buckets(2 * config.max_batch_size) if b > 1) if self._cuda_graphs else ()
         )
@@ -235,7 +242,9 @@ class GenerationEngine:
 
         first = unet_inputs(2)
         for tensor in first:
-            torch._dynamo.mark_dynamic(tensor, 0)  # one graph for all row counts, where the kernels allow
+            # One graph for all row counts where the kernels allow; "maybe": a backend that needs a fixed batch
+            # size compiles per size (all at start, below) instead of failing.
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
         self._call_unet(*first)
         # Run every row count a request can bring, so a size the first graph's guards exclude (some convolution
         # backends depend on the batch size) compiles now, not under a request. CUDA graph trees need three
@@ -250,12 +259,18 @@ class GenerationEngine:
         self._call_decode(torch.zeros((1, pipe.vae.config.latent_channels, size, size), device=device, dtype=dtype))
         if device.type == "cuda":
             torch.cuda.synchronize()
+        from torch._dynamo.utils import counters
+
+        # Whether --compile_cache_dir did its job: a restart on a warm cache has hits and no misses.
+        cache = counters["inductor"]
         logger.info(
-            "compiled the UNet (%s) and the VAE decoder in %.1f s (%s, mode %s)",
+            "compiled the UNet (%s) and the VAE decoder in %.1f s (%s, mode %s; compile cache: %d hits, %d misses)",
             f"CUDA graphs for {len(self._row_buckets)} batch sizes" if self._cuda_graphs else "dynamic batch size",
             time.perf_counter() - started,
             config.compile_backend,
             config.compile_mode,
+            cache["fxgraph_cache_hit"],
+            cache["fxgraph_cache_miss"],
         )
 
     def _compiled_for(self, latents: torch.Tensor) -> bool:
@@ -405,9 +420,11 @@ class GenerationEngine:
                         finished = [job for job in members if job.done and not job.future.done()]
                         if finished:
                             self._run_with_oom_split(finished, self._launch_decode)
-                    # Answer the decodes launched before this step while the GPU runs it; with nothing left to
-                    # run, answer everything now.
-                    self._finish(self._finishing[:earlier] if self._active else list(self._finishing))
+                    # Answer the decodes launched before this step while the GPU runs it. Answer at once when
+                    # nothing else runs, when nothing was asynchronous (CPU), or when a safety checker would
+                    # wait for this step anyway.
+                    now = not self._active or self.pipe.safety_checker is not None
+                    self._finish([d for i, d in enumerate(self._finishing) if i < earlier or now or d.copied is None])
                 except Exception as exc:  # a device fault or a bug: fail what was in flight, keep serving
                     logger.exception("generation step failed")
                     self._fail_all_active(exc)
@@ -612,25 +629,46 @@ class GenerationEngine:
             self._finishing.append(_PendingDecode(jobs, latents, images, pixels, finite, copied))
 
     def _finish(self, pending: list[_PendingDecode]) -> None:
+        """Answer decoded images. A decode stays listed in ``_finishing`` until it is answered, so wait_idle and
+        close see its jobs; only an unrecoverable device error leaves it there (and propagates)."""
         for decode in pending:
             with self._cond:
                 if decode not in self._finishing:  # failed meanwhile by close()
                     continue
-                self._finishing.remove(decode)
-            try:
-                self._answer(decode)
-            except Exception as exc:
-                if isinstance(exc, _DEVICE_ERRORS):
-                    self._finishing.append(decode)  # fails with everything in flight
-                    raise
-                if _is_oom(exc):  # the float32 redecode or the safety checker did not fit
-                    torch.cuda.empty_cache()
-                    error: PredictorError = OutOfMemory("this image does not fit in GPU memory; ask for a smaller size")
-                else:
-                    logger.exception("could not finish %d images", len(decode.jobs))
-                    error = GenerationFailed("the image could not be made")
+            self._answer_with_oom_split(decode)
+            with self._cond:
+                if decode in self._finishing:
+                    self._finishing.remove(decode)
+                self._cond.notify_all()
+
+    def _answer_with_oom_split(self, decode: _PendingDecode) -> None:
+        try:
+            self._answer(decode)
+        except Exception as exc:
+            if _is_device_failure(exc):
+                raise
+            if not _is_oom(exc):
+                logger.exception("could not finish %d images", len(decode.jobs))
                 for job in decode.jobs:
-                    self._fail(job, error)
+                    self._fail(job, GenerationFailed("the image could not be made"))
+                return
+            # The float32 redecode or the safety checker did not fit: retry in halves, as for the UNet.
+            torch.cuda.empty_cache()
+            if len(decode.jobs) == 1:
+                self._fail(decode.jobs[0], OutOfMemory("this image does not fit in GPU memory; ask for a smaller size"))
+                return
+            half = len(decode.jobs) // 2
+            for part in (slice(0, half), slice(half, None)):
+                self._answer_with_oom_split(
+                    _PendingDecode(
+                        decode.jobs[part],
+                        decode.latents[part],
+                        decode.images[part],
+                        decode.pixels[part],
+                        decode.finite[part],
+                        None,  # the copy is complete: _answer waited for it
+                    )
+                )
 
     def _answer(self, decode: _PendingDecode) -> None:
         if decode.copied is not None:
@@ -657,6 +695,8 @@ class GenerationEngine:
             if self._resolve(job, result):
                 metrics.IMAGES.labels(**self._labels).inc()
                 metrics.REQUEST_SECONDS.labels(**self._labels).observe(result.seconds)
+            elif job.abandoned():  # the client left while its image was being finished
+                metrics.FAILURES.labels(error_type="cancelled", **self._labels).inc()
 
     def _decode_in_float32(
         self, latents: torch.Tensor, images: torch.Tensor, finite: list[bool]
@@ -700,8 +740,15 @@ class GenerationEngine:
         metrics.FAILURES.labels(error_type=error.error_type, **self._labels).inc()
 
     def _fail_all_active(self, exc: BaseException) -> None:
+        """Fail the jobs in flight after ``exc``. Images already decoded are still answered unless the device
+        itself failed."""
+        if isinstance(exc, Exception) and not _is_device_failure(exc) and self._finishing:
+            try:
+                self._finish(list(self._finishing))
+            except Exception:
+                logger.exception("could not answer the images decoded before the failure")
         message = "image generation failed on the server"
-        if isinstance(exc, _DEVICE_ERRORS):
+        if _is_device_failure(exc):
             # An unrecoverable device error: stop taking work so the liveness probe restarts the pod.
             self.healthy = False
             message = "the GPU failed; the server is restarting"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -36,8 +37,8 @@ def start_server(*args: str, port: int, log: Path) -> subprocess.Popen:
         )
 
 
-def wait_ready(process: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
+def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout_s: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"server exited early:\n{log.read_text()[-5000:]}")
@@ -106,3 +107,34 @@ def test_bad_flag_values_are_refused(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "--default_steps must not exceed --max_steps" in result.stderr
+
+
+def test_compile_cache_lets_a_restarted_server_skip_compiling(tmp_path: Path) -> None:
+    """--compile with --compile_cache_dir, real inductor on the CPU: the first server compiles (cache misses); a
+    restart on the same directory finds every compiled graph there (hits, no misses) and makes the same image."""
+    cache = tmp_path / "compile-cache"
+    images, counts = [], []
+    for attempt in range(2):
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        log = tmp_path / f"server-{attempt}.log"
+        flags = ("--compile", "--compile_cache_dir", str(cache), "--max_batch_size", "1", "--warmup_steps", "1")
+        process = start_server(
+            "--model_id", "builtin:tiny", "--model_dir", str(tmp_path / "none"), *flags, port=port, log=log
+        )
+        try:
+            wait_ready(process, f"{base}/v1/models/sd", log, timeout_s=900)
+            body = {"prompt": "a fox in the snow", "seed": 3, "num_inference_steps": 3}
+            response = httpx.post(f"{base}/generate", json=body, timeout=120)
+            assert response.status_code == 200, response.text
+            images.append(response.content)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+        found = re.search(r"compile cache: (\d+) hits, (\d+) misses", log.read_text())
+        assert found, log.read_text()[-3000:]
+        counts.append(tuple(map(int, found.groups())))
+    (_, first_misses), (second_hits, second_misses) = counts
+    assert first_misses > 0 and any(cache.iterdir())
+    assert second_hits > 0 and second_misses == 0, counts
+    assert images[0] == images[1]
