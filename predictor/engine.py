@@ -423,8 +423,10 @@ class GenerationEngine:
                     # Answer the decodes launched before this step while the GPU runs it. Answer at once when
                     # nothing else runs, when nothing was asynchronous (CPU), or when a safety checker would
                     # wait for this step anyway.
-                    now = not self._active or self.pipe.safety_checker is not None
-                    self._finish([d for i, d in enumerate(self._finishing) if i < earlier or now or d.copied is None])
+                    answer_all = not self._active or self.pipe.safety_checker is not None
+                    self._finish(
+                        [d for i, d in enumerate(self._finishing) if i < earlier or answer_all or d.copied is None]
+                    )
                 except Exception as exc:  # a device fault or a bug: fail what was in flight, keep serving
                     logger.exception("generation step failed")
                     self._fail_all_active(exc)
