@@ -235,25 +235,17 @@ def main() -> None:
 
     @section("http vs engine vs bare")
     def http() -> dict:
-        import threading
 
         import httpx
-        import uvicorn
+        from common import serve_in_thread
 
         from predictor.config import parse_settings
         from predictor.model import DiffusionModel
-        from predictor.server import PredictorServer
 
         _, settings = parse_settings(["--model_name", "sd", "--model_dir", options.model_dir])
         model = DiffusionModel(settings, pipeline_loader=lambda _: loaded)
         model.load()
-        port = 18080
-        server = PredictorServer(settings, http_port=port, grpc_port=0, enable_grpc=False)
-        app = server.create_app(model)
-        userver = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        threading.Thread(target=userver.run, daemon=True).start()
-        while not userver.started:
-            time.sleep(0.05)
+        userver, port = serve_in_thread(settings, model)
         body = {"prompt": PROMPT, "seed": 1, "num_inference_steps": 25, "scheduler": "dpmpp_2m"}
         timings: dict[str, list[float]] = {"bare": [], "engine": [], "http": [], "http_jpeg": []}
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 
 sys.argv, _argv = sys.argv[:1], sys.argv  # kserve.model_server parses argv on import
@@ -19,13 +18,11 @@ import kserve.model_server  # noqa: E402, F401
 sys.argv = _argv
 
 import httpx  # noqa: E402
-import uvicorn  # noqa: E402
-from common import free_port, median  # noqa: E402
+from common import median, serve_in_thread  # noqa: E402
 
 from predictor.config import parse_settings  # noqa: E402
 from predictor.model import DiffusionModel  # noqa: E402
 from predictor.schemas import GenerationRequest, resolve  # noqa: E402
-from predictor.server import PredictorServer  # noqa: E402
 
 
 def main() -> None:
@@ -51,13 +48,7 @@ def main() -> None:
     )
     model = DiffusionModel(settings)
     model.load()
-    port = free_port()
-    server = PredictorServer(settings, http_port=port, grpc_port=0, enable_grpc=False)
-    app = server.create_app(model)
-    uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=uvicorn_server.run, daemon=True).start()
-    while not uvicorn_server.started:
-        time.sleep(0.05)
+    uvicorn_server, port = serve_in_thread(settings, model)
 
     body = {
         "prompt": "a lighthouse at dusk",
