@@ -20,14 +20,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(args: list[str], port: int, log_path: str | None = None) -> subprocess.Popen:
+def start_server(
+    args: list[str], port: int, log_path: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """``python -m predictor`` with ``args`` on ``port``; output to ``log_path`` (or discarded)."""
     log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the process owns it
     return subprocess.Popen(
         [sys.executable, "-m", "predictor", "--model_name", "sd", "--http_port", str(port), *args],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
 
 

@@ -7,6 +7,7 @@ with ``save_pretrained`` so every server loads real files from --model_dir:
   - each server configuration: process start to ready, the first request, lone latency at 25 and 50 steps taken
     in rounds that alternate with the bare pipeline's (this machine's host speed drifts: only figures taken side
     by side compare), throughput and p50/p95 with 16 concurrent clients, graphs compiled under load;
+  - eager start to ready with and without CUDA started in the background during the imports (alternating);
   - configurations: eager; --compile with a cold cache; --compile again on the warm cache; the same warm cache
     with --max_batch_size 16 (the compiled UNet takes any batch size, so only new CUDA graphs are recorded).
 Prints a table and writes results.json to --out. Test it on a CPU first:
@@ -158,6 +159,25 @@ def measure_server(options: argparse.Namespace, bare: Bare, name: str, flags: li
     return result
 
 
+def measure_ready(options: argparse.Namespace, rounds: int) -> dict:
+    """Eager start to ready, with and without CUDA started in the background during the imports, alternating."""
+    result: dict = {}
+    for label, early in (("early_start", "1"), ("no_early_start", "0")) * rounds:
+        port = free_port()
+        log = Path(options.out) / f"server-ready-{label}.log"
+        args = ["--model_dir", options.model_dir, "--max_batch_size", str(options.batch)]
+        process = start_server(args, port, log_path=str(log), env={"PREDICTOR_EARLY_DEVICE_START": early})
+        try:
+            ready = wait_ready(process, port, timeout_s=300)
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
+                first = timed_post(client, body(options, 25))
+        finally:
+            stop_server(process)
+        result.setdefault(f"ready_{label}", []).append(round(ready, 2))
+        result.setdefault(f"first_{label}", []).append(round(first, 3))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_id", default="builtin:sd-v1-arch")
@@ -168,7 +188,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating bare/server rounds per lone figure")
     parser.add_argument("--compile_backend", default="inductor")
     parser.add_argument("--compile_mode", default="reduce-overhead")
-    parser.add_argument("--skip", default="", help="comma-separated phases to skip: eager,compile,batch16")
+    parser.add_argument("--ready_rounds", type=int, default=1, help="eager starts with and without early CUDA")
+    parser.add_argument("--skip", default="", help="comma-separated phases to skip: eager,ready,compile,batch16")
     parser.add_argument("--budget_s", type=float, default=400, help="skip later phases past this many seconds")
     parser.add_argument("--out", default=tempfile.mkdtemp(prefix="gpu-bench-"))
     options = parser.parse_args()
@@ -206,6 +227,7 @@ def main() -> None:
     phase("bare", measure_bare, options, bare)
     rounds = options.rounds
     phase("eager", measure_server, options, bare, "eager", batch, rounds)
+    phase("ready", measure_ready, options, options.ready_rounds)
     phase("compile-cold", measure_server, options, bare, "compile-cold", compile_flags + batch, rounds)
     phase("compile-warm", measure_server, options, bare, "compile-warm", compile_flags + batch, max(2, rounds - 2))
     batch16 = ["--max_batch_size", str(2 * options.batch)]
@@ -246,6 +268,12 @@ def main() -> None:
     print(f"compile speedup, lone 50 steps: {ratio(get('eager', 'lone_50'), get('compile-cold', 'lone_50'))}")
     print(f"compile throughput / eager: {ratio(get('compile-cold', 'images_per_s'), get('eager', 'images_per_s'))}")
     print(f"host syncs per step: {get('bare', 'host_syncs_per_step')}")
+    ready = results.get("ready", {})
+    if "ready_early_start" in ready:
+        print(
+            f"eager start -> ready with CUDA started during imports: {ready['ready_early_start']} s, "
+            f"without: {ready['ready_no_early_start']} s"
+        )
     print(f"total {time.perf_counter() - began:.0f} s; results in {options.out}/results.json")
 
 

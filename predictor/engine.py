@@ -4,13 +4,19 @@ Every image is a *job* with its own scheduler instance, seeded generator, latent
 guidance scale and step count. The worker runs one loop:
 
 1. admit waiting jobs (FIFO per resolution group, while the group has fewer than ``max_batch_size``
-   images in flight), encoding the text of all newly admitted jobs in one text-encoder call;
-2. pick the next resolution group round-robin and run ONE UNet call over all its jobs, each at its own
-   timestep (both classifier-free-guidance halves when a job uses guidance);
+   images in flight);
+2. pick the next resolution group round-robin and run ONE UNet call over all its prepared jobs, each at its
+   own timestep (both classifier-free-guidance halves when a job uses guidance);
 3. advance each job's scheduler on its own slice of the UNet output;
 4. launch the VAE decode of the jobs that finished on this step; their pixels come back to the host while
    the GPU runs the next step, and they are answered after it is launched (the GPU never waits for the host
-   to turn images into pictures).
+   to turn images into pictures);
+5. prepare the newly admitted jobs (one text-encoder call for all of them, a scheduler, seeded latents) while
+   the GPU runs the step just launched; they join the next step. An idle engine prepares first.
+
+On CUDA, preparation runs on its own stream: the copies it makes from host memory wait for that stream only,
+never for the UNet steps queued on the main one, and the first scheduler step finds its place in the
+schedule on the host. So the host stays ahead of the GPU and admissions do not drain its queue.
 
 A job joins at the next step boundary (nobody waits for a batch to fill) and leaves as soon as it is done.
 Fairness: within a group, jobs are admitted in arrival order, so a job waits at most for the jobs ahead of it
@@ -90,6 +96,10 @@ class _Job:
         return (self.params.height, self.params.width)
 
     @property
+    def prepared(self) -> bool:
+        return self.timesteps is not None
+
+    @property
     def done(self) -> bool:
         return self.timesteps is not None and self.step >= len(self.timesteps)
 
@@ -110,6 +120,40 @@ class _PendingDecode:
     pixels: torch.Tensor  # uint8, (n, height, width, 3), on the host once ``copied`` has happened
     finite: torch.Tensor  # bool per image, on the host once ``copied`` has happened
     copied: torch.cuda.Event | None  # None: nothing asynchronous (CPU)
+
+
+# torch.compile's own timers worth an operator's eye (nested: tracing and the backend are parts of the total).
+_COMPILE_PHASES = {
+    "_compile.compile_inner": "dynamo in all",
+    "bytecode_tracing": "tracing",
+    "OutputGraph.call_user_compiler": "backend",
+    "create_aot_dispatcher_function": "AOT autograd",
+    "compile_fx_inner": "inductor",
+    "PyCodeCache.load_by_key_path": "loading compiled code",
+    "async_compile.wait": "kernel compiles",
+}
+
+
+def _compile_phases() -> str:
+    """Where torch.compile spent its time, from its own timers (an empty string where they are missing)."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, values = compile_times(repr="csv", aggregate=True)
+    except Exception:  # private API: its shape may change between torch releases
+        return ""
+    seconds = dict(zip(names, values, strict=False))
+    parts = [f"{label} {float(seconds[name]):.1f} s" for name, label in _COMPILE_PHASES.items() if name in seconds]
+    return "torch.compile timers: " + ", ".join(parts) if parts else ""
+
+
+def _set_first_step_index(scheduler: Any) -> None:
+    """Find where the schedule starts on the host, as the scheduler's first step would on the device (the
+    same lookup on a host copy of the same timesteps), so that step needs no device-to-host round trip."""
+    if not (hasattr(scheduler, "set_begin_index") and hasattr(scheduler, "index_for_timestep")):
+        return  # schedulers that track no step index (DDIM, PNDM)
+    timesteps = scheduler.timesteps.cpu()
+    scheduler.set_begin_index(scheduler.index_for_timestep(timesteps[0], timesteps))
 
 
 def _to_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -192,6 +236,8 @@ class GenerationEngine:
             tuple(b for b in batch_buckets(2 * config.max_batch_size) if b > 1) if self._cuda_graphs else ()
         )
         self._vae_float32: Any = None  # made on the first fp16 overflow
+        self._prepare_stream: torch.cuda.Stream | None = None  # made on first use, on CUDA only
+        self._prepare_behind_step = loaded.device.type == "cuda"
         self._ready = threading.Event()
         self._busy_since: float | None = None  # when the worker started its current step (liveness)
         self._startup_error: BaseException | None = None
@@ -246,6 +292,7 @@ class GenerationEngine:
             # size compiles per size (all at start, below) instead of failing.
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
         self._call_unet(*first)
+        unet_compiled = time.perf_counter()
         # Run every row count a request can bring, so a size the first graph's guards exclude (some convolution
         # backends depend on the batch size) compiles now, not under a request. CUDA graph trees need three
         # runs per bucket: warm up, record, replay.
@@ -256,21 +303,31 @@ class GenerationEngine:
         for rows in row_counts:
             for _ in range(repeats):
                 self._call_unet(*unet_inputs(rows))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        sizes_warmed = time.perf_counter()
         self._call_decode(torch.zeros((1, pipe.vae.config.latent_channels, size, size), device=device, dtype=dtype))
         if device.type == "cuda":
             torch.cuda.synchronize()
+        finished = time.perf_counter()
         from torch._dynamo.utils import counters
 
         # Whether --compile_cache_dir did its job: a restart on a warm cache has hits and no misses.
         cache = counters["inductor"]
         logger.info(
-            "compiled the UNet (%s) and the VAE decoder in %.1f s (%s, mode %s; compile cache: %d hits, %d misses)",
+            "compiled the UNet (%s) and the VAE decoder in %.1f s (%s, mode %s; compile cache: %d hits, %d misses): "
+            "UNet %.1f s, %s %.1f s, VAE decoder %.1f s; %s",
             f"CUDA graphs for {len(self._row_buckets)} batch sizes" if self._cuda_graphs else "dynamic batch size",
-            time.perf_counter() - started,
+            finished - started,
             config.compile_backend,
             config.compile_mode,
             cache["fxgraph_cache_hit"],
             cache["fxgraph_cache_miss"],
+            unet_compiled - started,
+            "recording CUDA graphs" if self._cuda_graphs else "running every batch size",
+            sizes_warmed - unet_compiled,
+            finished - sizes_warmed,
+            _compile_phases(),
         )
 
     def _compiled_for(self, latents: torch.Tensor) -> bool:
@@ -410,20 +467,26 @@ class GenerationEngine:
                 self._busy_since = time.monotonic()
                 try:
                     earlier = len(self._finishing)  # decodes launched before this step
-                    if admitted:
+                    # On CUDA, with jobs already running, their step goes first and the new jobs are prepared
+                    # while the GPU runs it; an idle engine prepares first, so a lone request never waits a
+                    # step. On the CPU nothing runs asynchronously: new jobs are prepared and join at once.
+                    if admitted and not (self._prepare_behind_step and any(job.prepared for job in self._active)):
                         self._run_with_oom_split(admitted, self._prepare_or_fail)
+                        admitted = []
                     self._expire_overdue()
                     group = self._next_group()
                     if group is not None:
-                        members = [job for job in self._active if job.group == group]
+                        members = [job for job in self._active if job.group == group and job.prepared]
                         self._step(members)
                         finished = [job for job in members if job.done and not job.future.done()]
                         if finished:
                             self._run_with_oom_split(finished, self._launch_decode)
+                    if admitted:
+                        self._run_with_oom_split(admitted, self._prepare_or_fail)
                     # Answer the decodes launched before this step while the GPU runs it. Answer at once when
-                    # nothing else runs, when nothing was asynchronous (CPU), or when a safety checker would
-                    # wait for this step anyway.
-                    answer_all = not self._active or self.pipe.safety_checker is not None
+                    # nothing else runs or waits (the next step of waiting jobs would hide the answering),
+                    # when nothing was asynchronous (CPU), or when a safety checker would wait anyway.
+                    answer_all = (not self._active and not self._waiting) or self.pipe.safety_checker is not None
                     self._finish(
                         [d for i, d in enumerate(self._finishing) if i < earlier or answer_all or d.copied is None]
                     )
@@ -480,6 +543,25 @@ class GenerationEngine:
                     self._fail(job, GenerationFailed("the generation could not start"))
 
     def _prepare(self, jobs: list[_Job]) -> None:
+        """Prepare new jobs; on CUDA on the preparation stream, which the main stream then waits for."""
+        if self.loaded.device.type != "cuda":
+            self._prepare_jobs(jobs)
+            return
+        if self._prepare_stream is None:
+            self._prepare_stream = torch.cuda.Stream(self.loaded.device)
+        main = torch.cuda.current_stream(self.loaded.device)
+        with torch.cuda.stream(self._prepare_stream):
+            self._prepare_jobs(jobs)
+        main.wait_stream(self._prepare_stream)
+        # Made on the preparation stream, read on the main one: the allocator must not hand their memory to
+        # the preparation stream again before the main stream is done with them.
+        for job in jobs:
+            state = [job.cond, job.uncond, job.latents, job.timesteps, *vars(job.scheduler or object()).values()]
+            for tensor in state:
+                if isinstance(tensor, torch.Tensor) and tensor.is_cuda:
+                    tensor.record_stream(main)
+
+    def _prepare_jobs(self, jobs: list[_Job]) -> None:
         """Encode the text of all new jobs in one call; give each its scheduler, generator and latents."""
         pipe, device = self.pipe, self.loaded.device
         guided = [job for job in jobs if job.params.uses_guidance]
@@ -500,6 +582,7 @@ class GenerationEngine:
             job.scheduler = make_scheduler(p.scheduler, pipe.scheduler.config)
             job.scheduler.set_timesteps(p.num_inference_steps, device=device)
             job.timesteps = job.scheduler.timesteps
+            _set_first_step_index(job.scheduler)
             # Same draw as diffusers' pipeline with generator=torch.Generator("cpu").manual_seed(seed).
             generator = torch.Generator("cpu").manual_seed(p.seed)
             shape = (1, latent_channels, p.height // scale, p.width // scale)
@@ -518,7 +601,7 @@ class GenerationEngine:
         return self._step_kwargs_names[cls]
 
     def _next_group(self) -> tuple[int, int] | None:
-        live = {job.group for job in self._active}
+        live = {job.group for job in self._active if job.prepared}
         for _ in range(len(self._group_turns)):
             group = self._group_turns[0]
             self._group_turns.rotate(-1)

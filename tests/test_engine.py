@@ -128,11 +128,15 @@ def test_mixed_batch_matches_alone_and_diffusers(loaded, reference_pipe, schedul
     assert reference.std() > 5, "the tiny model must produce a varied image for this test to mean anything"
 
 
-def test_join_at_next_step_and_leave_when_done(loaded) -> None:
+@pytest.mark.parametrize("prepare_behind_step", [False, True], ids=["cpu-order", "cuda-order"])
+def test_join_at_next_step_and_leave_when_done(loaded, prepare_behind_step: bool) -> None:
+    """On CUDA a new job is prepared while the running jobs' step runs on the GPU, so it joins one step later;
+    the CPU prepares it first. Either way it leaves when done, and its image is the one it makes alone."""
     log = StepLog()
     long_job = params(prompt="long", num_inference_steps=12)
     short_job = params(prompt="short", num_inference_steps=3, seed=7)
     with running_engine(loaded, max_batch_size=4) as engine:
+        engine._prepare_behind_step = prepare_behind_step
         alone_short = pixels(engine.generate(short_job).image)
         short_future: list = []
 
@@ -147,11 +151,13 @@ def test_join_at_next_step_and_leave_when_done(loaded) -> None:
         long_was_running = not long_future.done()
         long_future.result(timeout=60)
     events = log.events
-    # Joined at the very next step boundary: the short job's first step shares the long job's 5th UNet call.
-    assert events.index(("short", 1)) == events.index(("long", 5)) + 1
+    # Joined at the next step boundary: the short job's first step shares the long job's 5th UNet call, or the
+    # 6th when it was prepared during the 5th.
+    joined_with = 6 if prepare_behind_step else 5
+    assert events.index(("short", 1)) == events.index(("long", joined_with)) + 1
     # Left as soon as done: answered while the long job was still denoising, and the long one kept going.
     assert long_was_running
-    assert events.index(("short", 3)) < events.index(("long", 8))
+    assert events.index(("short", 3)) < events.index(("long", joined_with + 3))
     assert ("long", 12) in events
     assert np.abs(pixels(short_result.image) - alone_short).max() <= TOLERANCE
 
