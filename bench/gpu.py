@@ -7,7 +7,7 @@ with ``save_pretrained`` so every server loads real files from --model_dir:
   - each server configuration: process start to ready, the first request, lone latency at 25 and 50 steps taken
     in rounds that alternate with the bare pipeline's (this machine's host speed drifts: only figures taken side
     by side compare), throughput and p50/p95 with 16 concurrent clients, graphs compiled under load;
-  - eager start to ready with and without CUDA started in the background during the imports (alternating);
+  - eager start to ready, repeated, optionally each from a cold page cache (--cold_ready, as root);
   - configurations: eager; --compile with a cold cache; --compile again on the warm cache; the same warm cache
     with --max_batch_size 16 (the compiled UNet takes any batch size, so only new CUDA graphs are recorded).
 Prints a table and writes results.json to --out. Test it on a CPU first:
@@ -22,6 +22,7 @@ import asyncio
 import json
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -159,22 +160,35 @@ def measure_server(options: argparse.Namespace, bare: Bare, name: str, flags: li
     return result
 
 
+def drop_page_cache() -> bool:
+    """Forget cached file pages (root only), so the next start reads its weights from disk like a fresh node."""
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def measure_ready(options: argparse.Namespace, rounds: int) -> dict:
-    """Eager start to ready, with and without CUDA started in the background during the imports, alternating."""
-    result: dict = {}
-    for label, early in (("early_start", "1"), ("no_early_start", "0")) * rounds:
+    """Eager start to ready and the first request, ``rounds`` times; with --cold_ready, each start after the page
+    cache is dropped, so weights and libraries come from disk as on a fresh node."""
+    result: dict = {"page_cache_dropped": False, "ready_s": [], "first_request_25": []}
+    for _ in range(rounds):
+        if options.cold_ready:
+            result["page_cache_dropped"] = drop_page_cache()
         port = free_port()
-        log = Path(options.out) / f"server-ready-{label}.log"
+        log = Path(options.out) / "server-ready.log"
         args = ["--model_dir", options.model_dir, "--max_batch_size", str(options.batch)]
-        process = start_server(args, port, log_path=str(log), env={"PREDICTOR_EARLY_DEVICE_START": early})
+        process = start_server(args, port, log_path=str(log))
         try:
             ready = wait_ready(process, port, timeout_s=300)
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
                 first = timed_post(client, body(options, 25))
         finally:
             stop_server(process)
-        result.setdefault(f"ready_{label}", []).append(round(ready, 2))
-        result.setdefault(f"first_{label}", []).append(round(first, 3))
+        result["ready_s"].append(round(ready, 2))
+        result["first_request_25"].append(round(first, 3))
     return result
 
 
@@ -188,7 +202,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating bare/server rounds per lone figure")
     parser.add_argument("--compile_backend", default="inductor")
     parser.add_argument("--compile_mode", default="reduce-overhead")
-    parser.add_argument("--ready_rounds", type=int, default=1, help="eager starts with and without early CUDA")
+    parser.add_argument("--ready_rounds", type=int, default=1, help="extra eager starts, measured to ready")
+    parser.add_argument("--cold_ready", action="store_true", help="drop the page cache before each (root only)")
     parser.add_argument("--skip", default="", help="comma-separated phases to skip: eager,ready,compile,batch16")
     parser.add_argument("--budget_s", type=float, default=400, help="skip later phases past this many seconds")
     parser.add_argument("--out", default=tempfile.mkdtemp(prefix="gpu-bench-"))
@@ -267,13 +282,12 @@ def main() -> None:
         print(f"first request / warm lone ({key}): {ratio(get(key, 'first_request_25'), get(key, 'lone_25'))}")
     print(f"compile speedup, lone 50 steps: {ratio(get('eager', 'lone_50'), get('compile-cold', 'lone_50'))}")
     print(f"compile throughput / eager: {ratio(get('compile-cold', 'images_per_s'), get('eager', 'images_per_s'))}")
-    print(f"host syncs per step: {get('bare', 'host_syncs_per_step')}")
+    syncs = (get("bare", "host_syncs_10_steps"), get("bare", "host_syncs_20_steps"))
+    print(f"host syncs in the engine, one image: {syncs[0]} for 10 steps, {syncs[1]} for 20 (per step: the difference)")
     ready = results.get("ready", {})
-    if "ready_early_start" in ready:
-        print(
-            f"eager start -> ready with CUDA started during imports: {ready['ready_early_start']} s, "
-            f"without: {ready['ready_no_early_start']} s"
-        )
+    if ready.get("ready_s"):
+        cold = "cold page cache" if ready.get("page_cache_dropped") else "warm page cache"
+        print(f"eager start -> ready, {cold}: {ready['ready_s']} s; first request {ready['first_request_25']} s")
     print(f"total {time.perf_counter() - began:.0f} s; results in {options.out}/results.json")
 
 

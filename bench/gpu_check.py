@@ -81,6 +81,20 @@ def main() -> int:
             alone[p] = pixels(engine.generate(p, timeout=120).image)
             report(f"{name} alone vs diffusers", int(np.abs(alone[p] - diffusers_image(pipe, p)).max()))
 
+        # Host synchronisations per denoising step, scheduler by scheduler: the difference between 20 and 10 steps.
+        if loaded.device.type == "cuda":
+            for index, name in enumerate(SCHEDULERS):
+                counts = []
+                for steps in (10, 20):
+                    torch.cuda.synchronize()
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        torch.cuda.set_sync_debug_mode("warn")
+                        engine.generate(params(name, steps, seed=index, size=options.size), timeout=120)
+                        torch.cuda.set_sync_debug_mode(0)
+                    counts.append(sum("synchroniz" in str(w.message) for w in caught))
+                print(f"     {name}: host synchronisations {counts[0]} for 10 steps, {counts[1]} for 20")
+
         # Waves: each submitted while the previous one is mid-run, so new jobs are prepared beside running steps.
         mixed = [
             params(name, steps, seed=100 + k, size=options.size)

@@ -6,21 +6,18 @@ import logging
 import os
 import sys
 
-from predictor.config import early_flags, parse_settings
+from predictor.config import parse_settings
 
 
 def main(argv: list[str] | None = None) -> int:
+    args, settings = parse_settings(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger = logging.getLogger("predictor")
-    early = early_flags(argv)
-    if early.compile:
-        # Before torch is imported: inductor and triton read their cache locations from the environment.
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = early.compile_cache_dir
-        os.environ["TRITON_CACHE_DIR"] = os.path.join(early.compile_cache_dir, "triton")
-    from predictor.startup import start_in_background
 
-    start_in_background(early.model_dir, early.device, early.dtype)  # overlaps the imports below
-    args, settings = parse_settings(argv)
+    if settings.compile:
+        # Before torch is imported: inductor and triton read their cache locations from the environment.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = settings.compile_cache_dir
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(settings.compile_cache_dir, "triton")
 
     from predictor.model import DiffusionModel
     from predictor.server import PredictorServer

@@ -9,27 +9,6 @@ from dataclasses import dataclass
 from predictor.schemas import HARD_MAX_IMAGE_SIZE, HARD_MAX_PROMPT_CHARS, HARD_MAX_STEPS, SCHEDULER_NAMES, Limits
 
 DEFAULT_MODEL_ID = "CompVis/stable-diffusion-v1-4"
-DEVICE_CHOICES = ("auto", "cuda", "cpu")
-DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
-
-
-def default_model_dir() -> str:
-    return os.environ.get("MODEL_DIR", "/mnt/models")
-
-
-def default_compile_cache_dir() -> str:
-    return os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor")
-
-
-def early_flags(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags that start-up work needs before the full parser (which imports kserve) is built."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--model_dir", default=default_model_dir())
-    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--compile_cache_dir", default=default_compile_cache_dir())
-    return parser.parse_known_args(argv)[0]
 
 
 def _positive(kind: type = int):
@@ -65,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model_dir",
-        default=default_model_dir(),
+        default=os.environ.get("MODEL_DIR", "/mnt/models"),
         help="Directory with a diffusers pipeline (model_index.json); used first when it holds one. "
         "KServe's storage initializer puts storageUri weights here.",
     )
@@ -76,10 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(random weights, offline).",
     )
     model.add_argument("--revision", default=None, help="Git revision of --model_id on the Hub.")
-    model.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: CUDA when present.")
+    model.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: CUDA when present.")
     model.add_argument(
         "--dtype",
-        choices=DTYPE_CHOICES,
+        choices=["auto", "float16", "bfloat16", "float32"],
         default="auto",
         help="auto: float16 on CUDA, float32 on CPU.",
     )
@@ -142,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fast.add_argument(
         "--compile_cache_dir",
-        default=default_compile_cache_dir(),
+        default=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor"),
         help="Persistent compile cache (sets TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR); keep it on a volume "
         "or in the image so a restarted pod skips compiling.",
     )

@@ -115,31 +115,3 @@ def test_workers_above_one_are_refused() -> None:
 def test_model_index_json_is_what_marks_a_model_dir(tmp_path: Path) -> None:
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     assert describe_source(str(tmp_path), "builtin:tiny") == str(tmp_path)
-
-
-def test_weights_are_prefetched_while_the_server_imports(tiny_model_dir: Path) -> None:
-    """The background start asks the kernel for every weight file of a pipeline directory, and nothing else."""
-    from predictor.startup import prefetch_weights
-
-    weights = [p for p in tiny_model_dir.rglob("*") if p.is_file() and p.suffix in {".safetensors", ".json", ".txt"}]
-    assert any(p.suffix == ".safetensors" for p in weights)
-    assert prefetch_weights(str(tiny_model_dir)) == sum(p.stat().st_size for p in weights)
-    assert prefetch_weights(str(tiny_model_dir / "unet")) == 0  # not a pipeline directory
-    assert prefetch_weights(None) == 0
-
-
-def test_early_flags_agree_with_the_full_parser(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The flags read before kserve is imported must mean what the full parser makes of them."""
-    from predictor.config import early_flags
-
-    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
-    for argv in (
-        ["--model_name", MODEL_NAME],
-        ["--model_name", MODEL_NAME, "--model_dir", "/m", "--device", "cpu", "--dtype", "bfloat16", "--compile"],
-        ["--model_name", MODEL_NAME, "--compile", "--compile_cache_dir", "/c", "--max_batch_size", "4"],
-    ):
-        early = early_flags(argv)
-        args, settings = parse_settings(argv)
-        assert (early.model_dir, early.device, early.dtype) == (args.model_dir, args.device, args.dtype)
-        assert (early.compile, early.compile_cache_dir) == (settings.compile, settings.compile_cache_dir)
