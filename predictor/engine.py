@@ -12,7 +12,9 @@ guidance scale and step count. The worker runs one loop:
    the GPU runs the next step, and they are answered after it is launched (the GPU never waits for the host
    to turn images into pictures);
 5. prepare the newly admitted jobs (one text-encoder call for all of them, a scheduler, seeded latents) while
-   the GPU runs the step just launched; they join the next step. An idle engine prepares first.
+   the GPU runs the step just launched, where that step leaves the host free (CUDA, and schedulers whose step
+   does not synchronise: ``ASYNC_STEP_SCHEDULERS``); they join the next step. Otherwise, and on an idle engine,
+   new jobs are prepared first and join this step.
 
 On CUDA, preparation runs on its own stream: the copies it makes from host memory wait for that stream only,
 never for the UNet steps queued on the main one, and the first scheduler step finds its place in the
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
@@ -145,6 +148,26 @@ def _compile_phases() -> str:
     seconds = dict(zip(names, values, strict=False))
     parts = [f"{label} {float(seconds[name]):.1f} s" for name, label in _COMPILE_PHASES.items() if name in seconds]
     return "torch.compile timers: " + ", ".join(parts) if parts else ""
+
+
+# Schedulers whose step makes no host synchronisation (measured with bench/gpu_check.py on an H200). The others
+# wait for the GPU inside diffusers' step code (euler_a draws its noise on the host; ddim, pndm and unipc read
+# device values), so overlapping host work with their steps gains nothing.
+ASYNC_STEP_SCHEDULERS = frozenset({"dpmpp_2m", "dpmpp_2m_karras", "euler", "lms"})
+
+
+def _cuda_tensors(values: Iterable[Any], depth: int = 0) -> Iterable[torch.Tensor]:
+    """The CUDA tensors in ``values``, looking into lists, tuples, dicts and scheduler objects (a few levels)."""
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            if value.is_cuda:
+                yield value
+        elif depth < 3 and isinstance(value, list | tuple):
+            yield from _cuda_tensors(value, depth + 1)
+        elif depth < 3 and isinstance(value, dict):
+            yield from _cuda_tensors(value.values(), depth + 1)
+        elif depth < 3 and isinstance(value, SchedulerMixin):
+            yield from _cuda_tensors(vars(value).values(), depth + 1)
 
 
 def _set_first_step_index(scheduler: Any) -> None:
@@ -469,8 +492,10 @@ class GenerationEngine:
                     earlier = len(self._finishing)  # decodes launched before this step
                     # On CUDA, with jobs already running, their step goes first and the new jobs are prepared
                     # while the GPU runs it; an idle engine prepares first, so a lone request never waits a
-                    # step. On the CPU nothing runs asynchronously: new jobs are prepared and join at once.
-                    if admitted and not (self._prepare_behind_step and any(job.prepared for job in self._active)):
+                    # step. Where the step itself waits for the GPU (CPU; schedulers that synchronise) there is
+                    # nothing to overlap: new jobs are prepared and join at once.
+                    running = [job for job in self._active if job.prepared]
+                    if admitted and not (running and self._overlaps(running)):
                         self._run_with_oom_split(admitted, self._prepare_or_fail)
                         admitted = []
                     self._expire_overdue()
@@ -481,12 +506,17 @@ class GenerationEngine:
                         finished = [job for job in members if job.done and not job.future.done()]
                         if finished:
                             self._run_with_oom_split(finished, self._launch_decode)
+                    admitted = [job for job in admitted if not job.future.done()]  # cancelled or expired meanwhile
                     if admitted:
                         self._run_with_oom_split(admitted, self._prepare_or_fail)
                     # Answer the decodes launched before this step while the GPU runs it. Answer at once when
-                    # nothing else runs or waits (the next step of waiting jobs would hide the answering),
-                    # when nothing was asynchronous (CPU), or when a safety checker would wait anyway.
-                    answer_all = (not self._active and not self._waiting) or self.pipe.safety_checker is not None
+                    # nothing else runs, unless waiting jobs will start a step that hides the answering; when
+                    # nothing was asynchronous (CPU); or when a safety checker would wait anyway.
+                    if self._active:
+                        answer_all = self.pipe.safety_checker is not None
+                    else:
+                        with self._cond:
+                            answer_all = not (self._waiting and self._overlaps(self._waiting))
                     self._finish(
                         [d for i, d in enumerate(self._finishing) if i < earlier or answer_all or d.copied is None]
                     )
@@ -556,10 +586,13 @@ class GenerationEngine:
         # Made on the preparation stream, read on the main one: the allocator must not hand their memory to
         # the preparation stream again before the main stream is done with them.
         for job in jobs:
-            state = [job.cond, job.uncond, job.latents, job.timesteps, *vars(job.scheduler or object()).values()]
-            for tensor in state:
-                if isinstance(tensor, torch.Tensor) and tensor.is_cuda:
-                    tensor.record_stream(main)
+            for tensor in _cuda_tensors([job.cond, job.uncond, job.latents, job.timesteps, job.scheduler]):
+                tensor.record_stream(main)
+
+    def _overlaps(self, jobs: Iterable[_Job]) -> bool:
+        """Whether a step of ``jobs`` leaves the host free while the GPU runs it (so preparing or answering
+        other work then costs the GPU nothing)."""
+        return self._prepare_behind_step and all(job.params.scheduler in ASYNC_STEP_SCHEDULERS for job in jobs)
 
     def _prepare_jobs(self, jobs: list[_Job]) -> None:
         """Encode the text of all new jobs in one call; give each its scheduler, generator and latents."""

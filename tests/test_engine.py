@@ -128,15 +128,22 @@ def test_mixed_batch_matches_alone_and_diffusers(loaded, reference_pipe, schedul
     assert reference.std() > 5, "the tiny model must produce a varied image for this test to mean anything"
 
 
-@pytest.mark.parametrize("prepare_behind_step", [False, True], ids=["cpu-order", "cuda-order"])
-def test_join_at_next_step_and_leave_when_done(loaded, prepare_behind_step: bool) -> None:
+@pytest.mark.parametrize(
+    ("prepare_behind_step", "scheduler", "joins_later"),
+    [(False, "dpmpp_2m", False), (True, "dpmpp_2m", True), (True, "ddim", False)],
+    ids=["cpu", "cuda-async-scheduler", "cuda-synchronising-scheduler"],
+)
+def test_join_at_next_step_and_leave_when_done(
+    loaded, prepare_behind_step: bool, scheduler: str, joins_later: bool
+) -> None:
     """On CUDA a new job is prepared while the running jobs' step runs on the GPU, so it joins one step later;
-    the CPU prepares it first. Either way it leaves when done, and its image is the one it makes alone."""
+    the CPU, or a running scheduler whose step waits for the GPU anyway, prepares it first. Either way it leaves
+    when done, and its image is the one it makes alone."""
     log = StepLog()
-    long_job = params(prompt="long", num_inference_steps=12)
-    short_job = params(prompt="short", num_inference_steps=3, seed=7)
+    long_job = params(prompt="long", num_inference_steps=12, scheduler=scheduler)
+    short_job = params(prompt="short", num_inference_steps=3, seed=7, scheduler=scheduler)
     with running_engine(loaded, max_batch_size=4) as engine:
-        engine._prepare_behind_step = prepare_behind_step
+        engine._prepare_behind_step = prepare_behind_step  # what CUDA sets; this tests the ordering on a CPU
         alone_short = pixels(engine.generate(short_job).image)
         short_future: list = []
 
@@ -153,7 +160,7 @@ def test_join_at_next_step_and_leave_when_done(loaded, prepare_behind_step: bool
     events = log.events
     # Joined at the next step boundary: the short job's first step shares the long job's 5th UNet call, or the
     # 6th when it was prepared during the 5th.
-    joined_with = 6 if prepare_behind_step else 5
+    joined_with = 6 if joins_later else 5
     assert events.index(("short", 1)) == events.index(("long", joined_with)) + 1
     # Left as soon as done: answered while the long job was still denoising, and the long one kept going.
     assert long_was_running
