@@ -260,7 +260,7 @@ class GenerationEngine:
         )
         self._vae_float32: Any = None  # made on the first fp16 overflow
         self._prepare_stream: torch.cuda.Stream | None = None  # made on first use, on CUDA only
-        self._prepare_behind_step = loaded.device.type == "cuda"
+        self._device_runs_ahead = loaded.device.type == "cuda"  # runs queued work while the host goes on
         self._ready = threading.Event()
         self._busy_since: float | None = None  # when the worker started its current step (liveness)
         self._startup_error: BaseException | None = None
@@ -592,7 +592,7 @@ class GenerationEngine:
     def _overlaps(self, jobs: Iterable[_Job]) -> bool:
         """Whether a step of ``jobs`` leaves the host free while the GPU runs it (so preparing or answering
         other work then costs the GPU nothing)."""
-        return self._prepare_behind_step and all(job.params.scheduler in ASYNC_STEP_SCHEDULERS for job in jobs)
+        return self._device_runs_ahead and all(job.params.scheduler in ASYNC_STEP_SCHEDULERS for job in jobs)
 
     def _prepare_jobs(self, jobs: list[_Job]) -> None:
         """Encode the text of all new jobs in one call; give each its scheduler, generator and latents."""

@@ -129,12 +129,12 @@ def test_mixed_batch_matches_alone_and_diffusers(loaded, reference_pipe, schedul
 
 
 @pytest.mark.parametrize(
-    ("prepare_behind_step", "scheduler", "joins_later"),
+    ("device_runs_ahead", "scheduler", "joins_later"),
     [(False, "dpmpp_2m", False), (True, "dpmpp_2m", True), (True, "ddim", False)],
     ids=["cpu", "cuda-async-scheduler", "cuda-synchronising-scheduler"],
 )
 def test_join_at_next_step_and_leave_when_done(
-    loaded, prepare_behind_step: bool, scheduler: str, joins_later: bool
+    loaded, device_runs_ahead: bool, scheduler: str, joins_later: bool
 ) -> None:
     """On CUDA a new job is prepared while the running jobs' step runs on the GPU, so it joins one step later;
     the CPU, or a running scheduler whose step waits for the GPU anyway, prepares it first. Either way it leaves
@@ -143,7 +143,7 @@ def test_join_at_next_step_and_leave_when_done(
     long_job = params(prompt="long", num_inference_steps=12, scheduler=scheduler)
     short_job = params(prompt="short", num_inference_steps=3, seed=7, scheduler=scheduler)
     with running_engine(loaded, max_batch_size=4) as engine:
-        engine._prepare_behind_step = prepare_behind_step  # what CUDA sets; this tests the ordering on a CPU
+        engine._device_runs_ahead = device_runs_ahead  # what CUDA sets; this tests the ordering on a CPU
         alone_short = pixels(engine.generate(short_job).image)
         short_future: list = []
 
