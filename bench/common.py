@@ -1,60 +1,16 @@
-"""Helpers shared by the benchmarks: start a real server process, wait for it, summarise latencies."""
+"""Helpers the benchmarks share beyond ``predictor.testing`` (processes, ports, readiness): percentiles, and this
+server's app served in-process on a thread."""
 
 from __future__ import annotations
 
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from typing import Any
 
-import httpx
+from predictor.testing import free_port, start_server, stop_server, wait_ready
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(
-    args: list[str], port: int, log_path: str | None = None, env: dict[str, str] | None = None
-) -> subprocess.Popen:
-    """``python -m predictor`` with ``args`` on ``port``; output to ``log_path`` (or discarded)."""
-    log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the process owns it
-    return subprocess.Popen(
-        [sys.executable, "-m", "predictor", "--model_name", "sd", "--http_port", str(port), *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )
-
-
-def wait_ready(process: subprocess.Popen, port: int, timeout_s: float = 600) -> float:
-    """Seconds until GET /v1/models/sd answers 200."""
-    started = time.perf_counter()
-    while time.perf_counter() - started < timeout_s:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode} before becoming ready")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models/sd", timeout=2).status_code == 200:
-                return time.perf_counter() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("server did not become ready")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
+__all__ = ["free_port", "median", "percentile", "serve_in_thread", "start_server", "stop_server", "wait_ready"]
 
 
 def percentile(values: list[float], q: float) -> float:

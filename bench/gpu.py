@@ -89,7 +89,8 @@ class Bare:
 def measure_bare(options: argparse.Namespace, bare: Bare) -> dict:
     import torch
 
-    from predictor.engine import EngineConfig, GenerationEngine
+    from predictor.config import EngineConfig
+    from predictor.engine import create_engine
     from predictor.schemas import GenerationParams
 
     started = time.perf_counter()
@@ -102,7 +103,7 @@ def measure_bare(options: argparse.Namespace, bare: Bare) -> dict:
     )
 
     # Host syncs per denoising step in the engine: torch reports each synchronizing call as a warning.
-    engine = GenerationEngine(bare.loaded, EngineConfig(max_batch_size=options.batch))
+    engine = create_engine(bare.loaded, EngineConfig(max_batch_size=options.batch))
     engine.start()
 
     def params(steps: int) -> GenerationParams:
@@ -131,10 +132,10 @@ def measure_server(options: argparse.Namespace, bare: Bare, name: str, flags: li
     args = ["--model_dir", options.model_dir, "--max_queue", "64", *flags]
     log = Path(options.out) / f"server-{name}.log"
     started = time.perf_counter()
-    process = start_server(args, port, log_path=str(log))
+    process = start_server(*args, port=port, log=log)
     result: dict = {}
     try:
-        result["ready_s"] = wait_ready(process, port, timeout_s=900)
+        result["ready_s"] = wait_ready(process, port, log, timeout_s=900)
         with httpx.Client(base_url=base, timeout=600) as client:
             result["first_request_25"] = timed_post(client, body(options, 25))
             # Alternate with the bare pipeline so both see the same host and GPU conditions.
@@ -180,9 +181,9 @@ def measure_ready(options: argparse.Namespace, rounds: int) -> dict:
         port = free_port()
         log = Path(options.out) / "server-ready.log"
         args = ["--model_dir", options.model_dir, "--max_batch_size", str(options.batch)]
-        process = start_server(args, port, log_path=str(log))
+        process = start_server(*args, port=port, log=log)
         try:
-            ready = wait_ready(process, port, timeout_s=300)
+            ready = wait_ready(process, port, log, timeout_s=300)
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
                 first = timed_post(client, body(options, 25))
         finally:

@@ -22,36 +22,20 @@ import warnings
 import numpy as np
 import torch
 
-from predictor.engine import EngineConfig, GenerationEngine
-from predictor.pipeline import SCHEDULERS, load_pipeline, make_scheduler
+from predictor.config import EngineConfig
+from predictor.engine import create_engine
+from predictor.pipeline import SCHEDULERS, load_pipeline
 from predictor.schemas import GenerationParams
+from predictor.testing import diffusers_image, pixels
+from predictor.testing import params as test_params
 
 PROMPT = "a lighthouse on a cliff at dusk"
 
 
 def params(scheduler: str, steps: int, seed: int, size: int) -> GenerationParams:
-    return GenerationParams(PROMPT, "", steps, 7.5, size, size, seed, scheduler, "png")
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image, dtype=np.int16)
-
-
-def diffusers_image(pipe, p: GenerationParams) -> np.ndarray:
-    original = pipe.scheduler
-    pipe.scheduler = make_scheduler(p.scheduler, original.config)
-    try:
-        image = pipe(
-            p.prompt,
-            num_inference_steps=p.num_inference_steps,
-            guidance_scale=p.guidance_scale,
-            width=p.width,
-            height=p.height,
-            generator=torch.Generator("cpu").manual_seed(p.seed),
-        ).images[0]
-    finally:
-        pipe.scheduler = original
-    return pixels(image)
+    return test_params(
+        prompt=PROMPT, scheduler=scheduler, num_inference_steps=steps, seed=seed, width=size, height=size
+    )
 
 
 def main() -> int:
@@ -72,7 +56,7 @@ def main() -> int:
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {name}: max difference {diff} grey levels")
 
-    engine = GenerationEngine(loaded, EngineConfig(max_batch_size=8, max_queue=64))
+    engine = create_engine(loaded, EngineConfig(max_batch_size=8, max_queue=64))
     engine.start()
     try:
         alone: dict[GenerationParams, np.ndarray] = {}

@@ -45,7 +45,8 @@ import kserve.model_server  # noqa: E402, F401
 
 sys.argv = _argv
 mark("import kserve.model_server")
-from predictor.engine import EngineConfig, GenerationEngine  # noqa: E402
+from predictor.config import EngineConfig  # noqa: E402
+from predictor.engine import create_engine  # noqa: E402
 from predictor.pipeline import load_pipeline, make_scheduler  # noqa: E402
 from predictor.schemas import GenerationParams  # noqa: E402
 
@@ -117,7 +118,7 @@ def main() -> None:
         sync()
         return time.perf_counter() - started
 
-    engine = GenerationEngine(loaded, EngineConfig(max_batch_size=8))
+    engine = create_engine(loaded, EngineConfig(max_batch_size=8))
     engine.start()
 
     def direct(steps: int) -> float:
@@ -205,27 +206,27 @@ def main() -> None:
         import predictor.engine as eng_module
 
         samples: list[float] = []
-        original = eng_module.GenerationEngine._step
+        original = eng_module.GenerationEngine._denoise
         holder: dict = {}
 
-        def step(self, members):
+        def step(self, batch):
             if len(samples) == 5:
                 holder["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                 holder["prof"].__enter__()
                 holder["begun"] = time.perf_counter()
             started = time.perf_counter()
-            original(self, members)
+            original(self, batch)
             samples.append(time.perf_counter() - started)
             if len(samples) == 15:
                 sync()
                 holder["wall"] = time.perf_counter() - holder["begun"]
                 holder["prof"].__exit__(None, None, None)
 
-        eng_module.GenerationEngine._step = step
+        eng_module.GenerationEngine._denoise = step
         try:
             direct(25)
         finally:
-            eng_module.GenerationEngine._step = original
+            eng_module.GenerationEngine._denoise = original
         table = holder["prof"].key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
         (out / "profile_engine.txt").write_text(f"10 steps, wall {holder['wall']:.3f}s\n{table}")
         return {"median_step_host_s": statistics.median(samples), "steps": len(samples), "ten_steps_s": holder["wall"]}
@@ -253,7 +254,7 @@ def main() -> None:
             for _ in range(3):
                 timings["bare"].append(bare(25))
                 begun = time.perf_counter()
-                model.engine.generate(params(25))
+                model.generation_engine.generate(params(25))
                 timings["engine"].append(time.perf_counter() - begun)
                 begun = time.perf_counter()
                 client.post("/generate", json=body).raise_for_status()
@@ -262,7 +263,7 @@ def main() -> None:
                 client.post("/generate", json={**body, "output_format": "jpeg"}).raise_for_status()
                 timings["http_jpeg"].append(time.perf_counter() - begun)
         userver.should_exit = True
-        model.engine.close(timeout=30)
+        model.generation_engine.close(timeout=30)
         return {name: statistics.median(values) for name, values in timings.items()} | {"all": timings}
 
     http()
@@ -286,7 +287,7 @@ def main() -> None:
     def compiled() -> dict:
         result = {}
         started = time.perf_counter()
-        engine = GenerationEngine(
+        engine = create_engine(
             loaded,
             EngineConfig(
                 max_batch_size=8,
@@ -297,7 +298,7 @@ def main() -> None:
         )
         engine.start()
         result["compile_s"] = time.perf_counter() - started
-        result["graphs"] = engine.compiled_graphs()
+        result["graphs"] = engine.runner.compiled_graphs()
         mark("compiled")
 
         def lone(steps: int) -> float:
@@ -317,7 +318,7 @@ def main() -> None:
         futures = engine.submit([params(25, seed) for seed in range(32)])
         [f.result() for f in futures]
         result["images_per_s_32_queued"] = 32 / (time.perf_counter() - begun)
-        result["graphs_after"] = engine.compiled_graphs()
+        result["graphs_after"] = engine.runner.compiled_graphs()
         result["bare_lone_50_again"] = bare(50)
         engine.close(timeout=30)
         return result

@@ -65,9 +65,9 @@ def measure_server(options: argparse.Namespace, batch_size: int, body: dict) -> 
         str(max(32, options.clients * 2)),
         *options.server_args,
     ]
-    process = start_server(args, port, log_path=options.log and f"{options.log}.bs{batch_size}.log")
+    process = start_server(*args, port=port, log=options.log and f"{options.log}.bs{batch_size}.log")
     try:
-        ready_s = wait_ready(process, port)
+        ready_s = wait_ready(process, port, timeout_s=600)
         lone = lone_latency(port, body)
         asyncio.run(drive(port, body, options.clients, options.clients))  # warm every batch size on the way
         wall, latencies, statuses = asyncio.run(drive(port, body, options.clients, options.requests))

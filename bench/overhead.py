@@ -65,7 +65,7 @@ def main() -> None:
             client.post("/generate", json=body).raise_for_status()
         for _ in range(options.rounds):
             started = time.perf_counter()
-            model.engine.generate(params)
+            model.generation_engine.generate(params)
             timings["direct engine"].append(time.perf_counter() - started)
             started = time.perf_counter()
             client.post("/generate", json=body).raise_for_status()

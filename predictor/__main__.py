@@ -12,12 +12,18 @@ from predictor.config import parse_settings
 def main(argv: list[str] | None = None) -> int:
     args, settings = parse_settings(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # transformers warns, once per class, that image processors fall back to PIL without torchvision; this
+    # server uses no torchvision backend, so the warning only reads like an error.
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda record: "requires torchvision" not in record.getMessage()
+    )
     logger = logging.getLogger("predictor")
 
-    if settings.compile:
+    if settings.engine.compile:
         # Before torch is imported: inductor and triton read their cache locations from the environment.
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = settings.compile_cache_dir
-        os.environ["TRITON_CACHE_DIR"] = os.path.join(settings.compile_cache_dir, "triton")
+        cache_dir = settings.server.compile_cache_dir
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(cache_dir, "triton")
 
     from predictor.model import DiffusionModel
     from predictor.server import PredictorServer
@@ -28,7 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         logger.error("failed to load model '%s': %s", settings.model_name, exc, exc_info=logger.isEnabledFor(10))
         return 1
-    server = PredictorServer(settings, http_port=args.http_port, grpc_port=args.grpc_port, enable_grpc=args.enable_grpc)
+    server = PredictorServer(
+        settings,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        enable_grpc=args.enable_grpc,
+        enable_latency_logging=args.enable_latency_logging,
+    )
     server.serve(model)
     logger.info("server stopped")
     return 0

@@ -16,6 +16,8 @@ from typing import TextIO
 
 import httpx
 
+from predictor.schemas import OUTPUT_FORMATS
+
 DEFAULT_URL = "http://localhost:8080"
 
 
@@ -31,9 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--negative", help="Negative prompt.")
     parser.add_argument("--guidance", type=float, help="Guidance scale.")
     parser.add_argument("--scheduler", help="Scheduler name (see GET /v1/models/NAME/schedulers).")
-    parser.add_argument("--format", choices=["png", "jpeg", "webp"], help="Image format (default: from -o).")
+    parser.add_argument(
+        "--format", choices=OUTPUT_FORMATS, help="Image format (default: from -o's extension, else png)."
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="Seconds to wait (default: 600).")
     return parser
+
+
+# File name extensions and the output format each means.
+_EXTENSION_FORMATS = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}
+
+
+def output_format(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The format -o's extension names, or --format; both given and disagreeing is an error (exit 2)."""
+    suffix = Path(args.output).suffix.lower().lstrip(".")
+    named = _EXTENSION_FORMATS.get(suffix)
+    if args.format and named and args.format != named:
+        parser.error(f"--format {args.format} disagrees with -o {args.output}; drop --format or rename the file")
+    return args.format or named or "png"
 
 
 def request_body(args: argparse.Namespace) -> dict:
@@ -51,8 +68,7 @@ def request_body(args: argparse.Namespace) -> dict:
         value = getattr(args, option)
         if value is not None:
             body[field] = value
-    suffix = Path(args.output).suffix.lower().lstrip(".")
-    body["output_format"] = args.format or {"jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}.get(suffix, "png")
+    body["output_format"] = args.output_format
     return body
 
 
@@ -73,7 +89,9 @@ def draw_bar(out: TextIO, step: int, total: int, width: int = 30) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.output_format = output_format(parser, args)
     err = sys.stderr
     headers = {"Accept": "text/event-stream"}
     try:

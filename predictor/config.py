@@ -1,14 +1,99 @@
-"""Command-line flags (KServe's own plus this server's) and the frozen settings built from them."""
+"""Command-line flags (KServe's own plus this server's) and the frozen settings built from them.
+
+Each default is written once, on its dataclass field; the flags read it from there, and every list of names
+comes from its ``Literal`` type.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Literal, get_args
 
-from predictor.schemas import HARD_MAX_IMAGE_SIZE, HARD_MAX_PROMPT_CHARS, HARD_MAX_STEPS, SCHEDULER_NAMES, Limits
+from predictor.schemas import (
+    HARD_MAX_IMAGE_SIZE,
+    HARD_MAX_PROMPT_CHARS,
+    HARD_MAX_STEPS,
+    MIN_IMAGE_SIZE,
+    SCHEDULER_NAMES,
+    Limits,
+)
 
-DEFAULT_MODEL_ID = "CompVis/stable-diffusion-v1-4"
+Device = Literal["auto", "cuda", "cpu"]
+Dtype = Literal["auto", "float16", "bfloat16", "float32"]
+SafetyChecker = Literal["checkpoint", "on", "off"]
+CompileMode = Literal["reduce-overhead", "default", "max-autotune-no-cudagraphs"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the pipeline comes from and how it is placed."""
+
+    model_dir: str = field(default_factory=lambda: os.environ.get("MODEL_DIR", "/mnt/models"))
+    model_id: str = "CompVis/stable-diffusion-v1-4"
+    revision: str | None = None
+    device: Device = "auto"
+    dtype: Dtype = "auto"
+    safety_checker: SafetyChecker = "checkpoint"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_name: str = "model"  # the metrics' label
+    max_batch_size: int = 8
+    max_queue: int = 32
+    request_timeout_s: float | None = 300.0  # None: no deadline
+    torch_threads: int = 0  # 0: torch's default
+    compile: bool = False
+    compile_mode: CompileMode = "reduce-overhead"
+    compile_backend: str = "inductor"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    warmup_steps: int = 2
+    grace_period_s: int = 30
+    max_body_bytes: int = 1024 * 1024
+    compile_cache_dir: str = field(
+        default_factory=lambda: os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor")
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    source: ModelSource
+    limits: Limits
+    engine: EngineConfig
+    server: ServerConfig
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Settings:
+        return cls(
+            source=_from_namespace(ModelSource, args),
+            limits=_from_namespace(Limits, args),
+            engine=_from_namespace(EngineConfig, args),
+            server=_from_namespace(ServerConfig, args),
+        )
+
+
+def _from_namespace(cls: type, args: argparse.Namespace) -> Any:
+    """An instance of dataclass ``cls`` from the flags of the same names."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def default(cls: type, name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls``: the one place it is written."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            return f.default
+    raise KeyError(name)
 
 
 def _positive(kind: type = int):
@@ -38,165 +123,149 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[model_server.parser],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    # gRPC serves no image route here; turn it on explicitly if wanted.
-    parser.set_defaults(enable_grpc=False)
+    # gRPC serves no image route here; turn it on explicitly if wanted. The per-request latency line is
+    # opt-in: uvicorn's access log already says what happened, and /metrics has the timings.
+    parser.set_defaults(enable_grpc=False, enable_latency_logging=False)
 
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model_dir",
-        default=os.environ.get("MODEL_DIR", "/mnt/models"),
+        default=default(ModelSource, "model_dir"),
         help="Directory with a diffusers pipeline (model_index.json); used first when it holds one. "
-        "KServe's storage initializer puts storageUri weights here.",
+        "KServe's storage initializer puts storageUri weights here. Default: $MODEL_DIR or /mnt/models.",
     )
     model.add_argument(
         "--model_id",
-        default=DEFAULT_MODEL_ID,
+        default=default(ModelSource, "model_id"),
         help="Hugging Face repo id used when --model_dir holds no pipeline, or builtin:tiny / builtin:sd-v1-arch "
         "(random weights, offline).",
     )
-    model.add_argument("--revision", default=None, help="Git revision of --model_id on the Hub.")
-    model.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: CUDA when present.")
+    model.add_argument("--revision", default=default(ModelSource, "revision"), help="Git revision of --model_id.")
+    model.add_argument(
+        "--device", choices=get_args(Device), default=default(ModelSource, "device"), help="auto: CUDA when present."
+    )
     model.add_argument(
         "--dtype",
-        choices=["auto", "float16", "bfloat16", "float32"],
-        default="auto",
+        choices=get_args(Dtype),
+        default=default(ModelSource, "dtype"),
         help="auto: float16 on CUDA, float32 on CPU.",
     )
-
     model.add_argument(
         "--safety_checker",
-        choices=["checkpoint", "on", "off"],
-        default="checkpoint",
+        choices=get_args(SafetyChecker),
+        default=default(ModelSource, "safety_checker"),
         help="checkpoint: run the safety checker when the checkpoint ships one; on: require it; off: never run it. "
         "Flagged images are answered black with nsfw: true.",
     )
 
     limits = parser.add_argument_group("request limits")
-    limits.add_argument("--max_prompt_chars", type=_positive(), default=2000, help="Longest prompt, in characters.")
-    limits.add_argument("--max_steps", type=_positive(), default=150, help="Most denoising steps a request may ask.")
-    limits.add_argument("--default_steps", type=_positive(), default=25, help="Steps when a request names none.")
-    limits.add_argument("--max_image_size", type=_positive(), default=1024, help="Largest width or height.")
     limits.add_argument(
-        "--max_batch_instances", type=_positive(), default=8, help="Most images in one request (v1 instances, v2 N)."
+        "--max_prompt_chars",
+        type=_positive(),
+        default=default(Limits, "max_prompt_chars"),
+        help="Longest prompt, in characters.",
     )
     limits.add_argument(
-        "--default_scheduler", choices=SCHEDULER_NAMES, default="dpmpp_2m", help="Scheduler when a request names none."
+        "--max_steps", type=_positive(), default=default(Limits, "max_steps"), help="Most steps a request may ask."
+    )
+    limits.add_argument(
+        "--default_steps",
+        type=_positive(),
+        default=default(Limits, "default_steps"),
+        help="Steps when a request names none.",
+    )
+    limits.add_argument(
+        "--max_image_size",
+        type=_positive(),
+        default=default(Limits, "max_image_size"),
+        help="Largest width or height.",
+    )
+    limits.add_argument(
+        "--max_batch_instances",
+        type=_positive(),
+        default=default(Limits, "max_batch_instances"),
+        help="Most images in one request (v1 instances, v2 N, OpenAI n).",
+    )
+    limits.add_argument(
+        "--default_scheduler",
+        choices=SCHEDULER_NAMES,
+        default=default(Limits, "default_scheduler"),
+        help="Scheduler when a request names none.",
     )
 
     engine = parser.add_argument_group("engine")
     engine.add_argument(
-        "--max_batch_size", type=_positive(), default=8, help="Most images in one UNet call (1: serial)."
+        "--max_batch_size",
+        type=_positive(),
+        default=default(EngineConfig, "max_batch_size"),
+        help="Most images in one denoiser call (1: serial).",
     )
     engine.add_argument(
-        "--max_queue", type=_non_negative_int, default=32, help="Most images waiting; beyond it, 503 overloaded."
+        "--max_queue",
+        type=_non_negative_int,
+        default=default(EngineConfig, "max_queue"),
+        help="Most images waiting; beyond it, 503 overloaded.",
     )
     engine.add_argument(
         "--request_timeout_s",
         type=_positive(float),
-        default=300.0,
+        default=default(EngineConfig, "request_timeout_s"),
         help="A request still unfinished after this many seconds gets 504 and its work stops.",
     )
     engine.add_argument(
-        "--torch_threads", type=_non_negative_int, default=0, help="CPU threads for torch (0: torch's default)."
+        "--torch_threads",
+        type=_non_negative_int,
+        default=default(EngineConfig, "torch_threads"),
+        help="CPU threads for torch (0: torch's default).",
     )
     engine.add_argument(
         "--warmup_steps",
         type=_non_negative_int,
-        default=2,
+        default=default(ServerConfig, "warmup_steps"),
         help="Steps of the warm-up generation run before the model reports ready (0: none).",
     )
+
     fast = parser.add_argument_group("GPU fast path")
     fast.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the UNet and the VAE decoder before the model reports ready (minutes the first time; "
-        "keep --compile_cache_dir so restarts reuse the result).",
+        default=default(EngineConfig, "compile"),
+        help="torch.compile the denoiser and the VAE decoder before the model reports ready (minutes the first "
+        "time; keep --compile_cache_dir so restarts reuse the result).",
     )
     fast.add_argument(
         "--compile_mode",
-        choices=["reduce-overhead", "default", "max-autotune-no-cudagraphs"],
-        default="reduce-overhead",
-        help="torch.compile mode for the UNet: reduce-overhead replays CUDA graphs (recorded for batch buckets "
-        "1, 2, 4, ... images); default compiles without them.",
+        choices=get_args(CompileMode),
+        default=default(EngineConfig, "compile_mode"),
+        help="torch.compile mode for the denoiser: reduce-overhead replays CUDA graphs (on CUDA; recorded for "
+        "batches of 2, 4, 8, ... rows); default compiles without them.",
     )
     fast.add_argument(
         "--compile_cache_dir",
-        default=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor"),
+        default=default(ServerConfig, "compile_cache_dir"),
         help="Persistent compile cache (sets TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR); keep it on a volume "
-        "or in the image so a restarted pod skips compiling.",
+        "or in the image so a restarted pod skips compiling. Default: $TORCHINDUCTOR_CACHE_DIR or /tmp/torchinductor.",
     )
     fast.add_argument(
-        "--compile_backend", default="inductor", help="torch.compile backend (inductor; eager for testing)."
+        "--compile_backend",
+        default=default(EngineConfig, "compile_backend"),
+        help="torch.compile backend (inductor; eager for testing).",
     )
 
     server = parser.add_argument_group("server")
     server.add_argument(
         "--max_body_bytes",
         type=_positive(int),
-        default=1024 * 1024,
+        default=default(ServerConfig, "max_body_bytes"),
         help="Largest request body; larger ones get 413 before they are read whole.",
     )
     server.add_argument(
         "--grace_period_s",
         type=_positive(int),
-        default=30,
+        default=default(ServerConfig, "grace_period_s"),
         help="On SIGTERM, how long in-flight requests may take to finish.",
     )
     return parser
-
-
-@dataclass(frozen=True)
-class Settings:
-    model_name: str
-    model_dir: str
-    model_id: str
-    revision: str | None
-    device: str
-    dtype: str
-    safety_checker: str
-    limits: Limits
-    max_batch_size: int
-    max_queue: int
-    request_timeout_s: float
-    torch_threads: int
-    warmup_steps: int
-    grace_period_s: int
-    max_body_bytes: int
-    compile: bool = False
-    compile_mode: str = "reduce-overhead"
-    compile_cache_dir: str = "/tmp/torchinductor"
-    compile_backend: str = "inductor"
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Settings:
-        return cls(
-            model_name=args.model_name,
-            model_dir=args.model_dir,
-            model_id=args.model_id,
-            revision=args.revision,
-            device=args.device,
-            dtype=args.dtype,
-            safety_checker=args.safety_checker,
-            limits=Limits(
-                max_prompt_chars=args.max_prompt_chars,
-                max_steps=args.max_steps,
-                default_steps=args.default_steps,
-                max_image_size=args.max_image_size,
-                max_batch_instances=args.max_batch_instances,
-                default_scheduler=args.default_scheduler,
-            ),
-            max_batch_size=args.max_batch_size,
-            max_queue=args.max_queue,
-            request_timeout_s=args.request_timeout_s,
-            torch_threads=args.torch_threads,
-            warmup_steps=args.warmup_steps,
-            grace_period_s=args.grace_period_s,
-            max_body_bytes=args.max_body_bytes,
-            compile=args.compile,
-            compile_mode=args.compile_mode,
-            compile_cache_dir=args.compile_cache_dir,
-            compile_backend=args.compile_backend,
-        )
 
 
 def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
@@ -208,8 +277,8 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
         parser.error(f"--max_steps must be at most {HARD_MAX_STEPS}")
     if args.default_steps > args.max_steps:
         parser.error("--default_steps must not exceed --max_steps")
-    if args.max_image_size > HARD_MAX_IMAGE_SIZE or args.max_image_size < 64:
-        parser.error(f"--max_image_size must be within 64..{HARD_MAX_IMAGE_SIZE}")
+    if not MIN_IMAGE_SIZE <= args.max_image_size <= HARD_MAX_IMAGE_SIZE:
+        parser.error(f"--max_image_size must be within {MIN_IMAGE_SIZE}..{HARD_MAX_IMAGE_SIZE}")
     if args.max_prompt_chars > HARD_MAX_PROMPT_CHARS:
         parser.error(f"--max_prompt_chars must be at most {HARD_MAX_PROMPT_CHARS}")
     if args.max_queue < args.max_batch_instances:

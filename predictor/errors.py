@@ -88,3 +88,10 @@ class DeviceFailed(PredictorError):
 
     status_code = 503
     error_type = "device_failed"
+
+
+class WorkerStopped(PredictorError):
+    """The generation worker thread ended (not a device error): the process must be restarted."""
+
+    status_code = 503
+    error_type = "worker_stopped"

@@ -23,8 +23,9 @@ from kserve import InferOutput, InferRequest, InferResponse, Model
 
 from predictor.codec import MEDIA_TYPES, encode_image, to_base64
 from predictor.config import Settings
-from predictor.engine import EngineConfig, GenerationEngine, GenerationResult, ProgressCallback
+from predictor.engine import GenerationEngine, create_engine
 from predictor.errors import DeadlineExceeded, InvalidRequest, ModelNotLoaded
+from predictor.jobs import GenerationResult, ProgressCallback
 from predictor.pipeline import LoadedPipeline, load_pipeline
 from predictor.schemas import (
     MAX_SEED,
@@ -88,7 +89,8 @@ class DiffusionModel(Model):
         super().__init__(settings.model_name, return_response_headers=True)
         self.settings = settings
         self.limits = settings.limits
-        self.engine: GenerationEngine | None = None  # type: ignore[assignment]  # kserve uses a bool here
+        # Not "engine": kserve.Model's ``engine`` flag means "call start_engine()" to KServe's server.
+        self.generation_engine: GenerationEngine | None = None
         self.loaded: LoadedPipeline | None = None
         self._pipeline_loader = pipeline_loader or _load_from_settings
         self.ready = False
@@ -98,23 +100,12 @@ class DiffusionModel(Model):
     def load(self) -> bool:
         started = time.perf_counter()
         self.loaded = self._pipeline_loader(self.settings)
-        self.engine = GenerationEngine(
-            self.loaded,
-            EngineConfig(
-                model_name=self.name,
-                max_batch_size=self.settings.max_batch_size,
-                max_queue=self.settings.max_queue,
-                request_timeout_s=self.settings.request_timeout_s,
-                torch_threads=self.settings.torch_threads,
-                compile=self.settings.compile,
-                compile_mode=self.settings.compile_mode,
-                compile_backend=self.settings.compile_backend,
-            ),
-        )
-        self.engine.start()
-        if self.settings.warmup_steps:
-            warmup = self.default_params("warm-up", steps=self.settings.warmup_steps)
-            self.engine.generate(warmup, timeout=_WARMUP_TIMEOUT_S)
+        engine = create_engine(self.loaded, self.settings.engine)
+        engine.start()
+        self.generation_engine = engine
+        if self.settings.server.warmup_steps:
+            warmup = self.default_params("warm-up", steps=self.settings.server.warmup_steps)
+            engine.generate(warmup, timeout=_WARMUP_TIMEOUT_S, counted=False)
         self.ready = True
         logger.info("model %s ready in %.1f s", self.name, time.perf_counter() - started)
         return self.ready
@@ -125,8 +116,8 @@ class DiffusionModel(Model):
 
     def stop(self) -> None:
         self.ready = False
-        if self.engine is not None:
-            self.engine.close(timeout=self.settings.grace_period_s)
+        if self.generation_engine is not None:
+            self.generation_engine.close(timeout=self.settings.server.grace_period_s)
 
     @property
     def native_size(self) -> int:
@@ -145,7 +136,7 @@ class DiffusionModel(Model):
         return payload
 
     async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> Batch:
-        if not self.ready or self.engine is None:
+        if not self.ready or self.generation_engine is None:
             raise ModelNotLoaded(f"model {self.name} is not ready")
         request_id = (headers or {}).get("x-request-id")
         if isinstance(payload, RouteCall):
@@ -223,8 +214,9 @@ class DiffusionModel(Model):
 
     def submit(self, batch: Batch) -> None:
         """Queue the batch's images (503 overloaded / shutting_down raise here, before any response starts)."""
-        assert self.engine is not None  # preprocess checked readiness
-        batch.futures = self.engine.submit(batch.params, on_progress=batch.on_progress)
+        if self.generation_engine is None:
+            raise ModelNotLoaded(f"model {self.name} is not ready")
+        batch.futures = self.generation_engine.submit(batch.params, on_progress=batch.on_progress)
 
     async def predict(
         self, batch: Batch, headers: dict[str, str] | None = None, response_headers: dict[str, str] | None = None
@@ -234,7 +226,8 @@ class DiffusionModel(Model):
         futures = batch.futures
         waiters = [asyncio.wrap_future(future) for future in futures]
         # The engine enforces the deadline between steps; this bound also holds when a step itself hangs.
-        hard_deadline = self.settings.request_timeout_s + _DEADLINE_SLACK_S
+        timeout_s = self.settings.engine.request_timeout_s
+        hard_deadline = None if timeout_s is None else timeout_s + _DEADLINE_SLACK_S
         try:
             _, pending = await asyncio.wait(waiters, timeout=hard_deadline, return_when=asyncio.FIRST_EXCEPTION)
         finally:
@@ -246,9 +239,7 @@ class DiffusionModel(Model):
         if failed:
             raise failed[0].exception()
         if pending:
-            raise DeadlineExceeded(
-                f"the request did not finish within {self.settings.request_timeout_s:g} s (--request_timeout_s)"
-            )
+            raise DeadlineExceeded(f"the request did not finish within {timeout_s:g} s (--request_timeout_s)")
         batch.results = [w.result() for w in waiters]
         return batch
 
@@ -273,13 +264,9 @@ def _json_object(body: bytes) -> Any:
 
 
 def _load_from_settings(settings: Settings) -> LoadedPipeline:
+    source = settings.source
     return load_pipeline(
-        settings.model_dir,
-        settings.model_id,
-        settings.revision,
-        settings.device,
-        settings.dtype,
-        settings.safety_checker,
+        source.model_dir, source.model_id, source.revision, source.device, source.dtype, source.safety_checker
     )
 
 

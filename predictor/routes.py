@@ -17,9 +17,9 @@ from fastapi.staticfiles import StaticFiles
 from kserve.errors import ModelNotFound
 
 from predictor.codec import to_base64
-from predictor.errors import DeviceFailed, ModelNotLoaded, PredictorError
+from predictor.errors import ModelNotLoaded, PredictorError
 from predictor.model import Batch, DiffusionModel, EncodedImage, RouteCall
-from predictor.schemas import Limits, OpenAIImageRequest, request_json_schema
+from predictor.schemas import Limits, openai_request_json_schema, request_json_schema
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 logger = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": ERROR_BODY_SCHEMA}}}
 
 
-def openai_openapi() -> dict[str, Any]:
+def openai_openapi(limits: Limits) -> dict[str, Any]:
+    """The OpenAPI entry of POST /v1/images/generations: the request schema with this server's limits."""
     error = {
         "type": "object",
         "properties": {"error": {"type": "object", "required": ["message", "type"]}},
@@ -49,7 +50,7 @@ def openai_openapi() -> dict[str, Any]:
     return {
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": OpenAIImageRequest.model_json_schema()}},
+            "content": {"application/json": {"schema": openai_request_json_schema(limits)}},
         },
         "responses": {
             "200": {"description": "Images as base64 (b64_json)"},
@@ -188,7 +189,9 @@ def register_routes(app: FastAPI, model: DiffusionModel) -> None:
         image: EncodedImage = encoded[0]
         return Response(content=image.data, media_type=image.media_type, headers=headers)
 
-    @router.post("/v1/images/generations", tags=["OpenAI"], response_model=None, openapi_extra=openai_openapi())
+    @router.post(
+        "/v1/images/generations", tags=["OpenAI"], response_model=None, openapi_extra=openai_openapi(model.limits)
+    )
     async def openai_images(request: Request) -> Response:
         """OpenAI-compatible image generation: ``client.images.generate(...)`` works against this route."""
         try:
@@ -209,11 +212,14 @@ def register_routes(app: FastAPI, model: DiffusionModel) -> None:
         native = model.native_size if model.loaded is not None else None
         return {"model": model.name, "native_size": native, **model.limits.as_dict()}
 
-    @router.get("/livez", tags=["Health"], responses={503: _error("The GPU failed; restart the pod")})
+    @router.get("/livez", tags=["Health"], responses={503: _error("The GPU or the worker failed; restart the pod")})
     async def live() -> dict[str, bool]:
-        """Liveness for Kubernetes: 503 after an unrecoverable device error, so the pod is restarted."""
-        if model.engine is not None and not model.engine.alive():
-            raise DeviceFailed("the GPU or the generation worker failed or hangs; restart the pod")
+        """Liveness for Kubernetes: 503 after an unrecoverable device error, a stopped generation worker or a hung
+        step, so the pod is restarted."""
+        engine = model.generation_engine
+        failure = engine.liveness_failure() if engine is not None else None
+        if failure is not None:
+            raise failure
         return {"live": True}
 
     @router.get("/playground", include_in_schema=False)

@@ -11,32 +11,24 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from predictor.errors import InvalidRequest
 
-# Names of the schedulers a request may ask for; pipeline.py maps each to a diffusers class.
-SCHEDULER_NAMES: tuple[str, ...] = (
-    "dpmpp_2m",
-    "dpmpp_2m_karras",
-    "euler",
-    "euler_a",
-    "ddim",
-    "pndm",
-    "lms",
-    "unipc",
-)
+# The schedulers a request may ask for; pipeline.py maps each name to a diffusers class.
 SchedulerName = Literal["dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "ddim", "pndm", "lms", "unipc"]
+SCHEDULER_NAMES: tuple[str, ...] = get_args(SchedulerName)
 OutputFormat = Literal["png", "jpeg", "webp"]
-OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
+OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
 
 MAX_SEED = 2**32 - 1
 # Absolute ceilings; the operator's flags may only lower what a request can ask for.
 HARD_MAX_STEPS = 500  # DDIM and PNDM index past the 1000 training steps at 1000
 HARD_MAX_IMAGE_SIZE = 4096
 HARD_MAX_PROMPT_CHARS = 100_000
+HARD_MAX_BATCH_INSTANCES = 128
 MIN_IMAGE_SIZE = 64
 SIZE_MULTIPLE = 8
 MAX_GUIDANCE = 30.0
@@ -132,15 +124,53 @@ def _param_name(loc: tuple[Any, ...], prefix: str) -> str:
     return f"{prefix}{name}" if name else prefix.rstrip(".") or "body"
 
 
-def invalid_from_validation_error(exc: ValidationError, prefix: str = "") -> InvalidRequest:
-    """The first pydantic error as an ``InvalidRequest``; pydantic's messages never include the input."""
+def _operator_limits(limits: Limits | None) -> dict[str, int]:
+    """Fields whose bound the operator sets by flag, with that bound (it replaces the type's hard ceiling)."""
+    if limits is None:
+        return {}
+    return {
+        "prompt": limits.max_prompt_chars,
+        "negative_prompt": limits.max_prompt_chars,
+        "num_inference_steps": limits.max_steps,
+        "width": limits.max_image_size,
+        "height": limits.max_image_size,
+        "n": limits.max_batch_instances,
+    }
+
+
+def _bound(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def invalid_from_validation_error(
+    exc: ValidationError, prefix: str = "", limits: Limits | None = None
+) -> InvalidRequest:
+    """The first pydantic error as an ``InvalidRequest`` worded as this server words its own checks (and with
+    the operator's limit where one applies); pydantic's errors never include the input."""
     error = exc.errors(include_url=False, include_input=False)[0]
-    param = _param_name(tuple(error["loc"]), prefix)
-    if error["type"] == "extra_forbidden":
+    loc = tuple(error["loc"])
+    param = _param_name(loc, prefix)
+    kind, context = error["type"], error.get("ctx") or {}
+    limit = _operator_limits(limits).get(str(loc[-1])) if loc else None
+    if kind == "extra_forbidden":
         return InvalidRequest(f"unknown field '{param}'", param=param)
-    if error["type"] == "missing":
+    if kind == "missing":
         return InvalidRequest(f"'{param}' is required", param=param)
-    return InvalidRequest(f"'{param}': {error['msg']}", param=param)
+    if kind == "less_than_equal":
+        message = f"must be at most {_bound(limit if limit is not None else context.get('le'))}"
+    elif kind == "greater_than_equal":
+        message = f"must be at least {_bound(context.get('ge'))}"
+    elif kind == "string_too_long":
+        message = f"is longer than {limit if limit is not None else context.get('max_length')} characters"
+    elif kind == "string_too_short":
+        message = "must not be empty"
+    elif kind == "multiple_of":
+        message = f"must be a multiple of {_bound(context.get('multiple_of'))}"
+    elif kind == "value_error" and "error" in context:
+        message = str(context["error"])  # our validator's own words, without pydantic's "Value error," prefix
+    else:
+        message = error["msg"]
+    return InvalidRequest(f"'{param}' {message}", param=param)
 
 
 def parse_request(data: Any, limits: Limits, prefix: str = "") -> GenerationRequest:
@@ -151,25 +181,19 @@ def parse_request(data: Any, limits: Limits, prefix: str = "") -> GenerationRequ
     try:
         request = GenerationRequest.model_validate(data)
     except ValidationError as exc:
-        raise invalid_from_validation_error(exc, prefix) from None
+        raise invalid_from_validation_error(exc, prefix, limits) from None
     check_limits(request, limits, prefix)
     return request
 
 
 def check_limits(request: GenerationRequest, limits: Limits, prefix: str = "") -> None:
-    def fail(field: str, message: str) -> None:
-        raise InvalidRequest(f"'{prefix}{field}' {message}", param=f"{prefix}{field}")
-
-    if len(request.prompt) > limits.max_prompt_chars:
-        fail("prompt", f"is longer than {limits.max_prompt_chars} characters")
-    if request.negative_prompt is not None and len(request.negative_prompt) > limits.max_prompt_chars:
-        fail("negative_prompt", f"is longer than {limits.max_prompt_chars} characters")
-    if request.num_inference_steps is not None and request.num_inference_steps > limits.max_steps:
-        fail("num_inference_steps", f"must be at most {limits.max_steps}")
-    for field in ("width", "height"):
-        value = getattr(request, field)
-        if value is not None and value > limits.max_image_size:
-            fail(field, f"must be at most {limits.max_image_size}")
+    """The operator's limits, below the type's hard ceilings; worded as invalid_from_validation_error words them."""
+    for name, limit in _operator_limits(limits).items():
+        value = getattr(request, name, None)
+        if isinstance(value, str) and len(value) > limit:
+            raise InvalidRequest(f"'{prefix}{name}' is longer than {limit} characters", param=f"{prefix}{name}")
+        if isinstance(value, int) and value > limit:
+            raise InvalidRequest(f"'{prefix}{name}' must be at most {limit}", param=f"{prefix}{name}")
 
 
 class OpenAIImageRequest(BaseModel):
@@ -178,7 +202,7 @@ class OpenAIImageRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     prompt: Prompt
-    n: Annotated[int, Field(ge=1, le=HARD_MAX_STEPS)] = 1
+    n: Annotated[int, Field(ge=1, le=HARD_MAX_BATCH_INSTANCES)] = 1
     size: Annotated[str, Field(pattern=r"^[0-9]{2,4}x[0-9]{2,4}$")] | None = None
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: OutputFormat = "png"
@@ -199,7 +223,7 @@ def parse_openai_request(data: Any, limits: Limits, served_model: str) -> tuple[
     try:
         request = OpenAIImageRequest.model_validate(data)
     except ValidationError as exc:
-        raise invalid_from_validation_error(exc) from None
+        raise invalid_from_validation_error(exc, limits=limits) from None
     if request.response_format == "url":
         raise InvalidRequest(
             "response_format 'url' is not supported: this server stores no images; use 'b64_json'",
@@ -230,22 +254,26 @@ def parse_openai_request(data: Any, limits: Limits, served_model: str) -> tuple[
     return generation, request.n
 
 
-def request_json_schema(limits: Limits) -> dict[str, Any]:
-    """GenerationRequest's JSON schema with the operator's limits in place of the hard ceilings."""
-    schema = GenerationRequest.model_json_schema()
-    maxima = {
-        "prompt": ("maxLength", limits.max_prompt_chars),
-        "negative_prompt": ("maxLength", limits.max_prompt_chars),
-        "num_inference_steps": ("maximum", limits.max_steps),
-        "width": ("maximum", limits.max_image_size),
-        "height": ("maximum", limits.max_image_size),
-    }
-    for field, (keyword, value) in maxima.items():
-        prop = schema["properties"][field]
+def _schema_with_limits(model: type[BaseModel], limits: Limits) -> dict[str, Any]:
+    """A request model's JSON schema with the operator's limits in place of the hard ceilings."""
+    schema = model.model_json_schema()
+    for name, limit in _operator_limits(limits).items():
+        prop = schema["properties"].get(name)
+        if prop is None:
+            continue
         for variant in prop.get("anyOf", [prop]):
-            if keyword in variant:
-                variant[keyword] = value
+            for keyword in ("maximum", "maxLength"):
+                if keyword in variant:
+                    variant[keyword] = limit
     return schema
+
+
+def request_json_schema(limits: Limits) -> dict[str, Any]:
+    return _schema_with_limits(GenerationRequest, limits)
+
+
+def openai_request_json_schema(limits: Limits) -> dict[str, Any]:
+    return _schema_with_limits(OpenAIImageRequest, limits)
 
 
 def resolve(request: GenerationRequest, limits: Limits, native_size: int, seed_offset: int = 0) -> GenerationParams:

@@ -12,12 +12,14 @@ import asyncio
 import logging
 from importlib import metadata
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve import ModelServer
 from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady, ServerNotReady
-from kserve.protocol.rest.server import RESTServer
+from kserve.protocol.rest.server import RESTServer, metrics_handler
+from kserve.protocol.rest.v1_endpoints import register_v1_endpoints
+from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from predictor.config import Settings
@@ -135,7 +137,23 @@ class PredictorRESTServer(RESTServer):
                 methods=["POST"],
                 include_in_schema=False,
             )
-        super()._register_endpoints(app)
+        # KServe's own routes, without its probes for LLM (OpenAI completions) and time-series models, which
+        # this server is not, and whose "not registered" lines read as if the OpenAI images route were missing.
+        root = APIRouter()
+        root.add_api_route("/", self.dataplane.live)
+        root.add_api_route("/metrics", metrics_handler, methods=["GET"])
+        app.include_router(root)
+        register_v1_endpoints(app, self.dataplane, self.model_repository_extension)
+        register_v2_endpoints(app, self.dataplane, self.model_repository_extension)
+
+    def _add_middlewares(self, app: FastAPI) -> None:
+        # Not KServe's timing middleware: two log lines per request that uvicorn's access line and /metrics
+        # already cover. --enable_latency_logging true adds one line per request with the model's phases.
+        if self.access_log_format:  # KServe's custom access log, as KServe sets it up
+            from asgi_logger import AccessLoggerMiddleware
+
+            logging.getLogger("uvicorn.access").handlers = []
+            app.add_middleware(AccessLoggerMiddleware, format=self.access_log_format)
 
     def _add_exception_handlers(self, app: FastAPI) -> None:
         super()._add_exception_handlers(app)
@@ -157,7 +175,7 @@ class PredictorServer(ModelServer):
             workers=1,
             enable_grpc=enable_grpc,
             enable_docs_url=False,
-            grace_period=settings.grace_period_s,
+            grace_period=settings.server.grace_period_s,
             **kwargs,
         )
         self.settings = settings
@@ -180,7 +198,7 @@ class PredictorServer(ModelServer):
             timeout_keep_alive=self.timeout_keep_alive,
             ssl_certfile=self.ssl_certfile,
             ssl_keyfile=self.ssl_keyfile,
-            max_body_bytes=self.settings.max_body_bytes,
+            max_body_bytes=self.settings.server.max_body_bytes,
         )
         app = self._rest_server.create_application()
         register_routes(app, model)
@@ -189,6 +207,16 @@ class PredictorServer(ModelServer):
     def serve(self, model: DiffusionModel) -> None:
         """Serve until SIGTERM/SIGINT; in-flight requests get --grace_period_s to finish."""
         self.create_app(model)
+        name = model.name
+        logger.info(
+            "serving model %s on port %d: POST /generate (image or Server-Sent Events), POST /v1/images/generations "
+            "(OpenAI), POST /v1/models/%s:predict, POST /v2/models/%s/infer, GET /playground, GET /metrics, "
+            "GET /livez",
+            name,
+            self.http_port,
+            name,
+            name,
+        )
         rest = self._rest_server
         self.servers.append(rest._server.serve())
         if self.enable_grpc:
@@ -203,6 +231,6 @@ class PredictorServer(ModelServer):
         asyncio.run(self._serve())
 
     def stop(self, sig: int) -> None:
-        if self.model is not None and self.model.engine is not None:
-            self.model.engine.stop_admitting()
+        if self.model is not None and self.model.generation_engine is not None:
+            self.model.generation_engine.stop_admitting()
         super().stop(sig)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny pipeline saved to disk once, a server app built on it, a diffusers reference."""
+"""Shared fixtures: the tiny pipeline saved to disk once, a server app built on it, diffusers' own pipeline on the
+same weights, and the validation tools. Shared functions live in ``predictor.testing``."""
 
 from __future__ import annotations
 
@@ -10,21 +11,20 @@ import kserve.model_server  # noqa: E402, F401
 
 sys.argv = _argv
 
-import io  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from predictor.builtin import build_tiny  # noqa: E402
-from predictor.config import parse_settings  # noqa: E402
 from predictor.model import DiffusionModel  # noqa: E402
 from predictor.server import PredictorServer  # noqa: E402
+from predictor.testing import make_settings  # noqa: E402
 
-MODEL_NAME = "sd"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -33,13 +33,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("tiny-sd")
     build_tiny().save_pretrained(directory, safe_serialization=True)
     return directory
-
-
-def make_settings(model_dir: Path | str, *extra: str):
-    _, settings = parse_settings(
-        ["--model_name", MODEL_NAME, "--model_dir", str(model_dir), "--model_id", "not/used", *extra]
-    )
-    return settings
 
 
 @pytest.fixture(scope="session")
@@ -73,5 +66,18 @@ def reference_pipe(tiny_model_dir: Path):
     return pipe
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+@pytest.fixture(scope="session")
+def require_tool() -> Callable[[str], str]:
+    """Finds a validation tool in the tools venv (.tools, made by `make test`) or on PATH; under CI a missing tool
+    fails the test, elsewhere it skips it."""
+
+    def find(name: str) -> str:
+        local = ROOT / ".tools" / "bin" / name
+        path = str(local) if local.exists() else shutil.which(name)
+        if path is None:
+            if os.environ.get("CI"):
+                pytest.fail(f"{name} is missing: `make test` installs it into .tools")
+            pytest.skip(f"{name} not installed (`make test` installs it into .tools)")
+        return path
+
+    return find

@@ -1,4 +1,5 @@
-"""The batching engine: equivalence with diffusers, join/leave mid-flight, fairness, cancel, deadline, OOM.
+"""The batching engine on the real tiny pipeline: equivalence with diffusers, join/leave mid-flight, fairness,
+cancellation, deadlines, out-of-memory, --compile, and the metrics it keeps.
 
 Tolerance: an image served alone matches diffusers' pipeline exactly in practice; inside a mixed batch the UNet
 runs one larger matrix product, whose float32 summation order differs from a batch of one, so pixels may move
@@ -8,18 +9,22 @@ by at most one uint8 level.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
-from predictor.engine import EngineConfig, GenerationEngine
-from predictor.errors import DeadlineExceeded, OutOfMemory, Overloaded
-from predictor.pipeline import LoadedPipeline, load_pipeline, make_scheduler
-from predictor.schemas import SCHEDULER_NAMES, GenerationParams
+from predictor import metrics
+from predictor.config import EngineConfig
+from predictor.engine import GenerationEngine, create_engine
+from predictor.errors import DeadlineExceeded, OutOfMemory, Overloaded, WorkerStopped
+from predictor.pipeline import LoadedPipeline, load_pipeline
+from predictor.runners.compiled import CompiledDenoiser, batch_buckets
+from predictor.schemas import SCHEDULER_NAMES
+from predictor.testing import diffusers_image, params, pixels, wait_until
 
 TOLERANCE = 1
 
@@ -30,8 +35,9 @@ def loaded(tiny_model_dir) -> LoadedPipeline:
 
 
 @contextmanager
-def running_engine(loaded: LoadedPipeline, **config) -> Iterator[GenerationEngine]:
-    engine = GenerationEngine(loaded, EngineConfig(**{"max_queue": 64, **config}))
+def running_engine(loaded: LoadedPipeline, clock=None, **config) -> Iterator[GenerationEngine]:
+    engine_config = EngineConfig(**{"max_queue": 64, **config})
+    engine = create_engine(loaded, engine_config) if clock is None else create_engine(loaded, engine_config, clock)
     engine.start()
     try:
         yield engine
@@ -39,49 +45,12 @@ def running_engine(loaded: LoadedPipeline, **config) -> Iterator[GenerationEngin
         engine.close(timeout=30)
 
 
-def params(**overrides) -> GenerationParams:
-    values = dict(
-        prompt="a lighthouse at dusk",
-        negative_prompt="",
-        num_inference_steps=6,
-        guidance_scale=7.5,
-        width=64,
-        height=64,
-        seed=42,
-        scheduler="dpmpp_2m",
-        output_format="png",
-    )
-    values.update(overrides)
-    return GenerationParams(**values)
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image, dtype=np.int16)
-
-
-def diffusers_image(pipe, p: GenerationParams) -> np.ndarray:
-    original = pipe.scheduler
-    pipe.scheduler = make_scheduler(p.scheduler, original.config)
-    try:
-        image = pipe(
-            p.prompt,
-            negative_prompt=p.negative_prompt or None,
-            num_inference_steps=p.num_inference_steps,
-            guidance_scale=p.guidance_scale,
-            width=p.width,
-            height=p.height,
-            generator=torch.Generator("cpu").manual_seed(p.seed),
-        ).images[0]
-    finally:
-        pipe.scheduler = original
-    return pixels(image)
-
-
 class StepLog:
     """Records (name, step) progress events in the order the engine emits them."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, int]] = []
+        self.totals: list[int] = []
         self.lock = threading.Lock()
 
     def callback(self, name: str, on_step=None):
@@ -89,10 +58,26 @@ class StepLog:
             if event == "step":
                 with self.lock:
                     self.events.append((name, current))
+                    self.totals.append(total)
                 if on_step is not None:
                     on_step(current)
 
         return record
+
+
+class Gate:
+    """Holds the worker inside a progress callback at a given step until the test opens it: the engine is then
+    busy for as long as the test needs, with no sleeps."""
+
+    def __init__(self, at_step: int = 1) -> None:
+        self.at_step = at_step
+        self.reached = threading.Event()
+        self.opened = threading.Event()
+
+    def __call__(self, event: str, current: int, total: int) -> None:
+        if event == "step" and current == self.at_step:
+            self.reached.set()
+            assert self.opened.wait(timeout=60), "the gate was never opened"
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
@@ -119,13 +104,17 @@ def test_mixed_batch_matches_alone_and_diffusers(loaded, reference_pipe, schedul
             if step == 2 and not late:  # these join while the target is mid-flight
                 late.extend(engine.submit(others[2:]))
 
-        mixed_future = engine.submit([target], on_progress=StepLog().callback("t", join_later))[0]
+        log = StepLog()
+        mixed_future = engine.submit([target], on_progress=log.callback("t", join_later))[0]
         mixed = pixels(mixed_future.result(timeout=60).image)
         for future in early + late:
             future.result(timeout=60)
     assert np.abs(alone - reference).max() <= TOLERANCE
     assert np.abs(mixed - reference).max() <= TOLERANCE
     assert reference.std() > 5, "the tiny model must produce a varied image for this test to mean anything"
+    # Progress counts the steps asked for, once each, whatever the scheduler's own number of calls (PNDM's is n+1).
+    assert [step for _, step in log.events] == list(range(1, target.num_inference_steps + 1))
+    assert set(log.totals) == {target.num_inference_steps}
 
 
 @pytest.mark.parametrize(
@@ -143,7 +132,7 @@ def test_join_at_next_step_and_leave_when_done(
     long_job = params(prompt="long", num_inference_steps=12, scheduler=scheduler)
     short_job = params(prompt="short", num_inference_steps=3, seed=7, scheduler=scheduler)
     with running_engine(loaded, max_batch_size=4) as engine:
-        engine._device_runs_ahead = device_runs_ahead  # what CUDA sets; this tests the ordering on a CPU
+        engine.runner.device_runs_ahead = device_runs_ahead  # what CUDA sets; this tests the ordering on a CPU
         alone_short = pixels(engine.generate(short_job).image)
         short_future: list = []
 
@@ -152,8 +141,7 @@ def test_join_at_next_step_and_leave_when_done(
                 short_future.extend(engine.submit([short_job], on_progress=log.callback("short")))
 
         long_future = engine.submit([long_job], on_progress=log.callback("long", submit_short))[0]
-        while not short_future:
-            time.sleep(0.005)
+        wait_until(lambda: short_future, timeout_s=60)
         short_result = short_future[0].result(timeout=60)
         long_was_running = not long_future.done()
         long_future.result(timeout=60)
@@ -183,18 +171,24 @@ def test_serial_mode_serves_in_arrival_order(loaded) -> None:
 def test_resolution_groups_take_turns(loaded) -> None:
     """A request at another resolution is not stuck behind a full group: groups alternate step by step."""
     log = StepLog()
+    gate = Gate(at_step=1)
+    record_first = log.callback("s1")
+
+    def first_progress(event: str, current: int, total: int) -> None:
+        record_first(event, current, total)
+        gate(event, current, total)
+
     with running_engine(loaded, max_batch_size=1) as engine:
-        first = engine.submit([params(prompt="small-1", num_inference_steps=6)], on_progress=log.callback("s1"))[0]
-        big = engine.submit([params(prompt="big", width=128, num_inference_steps=6)], on_progress=log.callback("big"))[
-            0
-        ]
-        second = engine.submit([params(prompt="small-2", num_inference_steps=6)], on_progress=log.callback("s2"))[0]
-        for future in (first, big, second):
+        first = engine.submit([params(prompt="small-1", num_inference_steps=6)], on_progress=first_progress)
+        assert gate.reached.wait(timeout=60)  # the worker is inside small-1's first step: the others queue up
+        big = engine.submit([params(prompt="big", width=128, num_inference_steps=6)], on_progress=log.callback("big"))
+        second = engine.submit([params(prompt="small-2", num_inference_steps=6)], on_progress=log.callback("s2"))
+        gate.opened.set()
+        for future in first + big + second:
             future.result(timeout=60)
     order = [name for name, _ in log.events]
-    # The 128-wide request starts before the first 64x64 one finishes and ends before the queued 64x64 one.
-    assert order.index("big") < order.index("s1") + 6
-    assert order.index("big") < order.index("s2")
+    # small-1's first step ran alone; the big request then joins the turns and the groups alternate.
+    assert order[:7] == ["s1", "s1", "big", "s1", "big", "s1", "big"]
     assert max(i for i, n in enumerate(order) if n == "big") < max(i for i, n in enumerate(order) if n == "s2")
     # Within a group, arrival order: small-2 starts only after small-1 has finished.
     assert order.index("s2") > max(i for i, n in enumerate(order) if n == "s1")
@@ -215,22 +209,102 @@ def test_cancelled_job_stops_at_next_step(loaded) -> None:
     assert max(steps) <= 4, f"work went on after cancellation: {steps}"
 
 
+def failures(model_name: str, error_type: str) -> float:
+    return metrics.FAILURES.labels(model_name=model_name, error_type=error_type)._value.get()
+
+
+def test_cancelled_queued_job_never_starts_and_is_counted(loaded) -> None:
+    gate = Gate(at_step=1)
+    log = StepLog()
+    with running_engine(loaded, max_batch_size=1, model_name="cancel-queued") as engine:
+        running = engine.submit([params(prompt="running", num_inference_steps=2)], on_progress=gate)[0]
+        assert gate.reached.wait(timeout=60)
+        queued = engine.submit([params(prompt="queued", num_inference_steps=2)], on_progress=log.callback("q"))[0]
+        assert engine.queue_depth == 1
+        assert queued.cancel()
+        gate.opened.set()
+        running.result(timeout=60)
+        assert engine.wait_idle(timeout=30)
+    assert log.events == [], "a cancelled queued job must not run"
+    assert failures("cancel-queued", "cancelled") == 1
+
+
 def test_deadline_fails_with_504_error_and_frees_the_slot(loaded) -> None:
-    with running_engine(loaded, max_batch_size=1) as engine:
-        slow = engine.submit([params(num_inference_steps=150)], timeout_s=0.2)[0]
-        with pytest.raises(DeadlineExceeded):
+    """Deadlines run on the engine's clock: this test moves it forward by hand at a chosen step."""
+    now = [1000.0]
+    log = StepLog()
+
+    def time_passes(step: int) -> None:
+        if step == 2:
+            now[0] += 11.0
+
+    with running_engine(loaded, clock=lambda: now[0], max_batch_size=1, model_name="deadline") as engine:
+        slow = engine.submit(
+            [params(num_inference_steps=150)], on_progress=log.callback("slow", time_passes), timeout_s=10
+        )[0]
+        queued = engine.submit([params(num_inference_steps=2)], timeout_s=10)[0]
+        with pytest.raises(DeadlineExceeded, match="did not finish within"):
             slow.result(timeout=60)
+        with pytest.raises(DeadlineExceeded, match="waited longer than"):
+            queued.result(timeout=60)
         assert engine.generate(params(num_inference_steps=2), timeout=60).image.size == (64, 64)
+    assert max(step for _, step in log.events) <= 3, "the work stopped at the next step"
+    assert failures("deadline", "timeout") == 2
 
 
 def test_queue_limit_rejects_whole_request(loaded) -> None:
+    gate = Gate(at_step=1)
     with running_engine(loaded, max_batch_size=1, max_queue=3) as engine:
-        engine.submit([params(num_inference_steps=100)])  # admitted at once or queued
-        time.sleep(0.2)
+        running = engine.submit([params(num_inference_steps=2)], on_progress=gate)[0]
+        assert gate.reached.wait(timeout=60)  # admitted and held: the queue is empty
         engine.submit([params(num_inference_steps=2)] * 3)
         with pytest.raises(Overloaded) as error:
             engine.submit([params(num_inference_steps=2)])
         assert error.value.headers["Retry-After"] == "1"
+        assert engine.queue_depth == 3
+        gate.opened.set()
+        running.result(timeout=60)
+
+
+def test_warm_up_images_stay_out_of_the_metrics(loaded) -> None:
+    with running_engine(loaded, model_name="warm-up-metrics") as engine:
+        engine.generate(params(num_inference_steps=2), timeout=60, counted=False)
+        assert metrics.IMAGES.labels(model_name="warm-up-metrics")._value.get() == 0
+        engine.generate(params(num_inference_steps=2), timeout=60)
+    assert metrics.IMAGES.labels(model_name="warm-up-metrics")._value.get() == 1
+
+
+class RaiseOnCall:
+    """Fault injection: the UNet raises ``error`` on every call while ``armed``."""
+
+    def __init__(self, unet, error: BaseException) -> None:
+        self.unet, self.error, self.armed = unet, error, False
+
+    def __getattr__(self, name):
+        return getattr(self.unet, name)
+
+    def __call__(self, *args, **kwargs):
+        if self.armed:
+            raise self.error
+        return self.unet(*args, **kwargs)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), SystemExit(3)], ids=["KeyboardInterrupt", "SystemExit"])
+def test_worker_stopped_by_a_non_exception_is_reported_as_such(tiny_model_dir, error: BaseException) -> None:
+    loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
+    loaded.pipe.unet = RaiseOnCall(loaded.pipe.unet, error)
+    with running_engine(loaded, max_batch_size=1) as engine:
+        loaded.pipe.unet.armed = True
+        gate = Gate(at_step=1)
+        futures = engine.submit([params(num_inference_steps=2)], on_progress=gate)
+        queued = engine.submit([params(num_inference_steps=2)])
+        for future in futures + queued:
+            with pytest.raises(WorkerStopped):
+                future.result(timeout=60)
+        assert not engine.alive()
+        assert isinstance(engine.liveness_failure(), WorkerStopped)
+        with pytest.raises(WorkerStopped):
+            engine.submit([params()])
 
 
 class OomAbove:
@@ -268,15 +342,13 @@ def test_out_of_memory_retries_in_halves_then_fails_alone(tiny_model_dir) -> Non
 
 
 @pytest.mark.parametrize("mode", ["reduce-overhead", "default"])
-def test_compiled_engine_never_recompiles_after_warmup(tiny_model_dir, mode: str) -> None:
-    """--compile: the UNet is compiled once with a dynamic batch dimension (CUDA graph mode pads rows to
-    buckets), the VAE decoder once; a mixed load afterwards compiles nothing new and matches eager output.
+def test_compiled_engine_never_recompiles_after_warmup(tiny_model_dir, mode: str, caplog) -> None:
+    """--compile: the UNet is compiled once with a dynamic batch dimension, the VAE decoder once; a mixed load
+    afterwards compiles nothing new and matches eager output. On a CPU there are no CUDA graphs, in either mode.
 
     The eager backend keeps this fast on CPU; dynamo's graph capture and shape guards are the same as
     with inductor, so a recompile would show here too.
     """
-    from predictor.engine import batch_buckets
-
     loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
     jobs = [
         params(prompt=f"c{i}", seed=i, num_inference_steps=2 + i % 3, guidance_scale=[1.0, 7.5][i % 2])
@@ -284,20 +356,54 @@ def test_compiled_engine_never_recompiles_after_warmup(tiny_model_dir, mode: str
     ]
     with running_engine(loaded, max_batch_size=4) as engine:
         expected = [pixels(f.result(timeout=60).image) for f in engine.submit(jobs)]
-    assert batch_buckets(8) == (1, 2, 4, 8) and batch_buckets(6) == (1, 2, 4, 6)
-    with running_engine(loaded, max_batch_size=4, compile=True, compile_backend="eager", compile_mode=mode) as engine:
-        after_warmup = engine.compiled_graphs()
+    with (
+        caplog.at_level("INFO"),
+        running_engine(loaded, max_batch_size=4, compile=True, compile_backend="eager", compile_mode=mode) as engine,
+    ):
+        after_warmup = engine.runner.compiled_graphs()
         # One UNet graph for every batch size and one decoder graph (a convolution backend's batch-size guard
         # may split the UNet's range once).
         assert 2 <= after_warmup <= 3
         results = [f.result(timeout=60) for f in engine.submit(jobs)]  # batches of 1..4 images, 1..8 rows
         results += [engine.generate(jobs[0], timeout=60)]
-        assert engine.compiled_graphs() == after_warmup, "a batch size compiled after warm-up"
+        assert engine.runner.compiled_graphs() == after_warmup, "a batch size compiled after warm-up"
         # Another resolution runs eagerly instead of compiling at request time.
         assert engine.generate(params(width=96, num_inference_steps=2), timeout=60).image.size == (96, 64)
-        assert engine.compiled_graphs() == after_warmup
+        assert engine.runner.compiled_graphs() == after_warmup
     for got, want in zip(results, expected, strict=False):
         assert np.abs(pixels(got.image) - want).max() <= TOLERANCE
+    compile_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("compiled the UNet"))
+    assert "(dynamic batch size)" in compile_line and "running every batch size" in compile_line
+    assert "CUDA graphs" not in compile_line, "a CPU records no CUDA graphs"
+
+
+def test_cuda_graph_buckets_pad_rows_and_never_recompile(tiny_model_dir) -> None:
+    """With CUDA graphs a compiled denoiser replays a graph per bucket of rows; each call is padded up to its
+    bucket and the padding is cut off again. Checked on the CPU with the eager backend (the padding is the same)."""
+    loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
+    unet = loaded.pipe.unet
+    assert batch_buckets(8) == (1, 2, 4, 8) and batch_buckets(6) == (1, 2, 4, 6)
+    config = EngineConfig(compile=True, compile_backend="eager", compile_mode="reduce-overhead")
+    compiled = CompiledDenoiser(unet, config, max_rows=8, cuda_graphs=True)
+    assert compiled.buckets == (2, 4, 8)
+    generator = torch.Generator("cpu").manual_seed(0)
+
+    def inputs(rows: int):
+        sample = torch.randn((rows, 4, 8, 8), generator=generator)
+        hidden = torch.randn((rows, 77, 32), generator=generator)
+        return sample, torch.full((rows,), 500.0), {"encoder_hidden_states": hidden}
+
+    with torch.inference_mode():
+        compiled.warm_up(inputs, lambda: None)
+        unique = counters["stats"]["unique_graphs"]
+        for rows in (1, 3, 5, 7):
+            sample, timesteps, kwargs = inputs(rows)
+            got = compiled(sample, timesteps, **kwargs)
+            want = unet(sample, timesteps, **kwargs, return_dict=False)[0]
+            assert got.shape[0] == rows
+            assert torch.allclose(got, want, atol=1e-5)
+        assert counters["stats"]["unique_graphs"] == unique, "a padded row count compiled a new graph"
+    assert unique >= 1
 
 
 def test_float16_vae_overflow_is_decoded_again_in_float32(tiny_model_dir, caplog) -> None:

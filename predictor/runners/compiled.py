@@ -1,0 +1,151 @@
+"""torch.compile for any family's denoiser and decoder, without recompiling under requests.
+
+The denoiser is compiled once with a dynamic batch dimension. With CUDA graphs (``--compile_mode
+reduce-overhead`` on CUDA) a graph is recorded per bucket of rows (2, 4, 8, ... up to the most rows a step
+can bring) and every call is padded up to the next bucket; without them the compiled graph takes any row
+count, and warm-up runs each one so a guard split compiles before the server is ready, not under a request.
+The decoder is compiled for one image and decodes a batch image by image.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from predictor.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+# torch.compile's own timers worth an operator's eye (nested: tracing and the backend are parts of the total).
+_COMPILE_PHASES = {
+    "_compile.compile_inner": "dynamo in all",
+    "bytecode_tracing": "tracing",
+    "OutputGraph.call_user_compiler": "backend",
+    "create_aot_dispatcher_function": "AOT autograd",
+    "compile_fx_inner": "inductor",
+    "PyCodeCache.load_by_key_path": "loading compiled code",
+    "async_compile.wait": "kernel compiles",
+}
+
+# (sample, timesteps, other tensor inputs by keyword) for a given number of rows.
+ExampleInputs = Callable[[int], tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]
+
+
+def compile_phases() -> str:
+    """Where torch.compile spent its time, from its own timers (an empty string where they are missing)."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, values = compile_times(repr="csv", aggregate=True)
+    except Exception:  # private API: its shape may change between torch releases
+        return ""
+    seconds = dict(zip(names, values, strict=False))
+    parts = [f"{label} {float(seconds[name]):.1f} s" for name, label in _COMPILE_PHASES.items() if name in seconds]
+    return "torch.compile timers: " + ", ".join(parts) if parts else ""
+
+
+def compile_cache_counts() -> tuple[int, int]:
+    """(hits, misses) of inductor's FX graph cache: a restart on a warm --compile_cache_dir has no misses."""
+    from torch._dynamo.utils import counters
+
+    cache = counters["inductor"]
+    return cache["fxgraph_cache_hit"], cache["fxgraph_cache_miss"]
+
+
+def batch_buckets(max_rows: int) -> tuple[int, ...]:
+    """Powers of two up to ``max_rows``, and ``max_rows`` itself: the row counts CUDA graphs are recorded for."""
+    buckets, size = [], 1
+    while size < max_rows:
+        buckets.append(size)
+        size *= 2
+    buckets.append(max_rows if max_rows > 0 else 1)
+    return tuple(dict.fromkeys(buckets))
+
+
+def _pad_rows(value: Any, rows: int) -> Any:
+    """``value`` (a tensor, or a dict of them as SDXL's added conditions) with zero rows added up to ``rows``."""
+    if isinstance(value, dict):
+        return {key: _pad_rows(item, rows) for key, item in value.items()}
+    if not isinstance(value, torch.Tensor) or value.shape[0] == rows:
+        return value
+    return torch.cat([value, value.new_zeros((rows - value.shape[0], *value.shape[1:]))])
+
+
+def _mark_batch_dynamic(value: Any) -> None:
+    if isinstance(value, dict):
+        for item in value.values():
+            _mark_batch_dynamic(item)
+    elif isinstance(value, torch.Tensor):
+        # "maybe": a backend that needs a fixed batch size compiles per size (all at warm-up) instead of failing.
+        torch._dynamo.maybe_mark_dynamic(value, 0)
+
+
+def compile_options(config: EngineConfig, mode: str, dynamic: bool | None) -> dict[str, Any]:
+    chosen: dict[str, Any] = {"backend": config.compile_backend, "fullgraph": True, "dynamic": dynamic}
+    if config.compile_backend == "inductor":
+        chosen["mode"] = mode
+    return chosen
+
+
+class CompiledDenoiser:
+    """A denoiser module (UNet or transformer) under torch.compile, called as ``(sample, timesteps, **inputs)``."""
+
+    def __init__(self, module: torch.nn.Module, config: EngineConfig, max_rows: int, cuda_graphs: bool) -> None:
+        self.cuda_graphs = cuda_graphs
+        self.max_rows = max_rows
+        # A lone unguided image has one row; one row would specialise the dynamic batch dimension, so it is
+        # padded to two, and no bucket of one exists.
+        self.buckets = tuple(b for b in batch_buckets(max_rows) if b > 1) if cuda_graphs else ()
+        self._fn = torch.compile(module, **compile_options(config, config.compile_mode, None))
+
+    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, **inputs: Any) -> torch.Tensor:
+        rows = sample.shape[0]
+        bucket = next((b for b in self.buckets if b >= rows), max(rows, 2))
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        padded = {key: _pad_rows(value, bucket) for key, value in inputs.items()}
+        noise = self._fn(_pad_rows(sample, bucket), _pad_rows(timesteps, bucket), **padded, return_dict=False)[0]
+        # A CUDA graph's output lives in memory the next replay overwrites: keep a copy.
+        return noise[:rows].clone() if self.cuda_graphs else noise[:rows]
+
+    def warm_up(self, example: ExampleInputs, synchronize: Callable[[], None]) -> tuple[float, float]:
+        """Compile, then run every row count a request can bring (CUDA graph trees need three runs per bucket:
+        warm up, record, replay), so no request compiles or records anything. Returns the seconds of each part."""
+        started = time.perf_counter()
+        sample, timesteps, inputs = example(2)
+        for value in (sample, timesteps, inputs):
+            _mark_batch_dynamic(value)
+        self(sample, timesteps, **inputs)
+        synchronize()
+        compiled = time.perf_counter()
+        if self.cuda_graphs:
+            row_counts, repeats = self.buckets, 3
+        else:
+            row_counts, repeats = tuple(range(2, self.max_rows + 1)), 1
+        for rows in row_counts:
+            for _ in range(repeats):
+                sample, timesteps, inputs = example(rows)
+                self(sample, timesteps, **inputs)
+        synchronize()
+        return compiled - started, time.perf_counter() - compiled
+
+    def describe(self) -> str:
+        if self.cuda_graphs:
+            return f"CUDA graphs for {len(self.buckets)} batch sizes"
+        return "dynamic batch size"
+
+
+class CompiledDecoder:
+    """A decode function under torch.compile for one image at a time (it runs once per image, not per step:
+    CUDA graphs would buy little and cost memory)."""
+
+    def __init__(self, decode: Callable[..., Any], config: EngineConfig) -> None:
+        mode = "default" if config.compile_mode == "reduce-overhead" else config.compile_mode
+        self._fn = torch.compile(decode, **compile_options(config, mode, False))
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._fn(latents[i : i + 1], return_dict=False)[0] for i in range(len(latents))])

@@ -1,0 +1,159 @@
+"""Stable Diffusion 1.x: a CLIP text encoder, a UNet over 4-channel latents, a VAE, an optional safety checker.
+
+The specification it matches row for row is diffusers' ``StableDiffusionPipeline.__call__``: prompts encoded
+by ``encode_prompt``, latents drawn by ``randn_tensor`` with the request's CPU generator and scaled by the
+scheduler's ``init_noise_sigma``, classifier-free guidance over an unconditional and a conditional row.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from predictor.jobs import Job
+from predictor.pipeline import SCHEDULERS, make_scheduler
+from predictor.runners.base import Conditioning, ModelRunner
+from predictor.runners.compiled import (
+    CompiledDecoder,
+    CompiledDenoiser,
+    compile_cache_counts,
+    compile_phases,
+)
+from predictor.schemas import GenerationParams
+
+logger = logging.getLogger(__name__)
+
+
+class StableDiffusionRunner(ModelRunner):
+    schedulers = SCHEDULERS
+    host_free_schedulers = frozenset({"dpmpp_2m", "dpmpp_2m_karras", "euler", "lms"})
+
+    def __init__(self, loaded, config) -> None:
+        super().__init__(loaded, config)
+        self._unet: Any = None  # a CompiledDenoiser once warmed up with --compile
+        self._decoder: Any = None  # a CompiledDecoder once warmed up with --compile
+        self._vae_float32: Any = None  # made on the first float16 overflow
+
+    # ---- the family ------------------------------------------------------------------------------
+
+    def batch_key(self, params: GenerationParams) -> Hashable:
+        return (params.height, params.width)
+
+    def make_scheduler(self, name: str) -> SchedulerMixin:
+        return make_scheduler(name, self.pipe.scheduler.config)
+
+    def encode(self, jobs: list[Job]) -> list[tuple[Conditioning, Conditioning | None]]:
+        pipe = self.pipe
+        guided = [job for job in jobs if job.params.uses_guidance]
+        texts = [job.params.prompt for job in jobs] + [job.params.negative_prompt for job in guided]
+        embeds, _ = pipe.encode_prompt(texts, self.device, 1, False)
+        uncond_row = {id(job): len(jobs) + index for index, job in enumerate(guided)}
+        max_tokens = pipe.tokenizer.model_max_length
+        rows: list[tuple[Conditioning, Conditioning | None]] = []
+        for index, job in enumerate(jobs):
+            tokens = pipe.tokenizer(job.params.prompt, truncation=True, max_length=max_tokens + 1).input_ids
+            job.prompt_truncated = len(tokens) > max_tokens
+            cond = {"encoder_hidden_states": embeds[index : index + 1]}
+            other = uncond_row.get(id(job))
+            uncond = None if other is None else {"encoder_hidden_states": embeds[other : other + 1]}
+            rows.append((cond, uncond))
+        return rows
+
+    def initial_latents(self, job: Job, scheduler: SchedulerMixin, generator: torch.Generator) -> torch.Tensor:
+        p, scale = job.params, self.pipe.vae_scale_factor
+        shape = (1, self.pipe.unet.config.in_channels, p.height // scale, p.width // scale)
+        dtype = self.pipe.text_encoder.dtype
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=dtype) * scheduler.init_noise_sigma
+
+    def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        if self._unet is not None and self._at_native_size(sample):
+            return self._unet(sample, timesteps, **conditioning)
+        return self.pipe.unet(sample, timesteps, **conditioning, return_dict=False)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        scaled = latents / self.pipe.vae.config.scaling_factor
+        if self._decoder is not None and self._at_native_size(latents):
+            return self._decoder(scaled)
+        return self.pipe.vae.decode(scaled, return_dict=False)[0]
+
+    def decode_float32(self, latents: torch.Tensor) -> torch.Tensor:
+        if self._vae_float32 is None:
+            logger.warning("the float16 VAE overflowed; decoding such images in float32 from now on")
+            self._vae_float32 = copy.deepcopy(self.pipe.vae).to(torch.float32)
+        scaled = latents.to(torch.float32) / self.pipe.vae.config.scaling_factor
+        return self._vae_float32.decode(scaled, return_dict=False)[0]
+
+    @property
+    def has_safety_checker(self) -> bool:
+        return self.pipe.safety_checker is not None
+
+    def flag_unsafe(self, images: torch.Tensor, dtype: torch.dtype) -> list[bool] | None:
+        _, nsfw = self.pipe.run_safety_checker(images, self.device, dtype)
+        return None if nsfw is None else [bool(flag) for flag in nsfw]
+
+    # ---- --compile ---------------------------------------------------------------------------------
+
+    def _at_native_size(self, latents: torch.Tensor) -> bool:
+        """Compiled graphs exist for the native resolution only; other sizes run eagerly rather than compile
+        at request time (which would stall every request and, past dynamo's limit, fail)."""
+        size = self.loaded.native_size // self.pipe.vae_scale_factor
+        return tuple(latents.shape[-2:]) == (size, size)
+
+    def warm_up(self) -> None:
+        if self.config.compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        """torch.compile the UNet and the VAE decoder, then run them so no request compiles or records a graph."""
+        pipe, device, config = self.pipe, self.device, self.config
+        started = time.perf_counter()
+        # CUDA graphs replay fixed shapes; they exist on CUDA only. Guided images take two rows each.
+        cuda_graphs = device.type == "cuda" and (
+            config.compile_mode == "reduce-overhead" or config.compile_backend == "cudagraphs"
+        )
+        unet = CompiledDenoiser(pipe.unet, config, max_rows=2 * config.max_batch_size, cuda_graphs=cuda_graphs)
+        decoder = CompiledDecoder(pipe.vae.decode, config)
+        size = self.loaded.native_size // pipe.vae_scale_factor
+        channels = pipe.unet.config.in_channels
+        context = pipe.text_encoder.config.hidden_size
+        dtype = self.loaded.dtype
+
+        def unet_inputs(rows: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+            sample = torch.zeros((rows, channels, size, size), device=device, dtype=dtype)
+            timesteps = torch.full((rows,), 500.0, device=device)
+            hidden = torch.zeros((rows, pipe.tokenizer.model_max_length, context), device=device, dtype=dtype)
+            return sample, timesteps, {"encoder_hidden_states": hidden}
+
+        unet_compile_s, unet_sizes_s = unet.warm_up(unet_inputs, self._synchronize)
+        decoder_started = time.perf_counter()
+        decoder(torch.zeros((1, pipe.vae.config.latent_channels, size, size), device=device, dtype=dtype))
+        self._synchronize()
+        finished = time.perf_counter()
+        self._unet, self._decoder = unet, decoder
+        hits, misses = compile_cache_counts()
+        logger.info(
+            "compiled the UNet (%s) and the VAE decoder in %.1f s (%s, mode %s; compile cache: %d hits, %d misses): "
+            "UNet %.1f s, %s %.1f s, VAE decoder %.1f s; %s",
+            unet.describe(),
+            finished - started,
+            config.compile_backend,
+            config.compile_mode,
+            hits,
+            misses,
+            unet_compile_s,
+            "recording CUDA graphs" if unet.cuda_graphs else "running every batch size",
+            unet_sizes_s,
+            finished - decoder_started,
+            compile_phases(),
+        )
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()

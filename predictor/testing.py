@@ -1,0 +1,170 @@
+"""Helpers shared by the tests and the benchmarks: real server processes on loopback ports, polling instead of
+sleeping, request parameters, pixels, and diffusers' own image for the same request (the ground truth)."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from predictor.schemas import GenerationParams
+
+READY_TIMEOUT_S = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(
+    *args: str, port: int, log: Path | str | None = None, env: dict[str, str] | None = None, model_name: str = "sd"
+) -> subprocess.Popen:
+    """``python -m predictor`` with ``args`` on ``port``. Its output goes to ``log`` (or nowhere): an unread
+    pipe would fill up and block the server."""
+    output = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the process owns it
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "predictor", "--model_name", model_name, "--http_port", str(port), *args],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+    finally:
+        if log:
+            output.close()
+
+
+def log_tail(log: Path | str | None, chars: int = 5000) -> str:
+    return Path(log).read_text(errors="replace")[-chars:] if log and Path(log).exists() else ""
+
+
+def wait_ready(
+    process: subprocess.Popen,
+    port: int,
+    log: Path | str | None = None,
+    timeout_s: float = READY_TIMEOUT_S,
+    model_name: str = "sd",
+) -> float:
+    """Seconds until ``GET /v1/models/NAME`` answers 200; raises with the log's tail if the process exits first
+    or the time runs out."""
+    started = time.perf_counter()
+    url = f"http://127.0.0.1:{port}/v1/models/{model_name}"
+    while time.perf_counter() - started < timeout_s:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before becoming ready:\n{log_tail(log)}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.perf_counter() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"server did not become ready within {timeout_s:g} s:\n{log_tail(log)}")
+
+
+def stop_server(process: subprocess.Popen, timeout_s: float = 60) -> int:
+    """SIGTERM, then the exit status (killed if it does not exit in time)."""
+    process.terminate()
+    try:
+        return process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.01) -> Any:
+    """Poll ``condition`` until it returns something true (returned); fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeout_s:g} s")
+        time.sleep(interval_s)
+
+
+def metric(base_url: str, name: str, **labels: str) -> float:
+    """One sample from a server's /metrics, matching its labels in any order (model_name "sd" unless given);
+    0 when absent."""
+    wanted = {"model_name": "sd", **labels}
+    text = httpx.get(f"{base_url}/metrics", timeout=5).text
+    for match in re.finditer(rf"^{name}{{([^}}]*)}} (\S+)$", text, re.M):
+        if dict(re.findall(r'(\w+)="([^"]*)"', match.group(1))) == wanted:
+            return float(match.group(2))
+    return 0.0
+
+
+def params(**overrides: Any) -> GenerationParams:
+    """Resolved generation parameters for builtin:tiny's native size, with ``overrides``."""
+    values: dict[str, Any] = {
+        "prompt": "a lighthouse at dusk",
+        "negative_prompt": "",
+        "num_inference_steps": 6,
+        "guidance_scale": 7.5,
+        "width": 64,
+        "height": 64,
+        "seed": 42,
+        "scheduler": "dpmpp_2m",
+        "output_format": "png",
+    }
+    values.update(overrides)
+    return GenerationParams(**values)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    """An image as int16 RGB values, so differences do not wrap around."""
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, WebP) as int16 RGB values."""
+    return pixels(Image.open(io.BytesIO(data)))
+
+
+def diffusers_image(pipe: Any, p: GenerationParams) -> np.ndarray:
+    """What diffusers' own ``pipe(...)`` makes for ``p``: the same arguments, the named scheduler made from the
+    pipeline's config, ``generator=torch.Generator("cpu").manual_seed(seed)``."""
+    import torch
+
+    from predictor.pipeline import make_scheduler
+
+    original = pipe.scheduler
+    pipe.scheduler = make_scheduler(p.scheduler, original.config)
+    try:
+        image = pipe(
+            p.prompt,
+            negative_prompt=p.negative_prompt or None,
+            num_inference_steps=p.num_inference_steps,
+            guidance_scale=p.guidance_scale,
+            width=p.width,
+            height=p.height,
+            generator=torch.Generator("cpu").manual_seed(p.seed),
+        ).images[0]
+    finally:
+        pipe.scheduler = original
+    return pixels(image)
+
+
+MODEL_NAME = "sd"
+
+
+def make_settings(model_dir: Path | str, *flags: str) -> Any:
+    """Server settings for a model directory, as the command line would give them."""
+    from predictor.config import parse_settings
+
+    argv = ["--model_name", MODEL_NAME, "--model_dir", str(model_dir), "--model_id", "not/used", *flags]
+    return parse_settings(argv)[1]
