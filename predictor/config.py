@@ -12,6 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, get_args
 
 from predictor.schemas import (
+    HARD_MAX_BATCH_INSTANCES,
     HARD_MAX_IMAGE_SIZE,
     HARD_MAX_PROMPT_CHARS,
     HARD_MAX_STEPS,
@@ -281,6 +282,8 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
         parser.error(f"--max_image_size must be within {MIN_IMAGE_SIZE}..{HARD_MAX_IMAGE_SIZE}")
     if args.max_prompt_chars > HARD_MAX_PROMPT_CHARS:
         parser.error(f"--max_prompt_chars must be at most {HARD_MAX_PROMPT_CHARS}")
+    if args.max_batch_instances > HARD_MAX_BATCH_INSTANCES:
+        parser.error(f"--max_batch_instances must be at most {HARD_MAX_BATCH_INSTANCES}")
     if args.max_queue < args.max_batch_instances:
         parser.error("--max_queue must be at least --max_batch_instances, or large requests could never queue")
     return args, Settings.from_args(args)

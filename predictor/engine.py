@@ -95,7 +95,8 @@ class GenerationEngine:
                 with self._cond:
                     left = self.scheduler.unfinished()
                 for job in left:
-                    _settle_future(job.future, ShuttingDown("the server is shutting down"))
+                    if _settle_future(job.future, ShuttingDown("the server is shutting down")):
+                        self._count_failure(job, "shutting_down")
         return drained
 
     def stop_admitting(self) -> None:
@@ -184,13 +185,14 @@ class GenerationEngine:
                 self.runner.warm_up()  # on this thread: CUDA graphs belong to the thread that records them
             except BaseException as exc:
                 self._startup_error = exc
+                self._worker_stopped = True  # nothing would ever run what is submitted
                 return
             finally:
                 self._ready.set()
             try:
                 while self._iterate():
                     pass
-            except BaseException:  # not an Exception (SystemExit, KeyboardInterrupt): this thread ends here
+            except BaseException:  # what _iterate does not survive: SystemExit, KeyboardInterrupt, a bug outside a step
                 logger.exception("the generation worker stopped")
                 with self._cond:
                     self._worker_stopped = True
@@ -231,7 +233,7 @@ class GenerationEngine:
         batch = [job for job in self.scheduler.next_batch() if not job.cancel_requested()]
         if batch:
             self._denoise(batch)
-            denoised = [job for job in batch if job.denoised]
+            denoised = [job for job in batch if job.denoised and not job.cancel_requested()]
             if denoised:
                 self._start_decode(denoised)
         late = [job for job in admitted if job.state is JobState.ADMITTED and not job.cancel_requested()]
@@ -253,13 +255,12 @@ class GenerationEngine:
 
     def _answer_behind_next_step(self) -> bool:
         """Answer the decodes launched in this iteration in the next one, after its step is launched, so the
-        GPU runs that step while the host turns pixels into pictures. Only when a next step is coming that
-        leaves the host free, and no safety checker would wait for the GPU anyway."""
-        if self.runner.has_safety_checker:
-            return False
+        GPU runs that step while the host turns pixels into pictures: when jobs are still running (unless a
+        safety checker would wait for the GPU anyway), or when waiting jobs will start a step that leaves the
+        host free."""
         with self._cond:
             if self.scheduler.active:
-                return True
+                return not self.runner.has_safety_checker
             waiting = [job.params for job in self.scheduler.waiting]
         return bool(waiting) and self.runner.leaves_host_free(waiting)
 
@@ -293,6 +294,8 @@ class GenerationEngine:
         """If preparing fails for another reason than memory or the device, retry one by one, so only the job at
         fault fails."""
         jobs = [job for job in jobs if job.state is JobState.ADMITTED]  # a retry skips those already prepared
+        if not jobs:
+            return
         try:
             self.runner.prepare(jobs)
         except Exception as exc:
@@ -322,7 +325,7 @@ class GenerationEngine:
         predictions: dict[Job, Any] = {}
         self._halve_on_oom(batch, lambda part: predictions.update(self.runner.predict_noise(list(part))))
         for job in batch:
-            if job in predictions and not job.finished:
+            if job in predictions and not job.finished and not job.cancel_requested():
                 try:
                     self.runner.advance(job, predictions[job])
                 except Exception as exc:
@@ -331,12 +334,13 @@ class GenerationEngine:
                     name, step = job.params.scheduler, job.steps_done
                     logger.exception("scheduler %s failed at step %d", name, step)
                     self._fail(job, GenerationFailed(f"the {name} scheduler failed at step {step}"))
-        metrics.BATCH_SIZE.labels(**self._labels).observe(len(predictions))
-        metrics.STEP_SECONDS.labels(**self._labels).observe(time.perf_counter() - started)
+        if any(job.counted for job in batch):  # not the warm-up's steps
+            metrics.BATCH_SIZE.labels(**self._labels).observe(len(predictions))
+            metrics.STEP_SECONDS.labels(**self._labels).observe(time.perf_counter() - started)
         if self.config.compile:
             metrics.COMPILED_GRAPHS.labels(**self._labels).set(self.runner.compiled_graphs())
         for job in batch:
-            if job.on_progress is not None and not job.finished:
+            if job.on_progress is not None and not job.finished and not job.cancel_requested():
                 step, total = job.progress()
                 if step > 0:
                     job.on_progress("step", step, total)
@@ -355,18 +359,22 @@ class GenerationEngine:
         """Answer decoded images. A decode stays listed until it is answered, so wait_idle and close see its jobs;
         only an unrecoverable device error leaves it there (and propagates)."""
         for decode in decodes:
-            try:
-                self._halve_on_oom(decode, self._answer_part)
-            except Exception as exc:
-                if is_device_failure(exc):
-                    raise
-                logger.exception("could not finish %d images", len(decode))
-                for job in decode.jobs:
-                    self._fail(job, GenerationFailed("the image could not be made"))
+            self._halve_on_oom(decode, self._answer_or_fail)
             with self._cond:
                 if decode in self._decodes:
                     self._decodes.remove(decode)
                 self._cond.notify_all()
+
+    def _answer_or_fail(self, decode: PendingDecode) -> None:
+        """Answer a decode (or a part of one); a failure other than memory or the device fails its images only."""
+        try:
+            self._answer_part(decode)
+        except Exception as exc:
+            if is_oom(exc) or is_device_failure(exc):
+                raise
+            logger.exception("could not finish %d images", len(decode))
+            for job in decode.jobs:
+                self._fail(job, GenerationFailed("the image could not be made"))
 
     def _answer_part(self, decode: PendingDecode) -> None:
         outcomes = self.runner.finish_decode(decode)
@@ -385,6 +393,7 @@ class GenerationEngine:
 
     def _answer_reaped(self, reaped: Reaped) -> None:
         for job in reaped.cancelled:
+            job.move_to(JobState.FINISHED)
             self._count_failure(job, "cancelled")
         timeout = f"{self.config.request_timeout_s:g} s (--request_timeout_s)"
         for job in reaped.expired_waiting:
@@ -392,20 +401,26 @@ class GenerationEngine:
         for job in reaped.expired_running:
             self._fail(job, DeadlineExceeded(f"the request did not finish within {timeout}"))
 
+    # A job is answered once: resolving or failing a finished job does nothing (it was answered and counted).
+
     def _resolve(self, job: Job, result: GenerationResult) -> None:
+        if job.finished:
+            return
         job.move_to(JobState.FINISHED)
         try:
             job.future.set_result(result)
-        except InvalidStateError:  # the client left meanwhile
-            self._count_failure(job, "cancelled")
+        except InvalidStateError:  # the client left meanwhile, or close() answered it
+            if job.future.cancelled():
+                self._count_failure(job, "cancelled")
             return
         if job.counted:
             metrics.IMAGES.labels(**self._labels).inc()
             metrics.REQUEST_SECONDS.labels(**self._labels).observe(result.seconds)
 
     def _fail(self, job: Job, error: PredictorError) -> None:
-        if not job.finished:
-            job.move_to(JobState.FINISHED)
+        if job.finished:
+            return
+        job.move_to(JobState.FINISHED)
         if _settle_future(job.future, error):
             self._count_failure(job, error.error_type)
         elif job.future.cancelled():

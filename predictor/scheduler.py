@@ -6,7 +6,8 @@
 - Batches: keys take turns step by step (round-robin), so no key can starve another.
 - Deadlines and cancellations are reaped once per engine iteration; ``drain`` empties everything on shutdown.
 
-The engine calls every method from its worker thread under its own lock, except ``add`` (any thread, same lock).
+Only the engine's worker thread changes what the scheduler holds, except ``add``, which any thread may call; so
+``add`` and everything that reads or changes the waiting queue run under the engine's lock.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class QueueFull(Exception):
 
 @dataclass
 class Reaped:
-    """Jobs the scheduler let go this iteration; the engine answers them."""
+    """Jobs the scheduler let go this iteration (no longer queued or in flight); the engine answers them and
+    marks them finished."""
 
     cancelled: list[Job] = field(default_factory=list)  # the client went away
     expired_waiting: list[Job] = field(default_factory=list)  # deadline passed before they started
@@ -69,12 +71,11 @@ class BatchScheduler:
                 reaped.expired_waiting.append(job)
             elif job.state in _HOLDS_SLOT and job.overdue(now):
                 reaped.expired_running.append(job)
-            else:
-                continue
-            job.move_to(JobState.FINISHED)
         if reaped:
-            self.waiting = collections.deque(job for job in self.waiting if not job.finished)
-            self.retire()
+            gone = {id(job) for job in [*reaped.cancelled, *reaped.expired_waiting, *reaped.expired_running]}
+            self.waiting = collections.deque(job for job in self.waiting if id(job) not in gone)
+            self.in_flight = [job for job in self.in_flight if id(job) not in gone]
+            self._prune_turns()
         return reaped
 
     def admit(self) -> list[Job]:
@@ -108,18 +109,19 @@ class BatchScheduler:
     def retire(self) -> None:
         """Forget finished jobs, and batch keys that hold no slot any more."""
         self.in_flight = [job for job in self.in_flight if not job.finished]
-        live = {job.batch_key for job in self.in_flight if job.state in _HOLDS_SLOT}
-        self._turns = collections.deque(key for key in self._turns if key in live)
+        self._prune_turns()
 
     def drain(self) -> list[Job]:
-        """Let go of every job not yet finished (shutdown); the engine fails them."""
-        left = [job for job in [*self.waiting, *self.in_flight] if not job.finished]
-        for job in left:
-            job.move_to(JobState.FINISHED)
+        """Let go of every job not yet finished (shutdown, a failed device); the engine fails them."""
+        left = self.unfinished()
         self.waiting.clear()
         self.in_flight.clear()
         self._turns.clear()
         return left
+
+    def _prune_turns(self) -> None:
+        live = {job.batch_key for job in self.in_flight if job.state in _HOLDS_SLOT}
+        self._turns = collections.deque(key for key in self._turns if key in live)
 
     # ---- what it holds --------------------------------------------------------------------------
 

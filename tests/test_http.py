@@ -23,8 +23,10 @@ def v2_body(prompts, **parameters):
     return body
 
 
-def test_model_is_ready_after_load(client: TestClient) -> None:
+def test_model_is_ready_after_load(client: TestClient, model) -> None:
     assert client.get(f"/v1/models/{MODEL_NAME}").json() == {"name": MODEL_NAME, "ready": True}
+    # KServe's own ``engine`` flag ("call start_engine()") is left alone; the generation engine has its own name.
+    assert model.engine is False and model.generation_engine is not None
     assert client.get(f"/v2/models/{MODEL_NAME}/ready").status_code == 200
     assert client.get("/v2/health/ready").status_code == 200
 

@@ -82,6 +82,7 @@ def test_bad_flag_values_are_refused(tmp_path: Path) -> None:
     assert "--default_steps must not exceed --max_steps" in result.stderr
 
 
+@pytest.mark.timeout(900)  # two real inductor compiles on 2 CPU cores: about 100 s here, more on a cold machine
 def test_compile_cache_lets_a_restarted_server_skip_compiling(tmp_path: Path) -> None:
     """--compile with --compile_cache_dir, real inductor on the CPU: the first server compiles (cache misses); a
     restart on the same directory finds every compiled graph there (hits, no misses) and makes the same image."""

@@ -122,9 +122,14 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
     return (unit.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def concat_rows(rows: list[Conditioning]) -> Conditioning:
-    """Per-row conditioning dicts as one batch: each key's tensors concatenated along the batch dimension."""
-    return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
+def concat_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-row conditioning dicts as one batch: each key's tensors concatenated along the batch dimension, nested
+    dicts (SDXL's ``added_cond_kwargs``) key by key."""
+    batch: dict[str, Any] = {}
+    for key, first in rows[0].items():
+        values = [row[key] for row in rows]
+        batch[key] = concat_rows(values) if isinstance(first, dict) else torch.cat(values)
+    return batch
 
 
 class ModelRunner(ABC):
