@@ -56,7 +56,7 @@ class GenerationEngine:
         self.config = config
         self._clock = clock  # for deadlines and image times (tests pass their own)
         self.scheduler = BatchScheduler(config.max_batch_size, config.max_queue)
-        self._labels = {"model_name": config.model_name}
+        self._metrics = metrics.ModelMetrics(config.model_name)
         self._cond = threading.Condition()  # guards the scheduler, the decode list and the flags below
         self._decodes: list[PendingDecode] = []  # launched, not yet answered, in launch order
         self._accepting = True
@@ -239,10 +239,11 @@ class GenerationEngine:
         late = [job for job in admitted if job.state is JobState.ADMITTED and not job.cancel_requested()]
         if late:
             self._prepare(late)
-        defer = self._answer_behind_next_step()
-        with self._cond:
-            due = [d for i, d in enumerate(self._decodes) if i < launched_before or not defer or d.copied is None]
-        self._answer(due)
+        if self._decodes:
+            defer = self._answer_behind_next_step()
+            with self._cond:
+                due = [d for i, d in enumerate(self._decodes) if i < launched_before or not defer or d.copied is None]
+            self._answer(due)
 
     # ---- the loop's order: two named predicates ------------------------------------------------------
 
@@ -335,10 +336,10 @@ class GenerationEngine:
                     logger.exception("scheduler %s failed at step %d", name, step)
                     self._fail(job, GenerationFailed(f"the {name} scheduler failed at step {step}"))
         if any(job.counted for job in batch):  # not the warm-up's steps
-            metrics.BATCH_SIZE.labels(**self._labels).observe(len(predictions))
-            metrics.STEP_SECONDS.labels(**self._labels).observe(time.perf_counter() - started)
+            self._metrics.batch_size.observe(len(predictions))
+            self._metrics.step_seconds.observe(time.perf_counter() - started)
         if self.config.compile:
-            metrics.COMPILED_GRAPHS.labels(**self._labels).set(self.runner.compiled_graphs())
+            self._metrics.compiled_graphs.set(self.runner.compiled_graphs())
         for job in batch:
             if job.on_progress is not None and not job.finished and not job.cancel_requested():
                 step, total = job.progress()
@@ -414,8 +415,8 @@ class GenerationEngine:
                 self._count_failure(job, "cancelled")
             return
         if job.counted:
-            metrics.IMAGES.labels(**self._labels).inc()
-            metrics.REQUEST_SECONDS.labels(**self._labels).observe(result.seconds)
+            self._metrics.images.inc()
+            self._metrics.image_seconds.observe(result.seconds)
 
     def _fail(self, job: Job, error: PredictorError) -> None:
         if job.finished:
@@ -428,7 +429,7 @@ class GenerationEngine:
 
     def _count_failure(self, job: Job, error_type: str) -> None:
         if job.counted:
-            metrics.FAILURES.labels(error_type=error_type, **self._labels).inc()
+            self._metrics.failures(error_type).inc()
 
     def _fail_in_flight(self, exc: Exception) -> None:
         """Fail the jobs in flight after ``exc``. Images already decoded are still answered unless the device
@@ -464,8 +465,8 @@ class GenerationEngine:
             self._fail(job, error)
 
     def _publish_counts(self) -> None:
-        metrics.QUEUE_DEPTH.labels(**self._labels).set(self.scheduler.queue_depth)
-        metrics.ACTIVE_IMAGES.labels(**self._labels).set(self.scheduler.active)
+        self._metrics.queue_depth.set(self.scheduler.queue_depth)
+        self._metrics.active_images.set(self.scheduler.active)
 
 
 def _settle_future(future: Future[GenerationResult], error: PredictorError) -> bool:

@@ -33,3 +33,20 @@ COMPILED_GRAPHS = Gauge(
     "Graphs torch.compile has built (constant after warm-up: no recompiles)",
     ["model_name"],
 )
+
+
+class ModelMetrics:
+    """One model's series, labelled once: ``labels()`` is a locked lookup, too slow to repeat on every step."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.queue_depth = QUEUE_DEPTH.labels(model_name=model_name)
+        self.active_images = ACTIVE_IMAGES.labels(model_name=model_name)
+        self.batch_size = BATCH_SIZE.labels(model_name=model_name)
+        self.step_seconds = STEP_SECONDS.labels(model_name=model_name)
+        self.image_seconds = REQUEST_SECONDS.labels(model_name=model_name)
+        self.images = IMAGES.labels(model_name=model_name)
+        self.compiled_graphs = COMPILED_GRAPHS.labels(model_name=model_name)
+
+    def failures(self, error_type: str) -> Counter:
+        return FAILURES.labels(model_name=self.model_name, error_type=error_type)
