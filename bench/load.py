@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
+from pathlib import Path
 
 import httpx
 from common import free_port, median, percentile, start_server, stop_server, wait_ready
@@ -39,6 +41,16 @@ async def drive(port: int, body: dict, clients: int, requests: int) -> tuple[flo
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
         wall = time.perf_counter() - started
     return wall, latencies, statuses
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used, from /proc (None elsewhere): less noisy than wall time on a
+    shared machine."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def lone_latency(port: int, body: dict, repeats: int = 3) -> float:
@@ -70,7 +82,9 @@ def measure_server(options: argparse.Namespace, batch_size: int, body: dict) -> 
         ready_s = wait_ready(process, port, timeout_s=600)
         lone = lone_latency(port, body)
         asyncio.run(drive(port, body, options.clients, options.clients))  # warm every batch size on the way
+        cpu_before = cpu_seconds(process.pid)
         wall, latencies, statuses = asyncio.run(drive(port, body, options.clients, options.requests))
+        cpu_after = cpu_seconds(process.pid)
     finally:
         stop_server(process)
     ok = statuses.get(200, 0)
@@ -82,6 +96,7 @@ def measure_server(options: argparse.Namespace, batch_size: int, body: dict) -> 
         "p95": percentile(latencies, 95),
         "lone": lone,
         "ready_s": ready_s,
+        "cpu_ms_per_image": float("nan") if cpu_before is None else (cpu_after - cpu_before) / ok * 1000,
     }
 
 
@@ -143,10 +158,11 @@ def main() -> None:
         f"\nmodel {options.model_id}, {options.size}x{options.size}, {options.steps} steps, "
         f"{options.clients} clients, {options.requests} requests"
     )
-    print(f"{'configuration':<30}{'images/s':>10}{'p50 s':>9}{'p95 s':>9}{'lone s':>9}{'ready s':>9}")
+    print(f"{'configuration':<30}{'images/s':>10}{'p50 s':>9}{'p95 s':>9}{'lone s':>9}{'ready s':>9}{'cpu ms/img':>12}")
     for name, r in results.items():
         print(
             f"{name:<30}{r['images_per_s']:>10.2f}{r['p50']:>9.3f}{r['p95']:>9.3f}{r['lone']:>9.3f}{r['ready_s']:>9.1f}"
+            f"{r['cpu_ms_per_image']:>12.1f}"
         )
     batching, serial = results.values()
     print(f"throughput batching/serial: {batching['images_per_s'] / serial['images_per_s']:.2f}x")

@@ -115,3 +115,12 @@ def test_workers_above_one_are_refused() -> None:
 def test_model_index_json_is_what_marks_a_model_dir(tmp_path: Path) -> None:
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     assert describe_source(str(tmp_path), "builtin:tiny") == str(tmp_path)
+
+
+def test_flag_defaults_are_the_settings_defaults() -> None:
+    """Each default is written once, on its dataclass field: the flags with no arguments give exactly those."""
+    from predictor.config import EngineConfig, ModelSource, ServerConfig, Settings
+    from predictor.schemas import Limits
+
+    _, settings = parse_settings([])
+    assert settings == Settings(ModelSource(), Limits(), EngineConfig(), ServerConfig())
