@@ -53,7 +53,7 @@ def output_format(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     return args.format or named or "png"
 
 
-def request_body(args: argparse.Namespace) -> dict:
+def request_body(args: argparse.Namespace, output_format: str) -> dict:
     body: dict = {"prompt": args.prompt}
     fields = {
         "steps": "num_inference_steps",
@@ -68,7 +68,7 @@ def request_body(args: argparse.Namespace) -> dict:
         value = getattr(args, option)
         if value is not None:
             body[field] = value
-    body["output_format"] = args.output_format
+    body["output_format"] = output_format
     return body
 
 
@@ -91,12 +91,12 @@ def draw_bar(out: TextIO, step: int, total: int, width: int = 30) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.output_format = output_format(parser, args)
+    body = request_body(args, output_format(parser, args))
     err = sys.stderr
     headers = {"Accept": "text/event-stream"}
     try:
         with httpx.stream(
-            "POST", f"{args.url.rstrip('/')}/generate", json=request_body(args), headers=headers, timeout=args.timeout
+            "POST", f"{args.url.rstrip('/')}/generate", json=body, headers=headers, timeout=args.timeout
         ) as response:
             if response.status_code != 200:
                 response.read()

@@ -396,11 +396,10 @@ class GenerationEngine:
         for job in reaped.cancelled:
             job.move_to(JobState.FINISHED)
             self._count_failure(job, "cancelled")
-        timeout = f"{self.config.request_timeout_s:g} s (--request_timeout_s)"
         for job in reaped.expired_waiting:
-            self._fail(job, DeadlineExceeded(f"the request waited longer than {timeout}"))
+            self._fail(job, DeadlineExceeded(f"the request waited longer than {_timeout_text(job)}"))
         for job in reaped.expired_running:
-            self._fail(job, DeadlineExceeded(f"the request did not finish within {timeout}"))
+            self._fail(job, DeadlineExceeded(f"the request did not finish within {_timeout_text(job)}"))
 
     # A job is answered once: resolving or failing a finished job does nothing (it was answered and counted).
 
@@ -467,6 +466,11 @@ class GenerationEngine:
     def _publish_counts(self) -> None:
         self._metrics.queue_depth.set(self.scheduler.queue_depth)
         self._metrics.active_images.set(self.scheduler.active)
+
+
+def _timeout_text(job: Job) -> str:
+    """The job's own time limit (only jobs with a deadline expire), as the flag that sets it by default."""
+    return f"{job.deadline - job.submitted_at:g} s (--request_timeout_s)"
 
 
 def _settle_future(future: Future[GenerationResult], error: PredictorError) -> bool:

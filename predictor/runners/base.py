@@ -15,7 +15,7 @@ import contextlib
 import inspect
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -135,8 +135,6 @@ def concat_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
 class ModelRunner(ABC):
     """Owns torch for one model family. Every method runs on the engine's worker thread."""
 
-    # Scheduler names this family serves, mapped to how each is made; the registry of the family.
-    schedulers: ClassVar[Mapping[str, Any]]
     # Schedulers whose step makes no host synchronisation (measured on an H200 with bench/gpu_check.py): on CUDA
     # the host is free while such a step runs, so work queued behind it costs the GPU nothing.
     host_free_schedulers: ClassVar[frozenset[str]] = frozenset()
@@ -169,7 +167,7 @@ class ModelRunner(ABC):
 
     @abstractmethod
     def make_scheduler(self, name: str) -> SchedulerMixin:
-        """A fresh scheduler for one job (schedulers keep per-run state)."""
+        """A fresh scheduler for one job (schedulers keep per-run state), from the family's own registry."""
 
     @abstractmethod
     def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:

@@ -17,8 +17,9 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from predictor.config import EngineConfig
 from predictor.jobs import Job
-from predictor.pipeline import SCHEDULERS, make_scheduler
+from predictor.pipeline import LoadedPipeline, make_scheduler
 from predictor.runners.base import Conditioning, ModelRunner
 from predictor.runners.compiled import (
     CompiledDecoder,
@@ -32,10 +33,9 @@ logger = logging.getLogger(__name__)
 
 
 class StableDiffusionRunner(ModelRunner):
-    schedulers = SCHEDULERS
     host_free_schedulers = frozenset({"dpmpp_2m", "dpmpp_2m_karras", "euler", "lms"})
 
-    def __init__(self, loaded, config) -> None:
+    def __init__(self, loaded: LoadedPipeline, config: EngineConfig) -> None:
         super().__init__(loaded, config)
         self._unet: Any = None  # a CompiledDenoiser once warmed up with --compile
         self._decoder: Any = None  # a CompiledDecoder once warmed up with --compile
@@ -47,7 +47,7 @@ class StableDiffusionRunner(ModelRunner):
         return (params.height, params.width)
 
     def make_scheduler(self, name: str) -> SchedulerMixin:
-        return make_scheduler(name, self.pipe.scheduler.config)
+        return make_scheduler(name, self.pipe.scheduler.config)  # the SD registry: pipeline.SCHEDULERS
 
     def encode(self, jobs: list[Job]) -> list[tuple[Conditioning, Conditioning | None]]:
         pipe = self.pipe
