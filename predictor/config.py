@@ -16,6 +16,8 @@ from predictor.schemas import (
     HARD_MAX_IMAGE_SIZE,
     HARD_MAX_PROMPT_CHARS,
     HARD_MAX_STEPS,
+    LCM_MAX_STEPS,
+    MAX_GUIDANCE,
     MIN_IMAGE_SIZE,
     SCHEDULER_NAMES,
     Limits,
@@ -120,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="python -m predictor",
-        description="Serve a Stable Diffusion pipeline with KServe (v1, v2 and POST /generate).",
+        description="Serve a diffusers text-to-image pipeline (SD 1.x, SD 2.x, SDXL) with KServe: v1, v2, "
+        "POST /generate and the OpenAI Images API.",
         parents=[model_server.parser],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -138,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--model_id",
         default=default(ModelSource, "model_id"),
-        help="Hugging Face repo id used when --model_dir holds no pipeline, or builtin:tiny / builtin:sd-v1-arch "
-        "(random weights, offline).",
+        help="Hugging Face repo id used when --model_dir holds no pipeline, or a builtin with random weights, made "
+        "offline: builtin:tiny, builtin:tiny-sd2, builtin:tiny-sdxl (tests), builtin:sd-v1-arch, builtin:sd2-arch, "
+        "builtin:sdxl-arch (full-size, for GPU benchmarks).",
     )
     model.add_argument("--revision", default=default(ModelSource, "revision"), help="Git revision of --model_id.")
     model.add_argument(
@@ -191,7 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--default_scheduler",
         choices=SCHEDULER_NAMES,
         default=default(Limits, "default_scheduler"),
-        help="Scheduler when a request names none.",
+        help="Scheduler when a request names none. It is made from the checkpoint's own scheduler config, so "
+        "settings such as timestep_spacing (trailing for Turbo checkpoints) and prediction_type carry over.",
+    )
+    limits.add_argument(
+        "--default_guidance_scale",
+        type=float,
+        default=default(Limits, "default_guidance_scale"),
+        help="Guidance scale when a request names none (0 for Turbo checkpoints: they are distilled without it).",
     )
 
     engine = parser.add_argument_group("engine")
@@ -280,6 +291,10 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
         parser.error("--default_steps must not exceed --max_steps")
     if not MIN_IMAGE_SIZE <= args.max_image_size <= HARD_MAX_IMAGE_SIZE:
         parser.error(f"--max_image_size must be within {MIN_IMAGE_SIZE}..{HARD_MAX_IMAGE_SIZE}")
+    if not 0 <= args.default_guidance_scale <= MAX_GUIDANCE:
+        parser.error(f"--default_guidance_scale must be within 0..{MAX_GUIDANCE:g}")
+    if args.default_scheduler == "lcm" and args.default_steps > LCM_MAX_STEPS:
+        parser.error(f"--default_steps must be at most {LCM_MAX_STEPS} with --default_scheduler lcm")
     if args.max_prompt_chars > HARD_MAX_PROMPT_CHARS:
         parser.error(f"--max_prompt_chars must be at most {HARD_MAX_PROMPT_CHARS}")
     if args.max_batch_instances > HARD_MAX_BATCH_INSTANCES:

@@ -31,6 +31,7 @@ from predictor.schemas import (
     MAX_SEED,
     GenerationParams,
     GenerationRequest,
+    ModelTraits,
     parse_openai_request,
     parse_request,
     resolve,
@@ -44,6 +45,8 @@ _WARMUP_TIMEOUT_S = 600.0
 _DEADLINE_SLACK_S = 2.0
 # v2 request parameters that belong to the protocol, not to the generation request.
 _V2_PROTOCOL_PARAMETERS = frozenset({"binary_data_output"})
+# v2 input tensors (BYTES, shape [N]: one element per image); "prompt" is required.
+_V2_TEXT_INPUTS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")
 
 
 @dataclass
@@ -120,14 +123,18 @@ class DiffusionModel(Model):
             self.generation_engine.close(timeout=self.settings.server.grace_period_s)
 
     @property
-    def native_size(self) -> int:
+    def traits(self) -> ModelTraits:
         if self.loaded is None:
             raise ModelNotLoaded(f"model {self.name} is not loaded yet")
-        return self.loaded.native_size
+        return self.loaded.traits
+
+    @property
+    def native_size(self) -> int:
+        return self.traits.native_size
 
     def default_params(self, prompt: str, steps: int | None = None) -> GenerationParams:
         request = GenerationRequest(prompt=prompt, num_inference_steps=steps, seed=0)
-        return resolve(request, self.limits, self.native_size)
+        return resolve(request, self.limits, self.traits)
 
     # ---- protocol path -------------------------------------------------------------------------
 
@@ -145,7 +152,7 @@ class DiffusionModel(Model):
                 request, images = parse_openai_request(body, self.limits, self.name)
             else:
                 request, images = parse_request(body, self.limits), 1
-            first = resolve(request, self.limits, self.native_size)
+            first = resolve(request, self.limits, self.traits)
             # The images of one request: seeds seed, seed+1, ... so each can be reproduced alone.
             params = [first] + [
                 dataclasses.replace(first, seed=(first.seed + k) % (MAX_SEED + 1)) for k in range(1, images)
@@ -169,15 +176,20 @@ class DiffusionModel(Model):
         if not isinstance(instances, list):
             raise InvalidRequest("'instances' must be a list of generation requests", param="instances")
         self._check_count(len(instances), "instances")
-        requests = [parse_request(item, self.limits, prefix=f"instances[{i}].") for i, item in enumerate(instances)]
-        return [resolve(request, self.limits, self.native_size) for request in requests]
+        prefixes = [f"instances[{i}]." for i in range(len(instances))]
+        requests = [parse_request(item, self.limits, prefix) for item, prefix in zip(instances, prefixes, strict=True)]
+        return [
+            resolve(request, self.limits, self.traits, prefix=prefix)
+            for request, prefix in zip(requests, prefixes, strict=True)
+        ]
 
     def _parse_v2(self, request: InferRequest) -> list[GenerationParams]:
         tensors: dict[str, list[str]] = {}
         for tensor in request.inputs:
-            if tensor.name not in ("prompt", "negative_prompt"):
+            if tensor.name not in _V2_TEXT_INPUTS:
+                names = ", ".join(f"'{name}'" for name in _V2_TEXT_INPUTS[1:])
                 raise InvalidRequest(
-                    f"unknown input '{tensor.name[:64]}'; inputs are 'prompt' and optional 'negative_prompt'",
+                    f"unknown input '{tensor.name[:64]}'; inputs are 'prompt' and optional {names}",
                     param=f"inputs.{tensor.name[:64]}",
                 )
             tensors[tensor.name] = _bytes_tensor_as_strings(tensor.name, tensor.datatype, tensor.shape, tensor.data)
@@ -185,21 +197,23 @@ class DiffusionModel(Model):
             raise InvalidRequest("input 'prompt' (BYTES, shape [N]) is required", param="inputs.prompt")
         prompts = tensors["prompt"]
         self._check_count(len(prompts), "inputs.prompt")
-        negatives = tensors.get("negative_prompt")
-        if negatives is not None and len(negatives) != len(prompts):
-            raise InvalidRequest(
-                "input 'negative_prompt' must have as many elements as 'prompt'", param="inputs.negative_prompt"
-            )
+        for name, values in tensors.items():
+            if len(values) != len(prompts):
+                raise InvalidRequest(f"input '{name}' must have as many elements as 'prompt'", param=f"inputs.{name}")
         parameters = {k: v for k, v in (request.parameters or {}).items() if k not in _V2_PROTOCOL_PARAMETERS}
-        for name in ("prompt", "negative_prompt"):
+        for name in _V2_TEXT_INPUTS:
             if name in parameters:
                 raise InvalidRequest(f"'{name}' is an input tensor, not a parameter", param=f"parameters.{name}")
         params = []
-        for index, prompt in enumerate(prompts):
-            body = {"prompt": prompt, **parameters}
-            if negatives is not None:
-                body["negative_prompt"] = negatives[index]
-            params.append(resolve(parse_request(body, self.limits), self.limits, self.native_size))
+        for index in range(len(prompts)):
+            body = {**parameters, **{name: values[index] for name, values in tensors.items()}}
+            generation = parse_request(body, self.limits)
+            try:
+                params.append(resolve(generation, self.limits, self.traits))
+            except InvalidRequest as exc:
+                if exc.param in _V2_TEXT_INPUTS:  # a family check on a text: it came as an input tensor
+                    raise InvalidRequest(exc.message, param=f"inputs.{exc.param}") from None
+                raise
         return params
 
     def _check_count(self, count: int, param: str) -> None:

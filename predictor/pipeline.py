@@ -1,7 +1,8 @@
 """The one place that builds diffusers objects.
 
-Loads a Stable Diffusion pipeline from a local directory (KServe's /mnt/models), a Hugging Face repo id,
-or a builtin; picks device and dtype; and owns the scheduler registry. Safetensors only, no remote code.
+Loads a pipeline from a local directory (KServe's /mnt/models), a Hugging Face repo id, or a builtin; detects
+its family from ``model_index.json`` before any weight is read; picks device and dtype; and owns the scheduler
+registry. Safetensors only, no remote code.
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from predictor.builtin import BUILTIN_PREFIX, build_builtin
-from predictor.schemas import SCHEDULER_NAMES
+from predictor.schemas import SCHEDULER_NAMES, ModelTraits
 
 logger = logging.getLogger(__name__)
 
@@ -44,19 +47,45 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
     "lms": (LMSDiscreteScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
+    "lcm": (LCMScheduler, {}),  # for LCM-distilled checkpoints
 }
 assert set(SCHEDULERS) == set(SCHEDULER_NAMES), "schemas.SCHEDULER_NAMES and the registry must agree"
 
 MODEL_INDEX = "model_index.json"
 
 
+@dataclass(frozen=True)
+class Family:
+    """A kind of pipeline this server serves: one runner module each (``predictor/runners``)."""
+
+    name: str
+    pipeline_class: type[DiffusionPipeline]
+    description: str
+    second_text_encoder: bool = False
+
+
+# model_index.json's _class_name -> family. A checkpoint of any other class is refused before loading.
+FAMILIES: dict[str, Family] = {
+    family.pipeline_class.__name__: family
+    for family in (
+        Family("sd", StableDiffusionPipeline, "Stable Diffusion 1.x and 2.x (SD-Turbo included)"),
+        Family("sdxl", StableDiffusionXLPipeline, "Stable Diffusion XL (SDXL-Turbo included)", True),
+    )
+}
+
+
 class LoadError(RuntimeError):
     """The model could not be loaded; the message says why and what to do."""
 
 
+def unsupported_class(class_name: str, source: str) -> LoadError:
+    supported = ", ".join(f"{name} ({family.description})" for name, family in FAMILIES.items())
+    return LoadError(f"'{source}' holds a {class_name}, which this server does not serve; it serves {supported}")
+
+
 @dataclass
 class LoadedPipeline:
-    pipe: StableDiffusionPipeline
+    pipe: DiffusionPipeline
     source: str
     device: torch.device
     dtype: torch.dtype
@@ -64,11 +93,35 @@ class LoadedPipeline:
     load_seconds: float
 
     @property
+    def family(self) -> Family:
+        return FAMILIES[type(self.pipe).__name__]
+
+    @property
     def native_size(self) -> int:
+        """The size the checkpoint was trained at (the UNet's sample size in pixels): 512 for SD 1.x, 768 for
+        SD 2.x-768, 1024 for SDXL."""
         sample_size = self.pipe.unet.config.sample_size
         if not isinstance(sample_size, int):
             sample_size = sample_size[0]
         return int(sample_size) * self.pipe.vae_scale_factor
+
+    @property
+    def traits(self) -> ModelTraits:
+        family = self.family
+        return ModelTraits(family.name, self.native_size, family.second_text_encoder)
+
+    def describe(self) -> dict[str, Any]:
+        """What an operator checks after a deploy: the family, and the scheduler config requests build on."""
+        config = self.pipe.scheduler.config
+        return {
+            "family": self.family.name,
+            "pipeline": type(self.pipe).__name__,
+            "checkpoint_scheduler": {
+                "class": type(self.pipe.scheduler).__name__,
+                "prediction_type": config.get("prediction_type", "epsilon"),
+                "timestep_spacing": config.get("timestep_spacing", "leading"),
+            },
+        }
 
 
 def make_scheduler(name: str, base_config: Any) -> SchedulerMixin:
@@ -112,15 +165,18 @@ def load_pipeline(
     started = time.perf_counter()
     random_weights = source.startswith(BUILTIN_PREFIX)
     if random_weights:
-        pipe = build_builtin(source.removeprefix(BUILTIN_PREFIX), device, dtype)
+        try:
+            pipe = build_builtin(source.removeprefix(BUILTIN_PREFIX), device, dtype)
+        except ValueError as exc:
+            raise LoadError(str(exc)) from None
     else:
         pipe = _from_pretrained(source, revision if source == model_id else None, device, dtype)
-    if not isinstance(pipe, StableDiffusionPipeline):
-        raise LoadError(f"'{source}' holds a {type(pipe).__name__}; this server serves StableDiffusionPipeline")
+    if type(pipe).__name__ not in FAMILIES:
+        raise unsupported_class(type(pipe).__name__, source)
     pipe.set_progress_bar_config(disable=True)
-    if safety_checker == "off":
+    if safety_checker == "off" and hasattr(pipe, "safety_checker"):
         pipe.safety_checker = None
-    elif safety_checker == "on" and pipe.safety_checker is None:
+    elif safety_checker == "on" and getattr(pipe, "safety_checker", None) is None:
         raise LoadError(f"--safety_checker on, but '{source}' ships no safety checker")
     if device.type == "cuda":
         # SDPA is the default attention in diffusers on torch 2; channels_last helps the convolutions.
@@ -130,8 +186,9 @@ def load_pipeline(
     if random_weights:
         logger.warning("model %s has RANDOM weights: it produces noise, not pictures", source)
     logger.info(
-        "loaded %s on %s as %s in %.1f s (native size %d)",
+        "loaded %s (%s) on %s as %s in %.1f s (native size %d)",
         source,
+        type(pipe).__name__,
         device,
         str(dtype).removeprefix("torch."),
         loaded.load_seconds,
@@ -140,12 +197,26 @@ def load_pipeline(
     return loaded
 
 
+def detect_family(source: str, revision: str | None = None, local: bool = True) -> Family:
+    """The family of a checkpoint from its model_index.json alone (one small file: no weights are read)."""
+    try:
+        index = DiffusionPipeline.load_config(source, revision=revision, local_files_only=local)
+    except (OSError, ValueError) as exc:
+        where = "directory" if local else "Hugging Face repo"
+        raise LoadError(f"cannot read {MODEL_INDEX} of {where} '{source}': {exc}") from exc
+    class_name = str(index.get("_class_name", "<no _class_name>"))
+    if class_name not in FAMILIES:
+        raise unsupported_class(class_name, source)
+    return FAMILIES[class_name]
+
+
 def _from_pretrained(source: str, revision: str | None, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
     local = Path(source).is_dir()
     if not local and source.startswith(("/", ".")):
         raise LoadError(f"model directory '{source}' does not exist or holds no {MODEL_INDEX}")
+    family = detect_family(source, revision, local)
     try:
-        pipe = DiffusionPipeline.from_pretrained(
+        pipe = family.pipeline_class.from_pretrained(
             source,
             revision=revision,
             dtype=dtype,

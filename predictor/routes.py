@@ -206,11 +206,18 @@ def register_routes(app: FastAPI, model: DiffusionModel) -> None:
 
     @router.get("/v1/models/{model_name}/schedulers", tags=["Discovery"], responses={404: _error("Unknown model")})
     async def schedulers(model_name: str) -> dict[str, Any]:
-        """Scheduler names and request limits, for clients that build forms."""
+        """The model's family, native size, schedulers, defaults and request limits, for clients that build forms."""
         if model_name != model.name:
             raise ModelNotFound(model_name)
-        native = model.native_size if model.loaded is not None else None
-        return {"model": model.name, "native_size": native, **model.limits.as_dict()}
+        if model.loaded is None:
+            return {"model": model.name, "native_size": None, **model.limits.as_dict()}
+        traits = model.traits
+        described = {
+            **model.loaded.describe(),
+            "native_size": traits.native_size,
+            "request_fields": {"prompt_2": traits.second_text_encoder, "negative_prompt_2": traits.second_text_encoder},
+        }
+        return {"model": model.name, **described, **model.limits.as_dict()}
 
     @router.get("/livez", tags=["Health"], responses={503: _error("The GPU or the worker failed; restart the pod")})
     async def live() -> dict[str, bool]:

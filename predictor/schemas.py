@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from predictor.errors import InvalidRequest
 
 # The schedulers a request may ask for; pipeline.py maps each name to a diffusers class.
-SchedulerName = Literal["dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "ddim", "pndm", "lms", "unipc"]
+SchedulerName = Literal["dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "ddim", "pndm", "lms", "unipc", "lcm"]
 SCHEDULER_NAMES: tuple[str, ...] = get_args(SchedulerName)
 OutputFormat = Literal["png", "jpeg", "webp"]
 OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
@@ -32,6 +32,8 @@ HARD_MAX_BATCH_INSTANCES = 128
 MIN_IMAGE_SIZE = 64
 SIZE_MULTIPLE = 8
 MAX_GUIDANCE = 30.0
+# LCMScheduler spaces its steps over the 50 of its distillation schedule (original_inference_steps) and refuses more.
+LCM_MAX_STEPS = 50
 # Longest parameter name echoed back in an error body.
 _MAX_PARAM_CHARS = 64
 
@@ -44,6 +46,7 @@ class Limits:
     max_image_size: int = 1024
     max_batch_instances: int = 8
     default_scheduler: str = "dpmpp_2m"
+    default_guidance_scale: float = 7.5
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +60,7 @@ class Limits:
             "max_seed": MAX_SEED,
             "max_batch_instances": self.max_batch_instances,
             "default_scheduler": self.default_scheduler,
+            "default_guidance_scale": self.default_guidance_scale,
             "schedulers": list(SCHEDULER_NAMES),
             "output_formats": list(OUTPUT_FORMATS),
         }
@@ -67,6 +71,16 @@ ImageSize = Annotated[int, Field(ge=MIN_IMAGE_SIZE, le=HARD_MAX_IMAGE_SIZE, mult
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 Guidance = Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)]
 Prompt = Annotated[str, Field(min_length=1, max_length=HARD_MAX_PROMPT_CHARS)]
+OptionalText = Annotated[str, Field(max_length=HARD_MAX_PROMPT_CHARS)] | None
+
+
+@dataclass(frozen=True)
+class ModelTraits:
+    """What the served model accepts, beyond the shared request fields: set by the loaded family."""
+
+    family: str  # "sd" (1.x and 2.x), "sdxl"
+    native_size: int
+    second_text_encoder: bool = False  # SDXL: prompt_2 / negative_prompt_2 reach the second encoder
 
 
 class GenerationRequest(BaseModel):
@@ -78,11 +92,22 @@ class GenerationRequest(BaseModel):
         description="What to draw. Prompts past the text encoder's 77 tokens are truncated.",
         json_schema_extra={"pattern": r"\S"},  # not blank; checked by _prompt_not_blank
     )
-    negative_prompt: Annotated[str, Field(max_length=HARD_MAX_PROMPT_CHARS)] | None = Field(
-        default=None, description="What to steer away from."
+    negative_prompt: OptionalText = Field(
+        default=None,
+        description="What to steer away from. SDXL: absent means zero conditioning (the checkpoint's "
+        'force_zeros_for_empty_prompt), an explicit "" is encoded.',
+    )
+    prompt_2: OptionalText = Field(
+        default=None, description="SDXL only: the prompt for the second text encoder (default: prompt)."
+    )
+    negative_prompt_2: OptionalText = Field(
+        default=None,
+        description="SDXL only: the negative prompt for the second text encoder (default: negative_prompt).",
     )
     num_inference_steps: Steps | None = Field(default=None, description="Denoising steps (default: --default_steps).")
-    guidance_scale: Guidance = Field(default=7.5, description="Classifier-free guidance; <= 1 disables it.")
+    guidance_scale: Guidance | None = Field(
+        default=None, description="Classifier-free guidance; <= 1 disables it (default: --default_guidance_scale)."
+    )
     width: ImageSize | None = Field(default=None, description="Multiple of 8; default: the model's native size.")
     height: ImageSize | None = Field(default=None, description="Multiple of 8; default: the model's native size.")
     seed: Seed | None = Field(default=None, description="0..2^32-1; drawn by the server when absent, always returned.")
@@ -102,7 +127,7 @@ class GenerationParams:
     """A validated request with every default resolved: what the engine runs."""
 
     prompt: str
-    negative_prompt: str
+    negative_prompt: str | None  # None: absent (SDXL zeroes it; SD encodes "")
     num_inference_steps: int
     guidance_scale: float
     width: int
@@ -110,6 +135,8 @@ class GenerationParams:
     seed: int
     scheduler: str
     output_format: str
+    prompt_2: str | None = None  # SDXL's second encoder; None: the first prompt
+    negative_prompt_2: str | None = None
 
     @property
     def uses_guidance(self) -> bool:
@@ -131,6 +158,8 @@ def _operator_limits(limits: Limits | None) -> dict[str, int]:
     return {
         "prompt": limits.max_prompt_chars,
         "negative_prompt": limits.max_prompt_chars,
+        "prompt_2": limits.max_prompt_chars,
+        "negative_prompt_2": limits.max_prompt_chars,
         "num_inference_steps": limits.max_steps,
         "width": limits.max_image_size,
         "height": limits.max_image_size,
@@ -209,9 +238,11 @@ class OpenAIImageRequest(BaseModel):
     model: str | None = None
     user: str | None = None
     # Extensions, as in GenerationRequest.
-    negative_prompt: Annotated[str, Field(max_length=HARD_MAX_PROMPT_CHARS)] | None = None
+    negative_prompt: OptionalText = None
+    prompt_2: OptionalText = None
+    negative_prompt_2: OptionalText = None
     num_inference_steps: Steps | None = None
-    guidance_scale: Guidance = 7.5
+    guidance_scale: Guidance | None = None
     seed: Seed | None = None
     scheduler: SchedulerName | None = None
 
@@ -235,12 +266,9 @@ def parse_openai_request(data: Any, limits: Limits, served_model: str) -> tuple[
         )
     if request.n > limits.max_batch_instances:
         raise InvalidRequest(f"'n' must be at most {limits.max_batch_instances}", param="n")
-    body: dict[str, Any] = {
-        "prompt": request.prompt,
-        "guidance_scale": request.guidance_scale,
-        "output_format": request.output_format,
-    }
-    for field in ("negative_prompt", "num_inference_steps", "seed", "scheduler"):
+    body: dict[str, Any] = {"prompt": request.prompt, "output_format": request.output_format}
+    extensions = ("negative_prompt", "prompt_2", "negative_prompt_2", "num_inference_steps", "guidance_scale")
+    for field in (*extensions, "seed", "scheduler"):
         if getattr(request, field) is not None:
             body[field] = getattr(request, field)
     if request.size is not None:
@@ -276,25 +304,44 @@ def openai_request_json_schema(limits: Limits) -> dict[str, Any]:
     return _schema_with_limits(OpenAIImageRequest, limits)
 
 
-def resolve(request: GenerationRequest, limits: Limits, native_size: int, seed_offset: int = 0) -> GenerationParams:
-    """Fill the defaults. ``seed_offset`` numbers the images of one multi-image request (seed, seed+1, ...)."""
+def resolve(
+    request: GenerationRequest, limits: Limits, traits: ModelTraits, seed_offset: int = 0, prefix: str = ""
+) -> GenerationParams:
+    """Fill the defaults and check what depends on the served model. ``seed_offset`` numbers the images of one
+    multi-image request (seed, seed+1, ...); ``prefix`` names where the request sits in its body."""
+    if not traits.second_text_encoder:
+        for name in ("prompt_2", "negative_prompt_2"):
+            if getattr(request, name) is not None:
+                raise InvalidRequest(
+                    f"'{prefix}{name}' is for models with a second text encoder (SDXL); "
+                    f"this model is of the '{traits.family}' family",
+                    param=f"{prefix}{name}",
+                )
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    width = request.width or native_size
-    height = request.height or native_size
+    width = request.width or traits.native_size
+    height = request.height or traits.native_size
     if max(width, height) > limits.max_image_size:
         raise InvalidRequest(
-            f"the model's native size {native_size} exceeds --max_image_size {limits.max_image_size}; "
+            f"the model's native size {traits.native_size} exceeds --max_image_size {limits.max_image_size}; "
             "pass width and height",
-            param="width",
+            param=f"{prefix}width",
         )
+    steps = request.num_inference_steps or limits.default_steps
+    scheduler = request.scheduler or limits.default_scheduler
+    if scheduler == "lcm" and steps > LCM_MAX_STEPS:
+        param = f"{prefix}num_inference_steps"
+        raise InvalidRequest(f"'{param}' must be at most {LCM_MAX_STEPS} with scheduler 'lcm'", param=param)
+    guidance = request.guidance_scale if request.guidance_scale is not None else limits.default_guidance_scale
     return GenerationParams(
         prompt=request.prompt,
-        negative_prompt=request.negative_prompt or "",
-        num_inference_steps=request.num_inference_steps or limits.default_steps,
-        guidance_scale=float(request.guidance_scale),
+        negative_prompt=request.negative_prompt,
+        num_inference_steps=steps,
+        guidance_scale=float(guidance),
         width=width,
         height=height,
         seed=(seed + seed_offset) % (MAX_SEED + 1),
-        scheduler=request.scheduler or limits.default_scheduler,
+        scheduler=scheduler,
         output_format=request.output_format,
+        prompt_2=request.prompt_2,
+        negative_prompt_2=request.negative_prompt_2,
     )

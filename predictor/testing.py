@@ -9,8 +9,10 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +114,7 @@ def params(**overrides: Any) -> GenerationParams:
     """Resolved generation parameters for builtin:tiny's native size, with ``overrides``."""
     values: dict[str, Any] = {
         "prompt": "a lighthouse at dusk",
-        "negative_prompt": "",
+        "negative_prompt": None,
         "num_inference_steps": 6,
         "guidance_scale": 7.5,
         "width": 64,
@@ -144,10 +146,14 @@ def diffusers_image(pipe: Any, p: GenerationParams) -> np.ndarray:
 
     original = pipe.scheduler
     pipe.scheduler = make_scheduler(p.scheduler, original.config)
+    second_prompts = {}
+    if p.prompt_2 is not None or p.negative_prompt_2 is not None:  # SDXL's; other pipelines have no such argument
+        second_prompts = {"prompt_2": p.prompt_2, "negative_prompt_2": p.negative_prompt_2}
     try:
         image = pipe(
             p.prompt,
-            negative_prompt=p.negative_prompt or None,
+            negative_prompt=p.negative_prompt,
+            **second_prompts,
             num_inference_steps=p.num_inference_steps,
             guidance_scale=p.guidance_scale,
             width=p.width,
@@ -157,6 +163,41 @@ def diffusers_image(pipe: Any, p: GenerationParams) -> np.ndarray:
     finally:
         pipe.scheduler = original
     return pixels(image)
+
+
+@contextmanager
+def running_engine(loaded: Any, clock: Callable[[], float] | None = None, **config: Any) -> Iterator[Any]:
+    """A started engine on ``loaded`` (a queue of 64 unless given), closed on exit."""
+    from predictor.config import EngineConfig
+    from predictor.engine import create_engine
+
+    engine_config = EngineConfig(**{"max_queue": 64, **config})
+    engine = create_engine(loaded, engine_config) if clock is None else create_engine(loaded, engine_config, clock)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.close(timeout=30)
+
+
+class StepLog:
+    """Records (name, step) progress events in the order the engine emits them."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.totals: list[int] = []
+        self.lock = threading.Lock()
+
+    def callback(self, name: str, on_step=None):
+        def record(event: str, current: int, total: int) -> None:
+            if event == "step":
+                with self.lock:
+                    self.events.append((name, current))
+                    self.totals.append(total)
+                if on_step is not None:
+                    on_step(current)
+
+        return record
 
 
 MODEL_NAME = "sd"

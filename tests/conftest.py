@@ -19,7 +19,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from predictor.builtin import build_tiny  # noqa: E402
+from predictor.builtin import build_tiny, build_tiny_sd2, build_tiny_sdxl  # noqa: E402
 from predictor.model import DiffusionModel  # noqa: E402
 from predictor.server import PredictorServer  # noqa: E402
 from predictor.testing import make_settings  # noqa: E402
@@ -32,6 +32,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """builtin:tiny written with save_pretrained, so tests load it through the real loader."""
     directory = tmp_path_factory.mktemp("tiny-sd")
     build_tiny().save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """builtin:tiny-sdxl on disk, for the real loader."""
+    directory = tmp_path_factory.mktemp("tiny-sdxl")
+    build_tiny_sdxl().save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """builtin:tiny-sd2 (v-prediction) on disk, for the real loader."""
+    directory = tmp_path_factory.mktemp("tiny-sd2")
+    build_tiny_sd2().save_pretrained(directory, safe_serialization=True)
     return directory
 
 

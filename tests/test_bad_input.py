@@ -12,9 +12,9 @@ V2 = f"/v2/models/{MODEL_NAME}/infer"
 HUGE = "x" * 5000
 
 
-def v2(prompts=("ok",), datatype="BYTES", shape=None, **parameters):
+def v2(prompts=("ok",), datatype="BYTES", shape=None, extra_inputs=(), **parameters):
     tensor = {"name": "prompt", "datatype": datatype, "shape": shape or [len(prompts)], "data": list(prompts)}
-    body = {"inputs": [tensor]}
+    body = {"inputs": [tensor, *extra_inputs]}
     if parameters:
         body["parameters"] = parameters
     return body
@@ -51,6 +51,11 @@ CASES = [
     ("/generate", {"prompt": "a", "scheduler": "karras_9000"}, "scheduler"),
     ("/generate", {"prompt": "a", "output_format": "gif"}, "output_format"),
     ("/generate", {"prompt": "a", "nsfw_filter": False}, "nsfw_filter"),
+    # The served model (SD 1.x) has one text encoder: SDXL's second prompts are refused, by name.
+    ("/generate", {"prompt": "a", "prompt_2": "b"}, "prompt_2"),
+    ("/generate", {"prompt": "a", "negative_prompt_2": ""}, "negative_prompt_2"),
+    ("/generate", {"prompt": "a", "prompt_2": 3}, "prompt_2"),
+    ("/generate", {"prompt": "a", "scheduler": "lcm", "num_inference_steps": 51}, "num_inference_steps"),
     ("/generate", {"prompt": "a", "x" * 1000: 1}, None),
     ("/generate", b"{not json", "body"),
     ("/generate", b"", "body"),
@@ -63,6 +68,7 @@ CASES = [
     (V1, {"inputs": [{"prompt": "a"}]}, "inputs"),
     (V1, {"instances": [{"prompt": "a"}, {"prompt": "b", "width": 7}]}, "instances[1].width"),
     (V1, {"instances": [{"prompt": "a"}, "b"]}, "instances[1]"),
+    (V1, {"instances": [{"prompt": "a"}, {"prompt": "b", "prompt_2": "c"}]}, "instances[1].prompt_2"),
     (V1, b"{broken", "body"),
     (V2, v2(datatype="FP32"), "inputs.prompt"),
     (V2, v2(shape=[3]), "inputs.prompt"),
@@ -72,6 +78,16 @@ CASES = [
     (V2, v2(scheduler="nope"), "scheduler"),
     (V2, v2(mystery=1), "mystery"),
     (V2, v2(prompt="in parameters"), "parameters.prompt"),
+    (V2, v2(prompt_2="in parameters"), "parameters.prompt_2"),
+    (V2, v2(extra_inputs=[{"name": "prompt_2", "datatype": "BYTES", "shape": [1], "data": ["b"]}]), "inputs.prompt_2"),
+    (
+        V2,
+        v2(
+            prompts=["a", "b"],
+            extra_inputs=[{"name": "negative_prompt", "datatype": "BYTES", "shape": [1], "data": ["c"]}],
+        ),
+        "inputs.negative_prompt",
+    ),
     (V2, {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}, "inputs.image"),
     (V2, {"inputs": []}, "inputs.prompt"),
     (V2, {"nothing": True}, "inputs"),

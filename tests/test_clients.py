@@ -84,6 +84,7 @@ def test_openai_sdk_generates_images(server: str) -> None:
         ({"model": "dall-e-3"}, "model", "serves 'sd'"),
         ({"n": 5}, "n", "at most 4"),
         ({"extra_body": {"guidance_scale": 99}}, "guidance_scale", "must be at most 30"),
+        ({"extra_body": {"prompt_2": "oil"}}, "prompt_2", "second text encoder (SDXL)"),
     ],
 )
 def test_openai_sdk_bad_input_raises_bad_request(server: str, kwargs: dict, param: str, words: str) -> None:
@@ -142,6 +143,8 @@ def test_schedulers_and_limits_are_discoverable(server: str) -> None:
     assert info["schedulers"] == list(SCHEDULER_NAMES)
     assert info["default_scheduler"] == "dpmpp_2m"
     assert (info["max_steps"], info["default_steps"], info["native_size"]) == (150, 3, 64)
+    assert (info["family"], info["pipeline"], info["default_guidance_scale"]) == ("sd", "StableDiffusionPipeline", 7.5)
+    assert info["request_fields"] == {"prompt_2": False, "negative_prompt_2": False}
     assert httpx.get(f"{server}/v1/models/nope/schedulers").status_code == 404
 
 

@@ -9,8 +9,6 @@ by at most one uint8 level.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -19,12 +17,11 @@ from torch._dynamo.utils import counters
 
 from predictor import metrics
 from predictor.config import EngineConfig
-from predictor.engine import GenerationEngine, create_engine
 from predictor.errors import DeadlineExceeded, OutOfMemory, Overloaded, WorkerStopped
 from predictor.pipeline import LoadedPipeline, load_pipeline
 from predictor.runners.compiled import CompiledDenoiser, batch_buckets
 from predictor.schemas import SCHEDULER_NAMES
-from predictor.testing import diffusers_image, params, pixels, wait_until
+from predictor.testing import StepLog, diffusers_image, params, pixels, running_engine, wait_until
 
 TOLERANCE = 1
 
@@ -32,37 +29,6 @@ TOLERANCE = 1
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir) -> LoadedPipeline:
     return load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
-
-
-@contextmanager
-def running_engine(loaded: LoadedPipeline, clock=None, **config) -> Iterator[GenerationEngine]:
-    engine_config = EngineConfig(**{"max_queue": 64, **config})
-    engine = create_engine(loaded, engine_config) if clock is None else create_engine(loaded, engine_config, clock)
-    engine.start()
-    try:
-        yield engine
-    finally:
-        engine.close(timeout=30)
-
-
-class StepLog:
-    """Records (name, step) progress events in the order the engine emits them."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, int]] = []
-        self.totals: list[int] = []
-        self.lock = threading.Lock()
-
-    def callback(self, name: str, on_step=None):
-        def record(event: str, current: int, total: int) -> None:
-            if event == "step":
-                with self.lock:
-                    self.events.append((name, current))
-                    self.totals.append(total)
-                if on_step is not None:
-                    on_step(current)
-
-        return record
 
 
 class Gate:

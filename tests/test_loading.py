@@ -43,7 +43,7 @@ def test_builtin_tiny_says_it_is_random(caplog: pytest.LogCaptureFixture) -> Non
 
 
 def test_unknown_builtin_and_missing_dir_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown builtin model 'builtin:huge'"):
+    with pytest.raises(LoadError, match="unknown builtin model 'builtin:huge'; choose one of builtin:tiny, .*tiny-sdxl"):
         load_pipeline(None, "builtin:huge", None, "cpu")
     with pytest.raises(LoadError, match="does not exist"):
         load_pipeline(None, str(tmp_path / "nope"), None, "cpu")

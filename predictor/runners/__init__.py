@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from predictor.config import EngineConfig
 from predictor.pipeline import LoadedPipeline
 from predictor.runners.base import ModelRunner
 from predictor.runners.stable_diffusion import StableDiffusionRunner
+from predictor.runners.stable_diffusion_xl import StableDiffusionXLRunner
 
-# Pipeline class -> the runner that serves it. A new family adds its runner here and nowhere else.
-RUNNERS: dict[type, type[ModelRunner]] = {StableDiffusionPipeline: StableDiffusionRunner}
+# Pipeline class -> the runner that serves it. A new family adds its runner here and in pipeline.FAMILIES.
+RUNNERS: dict[type, type[ModelRunner]] = {
+    StableDiffusionPipeline: StableDiffusionRunner,
+    StableDiffusionXLPipeline: StableDiffusionXLRunner,
+}
 
 
 def make_runner(loaded: LoadedPipeline, config: EngineConfig) -> ModelRunner:
     for pipeline_class, runner_class in RUNNERS.items():
-        if isinstance(loaded.pipe, pipeline_class):
+        if type(loaded.pipe) is pipeline_class:  # exact: a subclass may compute differently
             return runner_class(loaded, config)
     raise TypeError(f"no runner serves {type(loaded.pipe).__name__}")
 

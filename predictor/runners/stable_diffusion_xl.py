@@ -1,0 +1,149 @@
+"""Stable Diffusion XL (base 1.0, SDXL-Turbo and fine-tunes): two CLIP text encoders and size conditioning.
+
+The specification it matches row for row is diffusers' ``StableDiffusionXLPipeline.__call__``:
+
+- each prompt goes through both encoders (``prompt_2`` through the second, defaulting to ``prompt``); the
+  penultimate hidden states of both, side by side, condition the UNet's cross-attention, and the second
+  encoder's projected output is the pooled ``text_embeds``;
+- an absent negative prompt with ``force_zeros_for_empty_prompt`` is all zeros (embeddings and pooled); an
+  explicit one, even ``""``, is encoded;
+- ``time_ids`` are (original height, width, crop top, left, target height, width) = (h, w, 0, 0, h, w) per
+  row, so images of different sizes have different added conditioning (and different latent shapes: they run
+  in different batch groups);
+- a float16 VAE with ``force_upcast`` (SDXL's own VAE overflows in float16) decodes in float32; the fp16-fixed
+  VAE some checkpoints ship has ``force_upcast: false`` and stays in float16.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from predictor.config import EngineConfig
+from predictor.jobs import Job
+from predictor.pipeline import LoadedPipeline, LoadError
+from predictor.runners.base import Conditioning
+from predictor.runners.stable_diffusion import UNetRunner, truncated
+
+logger = logging.getLogger(__name__)
+
+TIME_IDS = 6  # original size (2), crop coordinates (2), target size (2)
+
+
+class StableDiffusionXLRunner(UNetRunner):
+    def __init__(self, loaded: LoadedPipeline, config: EngineConfig) -> None:
+        super().__init__(loaded, config)
+        pipe = self.pipe
+        unet_config = pipe.unet.config
+        if pipe.text_encoder_2 is None or not hasattr(pipe.text_encoder_2, "text_projection"):
+            raise LoadError(
+                "an SDXL text-to-image checkpoint needs text_encoder_2 with a projection (the pooled embedding)"
+            )
+        # diffusers' _get_add_time_ids makes the same check per call; a checkpoint that fails it fails every request.
+        expected = pipe.unet.add_embedding.linear_1.in_features
+        given = unet_config.addition_time_embed_dim * TIME_IDS + self._pooled_dim
+        if expected != given:
+            raise LoadError(
+                f"the UNet's added embedding takes {expected} features, but the text encoder's projection and "
+                f"{TIME_IDS} time ids make {given}: the checkpoint's configs disagree"
+            )
+        if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
+            # What diffusers does around each decode (upcast, decode, cast back), done once: the VAE stays float32.
+            pipe.vae.to(torch.float32)
+            logger.info("the VAE decodes in float32 (force_upcast: its float16 activations overflow)")
+
+    @property
+    def _pooled_dim(self) -> int:
+        encoder = self.pipe.text_encoder_2
+        return (
+            int(encoder.config.projection_dim)
+            if encoder is not None
+            else int(self.pipe.text_encoder.config.hidden_size)
+        )
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        return self.pipe.text_encoder_2.dtype
+
+    def _encoders(self) -> list[tuple[Any, Any]]:
+        pipe = self.pipe
+        pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
+        return [pair for pair in pairs if pair[0] is not None]
+
+    def _encode_texts(self, firsts: list[str], seconds: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both encoders over their texts in one call each: (hidden states side by side, pooled)."""
+        hidden: list[torch.Tensor] = []
+        pooled = torch.empty(0)
+        # With one encoder (no first tokenizer), diffusers feeds it the first prompt.
+        for texts, (tokenizer, encoder) in zip((firsts, seconds), self._encoders(), strict=False):
+            ids = tokenizer(
+                texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids
+            output = encoder(ids.to(self.device), output_hidden_states=True)
+            if output[0].ndim == 2:  # the projection's output: the second encoder's, checked at load
+                pooled = output[0]
+            hidden.append(output.hidden_states[-2])
+        return torch.cat(hidden, dim=-1).to(self.latent_dtype), pooled
+
+    def encode(self, jobs: list[Job]) -> list[tuple[Conditioning, Conditioning | None]]:
+        pipe = self.pipe
+        guided = [job for job in jobs if self.guided(job.params)]
+        zero_absent = bool(pipe.config.force_zeros_for_empty_prompt)
+        encoded_negative = [job for job in guided if not (zero_absent and job.params.negative_prompt is None)]
+        firsts = [job.params.prompt for job in jobs]
+        seconds = [job.params.prompt_2 or job.params.prompt for job in jobs]
+        for job in encoded_negative:
+            negative = job.params.negative_prompt or ""
+            firsts.append(negative)
+            seconds.append(job.params.negative_prompt_2 or negative)
+        embeds, pooled = self._encode_texts(firsts, seconds)
+        negative_row = {id(job): len(jobs) + index for index, job in enumerate(encoded_negative)}
+        rows: list[tuple[Conditioning, Conditioning | None]] = []
+        for index, job in enumerate(jobs):
+            p = job.params
+            job.prompt_truncated = any(
+                truncated(tokenizer, text)
+                for text, (tokenizer, _) in zip((p.prompt, p.prompt_2 or p.prompt), self._encoders(), strict=False)
+            )
+            size = [p.height, p.width]
+            time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=embeds.dtype, device=self.device)
+            cond = self._row(embeds[index : index + 1], pooled[index : index + 1], time_ids)
+            cond = self._with_guidance_embedding(cond, [p.guidance_scale])
+            uncond = None
+            if self.guided(p):
+                other = negative_row.get(id(job))
+                if other is None:  # absent, and the checkpoint zeroes absent negative prompts
+                    uncond = self._row(
+                        torch.zeros_like(cond["encoder_hidden_states"]), torch.zeros_like(pooled[:1]), time_ids
+                    )
+                else:
+                    uncond = self._row(embeds[other : other + 1], pooled[other : other + 1], time_ids)
+            rows.append((cond, uncond))
+        return rows
+
+    @staticmethod
+    def _row(hidden: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor) -> Conditioning:
+        return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+    def example_conditioning(self, rows: int) -> dict[str, Any]:
+        example = super().example_conditioning(rows)
+        zeros = {"device": self.device, "dtype": self.latent_dtype}
+        example["added_cond_kwargs"] = {
+            "text_embeds": torch.zeros((rows, self._pooled_dim), **zeros),
+            "time_ids": torch.full((rows, TIME_IDS), float(self.loaded.native_size), **zeros),
+        }
+        return example
+
+    def _scaled_for_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        latents = latents.to(vae.dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is None or std is None:
+            return latents / vae.config.scaling_factor
+        # Checkpoints whose VAE latents are normalised (Playground v2.5's, for one).
+        channels = latents.shape[1]
+        mean_t = torch.tensor(mean).view(1, channels, 1, 1).to(latents.device, latents.dtype)
+        std_t = torch.tensor(std).view(1, channels, 1, 1).to(latents.device, latents.dtype)
+        return latents * std_t / vae.config.scaling_factor + mean_t

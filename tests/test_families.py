@@ -1,0 +1,364 @@
+"""SD 2.x (v-prediction), SDXL and LCM-distilled checkpoints through the same engine: each image equals diffusers'
+own pipeline for that family (alone and inside mixed batches, for every scheduler), family detection from
+model_index.json, SDXL's negative-prompt and size conditioning, the float32 VAE, and per-deployment defaults.
+
+Tolerance as in test_engine.py: one uint8 level (a batch's matrix products sum in another order)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    EulerAncestralDiscreteScheduler,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from fastapi.testclient import TestClient
+
+from predictor.builtin import SD_V1_SCHEDULER_CONFIG, build_builtin, build_tiny, build_tiny_sdxl
+from predictor.errors import InvalidRequest
+from predictor.model import DiffusionModel
+from predictor.pipeline import FAMILIES, LoadedPipeline, LoadError, load_pipeline, make_scheduler
+from predictor.schemas import SCHEDULER_NAMES, GenerationRequest, Limits, ModelTraits, resolve
+from predictor.server import PredictorServer
+from predictor.testing import (
+    MODEL_NAME,
+    StepLog,
+    decode_image,
+    diffusers_image,
+    make_settings,
+    params,
+    pixels,
+    running_engine,
+)
+
+TOLERANCE = 1
+
+
+def from_base64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def _reference(directory: Path, cls: type[DiffusionPipeline], dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    pipe = cls.from_pretrained(directory, use_safetensors=True, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_sdxl_dir):
+    return load_pipeline(str(tiny_sdxl_dir), "not/used", None, "cpu", "float32")
+
+
+@pytest.fixture(scope="module")
+def sdxl_reference(tiny_sdxl_dir):
+    return _reference(tiny_sdxl_dir, StableDiffusionXLPipeline)
+
+
+@pytest.fixture(scope="module")
+def sd2(tiny_sd2_dir):
+    return load_pipeline(str(tiny_sd2_dir), "not/used", None, "cpu", "float32")
+
+
+@pytest.fixture(scope="module")
+def sd2_reference(tiny_sd2_dir):
+    return _reference(tiny_sd2_dir, StableDiffusionPipeline)
+
+
+class UNetCalls:
+    """The batch size of every UNet call, from a forward hook on the real UNet."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.rows: list[tuple[int, tuple[int, int]]] = []
+        self._handle = unet.register_forward_pre_hook(self._record)
+
+    def _record(self, module, args) -> None:
+        sample = args[0]
+        self.rows.append((sample.shape[0], tuple(sample.shape[-2:])))
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def _mixed_batch(loaded, reference, target, others) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The target alone, then with ``others`` in flight before it and joining mid-flight; and diffusers' image."""
+    expected = diffusers_image(reference, target)
+    with running_engine(loaded, max_batch_size=8) as engine:
+        alone = pixels(engine.generate(target).image)
+        early = engine.submit(others[:2])
+        late: list = []
+
+        def join_later(step: int) -> None:
+            if step == 2 and not late:
+                late.extend(engine.submit(others[2:]))
+
+        log = StepLog()
+        mixed = pixels(engine.submit([target], on_progress=log.callback("t", join_later))[0].result(timeout=120).image)
+        for future in early + late:
+            future.result(timeout=120)
+    assert late, "the later jobs joined while the target was running"
+    return alone, mixed, expected
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+def test_sdxl_matches_diffusers_alone_and_in_mixed_batches(sdxl, sdxl_reference, scheduler: str) -> None:
+    index = SCHEDULER_NAMES.index(scheduler)
+    target = params(
+        scheduler=scheduler,
+        seed=2000 + index,
+        prompt_2="oil on canvas" if index % 2 else None,
+        negative_prompt=[None, "", "blurry"][index % 3],
+    )
+    others = [
+        params(
+            prompt=f"other {i}",
+            prompt_2=f"style {i}" if i % 2 else None,
+            seed=i,
+            scheduler=SCHEDULER_NAMES[(index + i + 1) % len(SCHEDULER_NAMES)],
+            num_inference_steps=3 + i,
+            guidance_scale=[1.0, 4.0, 9.0, 0.0][i % 4],
+            negative_prompt=[None, "", "low quality"][i % 3],
+            negative_prompt_2="grainy" if i == 2 else None,
+            width=[64, 96][i % 2],  # another size: another batch group, taking turns with the target's
+        )
+        for i in range(5)
+    ]
+    alone, mixed, expected = _mixed_batch(sdxl, sdxl_reference, target, others)
+    assert expected.std() > 5, "the tiny model must produce a varied image for this test to mean anything"
+    assert np.abs(alone - expected).max() <= TOLERANCE
+    assert np.abs(mixed - expected).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+def test_sd2_v_prediction_matches_diffusers_alone_and_in_mixed_batches(sd2, sd2_reference, scheduler: str) -> None:
+    assert sd2.pipe.scheduler.config.prediction_type == "v_prediction"
+    index = SCHEDULER_NAMES.index(scheduler)
+    target = params(scheduler=scheduler, seed=3000 + index, negative_prompt="blurry" if index % 2 else None)
+    others = [
+        params(
+            prompt=f"other {i}",
+            seed=i,
+            scheduler=SCHEDULER_NAMES[(index + i + 1) % len(SCHEDULER_NAMES)],
+            num_inference_steps=3 + i,
+            guidance_scale=[1.0, 4.0, 9.0][i % 3],
+        )
+        for i in range(4)
+    ]
+    alone, mixed, expected = _mixed_batch(sd2, sd2_reference, target, others)
+    assert expected.std() > 5
+    assert np.abs(alone - expected).max() <= TOLERANCE
+    assert np.abs(mixed - expected).max() <= TOLERANCE
+
+
+def test_sdxl_absent_negative_prompt_is_zeros_but_an_explicit_empty_one_is_encoded(sdxl, sdxl_reference) -> None:
+    """diffusers' force_zeros_for_empty_prompt: the two requests differ, and each matches diffusers' own."""
+    absent, empty = params(seed=5, negative_prompt=None), params(seed=5, negative_prompt="")
+    assert sdxl.pipe.config.force_zeros_for_empty_prompt
+    with running_engine(sdxl) as engine:
+        images = [pixels(engine.generate(p).image) for p in (absent, empty)]
+    for image, p in zip(images, (absent, empty), strict=True):
+        assert np.abs(image - diffusers_image(sdxl_reference, p)).max() <= TOLERANCE
+    assert np.abs(images[0] - images[1]).max() > 10
+
+
+def test_sdxl_sizes_run_as_separate_groups_and_one_size_shares_one_unet_call(sdxl) -> None:
+    same = [params(seed=i, num_inference_steps=4) for i in range(3)]
+    other_size = [params(seed=9, num_inference_steps=4, width=96, height=64)]
+    with running_engine(sdxl, max_batch_size=8) as engine:
+        calls = UNetCalls(sdxl.pipe.unet)
+        try:
+            futures = engine.submit(same + other_size)
+            for future in futures:
+                future.result(timeout=60)
+        finally:
+            calls.close()
+    # Three guided images of 64x64 (latents 8x8): six rows in each UNet call; the 64x96 image's two rows apart.
+    assert sorted(set(calls.rows)) == [(2, (8, 12)), (6, (8, 8))]
+    assert calls.rows.count((6, (8, 8))) == 4 and calls.rows.count((2, (8, 12))) == 4
+
+
+def test_sdxl_second_prompt_truncation_is_reported(sdxl) -> None:
+    with running_engine(sdxl) as engine:
+        short = engine.generate(params(prompt="a cat", prompt_2="a dog", num_inference_steps=1))
+        long_second = engine.generate(params(prompt="a cat", prompt_2="very " * 100, num_inference_steps=1))
+    assert not short.prompt_truncated
+    assert long_second.prompt_truncated
+
+
+def test_sdxl_float16_vae_decodes_in_float32_like_diffusers(tiny_sdxl_dir) -> None:
+    """SDXL's VAE has force_upcast: in float16 it is kept in float32, as diffusers upcasts it for each decode."""
+    loaded = load_pipeline(str(tiny_sdxl_dir), "not/used", None, "cpu", "float16")
+    p = params(seed=11, num_inference_steps=3)
+    with running_engine(loaded) as engine:
+        assert loaded.pipe.vae.dtype == torch.float32 and loaded.pipe.unet.dtype == torch.float16
+        served = pixels(engine.generate(p).image)
+    reference = _reference(tiny_sdxl_dir, StableDiffusionXLPipeline, torch.float16)
+    expected = diffusers_image(reference, p)
+    assert reference.vae.dtype == torch.float16, "diffusers casts its VAE back after each decode"
+    assert expected.std() > 5 and np.abs(served - expected).max() <= TOLERANCE
+
+
+def test_lcm_distilled_unet_takes_guidance_as_an_embedding_and_matches_diffusers(tmp_path: Path) -> None:
+    """An LCM-distilled UNet (time_cond_proj_dim) runs one row per image with the guidance scale embedded."""
+    pipe = build_tiny()
+    torch.manual_seed(1)
+    pipe.unet = UNet2DConditionModel.from_config(pipe.unet.config, time_cond_proj_dim=32)
+    pipe.scheduler = LCMScheduler.from_config(
+        {k: v for k, v in SD_V1_SCHEDULER_CONFIG.items() if k != "skip_prk_steps"}
+    )
+    pipe.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_pipeline(str(tmp_path), "not/used", None, "cpu", "float32")
+    reference = _reference(tmp_path, StableDiffusionPipeline)
+    jobs = [params(scheduler="lcm", num_inference_steps=4, guidance_scale=g, seed=s) for g, s in ((8.0, 1), (2.0, 2))]
+    with running_engine(loaded) as engine:
+        calls = UNetCalls(loaded.pipe.unet)
+        try:
+            served = [pixels(future.result(timeout=60).image) for future in engine.submit(jobs)]
+        finally:
+            calls.close()
+    assert {rows for rows, _ in calls.rows} == {2}, "two images, one row each: no guidance rows"
+    for image, p in zip(served, jobs, strict=True):
+        assert np.abs(image - diffusers_image(reference, p)).max() <= TOLERANCE
+    assert np.abs(served[0] - served[1]).max() > 10, "the guidance embedding changes the image"
+
+
+def test_family_and_native_size_come_from_the_checkpoint(tiny_sdxl_dir, tiny_sd2_dir, tiny_model_dir) -> None:
+    for directory, family, native in (
+        (tiny_model_dir, "sd", 64),
+        (tiny_sd2_dir, "sd", 64),
+        (tiny_sdxl_dir, "sdxl", 64),
+    ):
+        loaded = load_pipeline(str(directory), "not/used", None, "cpu", "float32")
+        assert (loaded.family.name, loaded.native_size) == (family, native)
+
+
+def test_unsupported_pipeline_class_is_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "_diffusers_version": "0"}))
+    with pytest.raises(LoadError) as error:
+        load_pipeline(str(tmp_path), "not/used", None, "cpu", "float32")
+    message = str(error.value)
+    assert "FluxPipeline" in message
+    for class_name in FAMILIES:
+        assert class_name in message
+
+
+def test_checkpoint_scheduler_config_carries_over_to_every_scheduler(tmp_path: Path) -> None:
+    """A Turbo checkpoint's trailing timestep spacing holds for whichever scheduler a request names."""
+    pipe = build_tiny_sdxl()
+    turbo = {**pipe.scheduler.config, "timestep_spacing": "trailing"}
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(turbo)
+    for name in SCHEDULER_NAMES:
+        scheduler = make_scheduler(name, pipe.scheduler.config)
+        if "timestep_spacing" in scheduler.config:
+            assert scheduler.config.timestep_spacing == "trailing", name
+    one_step = make_scheduler("euler_a", pipe.scheduler.config)
+    one_step.set_timesteps(1)
+    assert one_step.timesteps.tolist() == [999]  # trailing: a single step starts from pure noise
+
+
+def test_second_prompt_is_refused_for_a_family_without_a_second_encoder() -> None:
+    request = GenerationRequest(prompt="a cat", prompt_2="a dog")
+    sd = FAMILIES["StableDiffusionPipeline"]
+
+    with pytest.raises(InvalidRequest) as error:
+        resolve(request, Limits(), ModelTraits(sd.name, 512, sd.second_text_encoder), prefix="instances[0].")
+    assert error.value.param == "instances[0].prompt_2"
+    assert "second text encoder" in error.value.message
+    sdxl = FAMILIES["StableDiffusionXLPipeline"]
+    resolved = resolve(request, Limits(), ModelTraits(sdxl.name, 1024, sdxl.second_text_encoder))
+    assert (resolved.prompt_2, resolved.width) == ("a dog", 1024)
+
+
+@pytest.mark.parametrize(
+    ("name", "native_size", "parameters"),
+    [
+        ("sd-v1-arch", 512, {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863}),
+        ("sd2-arch", 768, {"unet": 865_910_724, "text_encoder": 340_387_840, "vae": 83_653_863}),
+        (
+            "sdxl-arch",
+            1024,
+            {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "vae": 83_653_863},
+        ),
+    ],
+)
+def test_full_size_builtins_have_the_real_models_parameter_counts(
+    name: str, native_size: int, parameters: dict[str, int]
+) -> None:
+    """Built on the meta device (no memory, no time): the counts and native size the released checkpoints have."""
+    pipe = build_builtin(name, torch.device("meta"), torch.float16)
+    assert LoadedPipeline(pipe, name, torch.device("meta"), torch.float16, True, 0.0).native_size == native_size
+    counts = {
+        component: sum(p.numel() for p in module.parameters())
+        for component, module in pipe.components.items()
+        if isinstance(module, torch.nn.Module)
+    }
+    assert counts == parameters
+
+
+@pytest.fixture(scope="module")
+def turbo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL saved as SDXL-Turbo ships: Euler ancestral with trailing timestep spacing."""
+    directory = tmp_path_factory.mktemp("tiny-sdxl-turbo")
+    pipe = build_tiny_sdxl()
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def turbo_client(turbo_dir: Path) -> Iterator[TestClient]:
+    """The real app on the Turbo-like checkpoint, deployed with the Turbo overlay's defaults."""
+    flags = ("--default_steps", "2", "--default_guidance_scale", "0", "--default_scheduler", "euler_a")
+    settings = make_settings(turbo_dir, *flags, "--warmup_steps", "1")
+    model = DiffusionModel(settings)
+    model.load()
+    app = PredictorServer(settings, http_port=0, grpc_port=0, enable_grpc=False).create_app(model)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+    model.stop()
+
+
+def test_turbo_deployment_reports_its_defaults_and_family(turbo_client: TestClient) -> None:
+    info = turbo_client.get(f"/v1/models/{MODEL_NAME}/schedulers").json()
+    assert (info["family"], info["pipeline"], info["native_size"]) == ("sdxl", "StableDiffusionXLPipeline", 64)
+    assert (info["default_steps"], info["default_guidance_scale"], info["default_scheduler"]) == (2, 0.0, "euler_a")
+    assert info["checkpoint_scheduler"]["timestep_spacing"] == "trailing"
+    assert info["request_fields"] == {"prompt_2": True, "negative_prompt_2": True}
+
+
+def test_turbo_defaults_and_second_prompts_reach_the_image_over_every_protocol(
+    turbo_client: TestClient, turbo_dir: Path
+) -> None:
+    """A request that names only prompts gets the deployment's steps, guidance and scheduler; prompt_2 and
+    negative_prompt_2 travel in /generate, v1, v2 and the OpenAI route alike; the image is diffusers' own."""
+    texts = {"prompt": "a red fox", "prompt_2": "woodcut print", "negative_prompt_2": "blurry"}
+    expected = diffusers_image(
+        _reference(turbo_dir, StableDiffusionXLPipeline),
+        params(**texts, seed=4, num_inference_steps=2, guidance_scale=0.0, scheduler="euler_a"),
+    )
+    assert expected.std() > 5
+    generate = turbo_client.post("/generate", json={**texts, "seed": 4})
+    assert generate.status_code == 200, generate.text
+    v1 = turbo_client.post(f"/v1/models/{MODEL_NAME}:predict", json={"instances": [{**texts, "seed": 4}]})
+    inputs = [{"name": name, "datatype": "BYTES", "shape": [1], "data": [text]} for name, text in texts.items()]
+    v2 = turbo_client.post(f"/v2/models/{MODEL_NAME}/infer", json={"inputs": inputs, "parameters": {"seed": 4}})
+    openai = turbo_client.post("/v1/images/generations", json={**texts, "seed": 4})
+    for response in (v1, v2, openai):
+        assert response.status_code == 200, response.text
+    served = [
+        generate.content,
+        from_base64(v1.json()["predictions"][0]["image"]["b64"]),
+        from_base64(v2.json()["outputs"][0]["data"][0]),
+        from_base64(openai.json()["data"][0]["b64_json"]),
+    ]
+    for data in served:
+        assert np.abs(decode_image(data) - expected).max() <= TOLERANCE
