@@ -1,10 +1,12 @@
 """GPU benchmark: the bare diffusers pipeline and the server side by side, in one run.
 
-Measures, for ``builtin:sd-v1-arch`` (full SD v1 compute, random weights) at 512x512 in float16, saved to disk
+Measures, for ``builtin:sd-v1-arch`` (full SD v1 compute, random weights) at 512x512 in float16 (or another
+builtin: ``--model_id builtin:sdxl-arch --size 1024 --steps 30 --batch 4 --clients 8`` for SDXL), saved to disk
 with ``save_pretrained`` so every server loads real files from --model_dir:
   - bare diffusers in this process: batch-8 throughput; host syncs per denoising step inside the engine
     (torch's sync debug mode; expected 0);
-  - each server configuration: process start to ready, the first request, lone latency at 25 and 50 steps taken
+  - each server configuration: process start to ready, the first request, lone latency at --steps and
+    --long_steps (25 and 50) taken
     in rounds that alternate with the bare pipeline's (this machine's host speed drifts: only figures taken side
     by side compare), throughput and p50/p95 with 16 concurrent clients, graphs compiled under load;
   - eager start to ready, repeated, optionally each from a cold page cache (--cold_ready, as root);
@@ -97,9 +99,9 @@ def measure_bare(options: argparse.Namespace, bare: Bare) -> dict:
     bare.pipe.save_pretrained(options.model_dir)
     result = {"save_s": time.perf_counter() - started}
     bare.run(1, 2), bare.run(options.batch, 2)
-    result["lone_25"] = median([bare.run(1, 25) for _ in range(3)])
+    result[f"lone_{options.steps}"] = median([bare.run(1, options.steps) for _ in range(3)])
     result[f"batch{options.batch}_images_per_s"] = options.batch / median(
-        [bare.run(options.batch, 25) for _ in range(3)]
+        [bare.run(options.batch, options.steps) for _ in range(3)]
     )
 
     # Host syncs per denoising step in the engine: torch reports each synchronizing call as a warning.
@@ -107,7 +109,7 @@ def measure_bare(options: argparse.Namespace, bare: Bare) -> dict:
     engine.start()
 
     def params(steps: int) -> GenerationParams:
-        return GenerationParams(PROMPT, "", steps, 7.5, options.size, options.size, 1, "dpmpp_2m", "png")
+        return GenerationParams(PROMPT, None, steps, 7.5, options.size, options.size, 1, "dpmpp_2m", "png")
 
     engine.generate(params(2))
     if bare.cuda:
@@ -137,9 +139,9 @@ def measure_server(options: argparse.Namespace, bare: Bare, name: str, flags: li
     try:
         result["ready_s"] = wait_ready(process, port, log, timeout_s=900)
         with httpx.Client(base_url=base, timeout=600) as client:
-            result["first_request_25"] = timed_post(client, body(options, 25))
+            result["first_request"] = timed_post(client, body(options, options.steps))
             # Alternate with the bare pipeline so both see the same host and GPU conditions.
-            for steps, repeats in ((25, rounds), (50, max(2, rounds - 2))):
+            for steps, repeats in ((options.steps, rounds), (options.long_steps, max(2, rounds - 2))):
                 server, baseline = [], []
                 for _ in range(repeats):
                     baseline.append(bare.run(1, steps))
@@ -148,7 +150,7 @@ def measure_server(options: argparse.Namespace, bare: Bare, name: str, flags: li
                 result[f"bare_lone_{steps}"] = median(baseline)
                 result[f"ratio_{steps}"] = median(server) / median(baseline)
         graphs_before = metric(base, "diffusion_compiled_graphs")
-        load_body = body(options, 25)
+        load_body = body(options, options.steps)
         load_body.pop("seed")
         asyncio.run(drive(port, load_body, options.clients, options.clients))
         wall, latencies, statuses = asyncio.run(drive(port, load_body, options.clients, options.requests))
@@ -174,7 +176,7 @@ def drop_page_cache() -> bool:
 def measure_ready(options: argparse.Namespace, rounds: int) -> dict:
     """Eager start to ready and the first request, ``rounds`` times; with --cold_ready, each start after the page
     cache is dropped, so weights and libraries come from disk as on a fresh node."""
-    result: dict = {"page_cache_dropped": False, "ready_s": [], "first_request_25": []}
+    result: dict = {"page_cache_dropped": False, "ready_s": [], "first_request": []}
     for _ in range(rounds):
         if options.cold_ready:
             result["page_cache_dropped"] = drop_page_cache()
@@ -185,11 +187,11 @@ def measure_ready(options: argparse.Namespace, rounds: int) -> dict:
         try:
             ready = wait_ready(process, port, log, timeout_s=300)
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
-                first = timed_post(client, body(options, 25))
+                first = timed_post(client, body(options, options.steps))
         finally:
             stop_server(process)
         result["ready_s"].append(round(ready, 2))
-        result["first_request_25"].append(round(first, 3))
+        result["first_request"].append(round(first, 3))
     return result
 
 
@@ -197,6 +199,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_id", default="builtin:sd-v1-arch")
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=25, help="steps of every request and of the bare runs")
+    parser.add_argument("--long_steps", type=int, default=50, help="steps of the second lone-latency figure")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
@@ -261,13 +265,23 @@ def main() -> None:
         ("server --compile warm", "compile-warm"),
         (f"  same, batch {2 * options.batch}", "batch16-compile-warm"),
     ]
-    header = ("lone25 s", "bare25 s", "lone50 s", "bare50 s", "img/s", "p50 s", "ready s", "first s")
+    short, long = options.steps, options.long_steps
+    header = (
+        f"lone{short} s",
+        f"bare{short} s",
+        f"lone{long} s",
+        f"bare{long} s",
+        "img/s",
+        "p50 s",
+        "ready s",
+        "first s",
+    )
     print(f"{'':<26}" + "".join(f"{h:>10}" for h in header))
     for label, key in rows:
-        keys = ("lone_25", "bare_lone_25", "lone_50", "bare_lone_50")
+        keys = (f"lone_{short}", f"bare_lone_{short}", f"lone_{long}", f"bare_lone_{long}")
         cells = [get(key, k) for k in keys]
         cells.append(get(key, f"batch{options.batch}_images_per_s") or get(key, "images_per_s"))
-        cells += [get(key, k) for k in ("p50", "ready_s", "first_request_25")]
+        cells += [get(key, k) for k in ("p50", "ready_s", "first_request")]
         print(f"{label:<26}" + "".join(f"{c:>10.3f}" if c is not None else f"{'-':>10}" for c in cells))
 
     def ratio(a: float | None, b: float | None) -> str:
@@ -275,20 +289,21 @@ def main() -> None:
 
     bare_batch = get("bare", f"batch{options.batch}_images_per_s")
     for key in ("eager", "compile-cold"):
-        for steps in (25, 50):
+        for steps in (short, long):
             side_by_side = ratio(get(key, f"lone_{steps}"), get(key, f"bare_lone_{steps}"))
             print(f"server {key} lone / bare lone, side by side ({steps} steps): {side_by_side}")
     print(f"server eager throughput / bare batch {options.batch}: {ratio(get('eager', 'images_per_s'), bare_batch)}")
     for key in ("eager", "compile-warm"):
-        print(f"first request / warm lone ({key}): {ratio(get(key, 'first_request_25'), get(key, 'lone_25'))}")
-    print(f"compile speedup, lone 50 steps: {ratio(get('eager', 'lone_50'), get('compile-cold', 'lone_50'))}")
+        print(f"first request / warm lone ({key}): {ratio(get(key, 'first_request'), get(key, f'lone_{short}'))}")
+    speedup = ratio(get("eager", f"lone_{long}"), get("compile-cold", f"lone_{long}"))
+    print(f"compile speedup, lone {long} steps: {speedup}")
     print(f"compile throughput / eager: {ratio(get('compile-cold', 'images_per_s'), get('eager', 'images_per_s'))}")
     syncs = (get("bare", "host_syncs_10_steps"), get("bare", "host_syncs_20_steps"))
     print(f"host syncs in the engine, one image: {syncs[0]} for 10 steps, {syncs[1]} for 20 (per step: the difference)")
     ready = results.get("ready", {})
     if ready.get("ready_s"):
         cold = "cold page cache" if ready.get("page_cache_dropped") else "warm page cache"
-        print(f"eager start -> ready, {cold}: {ready['ready_s']} s; first request {ready['first_request_25']} s")
+        print(f"eager start -> ready, {cold}: {ready['ready_s']} s; first request {ready['first_request']} s")
     print(f"total {time.perf_counter() - began:.0f} s; results in {options.out}/results.json")
 
 

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
     parser.add_argument("--negative", help="Negative prompt.")
+    parser.add_argument("--prompt2", help="SDXL: prompt for the second text encoder (default: the prompt).")
+    parser.add_argument("--negative2", help="SDXL: negative prompt for the second text encoder.")
     parser.add_argument("--guidance", type=float, help="Guidance scale.")
     parser.add_argument("--scheduler", help="Scheduler name (see GET /v1/models/NAME/schedulers).")
     parser.add_argument(
@@ -61,6 +63,8 @@ def request_body(args: argparse.Namespace, output_format: str) -> dict:
         "width": "width",
         "height": "height",
         "negative": "negative_prompt",
+        "prompt2": "prompt_2",
+        "negative2": "negative_prompt_2",
         "guidance": "guidance_scale",
         "scheduler": "scheduler",
     }

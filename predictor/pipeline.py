@@ -7,6 +7,8 @@ registry. Safetensors only, no remote code.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -125,9 +127,18 @@ class LoadedPipeline:
 
 
 def make_scheduler(name: str, base_config: Any) -> SchedulerMixin:
-    """A fresh scheduler instance: each request owns one, since schedulers keep per-run state."""
+    """A fresh scheduler instance: each request owns one, since schedulers keep per-run state. Built from the
+    checkpoint's config; the fields the class does not take are left out (diffusers would ignore them too, but
+    with a warning per request)."""
     cls, overrides = SCHEDULERS[name]
-    return cls.from_config(base_config, **overrides)
+    accepted = _init_parameters(cls)
+    config = {key: value for key, value in base_config.items() if key in accepted or key.startswith("_")}
+    return cls.from_config(config, **overrides)
+
+
+@functools.cache
+def _init_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.__init__).parameters)
 
 
 def resolve_device(flag: str) -> torch.device:

@@ -362,3 +362,20 @@ def test_turbo_defaults_and_second_prompts_reach_the_image_over_every_protocol(
     ]
     for data in served:
         assert np.abs(decode_image(data) - expected).max() <= TOLERANCE
+
+
+def test_compiled_sdxl_never_recompiles_and_matches_eager(sdxl) -> None:
+    """--compile with SDXL's nested added conditioning: one UNet graph for every batch size after warm-up (the eager
+    backend: dynamo's capture and guards are the same as inductor's), and the images eager makes."""
+    jobs = [
+        params(prompt=f"c{i}", seed=i, num_inference_steps=2 + i % 2, guidance_scale=[0.0, 6.0][i % 2])
+        for i in range(5)
+    ]
+    with running_engine(sdxl, max_batch_size=4) as engine:
+        expected = [pixels(f.result(timeout=60).image) for f in engine.submit(jobs)]
+    with running_engine(sdxl, max_batch_size=4, compile=True, compile_backend="eager") as engine:
+        after_warmup = engine.runner.compiled_graphs()
+        served = [pixels(f.result(timeout=60).image) for f in engine.submit(jobs)]
+        assert engine.runner.compiled_graphs() == after_warmup, "a batch size compiled after warm-up"
+    for got, want in zip(served, expected, strict=True):
+        assert np.abs(got - want).max() <= TOLERANCE

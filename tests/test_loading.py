@@ -43,7 +43,9 @@ def test_builtin_tiny_says_it_is_random(caplog: pytest.LogCaptureFixture) -> Non
 
 
 def test_unknown_builtin_and_missing_dir_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(LoadError, match="unknown builtin model 'builtin:huge'; choose one of builtin:tiny, .*tiny-sdxl"):
+    with pytest.raises(
+        LoadError, match=r"unknown builtin model 'builtin:huge'; choose one of builtin:tiny, .*tiny-sdxl"
+    ):
         load_pipeline(None, "builtin:huge", None, "cpu")
     with pytest.raises(LoadError, match="does not exist"):
         load_pipeline(None, str(tmp_path / "nope"), None, "cpu")
@@ -110,6 +112,29 @@ def test_every_documented_flag_parses() -> None:
 def test_workers_above_one_are_refused() -> None:
     with pytest.raises(SystemExit):
         parse_settings(["--workers", "2"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--default_guidance_scale", "31"], "--default_guidance_scale must be within 0..30"),
+        (["--default_guidance_scale", "nan"], "--default_guidance_scale must be within 0..30"),
+        (["--default_scheduler", "lcm", "--default_steps", "60"], "--default_steps must be at most 50 with"),
+    ],
+)
+def test_per_deployment_defaults_are_checked_at_start(flags: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_settings(flags)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_turbo_defaults_parse() -> None:
+    _, settings = parse_settings(
+        ["--default_steps", "1", "--default_guidance_scale", "0", "--default_scheduler", "euler_a"]
+    )
+    limits = settings.limits
+    assert (limits.default_steps, limits.default_guidance_scale, limits.default_scheduler) == (1, 0.0, "euler_a")
 
 
 def test_model_index_json_is_what_marks_a_model_dir(tmp_path: Path) -> None:

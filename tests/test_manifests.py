@@ -21,7 +21,15 @@ KUSTOMIZE_DIRS = [
     "manifests/kserve/base",
     "manifests/kserve/overlays/gpu",
     "manifests/kserve/overlays/cpu",
+    "manifests/kserve/overlays/sdxl-base",
+    "manifests/kserve/overlays/sdxl-turbo",
     "manifests/kubernetes/base",
+]
+# The overlays that serve on one GPU: the gpu overlay and the SDXL ones built on it.
+GPU_DIRS = [
+    "manifests/kserve/overlays/gpu",
+    "manifests/kserve/overlays/sdxl-base",
+    "manifests/kserve/overlays/sdxl-turbo",
 ]
 KUBERNETES_VERSION = "1.32.0"
 ISVC_SCHEMA = ROOT.parent / "shared" / "reference" / "kserve-inferenceservice-v1beta1.schema.json"
@@ -53,7 +61,9 @@ def containers_of(doc: dict) -> list[dict]:
 
 def test_every_kustomization_renders(rendered) -> None:
     kinds = {directory: sorted(doc["kind"] for doc in docs) for directory, docs in rendered.items()}
-    assert kinds["manifests/kserve/base"] == ["InferenceService"]
+    for directory in KUSTOMIZE_DIRS:
+        if "kserve" in directory:
+            assert kinds[directory] == ["InferenceService"], directory
     assert kinds["manifests/kubernetes/base"] == [
         "Deployment",
         "HorizontalPodAutoscaler",
@@ -150,8 +160,9 @@ def test_inference_service_has_no_unknown_fields(rendered, directory: str) -> No
     assert caught == ["spec.predictor.minReplica: unknown field"]
 
 
-def test_inference_service_scales_to_zero_on_one_gpu(rendered) -> None:
-    (isvc,) = rendered["manifests/kserve/overlays/gpu"]
+@pytest.mark.parametrize("directory", GPU_DIRS)
+def test_inference_service_scales_to_zero_on_one_gpu(rendered, directory: str) -> None:
+    (isvc,) = rendered[directory]
     annotations = isvc["metadata"]["annotations"]
     predictor = isvc["spec"]["predictor"]
     assert annotations["serving.kserve.io/deploymentMode"] == "Knative"
@@ -181,6 +192,63 @@ def test_cpu_overlay_serves_builtin_tiny_without_gpu(rendered) -> None:
     assert parse_settings(container["args"])[1].source.model_id == "builtin:tiny"
 
 
+# What each SDXL overlay promises: (repo, service and model name, batch size, limits the parsed flags must give).
+SDXL_OVERLAYS = {
+    "manifests/kserve/overlays/sdxl-base": (
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        "stable-diffusion-sdxl",
+        4,
+        {"default_steps": 30, "default_scheduler": "euler", "default_guidance_scale": 7.5, "max_image_size": 1024},
+    ),
+    "manifests/kserve/overlays/sdxl-turbo": (
+        "stabilityai/sdxl-turbo",
+        "stable-diffusion-sdxl-turbo",
+        8,
+        {
+            "default_steps": 1,
+            "max_steps": 8,
+            "default_scheduler": "euler_a",
+            "default_guidance_scale": 0.0,
+            "max_image_size": 1024,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("directory", sorted(SDXL_OVERLAYS))
+def test_sdxl_overlay_serves_its_checkpoint_on_one_gpu(rendered, directory: str) -> None:
+    repo, name, batch_size, expected_limits = SDXL_OVERLAYS[directory]
+    (isvc,) = rendered[directory]
+    predictor = isvc["spec"]["predictor"]
+    # Its own name, so it can run beside the base service and the other SDXL overlay.
+    assert isvc["metadata"]["name"] == name
+    assert predictor["storageUris"] == [{"uri": f"hf://{repo}", "mountPath": "/mnt/models"}]
+    (container,) = predictor["containers"]
+    settings = parse_settings(container["args"])[1]
+    assert settings.model_name == name
+    assert container["readinessProbe"]["httpGet"]["path"] == f"/v1/models/{name}"
+    assert settings.source.model_dir == "/mnt/models"
+    assert {field: getattr(settings.limits, field) for field in expected_limits} == expected_limits
+    assert settings.limits.default_steps <= settings.limits.max_steps
+    assert settings.engine.max_batch_size == batch_size
+    # One GPU, on the nodes the gpu overlay selects.
+    resources = container["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == "1"
+    assert (resources["requests"]["memory"], resources["limits"]["memory"]) == ("16Gi", "24Gi")
+    (gpu_isvc,) = rendered["manifests/kserve/overlays/gpu"]
+    assert (
+        predictor["nodeSelector"] == gpu_isvc["spec"]["predictor"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    )
+    assert predictor["tolerations"] == gpu_isvc["spec"]["predictor"]["tolerations"]
+    # A first load of SDXL weights plus the warm-up gets 15 minutes before the liveness probe counts.
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == container["livenessProbe"]["httpGet"]["path"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 15 * 60
+    # The base's batching arithmetic: one full batch in flight plus one waiting per pod.
+    assert predictor["scaleTarget"] == batch_size
+    assert predictor["containerConcurrency"] == 2 * batch_size
+
+
 def test_every_manifest_argument_is_a_predictor_flag(rendered) -> None:
     checked = 0
     for docs in rendered.values():
@@ -188,7 +256,7 @@ def test_every_manifest_argument_is_a_predictor_flag(rendered) -> None:
             for container in containers_of(doc):
                 parse_settings(container["args"])  # exits (SystemExit) on any flag the predictor lacks
                 checked += 1
-    assert checked == 4
+    assert checked == 6
 
 
 def test_readiness_probe_paths_exist(rendered, client) -> None:

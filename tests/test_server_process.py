@@ -71,6 +71,18 @@ def test_load_failure_exits_non_zero_with_clear_message(tmp_path: Path) -> None:
     assert "Traceback" not in output
 
 
+def test_unsupported_pipeline_class_exits_non_zero_naming_it_and_the_families(tmp_path: Path) -> None:
+    """Refused from model_index.json alone, before any weight is read (this directory has none)."""
+    (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyV22Pipeline"}')
+    log = tmp_path / "server.log"
+    process = start_server("--model_dir", str(tmp_path), port=free_port(), log=log)
+    assert process.wait(timeout=120) == 1
+    output = log.read_text()
+    assert "holds a KandinskyV22Pipeline, which this server does not serve" in output
+    assert "StableDiffusionPipeline" in output and "StableDiffusionXLPipeline" in output
+    assert "Traceback" not in output
+
+
 def test_bad_flag_values_are_refused(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "predictor", "--model_id", "builtin:tiny", "--default_steps", "200"],

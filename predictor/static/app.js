@@ -14,6 +14,8 @@ async function loadLimits() {
   }
   $("num_inference_steps").max = info.max_steps;
   $("num_inference_steps").value = info.default_steps;
+  $("guidance_scale").value = info.default_guidance_scale;
+  $("prompt_2-label").hidden = !(info.request_fields && info.request_fields.prompt_2);
   for (const field of ["width", "height"]) {
     $(field).max = info.max_image_size;
     $(field).placeholder = info.native_size;
@@ -23,6 +25,7 @@ async function loadLimits() {
 function requestBody() {
   const body = { prompt: $("prompt").value, output_format: $("output_format").value, scheduler: $("scheduler").value };
   if ($("negative_prompt").value) body.negative_prompt = $("negative_prompt").value;
+  if (!$("prompt_2-label").hidden && $("prompt_2").value) body.prompt_2 = $("prompt_2").value;
   for (const field of ["num_inference_steps", "width", "height", "seed"]) {
     if ($(field).value !== "") body[field] = parseInt($(field).value, 10);
   }
