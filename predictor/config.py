@@ -36,6 +36,7 @@ class ModelSource:
     model_dir: str = field(default_factory=lambda: os.environ.get("MODEL_DIR", "/mnt/models"))
     model_id: str = "CompVis/stable-diffusion-v1-4"
     revision: str | None = None
+    variant: str | None = None  # e.g. "fp16": load *.fp16.safetensors
     device: Device = "auto"
     dtype: Dtype = "auto"
     safety_checker: SafetyChecker = "checkpoint"
@@ -146,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         "builtin:sdxl-arch (full-size, for GPU benchmarks).",
     )
     model.add_argument("--revision", default=default(ModelSource, "revision"), help="Git revision of --model_id.")
+    model.add_argument(
+        "--variant",
+        default=default(ModelSource, "variant"),
+        help="Weight files variant to load, e.g. fp16 (*.fp16.safetensors: half the bytes of the plain float32 "
+        "files, which then need not be downloaded). Default: the plain files.",
+    )
     model.add_argument(
         "--device", choices=get_args(Device), default=default(ModelSource, "device"), help="auto: CUDA when present."
     )

@@ -280,7 +280,13 @@ def _json_object(body: bytes) -> Any:
 def _load_from_settings(settings: Settings) -> LoadedPipeline:
     source = settings.source
     return load_pipeline(
-        source.model_dir, source.model_id, source.revision, source.device, source.dtype, source.safety_checker
+        source.model_dir,
+        source.model_id,
+        source.revision,
+        source.device,
+        source.dtype,
+        source.safety_checker,
+        source.variant,
     )
 
 

@@ -169,6 +169,7 @@ def load_pipeline(
     device_flag: str = "auto",
     dtype_flag: str = "auto",
     safety_checker: str = "checkpoint",
+    variant: str | None = None,
 ) -> LoadedPipeline:
     device = resolve_device(device_flag)
     dtype = resolve_dtype(dtype_flag, device)
@@ -181,7 +182,7 @@ def load_pipeline(
         except ValueError as exc:
             raise LoadError(str(exc)) from None
     else:
-        pipe = _from_pretrained(source, revision if source == model_id else None, device, dtype)
+        pipe = _from_pretrained(source, revision if source == model_id else None, device, dtype, variant)
     if type(pipe).__name__ not in FAMILIES:
         raise unsupported_class(type(pipe).__name__, source)
     pipe.set_progress_bar_config(disable=True)
@@ -221,7 +222,9 @@ def detect_family(source: str, revision: str | None = None, local: bool = True) 
     return FAMILIES[class_name]
 
 
-def _from_pretrained(source: str, revision: str | None, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
+def _from_pretrained(
+    source: str, revision: str | None, device: torch.device, dtype: torch.dtype, variant: str | None = None
+) -> DiffusionPipeline:
     local = Path(source).is_dir()
     if not local and source.startswith(("/", ".")):
         raise LoadError(f"model directory '{source}' does not exist or holds no {MODEL_INDEX}")
@@ -230,6 +233,7 @@ def _from_pretrained(source: str, revision: str | None, device: torch.device, dt
         pipe = family.pipeline_class.from_pretrained(
             source,
             revision=revision,
+            variant=variant,
             dtype=dtype,
             use_safetensors=True,
             local_files_only=local,

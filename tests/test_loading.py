@@ -66,6 +66,22 @@ def test_weights_must_be_safetensors(tiny_model_dir: Path, tmp_path: Path) -> No
         load_pipeline(str(copy), "not/used", None, "cpu")
 
 
+def test_variant_loads_only_the_variant_files(tmp_path: Path) -> None:
+    """--variant fp16 loads *.fp16.safetensors: a directory with only those (as a filtered download leaves it)."""
+    from predictor.builtin import build_tiny_sdxl
+    from predictor.testing import params, pixels, running_engine
+
+    build_tiny_sdxl().to(dtype=torch.float16).save_pretrained(tmp_path, safe_serialization=True, variant="fp16")
+    weights = sorted(path.name for path in tmp_path.rglob("*.safetensors"))
+    assert weights and all(name.endswith(".fp16.safetensors") for name in weights)
+    with pytest.raises(LoadError, match="no file named"):
+        load_pipeline(str(tmp_path), "not/used", None, "cpu", "float32")  # the plain files are not there
+    loaded = load_pipeline(str(tmp_path), "not/used", None, "cpu", "float32", variant="fp16")
+    assert loaded.family.name == "sdxl" and loaded.pipe.unet.dtype == torch.float32
+    with running_engine(loaded) as engine:
+        assert pixels(engine.generate(params(num_inference_steps=2)).image).std() > 5
+
+
 def test_dtype_defaults() -> None:
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16

@@ -227,7 +227,7 @@ def test_sdxl_overlay_serves_its_checkpoint_on_one_gpu(rendered, directory: str)
     settings = parse_settings(container["args"])[1]
     assert settings.model_name == name
     assert container["readinessProbe"]["httpGet"]["path"] == f"/v1/models/{name}"
-    assert settings.source.model_dir == "/mnt/models"
+    assert (settings.source.model_dir, settings.source.variant) == ("/mnt/models", "fp16")
     assert {field: getattr(settings.limits, field) for field in expected_limits} == expected_limits
     assert settings.limits.default_steps <= settings.limits.max_steps
     assert settings.engine.max_batch_size == batch_size
