@@ -199,7 +199,8 @@ def test_sdxl_float16_vae_decodes_in_float32_like_diffusers(tiny_sdxl_dir) -> No
     loaded = load_pipeline(str(tiny_sdxl_dir), "not/used", None, "cpu", "float16")
     p = params(seed=11, num_inference_steps=3)
     with running_engine(loaded) as engine:
-        assert loaded.pipe.vae.dtype == torch.float32 and loaded.pipe.unet.dtype == torch.float16
+        assert engine.runner.vae.dtype == torch.float32 and loaded.pipe.unet.dtype == torch.float16
+        assert loaded.pipe.vae.dtype == torch.float16, "the pipeline object stays as loaded"
         served = pixels(engine.generate(p).image)
     reference = _reference(tiny_sdxl_dir, StableDiffusionXLPipeline, torch.float16)
     expected = diffusers_image(reference, p)

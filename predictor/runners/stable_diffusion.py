@@ -55,6 +55,7 @@ class UNetRunner(ModelRunner):
         self._unet: Any = None  # a CompiledDenoiser once warmed up with --compile
         self._decoder: Any = None  # a CompiledDecoder once warmed up with --compile
         self._vae_float32: Any = None  # made on the first float16 overflow
+        self.vae: Any = loaded.pipe.vae  # the VAE this runner decodes with (SDXL's may be a float32 copy)
 
     # ---- what a UNet family defines ------------------------------------------------------------
 
@@ -87,7 +88,7 @@ class UNetRunner(ModelRunner):
         return {**cond, "timestep_cond": embedding.to(device=self.device, dtype=self.latent_dtype)}
 
     def _scaled_for_vae(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents.to(self.pipe.vae.dtype) / self.pipe.vae.config.scaling_factor
+        return latents.to(self.vae.dtype) / self.vae.config.scaling_factor
 
     # ---- the runner hooks ------------------------------------------------------------------------
 
@@ -112,13 +113,13 @@ class UNetRunner(ModelRunner):
         scaled = self._scaled_for_vae(latents)
         if self._decoder is not None and self._at_native_size(latents):
             return self._decoder(scaled)
-        return self.pipe.vae.decode(scaled, return_dict=False)[0]
+        return self.vae.decode(scaled, return_dict=False)[0]
 
     def decode_float32(self, latents: torch.Tensor) -> torch.Tensor:
         if self._vae_float32 is None:
             logger.warning("the float16 VAE overflowed; decoding such images in float32 from now on")
-            self._vae_float32 = copy.deepcopy(self.pipe.vae).to(torch.float32)
-        scaled = latents.to(torch.float32) / self.pipe.vae.config.scaling_factor
+            self._vae_float32 = copy.deepcopy(self.vae).to(torch.float32)
+        scaled = latents.to(torch.float32) / self.vae.config.scaling_factor
         return self._vae_float32.decode(scaled, return_dict=False)[0]
 
     # ---- --compile ---------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ class UNetRunner(ModelRunner):
             config.compile_mode == "reduce-overhead" or config.compile_backend == "cudagraphs"
         )
         unet = CompiledDenoiser(pipe.unet, config, max_rows=2 * config.max_batch_size, cuda_graphs=cuda_graphs)
-        decoder = CompiledDecoder(pipe.vae.decode, config)
+        decoder = CompiledDecoder(self.vae.decode, config)
         size = self.loaded.native_size // pipe.vae_scale_factor
         channels = pipe.unet.config.in_channels
 
@@ -153,7 +154,7 @@ class UNetRunner(ModelRunner):
 
         unet_compile_s, unet_sizes_s = unet.warm_up(unet_inputs, self._synchronize)
         decoder_started = time.perf_counter()
-        vae = pipe.vae
+        vae = self.vae
         decoder(torch.zeros((1, vae.config.latent_channels, size, size), device=device, dtype=vae.dtype))
         self._synchronize()
         finished = time.perf_counter()
