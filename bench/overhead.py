@@ -57,7 +57,7 @@ def main() -> None:
         "width": options.size,
         "height": options.size,
     }
-    params = resolve(GenerationRequest(**body), settings.limits, model.native_size)
+    params = resolve(GenerationRequest(**body), settings.limits, model.traits)
     url = f"http://127.0.0.1:{port}"
     timings: dict[str, list[float]] = {"direct engine": [], "POST /generate": [], "v1 :predict": []}
     with httpx.Client(base_url=url, timeout=300) as client:

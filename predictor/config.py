@@ -16,7 +16,6 @@ from predictor.schemas import (
     HARD_MAX_IMAGE_SIZE,
     HARD_MAX_PROMPT_CHARS,
     HARD_MAX_STEPS,
-    LCM_MAX_STEPS,
     MAX_GUIDANCE,
     MIN_IMAGE_SIZE,
     SCHEDULER_NAMES,
@@ -300,8 +299,6 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
         parser.error(f"--max_image_size must be within {MIN_IMAGE_SIZE}..{HARD_MAX_IMAGE_SIZE}")
     if not 0 <= args.default_guidance_scale <= MAX_GUIDANCE:
         parser.error(f"--default_guidance_scale must be within 0..{MAX_GUIDANCE:g}")
-    if args.default_scheduler == "lcm" and args.default_steps > LCM_MAX_STEPS:
-        parser.error(f"--default_steps must be at most {LCM_MAX_STEPS} with --default_scheduler lcm")
     if args.max_prompt_chars > HARD_MAX_PROMPT_CHARS:
         parser.error(f"--max_prompt_chars must be at most {HARD_MAX_PROMPT_CHARS}")
     if args.max_batch_instances > HARD_MAX_BATCH_INSTANCES:

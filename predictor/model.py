@@ -26,7 +26,7 @@ from predictor.config import Settings
 from predictor.engine import GenerationEngine, create_engine
 from predictor.errors import DeadlineExceeded, InvalidRequest, ModelNotLoaded
 from predictor.jobs import GenerationResult, ProgressCallback
-from predictor.pipeline import LoadedPipeline, load_pipeline
+from predictor.pipeline import LoadedPipeline, LoadError, load_pipeline
 from predictor.schemas import (
     MAX_SEED,
     GenerationParams,
@@ -103,6 +103,10 @@ class DiffusionModel(Model):
     def load(self) -> bool:
         started = time.perf_counter()
         self.loaded = self._pipeline_loader(self.settings)
+        try:
+            self.default_params("check the defaults")  # e.g. --default_steps past what scheduler lcm takes here
+        except InvalidRequest as exc:
+            raise LoadError(f"the request defaults do not suit this checkpoint: {exc.message}") from None
         engine = create_engine(self.loaded, self.settings.engine)
         engine.start()
         self.generation_engine = engine
@@ -127,10 +131,6 @@ class DiffusionModel(Model):
         if self.loaded is None:
             raise ModelNotLoaded(f"model {self.name} is not loaded yet")
         return self.loaded.traits
-
-    @property
-    def native_size(self) -> int:
-        return self.traits.native_size
 
     def default_params(self, prompt: str, steps: int | None = None) -> GenerationParams:
         request = GenerationRequest(prompt=prompt, num_inference_steps=steps, seed=0)

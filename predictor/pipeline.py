@@ -7,8 +7,6 @@ registry. Safetensors only, no remote code.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LatentConsistencyModelPipeline,
     LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
@@ -54,6 +53,7 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
 assert set(SCHEDULERS) == set(SCHEDULER_NAMES), "schemas.SCHEDULER_NAMES and the registry must agree"
 
 MODEL_INDEX = "model_index.json"
+DEFAULT_LCM_STEPS = 50  # LCMScheduler's original_inference_steps when a checkpoint's config has none
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,8 @@ FAMILIES: dict[str, Family] = {
     for family in (
         Family("sd", StableDiffusionPipeline, "Stable Diffusion 1.x and 2.x (SD-Turbo included)"),
         Family("sdxl", StableDiffusionXLPipeline, "Stable Diffusion XL (SDXL-Turbo included)", True),
+        # An SD 1.x pipeline whose UNet embeds the guidance scale: the SD runner computes what it computes.
+        Family("sd", LatentConsistencyModelPipeline, "Latent Consistency Models distilled from SD 1.x"),
     )
 }
 
@@ -110,7 +112,9 @@ class LoadedPipeline:
     @property
     def traits(self) -> ModelTraits:
         family = self.family
-        return ModelTraits(family.name, self.native_size, family.second_text_encoder)
+        # LCMScheduler spaces its steps over the checkpoint's distillation schedule and takes no more than that.
+        lcm_steps = int(self.pipe.scheduler.config.get("original_inference_steps", DEFAULT_LCM_STEPS))
+        return ModelTraits(family.name, self.native_size, family.second_text_encoder, lcm_steps)
 
     def describe(self) -> dict[str, Any]:
         """What an operator checks after a deploy: the family, and the scheduler config requests build on."""
@@ -127,18 +131,22 @@ class LoadedPipeline:
 
 
 def make_scheduler(name: str, base_config: Any) -> SchedulerMixin:
-    """A fresh scheduler instance: each request owns one, since schedulers keep per-run state. Built from the
-    checkpoint's config; the fields the class does not take are left out (diffusers would ignore them too, but
-    with a warning per request)."""
+    """A fresh scheduler instance: each request owns one, since schedulers keep per-run state. Made as diffusers
+    makes it, from the checkpoint's whole config: fields a class does not take are kept on its config (DPM-Solver
+    reads a Euler config's sigma_min and sigma_max)."""
     cls, overrides = SCHEDULERS[name]
-    accepted = _init_parameters(cls)
-    config = {key: value for key, value in base_config.items() if key in accepted or key.startswith("_")}
-    return cls.from_config(config, **overrides)
+    return cls.from_config(base_config, **overrides)
 
 
-@functools.cache
-def _init_parameters(cls: type) -> frozenset[str]:
-    return frozenset(inspect.signature(cls.__init__).parameters)
+class _ForeignConfigFields(logging.Filter):
+    """diffusers warns, at every scheduler made from another class's config, that the other class's fields are
+    ignored: with a scheduler per request that would be a warning per request, about nothing wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "but are not expected and will be ignored" not in record.getMessage()
+
+
+logging.getLogger("diffusers.configuration_utils").addFilter(_ForeignConfigFields())
 
 
 def resolve_device(flag: str) -> torch.device:

@@ -32,8 +32,6 @@ HARD_MAX_BATCH_INSTANCES = 128
 MIN_IMAGE_SIZE = 64
 SIZE_MULTIPLE = 8
 MAX_GUIDANCE = 30.0
-# LCMScheduler spaces its steps over the 50 of its distillation schedule (original_inference_steps) and refuses more.
-LCM_MAX_STEPS = 50
 # Longest parameter name echoed back in an error body.
 _MAX_PARAM_CHARS = 64
 
@@ -81,6 +79,7 @@ class ModelTraits:
     family: str  # "sd" (1.x and 2.x), "sdxl"
     native_size: int
     second_text_encoder: bool = False  # SDXL: prompt_2 / negative_prompt_2 reach the second encoder
+    lcm_max_steps: int = 50  # scheduler "lcm" takes at most the checkpoint's original_inference_steps
 
 
 class GenerationRequest(BaseModel):
@@ -324,13 +323,17 @@ def resolve(
         raise InvalidRequest(
             f"the model's native size {traits.native_size} exceeds --max_image_size {limits.max_image_size}; "
             "pass width and height",
-            param=f"{prefix}width",
+            param=f"{prefix}{'width' if width > limits.max_image_size else 'height'}",
         )
     steps = request.num_inference_steps or limits.default_steps
     scheduler = request.scheduler or limits.default_scheduler
-    if scheduler == "lcm" and steps > LCM_MAX_STEPS:
+    if scheduler == "lcm" and steps > traits.lcm_max_steps:
         param = f"{prefix}num_inference_steps"
-        raise InvalidRequest(f"'{param}' must be at most {LCM_MAX_STEPS} with scheduler 'lcm'", param=param)
+        raise InvalidRequest(
+            f"'{param}' must be at most {traits.lcm_max_steps} with scheduler 'lcm' "
+            "(the checkpoint's original_inference_steps)",
+            param=param,
+        )
     guidance = request.guidance_scale if request.guidance_scale is not None else limits.default_guidance_scale
     return GenerationParams(
         prompt=request.prompt,

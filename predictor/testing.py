@@ -138,22 +138,25 @@ def decode_image(data: bytes) -> np.ndarray:
 
 
 def diffusers_image(pipe: Any, p: GenerationParams) -> np.ndarray:
-    """What diffusers' own ``pipe(...)`` makes for ``p``: the same arguments, the named scheduler made from the
-    pipeline's config, ``generator=torch.Generator("cpu").manual_seed(seed)``."""
+    """What diffusers' own ``pipe(...)`` makes for ``p``: the same arguments, the named scheduler made by diffusers'
+    ``from_config`` from the pipeline's config, ``generator=torch.Generator("cpu").manual_seed(seed)``."""
     import torch
 
-    from predictor.pipeline import make_scheduler
+    from predictor.pipeline import SCHEDULERS
 
     original = pipe.scheduler
-    pipe.scheduler = make_scheduler(p.scheduler, original.config)
-    second_prompts = {}
-    if p.prompt_2 is not None or p.negative_prompt_2 is not None:  # SDXL's; other pipelines have no such argument
-        second_prompts = {"prompt_2": p.prompt_2, "negative_prompt_2": p.negative_prompt_2}
+    scheduler_class, overrides = SCHEDULERS[p.scheduler]
+    pipe.scheduler = scheduler_class.from_config(original.config, **overrides)
+    # Only the texts given: SDXL's second prompts exist on SDXL alone, and LCM's pipeline takes no negative prompt.
+    texts = {
+        name: getattr(p, name)
+        for name in ("negative_prompt", "prompt_2", "negative_prompt_2")
+        if getattr(p, name) is not None
+    }
     try:
         image = pipe(
             p.prompt,
-            negative_prompt=p.negative_prompt,
-            **second_prompts,
+            **texts,
             num_inference_steps=p.num_inference_steps,
             guidance_scale=p.guidance_scale,
             width=p.width,

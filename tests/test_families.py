@@ -17,6 +17,8 @@ import torch
 from diffusers import (
     DiffusionPipeline,
     EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LatentConsistencyModelPipeline,
     LCMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -24,10 +26,16 @@ from diffusers import (
 )
 from fastapi.testclient import TestClient
 
-from predictor.builtin import SD_V1_SCHEDULER_CONFIG, build_builtin, build_tiny, build_tiny_sdxl
+from predictor.builtin import (
+    SD_V1_SCHEDULER_CONFIG,
+    SDXL_SCHEDULER_CONFIG,
+    build_builtin,
+    build_tiny,
+    build_tiny_sdxl,
+)
 from predictor.errors import InvalidRequest
 from predictor.model import DiffusionModel
-from predictor.pipeline import FAMILIES, LoadedPipeline, LoadError, load_pipeline, make_scheduler
+from predictor.pipeline import FAMILIES, SCHEDULERS, LoadedPipeline, LoadError, load_pipeline, make_scheduler
 from predictor.schemas import SCHEDULER_NAMES, GenerationRequest, Limits, ModelTraits, resolve
 from predictor.server import PredictorServer
 from predictor.testing import (
@@ -112,11 +120,13 @@ def _mixed_batch(loaded, reference, target, others) -> tuple[np.ndarray, np.ndar
 @pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
 def test_sdxl_matches_diffusers_alone_and_in_mixed_batches(sdxl, sdxl_reference, scheduler: str) -> None:
     index = SCHEDULER_NAMES.index(scheduler)
+    # Every combination of the four texts across the schedulers, under guidance (7.5), where negatives count.
     target = params(
         scheduler=scheduler,
         seed=2000 + index,
         prompt_2="oil on canvas" if index % 2 else None,
         negative_prompt=[None, "", "blurry"][index % 3],
+        negative_prompt_2="grainy" if index % 4 < 2 else None,
     )
     others = [
         params(
@@ -208,17 +218,32 @@ def test_sdxl_float16_vae_decodes_in_float32_like_diffusers(tiny_sdxl_dir) -> No
     assert expected.std() > 5 and np.abs(served - expected).max() <= TOLERANCE
 
 
-def test_lcm_distilled_unet_takes_guidance_as_an_embedding_and_matches_diffusers(tmp_path: Path) -> None:
-    """An LCM-distilled UNet (time_cond_proj_dim) runs one row per image with the guidance scale embedded."""
-    pipe = build_tiny()
+LCM_SCHEDULER_CONFIG = {key: value for key, value in SD_V1_SCHEDULER_CONFIG.items() if key != "skip_prk_steps"}
+
+
+def _lcm_distilled(pipe: DiffusionPipeline, cls: type[DiffusionPipeline] | None = None) -> DiffusionPipeline:
+    """``pipe`` with a UNet that embeds the guidance scale (time_cond_proj_dim), as LCM distillation leaves it."""
     torch.manual_seed(1)
     pipe.unet = UNet2DConditionModel.from_config(pipe.unet.config, time_cond_proj_dim=32)
-    pipe.scheduler = LCMScheduler.from_config(
-        {k: v for k, v in SD_V1_SCHEDULER_CONFIG.items() if k != "skip_prk_steps"}
-    )
-    pipe.save_pretrained(tmp_path, safe_serialization=True)
+    pipe.scheduler = LCMScheduler.from_config(LCM_SCHEDULER_CONFIG)
+    return pipe if cls is None else cls(**pipe.components)
+
+
+@pytest.mark.parametrize(
+    ("make", "cls"),
+    [
+        (lambda: _lcm_distilled(build_tiny()), StableDiffusionPipeline),
+        (lambda: _lcm_distilled(build_tiny(), LatentConsistencyModelPipeline), LatentConsistencyModelPipeline),
+        (lambda: _lcm_distilled(build_tiny_sdxl()), StableDiffusionXLPipeline),
+    ],
+    ids=["sd", "latent-consistency-pipeline", "sdxl"],
+)
+def test_lcm_distilled_unet_takes_guidance_as_an_embedding_and_matches_diffusers(tmp_path: Path, make, cls) -> None:
+    """An LCM-distilled UNet (time_cond_proj_dim) runs one row per image with the guidance scale embedded."""
+    make().save_pretrained(tmp_path, safe_serialization=True)
     loaded = load_pipeline(str(tmp_path), "not/used", None, "cpu", "float32")
-    reference = _reference(tmp_path, StableDiffusionPipeline)
+    assert type(loaded.pipe) is cls
+    reference = _reference(tmp_path, cls)
     jobs = [params(scheduler="lcm", num_inference_steps=4, guidance_scale=g, seed=s) for g, s in ((8.0, 1), (2.0, 2))]
     with running_engine(loaded) as engine:
         calls = UNetCalls(loaded.pipe.unet)
@@ -230,6 +255,41 @@ def test_lcm_distilled_unet_takes_guidance_as_an_embedding_and_matches_diffusers
     for image, p in zip(served, jobs, strict=True):
         assert np.abs(image - diffusers_image(reference, p)).max() <= TOLERANCE
     assert np.abs(served[0] - served[1]).max() > 10, "the guidance embedding changes the image"
+
+
+def test_lcm_step_limit_is_the_checkpoints_own(tmp_path: Path) -> None:
+    """LCMScheduler takes at most its config's original_inference_steps: more is a 400 naming the field, and a
+    deployment whose default exceeds it does not start."""
+    pipe = _lcm_distilled(build_tiny())
+    pipe.scheduler = LCMScheduler.from_config(LCM_SCHEDULER_CONFIG, original_inference_steps=20)
+    pipe.save_pretrained(tmp_path, safe_serialization=True)
+    traits = load_pipeline(str(tmp_path), "not/used", None, "cpu", "float32").traits
+    assert traits.lcm_max_steps == 20
+    lcm = {"prompt": "a cat", "scheduler": "lcm"}
+    assert resolve(GenerationRequest(**lcm, num_inference_steps=20), Limits(), traits).num_inference_steps == 20
+    with pytest.raises(InvalidRequest) as error:
+        resolve(GenerationRequest(**lcm, num_inference_steps=21), Limits(), traits, prefix="instances[0].")
+    assert error.value.param == "instances[0].num_inference_steps"
+    assert "at most 20 with scheduler 'lcm'" in error.value.message
+    settings = make_settings(tmp_path, "--default_scheduler", "lcm", "--default_steps", "25")
+    with pytest.raises(LoadError, match="at most 20 with scheduler 'lcm'"):
+        DiffusionModel(settings).load()
+
+
+def test_schedulers_are_made_as_diffusers_makes_them_without_a_warning_per_request(caplog) -> None:
+    """From the checkpoint's whole config (DPM-Solver with Karras sigmas reads a Euler config's sigma_min and
+    sigma_max), and without diffusers' warning about fields a class does not take."""
+    base = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG, sigma_min=0.0292, sigma_max=14.6146)
+    with caplog.at_level("WARNING"):
+        for name, (cls, overrides) in SCHEDULERS.items():
+            ours, theirs = make_scheduler(name, base.config), cls.from_config(base.config, **overrides)
+            assert dict(ours.config) == dict(theirs.config), name
+            ours.set_timesteps(10), theirs.set_timesteps(10)
+            assert torch.equal(ours.timesteps, theirs.timesteps), name
+            if hasattr(theirs, "sigmas"):
+                assert torch.equal(ours.sigmas, theirs.sigmas), name
+    assert make_scheduler("dpmpp_2m_karras", base.config).sigmas[0] < 15, "the checkpoint's sigma_max holds"
+    assert not [r for r in caplog.records if "not expected" in r.getMessage()]
 
 
 def test_family_and_native_size_come_from_the_checkpoint(tiny_sdxl_dir, tiny_sd2_dir, tiny_model_dir) -> None:

@@ -135,7 +135,6 @@ def test_workers_above_one_are_refused() -> None:
     [
         (["--default_guidance_scale", "31"], "--default_guidance_scale must be within 0..30"),
         (["--default_guidance_scale", "nan"], "--default_guidance_scale must be within 0..30"),
-        (["--default_scheduler", "lcm", "--default_steps", "60"], "--default_steps must be at most 50 with"),
     ],
 )
 def test_per_deployment_defaults_are_checked_at_start(flags: list[str], message: str, capsys) -> None:

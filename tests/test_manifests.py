@@ -198,7 +198,7 @@ SDXL_OVERLAYS = {
         "stabilityai/stable-diffusion-xl-base-1.0",
         "stable-diffusion-sdxl",
         4,
-        {"default_steps": 30, "default_scheduler": "euler", "default_guidance_scale": 7.5, "max_image_size": 1024},
+        {"default_steps": 30, "default_scheduler": "euler", "default_guidance_scale": 5.0, "max_image_size": 1024},
     ),
     "manifests/kserve/overlays/sdxl-turbo": (
         "stabilityai/sdxl-turbo",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from predictor.config import EngineConfig
 from predictor.pipeline import LoadedPipeline
@@ -14,6 +14,7 @@ from predictor.runners.stable_diffusion_xl import StableDiffusionXLRunner
 RUNNERS: dict[type, type[ModelRunner]] = {
     StableDiffusionPipeline: StableDiffusionRunner,
     StableDiffusionXLPipeline: StableDiffusionXLRunner,
+    LatentConsistencyModelPipeline: StableDiffusionRunner,  # its __call__ is SD's with the guidance embedded
 }
 
 

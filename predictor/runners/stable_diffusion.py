@@ -68,10 +68,9 @@ class UNetRunner(ModelRunner):
         """Conditioning of the right shapes for ``rows`` rows, to compile and record graphs with before serving."""
         pipe = self.pipe
         hidden = pipe.unet.config.cross_attention_dim
-        tokens = pipe.tokenizer.model_max_length
-        example = {
-            "encoder_hidden_states": torch.zeros((rows, tokens, hidden), device=self.device, dtype=self.loaded.dtype)
-        }
+        tokens = (pipe.tokenizer or pipe.tokenizer_2).model_max_length
+        shape = (rows, tokens, hidden)
+        example = {"encoder_hidden_states": torch.zeros(shape, device=self.device, dtype=self.latent_dtype)}
         return self._with_guidance_embedding(example, [0.0] * rows)
 
     def guided(self, params: GenerationParams) -> bool:
@@ -87,8 +86,9 @@ class UNetRunner(ModelRunner):
         embedding = self.pipe.get_guidance_scale_embedding(scale, embedding_dim=dim)
         return {**cond, "timestep_cond": embedding.to(device=self.device, dtype=self.latent_dtype)}
 
-    def _scaled_for_vae(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+    def _scaled_for_vae(self, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Latents as the VAE decoder takes them, in ``dtype``."""
+        return latents.to(dtype) / self.vae.config.scaling_factor
 
     # ---- the runner hooks ------------------------------------------------------------------------
 
@@ -110,7 +110,7 @@ class UNetRunner(ModelRunner):
         return self.pipe.unet(sample, timesteps, **conditioning, return_dict=False)[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        scaled = self._scaled_for_vae(latents)
+        scaled = self._scaled_for_vae(latents, self.vae.dtype)
         if self._decoder is not None and self._at_native_size(latents):
             return self._decoder(scaled)
         return self.vae.decode(scaled, return_dict=False)[0]
@@ -119,8 +119,7 @@ class UNetRunner(ModelRunner):
         if self._vae_float32 is None:
             logger.warning("the float16 VAE overflowed; decoding such images in float32 from now on")
             self._vae_float32 = copy.deepcopy(self.vae).to(torch.float32)
-        scaled = latents.to(torch.float32) / self.vae.config.scaling_factor
-        return self._vae_float32.decode(scaled, return_dict=False)[0]
+        return self._vae_float32.decode(self._scaled_for_vae(latents, torch.float32), return_dict=False)[0]
 
     # ---- --compile ---------------------------------------------------------------------------------
 

@@ -58,12 +58,7 @@ class StableDiffusionXLRunner(UNetRunner):
 
     @property
     def _pooled_dim(self) -> int:
-        encoder = self.pipe.text_encoder_2
-        return (
-            int(encoder.config.projection_dim)
-            if encoder is not None
-            else int(self.pipe.text_encoder.config.hidden_size)
-        )
+        return int(self.pipe.text_encoder_2.config.projection_dim)
 
     @property
     def latent_dtype(self) -> torch.dtype:
@@ -138,9 +133,9 @@ class StableDiffusionXLRunner(UNetRunner):
         }
         return example
 
-    def _scaled_for_vae(self, latents: torch.Tensor) -> torch.Tensor:
+    def _scaled_for_vae(self, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         vae = self.vae
-        latents = latents.to(vae.dtype)
+        latents = latents.to(dtype)
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
         if mean is None or std is None:
             return latents / vae.config.scaling_factor
