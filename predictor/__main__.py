@@ -29,11 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     from predictor.server import PredictorServer
 
     model = DiffusionModel(settings)
-    try:
-        model.load()
-    except Exception as exc:
-        logger.error("failed to load model '%s': %s", settings.model_name, exc, exc_info=logger.isEnabledFor(10))
-        return 1
     server = PredictorServer(
         settings,
         http_port=args.http_port,
@@ -41,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         enable_grpc=args.enable_grpc,
         enable_latency_logging=args.enable_latency_logging,
     )
-    server.serve(model)
+    server.serve(model)  # loads the model in the background; the listener answers meanwhile
+    if server.load_error is not None:
+        return 1
     logger.info("server stopped")
     return 0
 

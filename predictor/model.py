@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -96,11 +97,38 @@ class DiffusionModel(Model):
         self.generation_engine: GenerationEngine | None = None
         self.loaded: LoadedPipeline | None = None
         self._pipeline_loader = pipeline_loader or _load_from_settings
+        self._load_lock = threading.Lock()
+        self._load_claimed = False
         self.ready = False
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def load(self) -> bool:
+        """Load, compile and warm up, then report ready. Called once: a second call (KServe's data plane calls
+        ``load()`` for a model that is not ready yet) returns at once while the first is still under way."""
+        if not self._claim_load():
+            return self.ready
+        return self._load()
+
+    def start_loading(self, on_failure: Callable[[BaseException], None]) -> None:
+        """Load on a thread of its own, so the HTTP server answers meanwhile: live, not ready, 503 to requests."""
+        if not self._claim_load():
+            return
+
+        def run() -> None:
+            try:
+                self._load()
+            except BaseException as exc:  # reported to the server, which stops and exits non-zero
+                on_failure(exc)
+
+        threading.Thread(target=run, name="model-load", daemon=True).start()
+
+    def _claim_load(self) -> bool:
+        with self._load_lock:
+            claimed, self._load_claimed = self._load_claimed, True
+        return not claimed
+
+    def _load(self) -> bool:
         started = time.perf_counter()
         self.loaded = self._pipeline_loader(self.settings)
         try:

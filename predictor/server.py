@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
 from importlib import metadata
 
 from fastapi import APIRouter, FastAPI, Request
@@ -180,6 +182,9 @@ class PredictorServer(ModelServer):
         )
         self.settings = settings
         self.model: DiffusionModel | None = None
+        self.load_error: BaseException | None = None  # set when the model failed to load: the process exits 1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
 
     def create_app(self, model: DiffusionModel) -> FastAPI:
         """Register the model and build the HTTP app (without serving it): used by start() and tests."""
@@ -205,8 +210,12 @@ class PredictorServer(ModelServer):
         return app
 
     def serve(self, model: DiffusionModel) -> None:
-        """Serve until SIGTERM/SIGINT; in-flight requests get --grace_period_s to finish."""
+        """Load the model in the background and serve until SIGTERM/SIGINT; in-flight requests get
+        --grace_period_s to finish. The listener is up while the model loads, compiles and warms up: liveness
+        answers, readiness and requests say 503 until the model is ready. A failed load stops the server
+        (``load_error`` is then set, and the process exits non-zero)."""
         self.create_app(model)
+        model.start_loading(self._load_failed)
         name = model.name
         logger.info(
             "serving model %s on port %d: POST /generate (image or Server-Sent Events), POST /v1/images/generations "
@@ -229,6 +238,27 @@ class PredictorServer(ModelServer):
         self.setup_event_loop()
         self.register_signal_handler()
         asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            failed = self.load_error is not None
+        if failed:  # before the loop ran: stop now
+            self.stop(signal.SIGTERM)
+        await super()._serve()
+
+    def _load_failed(self, exc: BaseException) -> None:
+        """On the loading thread: report the failure and shut the server down."""
+        name = self.model.name if self.model is not None else "?"
+        logger.error("failed to load model '%s': %s", name, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
+        with self._lock:
+            self.load_error = exc
+            loop = self._loop
+        rest = getattr(self._rest_server, "_server", None)
+        if rest is not None:
+            rest.should_exit = True  # uvicorn checks it on its next tick, even before its start-up is done
+        if loop is not None:
+            loop.call_soon_threadsafe(self.stop, signal.SIGTERM)
 
     def stop(self, sig: int) -> None:
         if self.model is not None and self.model.generation_engine is not None:

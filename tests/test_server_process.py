@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from predictor.testing import free_port, metric, start_server, wait_ready, wait_until
+from predictor.testing import free_port, metric, start_server, stop_server, wait_ready, wait_until
 
 pytestmark = pytest.mark.slow
 NO_MODEL_DIR = ("--model_dir", "/nonexistent")
@@ -58,6 +58,83 @@ def test_builtin_tiny_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
         assert noise not in output, f"start-up or request noise: {noise!r}"
     assert "POST /v1/images/generations" in output, "the log says which routes are served"
     assert output.count('"POST /generate HTTP/1.1" 200') == 2
+
+
+# Fault injection for a long start: the server's loader waits for a file the test creates, so the test sees the
+# process between "listening" and "ready" for as long as it needs, with no timing assumption.
+_HOLD_LOAD_HOOK = """
+import os, time
+import predictor.pipeline as pipeline
+
+_load_pipeline = pipeline.load_pipeline
+
+
+def _held(*args, **kwargs):
+    while not os.path.exists(os.environ["PREDICTOR_TEST_RELEASE_LOAD"]):
+        time.sleep(0.02)
+    return _load_pipeline(*args, **kwargs)
+
+
+pipeline.load_pipeline = _held
+"""
+
+
+def start_held_server(tmp_path: Path, port: int) -> tuple[subprocess.Popen, Path, Path]:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HOLD_LOAD_HOOK)
+    release, log = tmp_path / "release", tmp_path / "server.log"
+    env = {"PYTHONPATH": str(hook), "PREDICTOR_TEST_RELEASE_LOAD": str(release)}
+    process = start_server("--model_id", "builtin:tiny", *NO_MODEL_DIR, port=port, log=log, env=env)
+    base = f"http://127.0.0.1:{port}"
+
+    def live() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            return httpx.get(f"{base}/livez", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(live, timeout_s=120, interval_s=0.05)
+    return process, release, log
+
+
+def test_listener_is_live_but_not_ready_while_the_model_loads(tmp_path: Path) -> None:
+    """Liveness answers from the start, so a long load or compile never restarts the pod; readiness and every
+    generation route say 503 model_not_ready until the model is loaded and warmed up."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    process, release, log = start_held_server(tmp_path, port)
+    try:
+        assert httpx.get(f"{base}/metrics", timeout=5).status_code == 200
+        for path in ("/v1/models/sd", "/v2/models/sd/ready"):
+            response = httpx.get(f"{base}{path}", timeout=5)
+            assert response.status_code == 503, (path, response.text)
+        requests = [
+            ("/generate", {"prompt": "too early"}),
+            ("/v1/models/sd:predict", {"instances": [{"prompt": "too early"}]}),
+            ("/v2/models/sd/infer", {"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}),
+        ]
+        for path, body in requests:
+            response = httpx.post(f"{base}{path}", json=body, timeout=5)
+            assert response.status_code == 503, (path, response.text)
+            assert response.json()["error_type"] == "model_not_ready", (path, response.text)
+        openai = httpx.post(f"{base}/v1/images/generations", json={"prompt": "too early"}, timeout=5)
+        assert openai.status_code == 503 and openai.json()["error"]["code"] == "model_not_ready"
+        release.touch()
+        wait_ready(process, port, log)
+        assert httpx.post(f"{base}/generate", json={"prompt": "now", "seed": 1}, timeout=60).status_code == 200
+    finally:
+        release.touch()
+        assert stop_server(process) == 0
+    assert log.read_text().count("loaded builtin:tiny") == 1, "the requests before ready did not load it again"
+
+
+def test_sigterm_while_loading_exits_cleanly(tmp_path: Path) -> None:
+    process, _, log = start_held_server(tmp_path, free_port())
+    assert stop_server(process) == 0
+    assert "Traceback" not in log.read_text()
 
 
 def test_load_failure_exits_non_zero_with_clear_message(tmp_path: Path) -> None:
