@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import httpx
 from predictor.schemas import OUTPUT_FORMATS
 
 DEFAULT_URL = "http://localhost:8080"
+API_KEY_ENV = "PREDICTOR_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=OUTPUT_FORMATS, help="Image format (default: from -o's extension, else png)."
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="Seconds to wait (default: 600).")
+    parser.add_argument(
+        "--api_key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"API key, for a server started with keys (default: ${API_KEY_ENV}).",
+    )
     return parser
 
 
@@ -98,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     body = request_body(args, output_format(parser, args))
     err = sys.stderr
     headers = {"Accept": "text/event-stream"}
+    if args.api_key:
+        headers["Authorization"] = f"Bearer {args.api_key}"
     try:
         with httpx.stream(
             "POST", f"{args.url.rstrip('/')}/generate", json=body, headers=headers, timeout=args.timeout

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from predictor.schemas import (
@@ -61,6 +64,7 @@ class ServerConfig:
     compile_cache_dir: str = field(
         default_factory=lambda: os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor")
     )
+    api_key_file: str | None = None  # keys for the generation routes, one per line; or $PREDICTOR_API_KEYS
 
 
 @dataclass(frozen=True)
@@ -278,12 +282,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="Largest request body; larger ones get 413 before they are read whole.",
     )
     server.add_argument(
+        "--api_key_file",
+        default=default(ServerConfig, "api_key_file"),
+        help=f"File of API keys, one per line (# starts a comment). When set, or when ${API_KEYS_ENV} holds keys "
+        "(one per line or comma-separated, e.g. from a Secret), every POST route (v1, v2, /generate, the OpenAI "
+        "route) needs 'Authorization: Bearer KEY'; health, readiness, metrics and the playground page stay open.",
+    )
+    server.add_argument(
         "--grace_period_s",
         type=_positive(int),
         default=default(ServerConfig, "grace_period_s"),
         help="On SIGTERM, how long in-flight requests may take to finish.",
     )
     return parser
+
+
+API_KEYS_ENV = "PREDICTOR_API_KEYS"
+
+
+def read_api_keys(path: str | None, environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
+    """The API keys from ``path`` (one per line) and ``$PREDICTOR_API_KEYS`` (lines or commas); none: open server.
+    Raises ValueError, without echoing any key, when a given source holds none or cannot be read."""
+    keys: list[str] = []
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--api_key_file {path} cannot be read: {type(exc).__name__}") from None
+        from_file = [line.strip() for line in text.splitlines()]
+        from_file = [key for key in from_file if key and not key.startswith("#")]
+        if not from_file:
+            raise ValueError(f"--api_key_file {path} holds no key")
+        keys += from_file
+    keys += [key.strip() for key in re.split(r"[,\n]", environ.get(API_KEYS_ENV, "")) if key.strip()]
+    if any(len(key) < 16 for key in keys):
+        raise ValueError("API keys must be at least 16 characters long")
+    return tuple(dict.fromkeys(keys))
 
 
 def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
@@ -303,6 +337,10 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
         parser.error(f"--max_prompt_chars must be at most {HARD_MAX_PROMPT_CHARS}")
     if args.max_batch_instances > HARD_MAX_BATCH_INSTANCES:
         parser.error(f"--max_batch_instances must be at most {HARD_MAX_BATCH_INSTANCES}")
+    try:
+        read_api_keys(args.api_key_file)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.max_queue < args.max_batch_instances:
         parser.error("--max_queue must be at least --max_batch_instances, or large requests could never queue")
     return args, Settings.from_args(args)

@@ -1,12 +1,13 @@
-"""ASGI middleware for every route, KServe's included: a request body limit and cancel-on-disconnect.
+"""ASGI middleware for every route, KServe's included: API keys, a request body limit and cancel-on-disconnect.
 
-Both wrap the ASGI ``receive`` channel, so they work the same for /generate, v1 and v2 without touching
-KServe's handlers.
+They work on the ASGI scope and ``receive`` channel, so they apply the same to /generate, v1 and v2 without
+touching KServe's handlers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -20,20 +21,71 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-async def _send_error(send: Send, status: int, message: str, error_type: str, openai_shape: bool) -> None:
+async def _send_error(
+    send: Send,
+    status: int,
+    message: str,
+    error_type: str,
+    openai_shape: bool,
+    param: str | None = "body",
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> None:
     if openai_shape:  # the OpenAI-compatible route answers in OpenAI's error shape
-        error = {"error": {"message": message, "type": "invalid_request_error", "param": "body", "code": error_type}}
+        error = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": error_type}}
     else:
-        error = {"error": message, "error_type": error_type, "param": "body"}
+        error = {"error": message, "error_type": error_type, "param": param}
     body = json.dumps(error).encode()
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def _is_openai_route(scope: Scope) -> bool:
+    return scope.get("path", "").startswith("/v1/images/")
+
+
+class ApiKeyGuard:
+    """Every request that is not a read (every POST: the generation routes) needs ``Authorization: Bearer KEY``
+    with one of ``keys``; health, readiness, metrics, discovery and the playground page are GETs and stay open.
+    Keys are compared in constant time, each one, so timing tells nothing about which part of a key matched."""
+
+    OPEN_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+        self.app = app
+        self._keys = tuple(key.encode() for key in keys)
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = next((value for name, value in scope.get("headers", []) if name == b"authorization"), b"")
+        scheme, _, token = header.partition(b" ")
+        token = token.strip()
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(token, key)
+        return scheme.lower() == b"bearer" and matched
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") in self.OPEN_METHODS or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        await _send_error(
+            send,
+            401,
+            "a valid API key is required: send 'Authorization: Bearer <key>'",
+            "invalid_api_key",
+            _is_openai_route(scope),
+            param=None,
+            headers=((b"www-authenticate", b"Bearer"),),
+        )
 
 
 class RequestGuard:
@@ -52,8 +104,7 @@ class RequestGuard:
         too_large = f"the request body exceeds {limit} bytes (--max_body_bytes)"
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                openai_shape = scope.get("path", "").startswith("/v1/images/")
-                await _send_error(send, 413, too_large, "payload_too_large", openai_shape)
+                await _send_error(send, 413, too_large, "payload_too_large", _is_openai_route(scope))
                 return
 
         body_done = asyncio.Event()

@@ -169,7 +169,7 @@ async def _stream(model: DiffusionModel, batch: Batch, events: asyncio.Queue) ->
         task.cancel()
 
 
-def register_routes(app: FastAPI, model: DiffusionModel) -> None:
+def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool = False) -> None:
     router = APIRouter(tags=["Images"])
 
     @router.post("/generate", response_class=Response, openapi_extra=generate_openapi(model.limits))
@@ -210,14 +210,19 @@ def register_routes(app: FastAPI, model: DiffusionModel) -> None:
         if model_name != model.name:
             raise ModelNotFound(model_name)
         if model.loaded is None:
-            return {"model": model.name, "native_size": None, **model.limits.as_dict()}
+            return {
+                "model": model.name,
+                "native_size": None,
+                "api_key_required": api_key_required,
+                **model.limits.as_dict(),
+            }
         traits = model.traits
         described = {
             **model.loaded.describe(),
             "native_size": traits.native_size,
             "request_fields": {"prompt_2": traits.second_text_encoder, "negative_prompt_2": traits.second_text_encoder},
         }
-        return {"model": model.name, **described, **model.limits.as_dict()}
+        return {"model": model.name, **described, "api_key_required": api_key_required, **model.limits.as_dict()}
 
     @router.get("/livez", tags=["Health"], responses={503: _error("The GPU or the worker failed; restart the pod")})
     async def live() -> dict[str, bool]:

@@ -24,9 +24,9 @@ from kserve.protocol.rest.v1_endpoints import register_v1_endpoints
 from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from predictor.config import Settings
+from predictor.config import Settings, read_api_keys
 from predictor.errors import PredictorError
-from predictor.middleware import RequestGuard
+from predictor.middleware import ApiKeyGuard, RequestGuard
 from predictor.model import DiffusionModel
 from predictor.routes import register_routes
 
@@ -110,9 +110,10 @@ def _hide_repository_routes(app: FastAPI) -> None:
 
 
 class PredictorRESTServer(RESTServer):
-    def __init__(self, *args, max_body_bytes: int, **kwargs) -> None:
+    def __init__(self, *args, max_body_bytes: int, api_keys: tuple[str, ...] = (), **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.max_body_bytes = max_body_bytes
+        self.api_keys = api_keys
 
     def create_application(self) -> FastAPI:
         app = FastAPI(
@@ -122,7 +123,9 @@ class PredictorRESTServer(RESTServer):
             redoc_url=None,
         )
         self._add_middlewares(app)
-        app.add_middleware(RequestGuard, max_body_bytes=self.max_body_bytes)  # outermost
+        app.add_middleware(RequestGuard, max_body_bytes=self.max_body_bytes)
+        if self.api_keys:  # outermost: a request without a key is refused before anything else reads it
+            app.add_middleware(ApiKeyGuard, keys=self.api_keys)
         self._register_endpoints(app)
         self._add_exception_handlers(app)
         _hide_repository_routes(app)
@@ -181,6 +184,7 @@ class PredictorServer(ModelServer):
             **kwargs,
         )
         self.settings = settings
+        self.api_keys = read_api_keys(settings.server.api_key_file)  # checked when the flags were parsed
         self.model: DiffusionModel | None = None
         self.load_error: BaseException | None = None  # set when the model failed to load: the process exits 1
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -204,9 +208,10 @@ class PredictorServer(ModelServer):
             ssl_certfile=self.ssl_certfile,
             ssl_keyfile=self.ssl_keyfile,
             max_body_bytes=self.settings.server.max_body_bytes,
+            api_keys=self.api_keys,
         )
         app = self._rest_server.create_application()
-        register_routes(app, model)
+        register_routes(app, model, api_key_required=bool(self.api_keys))
         return app
 
     def serve(self, model: DiffusionModel) -> None:
@@ -220,11 +225,14 @@ class PredictorServer(ModelServer):
         logger.info(
             "serving model %s on port %d: POST /generate (image or Server-Sent Events), POST /v1/images/generations "
             "(OpenAI), POST /v1/models/%s:predict, POST /v2/models/%s/infer, GET /playground, GET /metrics, "
-            "GET /livez",
+            "GET /livez; %s",
             name,
             self.http_port,
             name,
             name,
+            f"POST routes need an API key ({len(self.api_keys)} configured)"
+            if self.api_keys
+            else "no API key required",
         )
         rest = self._rest_server
         self.servers.append(rest._server.serve())

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,19 @@ def render(directory: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict]]:
     return {directory: render(directory) for directory in KUSTOMIZE_DIRS}
+
+
+_API_KEY_FILE = "--api_key_file="
+
+
+def parse_manifest_args(args: list[str]):
+    """``parse_settings`` on a container's args; an API key file (a Secret mounted in the pod) is replaced by a local
+    one, since the flags check that the file holds keys."""
+    with tempfile.TemporaryDirectory() as directory:
+        keys = Path(directory) / "keys"
+        keys.write_text("k-0123456789abcdef\n")
+        local = [f"{_API_KEY_FILE}{keys}" if arg.startswith(_API_KEY_FILE) else arg for arg in args]
+        return parse_settings(local)
 
 
 def containers_of(doc: dict) -> list[dict]:
@@ -178,7 +192,7 @@ def test_inference_service_scales_to_zero_on_one_gpu(rendered, directory: str) -
     assert security["readOnlyRootFilesystem"] and security["runAsNonRoot"]
     assert security["capabilities"]["drop"] == ["ALL"]
     assert predictor["tolerations"] and predictor["nodeSelector"]
-    settings = parse_settings(container["args"])[1]
+    settings = parse_manifest_args(container["args"])[1]
     # The Knative timeout must outlast the predictor's own deadline.
     assert predictor["timeout"] > settings.engine.request_timeout_s
     assert predictor["containerConcurrency"] <= settings.engine.max_batch_size + settings.engine.max_queue
@@ -189,7 +203,7 @@ def test_cpu_overlay_serves_builtin_tiny_without_gpu(rendered) -> None:
     (container,) = isvc["spec"]["predictor"]["containers"]
     assert "nvidia.com/gpu" not in json.dumps(container["resources"])
     assert "storageUris" not in isvc["spec"]["predictor"]
-    assert parse_settings(container["args"])[1].source.model_id == "builtin:tiny"
+    assert parse_manifest_args(container["args"])[1].source.model_id == "builtin:tiny"
 
 
 # What each SDXL overlay promises: (repo, service and model name, batch size, limits the parsed flags must give).
@@ -224,7 +238,7 @@ def test_sdxl_overlay_serves_its_checkpoint_on_one_gpu(rendered, directory: str)
     assert isvc["metadata"]["name"] == name
     assert predictor["storageUris"] == [{"uri": f"hf://{repo}", "mountPath": "/mnt/models"}]
     (container,) = predictor["containers"]
-    settings = parse_settings(container["args"])[1]
+    settings = parse_manifest_args(container["args"])[1]
     assert settings.model_name == name
     assert container["readinessProbe"]["httpGet"]["path"] == f"/v1/models/{name}"
     assert (settings.source.model_dir, settings.source.variant) == ("/mnt/models", "fp16")
@@ -250,9 +264,25 @@ def test_every_manifest_argument_is_a_predictor_flag(rendered) -> None:
     for docs in rendered.values():
         for doc in docs:
             for container in containers_of(doc):
-                parse_settings(container["args"])  # exits (SystemExit) on any flag the predictor lacks
+                parse_manifest_args(container["args"])  # exits (SystemExit) on any flag the predictor lacks
                 checked += 1
     assert checked == 6
+
+
+def test_plain_kubernetes_requires_api_keys_from_a_secret(rendered) -> None:
+    """Its LoadBalancer reaches the GPU from outside the cluster: the generation routes need keys, read from a
+    Secret mounted read-only (the README says how to create it)."""
+    (deployment,) = [doc for doc in rendered["manifests/kubernetes/base"] if doc["kind"] == "Deployment"]
+    (container,) = containers_of(deployment)
+    (key_file,) = [arg.removeprefix(_API_KEY_FILE) for arg in container["args"] if arg.startswith(_API_KEY_FILE)]
+    mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in deployment["spec"]["template"]["spec"]["volumes"]}
+    (name,) = [name for name, mount in mounts.items() if key_file.startswith(mount["mountPath"] + "/")]
+    assert mounts[name]["readOnly"] is True
+    secret = volumes[name]["secret"]
+    assert secret["secretName"] == "stable-diffusion-api-keys"
+    assert key_file.removeprefix(mounts[name]["mountPath"] + "/") == "keys"
+    assert parse_manifest_args(container["args"])[1].server.api_key_file is not None
 
 
 def test_probes_let_a_long_load_and_compile_finish(rendered) -> None:
@@ -263,7 +293,7 @@ def test_probes_let_a_long_load_and_compile_finish(rendered) -> None:
     for docs in rendered.values():
         for doc in docs:
             for container in containers_of(doc):
-                name = parse_settings(container["args"])[1].model_name
+                name = parse_manifest_args(container["args"])[1].model_name
                 assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
                 assert container["readinessProbe"]["httpGet"]["path"] == f"/v1/models/{name}"
                 startup = container["startupProbe"]
@@ -277,7 +307,7 @@ def test_readiness_probe_paths_exist(rendered, client) -> None:
     for docs in rendered.values():
         for doc in docs:
             for container in containers_of(doc):
-                name = parse_settings(container["args"])[1].model_name
+                name = parse_manifest_args(container["args"])[1].model_name
                 for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
                     if probe in container:
                         path = container[probe]["httpGet"]["path"].replace(name, "sd")

@@ -16,6 +16,8 @@ async function loadLimits() {
   $("num_inference_steps").value = info.default_steps;
   $("guidance_scale").value = info.default_guidance_scale;
   $("prompt_2-label").hidden = !(info.request_fields && info.request_fields.prompt_2);
+  $("api_key-label").hidden = !info.api_key_required;
+  $("api_key").value = sessionStorage.getItem("api_key") || "";
   for (const field of ["width", "height"]) {
     $(field).max = info.max_image_size;
     $(field).placeholder = info.native_size;
@@ -31,6 +33,16 @@ function requestBody() {
   }
   body.guidance_scale = parseFloat($("guidance_scale").value);
   return body;
+}
+
+function requestHeaders() {
+  const headers = { "Content-Type": "application/json", "Accept": "text/event-stream" };
+  const key = $("api_key").value.trim();
+  if (key) {
+    sessionStorage.setItem("api_key", key);
+    headers.Authorization = `Bearer ${key}`;
+  }
+  return headers;
 }
 
 function showError(message) {
@@ -65,7 +77,7 @@ async function generate(event) {
   try {
     const response = await fetch("/generate", {
       method: "POST",
-      headers: { "Content-Type": "application/json", "Accept": "text/event-stream" },
+      headers: requestHeaders(),
       body: JSON.stringify(requestBody()),
     });
     if (!response.ok) {
