@@ -38,7 +38,7 @@ class ModelSource:
     model_dir: str = field(default_factory=lambda: os.environ.get("MODEL_DIR", "/mnt/models"))
     model_id: str = "CompVis/stable-diffusion-v1-4"
     revision: str | None = None
-    variant: str | None = None  # e.g. "fp16": load *.fp16.safetensors
+    variant: str = "auto"  # "auto", "none", or a variant name such as "fp16" (*.fp16.safetensors)
     device: Device = "auto"
     dtype: Dtype = "auto"
     safety_checker: SafetyChecker = "checkpoint"
@@ -153,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--variant",
         default=default(ModelSource, "variant"),
-        help="Weight files variant to load, e.g. fp16 (*.fp16.safetensors: half the bytes of the plain float32 "
-        "files, which then need not be downloaded). Default: the plain files.",
+        help="Weight files to load: auto loads the fp16 variant (*.fp16.safetensors, half the bytes of the plain "
+        "float32 files) when the dtype is float16 and every component has it, else the plain files; none: always "
+        "the plain files; any other name (fp16, bf16, ...): that variant.",
     )
     model.add_argument(
         "--device", choices=get_args(Device), default=default(ModelSource, "device"), help="auto: CUDA when present."

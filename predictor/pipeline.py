@@ -177,7 +177,7 @@ def load_pipeline(
     device_flag: str = "auto",
     dtype_flag: str = "auto",
     safety_checker: str = "checkpoint",
-    variant: str | None = None,
+    variant: str = "auto",
 ) -> LoadedPipeline:
     device = resolve_device(device_flag)
     dtype = resolve_dtype(dtype_flag, device)
@@ -230,13 +230,49 @@ def detect_family(source: str, revision: str | None = None, local: bool = True) 
     return FAMILIES[class_name]
 
 
+def has_variant(files: list[str], variant: str) -> bool:
+    """Whether every component with safetensors weights (``unet/...``, ``vae/...``) also has ``variant`` files
+    (``diffusion_pytorch_model.fp16.safetensors``); ``files`` are paths relative to the checkpoint's root."""
+    weighted: set[str] = set()
+    with_variant: set[str] = set()
+    for path in files:
+        component, _, name = path.rpartition("/")
+        if component and "/" not in component and name.endswith(".safetensors"):
+            weighted.add(component)
+            if f".{variant}." in name:
+                with_variant.add(component)
+    return bool(weighted) and weighted == with_variant
+
+
+def choose_variant(flag: str, source: str, revision: str | None, local: bool, dtype: torch.dtype) -> str | None:
+    """The weight files variant to load: ``auto`` takes fp16 for a float16 load when the checkpoint has it whole."""
+    if flag != "auto":
+        return None if flag == "none" else flag
+    if dtype != torch.float16:
+        return None
+    try:
+        if local:
+            files = [str(p.relative_to(source)) for p in Path(source).rglob("*.safetensors")]
+        else:
+            from huggingface_hub import list_repo_files
+
+            files = list_repo_files(source, revision=revision)
+    except Exception as exc:  # offline, or the Hub refused: the plain files, as without the flag
+        logger.info("cannot list the files of '%s' (%s); loading the plain weights", source, type(exc).__name__)
+        return None
+    return "fp16" if has_variant(files, "fp16") else None
+
+
 def _from_pretrained(
-    source: str, revision: str | None, device: torch.device, dtype: torch.dtype, variant: str | None = None
+    source: str, revision: str | None, device: torch.device, dtype: torch.dtype, variant_flag: str = "auto"
 ) -> DiffusionPipeline:
     local = Path(source).is_dir()
     if not local and source.startswith(("/", ".")):
         raise LoadError(f"model directory '{source}' does not exist or holds no {MODEL_INDEX}")
     family = detect_family(source, revision, local)
+    variant = choose_variant(variant_flag, source, revision, local, dtype)
+    if variant is not None:
+        logger.info("loading the %s weight files of %s", variant, source)
     try:
         pipe = family.pipeline_class.from_pretrained(
             source,

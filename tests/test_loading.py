@@ -82,6 +82,34 @@ def test_variant_loads_only_the_variant_files(tmp_path: Path) -> None:
         assert pixels(engine.generate(params(num_inference_steps=2)).image).std() > 5
 
 
+def test_auto_variant_loads_fp16_files_for_a_float16_load_when_every_component_has_them(tmp_path: Path) -> None:
+    """The plain files and the fp16 ones hold different weights here, so the weights loaded tell which were read."""
+    from predictor.builtin import build_tiny
+    from predictor.pipeline import has_variant
+
+    plain = build_tiny()
+    plain.save_pretrained(tmp_path, safe_serialization=True)
+    other = build_tiny()
+    with torch.no_grad():
+        for parameter in other.unet.parameters():
+            parameter.add_(1.0)
+    other.to(dtype=torch.float16).save_pretrained(tmp_path, safe_serialization=True, variant="fp16")
+
+    def first_unet_weight(dtype: str, variant: str = "auto") -> torch.Tensor:
+        loaded = load_pipeline(str(tmp_path), "not/used", None, "cpu", dtype, variant=variant)
+        return next(loaded.pipe.unet.parameters()).detach().float()
+
+    plain_weight = next(plain.unet.parameters()).detach()
+    other_weight = next(other.unet.parameters()).detach().float()
+    assert torch.equal(first_unet_weight("float16"), other_weight)  # auto: fp16 files
+    assert torch.equal(first_unet_weight("float32"), plain_weight)  # auto: a float32 load reads the plain files
+    assert torch.equal(first_unet_weight("float16", "none"), plain_weight.half().float())
+    files = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.safetensors")]
+    assert has_variant(files, "fp16")
+    assert not has_variant([f for f in files if not f.startswith("vae/") or ".fp16." not in f], "fp16")
+    assert not has_variant(["model.fp16.safetensors"], "fp16"), "a single-file checkpoint is no pipeline variant"
+
+
 def test_dtype_defaults() -> None:
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
