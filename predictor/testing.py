@@ -203,6 +203,23 @@ class StepLog:
         return record
 
 
+def save_hub_like_repository(root: Path) -> Path:
+    """builtin:tiny saved as a Hub repository holds a pipeline: plain and fp16 safetensors, plus files the server
+    never reads (a pickle, a Flax copy, a single-file checkpoint, a model card)."""
+    import torch
+
+    from predictor.builtin import build_tiny
+
+    pipe = build_tiny()
+    pipe.save_pretrained(root, safe_serialization=True)
+    pipe.to(dtype=torch.float16).save_pretrained(root, safe_serialization=True, variant="fp16")
+    torch.save(pipe.unet.state_dict(), root / "unet" / "diffusion_pytorch_model.bin")
+    (root / "unet" / "diffusion_flax_model.msgpack").write_bytes(b"\0" * 50_000)
+    (root / "v1-4.ckpt").write_bytes(b"\0" * 200_000)
+    (root / "README.md").write_text("# a model card\n")
+    return root
+
+
 MODEL_NAME = "sd"
 
 

@@ -3,6 +3,7 @@ field by field, every manifest argument against the predictor's own parser, and 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -24,13 +25,19 @@ KUSTOMIZE_DIRS = [
     "manifests/kserve/overlays/cpu",
     "manifests/kserve/overlays/sdxl-base",
     "manifests/kserve/overlays/sdxl-turbo",
+    "manifests/kserve/overlays/modelcar",
+    "manifests/kserve/overlays/hf-allow-patterns",
+    "manifests/kserve/overlays/kserve-0.15",
     "manifests/kubernetes/base",
 ]
+STORAGE_DIR = "manifests/kserve/storage"
 # The overlays that serve on one GPU: the gpu overlay and the SDXL ones built on it.
 GPU_DIRS = [
     "manifests/kserve/overlays/gpu",
     "manifests/kserve/overlays/sdxl-base",
     "manifests/kserve/overlays/sdxl-turbo",
+    "manifests/kserve/overlays/modelcar",
+    "manifests/kserve/overlays/hf-allow-patterns",
 ]
 KUBERNETES_VERSION = "1.32.0"
 ISVC_SCHEMA = ROOT.parent / "shared" / "reference" / "kserve-inferenceservice-v1beta1.schema.json"
@@ -49,7 +56,7 @@ def render(directory: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict]]:
-    return {directory: render(directory) for directory in KUSTOMIZE_DIRS}
+    return {directory: render(directory) for directory in [*KUSTOMIZE_DIRS, STORAGE_DIR]}
 
 
 _API_KEY_FILE = "--api_key_file="
@@ -266,7 +273,7 @@ def test_every_manifest_argument_is_a_predictor_flag(rendered) -> None:
             for container in containers_of(doc):
                 parse_manifest_args(container["args"])  # exits (SystemExit) on any flag the predictor lacks
                 checked += 1
-    assert checked == 6
+    assert checked == len(KUSTOMIZE_DIRS)
 
 
 def test_plain_kubernetes_requires_api_keys_from_a_secret(rendered) -> None:
@@ -283,6 +290,62 @@ def test_plain_kubernetes_requires_api_keys_from_a_secret(rendered) -> None:
     assert secret["secretName"] == "stable-diffusion-api-keys"
     assert key_file.removeprefix(mounts[name]["mountPath"] + "/") == "keys"
     assert parse_manifest_args(container["args"])[1].server.api_key_file is not None
+
+
+def _by_kind(docs: list[dict]) -> dict[str, dict]:
+    return {doc["kind"]: doc for doc in docs}
+
+
+def test_allow_patterns_fetch_exactly_the_files_the_server_reads(rendered, tmp_path: Path) -> None:
+    """The ClusterStorageContainer's STORAGE_ALLOW_PATTERNS, matched as huggingface_hub matches them (fnmatch), select
+    from a Hub-like repository the files predictor.weights says the server reads, and nothing else."""
+    from predictor.testing import save_hub_like_repository
+    from predictor.weights import needed_files
+
+    container = _by_kind(rendered[STORAGE_DIR])["ClusterStorageContainer"]["spec"]["container"]
+    assert container["name"] == "storage-initializer"
+    (env,) = [e for e in container["env"] if e["name"] == "STORAGE_ALLOW_PATTERNS"]
+    patterns = json.loads(env["value"])
+    repository = save_hub_like_repository(tmp_path)
+    files = [str(p.relative_to(repository)) for p in repository.rglob("*") if p.is_file()]
+    fetched = {name for name in files if any(fnmatch.fnmatch(name, pattern) for pattern in patterns)}
+    assert fetched == {str(path) for path in needed_files(repository, "auto")}
+    assert len(fetched) < len(files)
+
+
+def test_weight_paths_point_at_each_other_and_keep_the_base_model(rendered) -> None:
+    (base,) = rendered["manifests/kserve/base"]
+    uri = base["spec"]["predictor"]["storageUris"][0]["uri"]
+    storage = _by_kind(rendered[STORAGE_DIR])
+    # Allow patterns: the service names the storage container, whose URI formats take the service's URI.
+    (patterned,) = rendered["manifests/kserve/overlays/hf-allow-patterns"]
+    predictor = patterned["spec"]["predictor"]
+    csc = storage["ClusterStorageContainer"]
+    assert predictor["storageContainerName"] == csc["metadata"]["name"]
+    assert any(re.fullmatch(f["regex"], predictor["storageUris"][0]["uri"]) for f in csc["spec"]["supportedUriFormats"])
+    assert not any(re.fullmatch(f["regex"], "hf://meta-llama/Llama-3.1-8B") for f in csc["spec"]["supportedUriFormats"])
+    # Node-local cache: matched by the URI, character for character; its node group exists.
+    cache = storage["LocalModelCache"]["spec"]
+    assert cache["sourceModelUri"] == uri
+    assert cache["nodeGroups"] == [storage["LocalModelNodeGroup"]["metadata"]["name"]]
+    # Modelcar: an OCI image, at the same mount path.
+    (modelcar,) = rendered["manifests/kserve/overlays/modelcar"]
+    (image,) = modelcar["spec"]["predictor"]["storageUris"]
+    assert image["uri"].startswith("oci://") and image["mountPath"] == "/mnt/models"
+    # KServe 0.15: no storageUris list; the URI in kserve-container's STORAGE_URI, and 0.15's name for the mode.
+    (old,) = rendered["manifests/kserve/overlays/kserve-0.15"]
+    assert "storageUris" not in old["spec"]["predictor"]
+    assert old["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"
+    (container,) = old["spec"]["predictor"]["containers"]
+    assert {"name": "STORAGE_URI", "value": uri} in container["env"]
+    assert parse_manifest_args(container["args"])[1].source.model_dir == "/mnt/models"
+
+
+def test_modelcar_dockerfile_stages_with_the_weights_tool() -> None:
+    text = (ROOT / "docker" / "model.Dockerfile").read_text()
+    assert "COPY predictor/weights.py /weights.py" in text
+    assert "python /weights.py stage /src /models" in text
+    assert "COPY --from=stage /models /models" in text
 
 
 def test_probes_let_a_long_load_and_compile_finish(rendered) -> None:
@@ -344,7 +407,14 @@ def test_lock_file_pins_every_dependency() -> None:
 def test_hadolint_reports_nothing(require_tool) -> None:
     hadolint = require_tool("hadolint")
     result = subprocess.run(
-        [hadolint, "--failure-threshold", "warning", "Dockerfile", "docker/baked.Dockerfile"],
+        [
+            hadolint,
+            "--failure-threshold",
+            "warning",
+            "Dockerfile",
+            "docker/baked.Dockerfile",
+            "docker/model.Dockerfile",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
