@@ -17,17 +17,15 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from kserve import InferOutput, InferRequest, InferResponse, Model
 
 from predictor.codec import MEDIA_TYPES, encode_image, to_base64
 from predictor.config import Settings
-from predictor.engine import GenerationEngine, create_engine
 from predictor.errors import DeadlineExceeded, InvalidRequest, ModelNotLoaded
 from predictor.jobs import GenerationResult, ProgressCallback
-from predictor.pipeline import LoadedPipeline, LoadError, load_pipeline
 from predictor.schemas import (
     MAX_SEED,
     GenerationParams,
@@ -37,6 +35,10 @@ from predictor.schemas import (
     parse_request,
     resolve,
 )
+
+if TYPE_CHECKING:  # torch and diffusers are imported by load(), so the HTTP listener can come up before them
+    from predictor.engine import GenerationEngine
+    from predictor.pipeline import LoadedPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +131,9 @@ class DiffusionModel(Model):
         return not claimed
 
     def _load(self) -> bool:
+        from predictor.engine import create_engine
+        from predictor.pipeline import LoadError
+
         started = time.perf_counter()
         self.loaded = self._pipeline_loader(self.settings)
         try:
@@ -306,6 +311,8 @@ def _json_object(body: bytes) -> Any:
 
 
 def _load_from_settings(settings: Settings) -> LoadedPipeline:
+    from predictor.pipeline import load_pipeline
+
     source = settings.source
     return load_pipeline(
         source.model_dir,

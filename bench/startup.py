@@ -1,0 +1,94 @@
+"""Start-up time, side by side: this tree against another checkout of the project (e.g. the previous main),
+alternated round by round so both see the same machine.
+
+For each tree: the seconds to import ``predictor.model`` and ``predictor.server`` in a fresh interpreter (what the
+server imports before it can listen; once torch and diffusers among them, now imported by the model's load), and
+for ``python -m predictor --model_id builtin:tiny``: process start to the first HTTP answer (``/livez``) and to
+ready (``GET /v1/models/NAME`` 200, after loading and the warm-up).
+
+    git worktree add /tmp/baseline <commit>
+    python bench/startup.py --baseline /tmp/baseline --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from common import free_port, median
+
+ROOT = Path(__file__).resolve().parents[1]
+IMPORT_PROBE = (
+    "import time; started = time.perf_counter(); import predictor.model, predictor.server; "
+    "print(time.perf_counter() - started)"
+)
+
+
+def import_seconds(tree: Path) -> float:
+    # Run from the tree: `python -c` puts the working directory first on sys.path, so its predictor package wins.
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE], cwd=tree, capture_output=True, text=True, check=True, timeout=300
+    )
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def start_seconds(tree: Path, model_id: str, log: Path) -> tuple[float, float]:
+    """(start to the first answer on /livez, start to ready)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "predictor", "--model_name", "sd", "--http_port", str(port)]
+    command += ["--model_id", model_id, "--model_dir", "/nonexistent"]
+    started = time.perf_counter()
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, cwd=tree, stdout=output, stderr=subprocess.STDOUT, env=dict(os.environ))
+    listening = None
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{tree}: the server exited:\n{log.read_text()[-2000:]}")
+            try:
+                if listening is None and httpx.get(f"{base}/livez", timeout=1).status_code == 200:
+                    listening = time.perf_counter() - started
+                if httpx.get(f"{base}/v1/models/sd", timeout=1).status_code == 200:
+                    return listening or time.perf_counter() - started, time.perf_counter() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.02)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", type=Path, required=True, help="another checkout of this project")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--model_id", default="builtin:tiny")
+    options = parser.parse_args()
+    trees = {"baseline": options.baseline.resolve(), "this tree": ROOT}
+    figures: dict[str, dict[str, list[float]]] = {name: {"import": [], "live": [], "ready": []} for name in trees}
+    log = Path("/tmp/startup-bench.log")
+    for round_index in range(options.rounds):
+        order = list(trees.items()) if round_index % 2 == 0 else list(reversed(trees.items()))
+        for name, tree in order:
+            figures[name]["import"].append(import_seconds(tree))
+            live, ready = start_seconds(tree, options.model_id, log)
+            figures[name]["live"].append(live)
+            figures[name]["ready"].append(ready)
+        print(f"round {round_index + 1}: " + ", ".join(f"{n} ready {f['ready'][-1]:.2f} s" for n, f in figures.items()))
+    print(f"\n{options.model_id}, {options.rounds} alternated rounds, medians")
+    print(f"{'':<12}{'modules s':>10}{'live s':>10}{'ready s':>10}")
+    for name, values in figures.items():
+        print(f"{name:<12}" + "".join(f"{median(values[key]):>10.2f}" for key in ("import", "live", "ready")))
+    for key in ("import", "live", "ready"):
+        ratio = median(figures["this tree"][key]) / median(figures["baseline"][key])
+        print(f"{key}: this tree / baseline = {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
