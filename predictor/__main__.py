@@ -34,13 +34,19 @@ def main(argv: list[str] | None = None) -> int:
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         enable_grpc=args.enable_grpc,
+        grpc_options=vars(args),
         enable_latency_logging=args.enable_latency_logging,
     )
     server.serve(model)  # loads the model in the background; the listener answers meanwhile
-    if server.load_error is not None:
-        return 1
-    logger.info("server stopped")
-    return 0
+    code = 1 if server.load_error is not None else 0
+    if code == 0:
+        logger.info("server stopped")
+    if model.loading:
+        # Stopped while the loading thread is inside torch (reading weights, compiling): do not let the
+        # interpreter tear down modules under it; leave now, with the logs flushed.
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ class ServerConfig:
     compile_cache_dir: str = field(
         default_factory=lambda: os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor")
     )
+    load_timeout_s: float = 1800.0  # liveness fails when loading (compile included) takes longer
     api_key_file: str | None = None  # keys for the generation routes, one per line; or $PREDICTOR_API_KEYS
 
 
@@ -283,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Largest request body; larger ones get 413 before they are read whole.",
     )
     server.add_argument(
+        "--load_timeout_s",
+        type=_positive(float),
+        default=default(ServerConfig, "load_timeout_s"),
+        help="Liveness (/livez) fails when loading, compiling and warming up take longer than this, so a hung "
+        "download or compile gets the pod restarted; readiness waits for the load either way.",
+    )
+    server.add_argument(
         "--api_key_file",
         default=default(ServerConfig, "api_key_file"),
         help=f"File of API keys, one per line (# starts a comment). When set, or when ${API_KEYS_ENV} holds keys "
@@ -307,7 +315,7 @@ def read_api_keys(path: str | None, environ: Mapping[str, str] = os.environ) -> 
     keys: list[str] = []
     if path is not None:
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark is no part of a key
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"--api_key_file {path} cannot be read: {type(exc).__name__}") from None
         from_file = [line.strip() for line in text.splitlines()]
@@ -315,7 +323,11 @@ def read_api_keys(path: str | None, environ: Mapping[str, str] = os.environ) -> 
         if not from_file:
             raise ValueError(f"--api_key_file {path} holds no key")
         keys += from_file
-    keys += [key.strip() for key in re.split(r"[,\n]", environ.get(API_KEYS_ENV, "")) if key.strip()]
+    if API_KEYS_ENV in environ:
+        from_env = [key.strip() for key in re.split(r"[,\n]", environ[API_KEYS_ENV]) if key.strip()]
+        if not from_env:  # set but empty (a Secret with no value): refuse rather than serve without keys
+            raise ValueError(f"${API_KEYS_ENV} is set but holds no key")
+        keys += from_env
     if any(len(key) < 16 for key in keys):
         raise ValueError("API keys must be at least 16 characters long")
     return tuple(dict.fromkeys(keys))
@@ -339,9 +351,11 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
     if args.max_batch_instances > HARD_MAX_BATCH_INSTANCES:
         parser.error(f"--max_batch_instances must be at most {HARD_MAX_BATCH_INSTANCES}")
     try:
-        read_api_keys(args.api_key_file)
+        keys = read_api_keys(args.api_key_file)
     except ValueError as exc:
         parser.error(str(exc))
+    if keys and args.enable_grpc:
+        parser.error("--enable_grpc cannot be used with API keys: gRPC requests would not be checked for one")
     if args.max_queue < args.max_batch_instances:
         parser.error("--max_queue must be at least --max_batch_instances, or large requests could never queue")
     return args, Settings.from_args(args)

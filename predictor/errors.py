@@ -53,6 +53,13 @@ class PayloadTooLarge(PredictorError, HTTPException):
         HTTPException.__init__(self, status_code=413, detail=message, headers=self.headers)
 
 
+class LoadTimedOut(PredictorError):
+    """The model has been loading longer than --load_timeout_s: liveness fails so the pod is restarted."""
+
+    status_code = 503
+    error_type = "load_timeout"
+
+
 class ModelNotLoaded(PredictorError):
     status_code = 503
     error_type = "model_not_ready"

@@ -101,6 +101,9 @@ class DiffusionModel(Model):
         self._pipeline_loader = pipeline_loader or _load_from_settings
         self._load_lock = threading.Lock()
         self._load_claimed = False
+        self._load_thread: threading.Thread | None = None
+        self._load_started_at: float | None = None
+        self.stopping = False
         self.ready = False
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -121,9 +124,11 @@ class DiffusionModel(Model):
             try:
                 self._load()
             except BaseException as exc:  # reported to the server, which stops and exits non-zero
-                on_failure(exc)
+                if not self.stopping:  # a load cut short by shutdown has not failed
+                    on_failure(exc)
 
-        threading.Thread(target=run, name="model-load", daemon=True).start()
+        self._load_thread = threading.Thread(target=run, name="model-load", daemon=True)
+        self._load_thread.start()
 
     def _claim_load(self) -> bool:
         with self._load_lock:
@@ -135,14 +140,21 @@ class DiffusionModel(Model):
         from predictor.pipeline import LoadError
 
         started = time.perf_counter()
+        self._load_started_at = time.monotonic()
         self.loaded = self._pipeline_loader(self.settings)
+        if self.stopping:
+            return False
         try:
             self.default_params("check the defaults")  # e.g. --default_steps past what scheduler lcm takes here
         except InvalidRequest as exc:
             raise LoadError(f"the request defaults do not suit this checkpoint: {exc.message}") from None
         engine = create_engine(self.loaded, self.settings.engine)
         engine.start()
-        self.generation_engine = engine
+        with self._load_lock:
+            if self.stopping:  # stop() ran while the engine compiled or started: it did not see this engine
+                engine.close(timeout=0)
+                return False
+            self.generation_engine = engine
         if self.settings.server.warmup_steps:
             warmup = self.default_params("warm-up", steps=self.settings.server.warmup_steps)
             engine.generate(warmup, timeout=_WARMUP_TIMEOUT_S, counted=False)
@@ -155,9 +167,24 @@ class DiffusionModel(Model):
         pass
 
     def stop(self) -> None:
+        with self._load_lock:
+            self.stopping = True  # a load still under way stops at its next phase and starts no engine
+            engine = self.generation_engine
         self.ready = False
-        if self.generation_engine is not None:
-            self.generation_engine.close(timeout=self.settings.server.grace_period_s)
+        if engine is not None:
+            engine.close(timeout=self.settings.server.grace_period_s)
+
+    @property
+    def loading(self) -> bool:
+        """A load was started and has not finished (nor failed)."""
+        thread = self._load_thread
+        return thread is not None and thread.is_alive()
+
+    def loading_for(self, now: float | None = None) -> float | None:
+        """Seconds the load has been running, None when none is (liveness gives up after --load_timeout_s)."""
+        if self.ready or self._load_started_at is None or not self.loading:
+            return None
+        return (time.monotonic() if now is None else now) - self._load_started_at
 
     @property
     def traits(self) -> ModelTraits:

@@ -30,6 +30,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from predictor import weights
 from predictor.builtin import BUILTIN_PREFIX, build_builtin
 from predictor.schemas import SCHEDULER_NAMES, ModelTraits
 
@@ -217,42 +218,34 @@ def load_pipeline(
     return loaded
 
 
-def detect_family(source: str, revision: str | None = None, local: bool = True) -> Family:
-    """The family of a checkpoint from its model_index.json alone (one small file: no weights are read)."""
+def read_model_index(source: str, revision: str | None = None, local: bool = True) -> dict[str, Any]:
+    """A checkpoint's model_index.json (one small file: no weights are read)."""
     try:
-        index = DiffusionPipeline.load_config(source, revision=revision, local_files_only=local)
+        return dict(DiffusionPipeline.load_config(source, revision=revision, local_files_only=local))
     except (OSError, ValueError) as exc:
         where = "directory" if local else "Hugging Face repo"
         raise LoadError(f"cannot read {MODEL_INDEX} of {where} '{source}': {exc}") from exc
+
+
+def family_of(index: dict[str, Any], source: str) -> Family:
     class_name = str(index.get("_class_name", "<no _class_name>"))
     if class_name not in FAMILIES:
         raise unsupported_class(class_name, source)
     return FAMILIES[class_name]
 
 
-def has_variant(files: list[str], variant: str) -> bool:
-    """Whether every component with safetensors weights (``unet/...``, ``vae/...``) also has ``variant`` files
-    (``diffusion_pytorch_model.fp16.safetensors``); ``files`` are paths relative to the checkpoint's root."""
-    weighted: set[str] = set()
-    with_variant: set[str] = set()
-    for path in files:
-        component, _, name = path.rpartition("/")
-        if component and "/" not in component and name.endswith(".safetensors"):
-            weighted.add(component)
-            if f".{variant}." in name:
-                with_variant.add(component)
-    return bool(weighted) and weighted == with_variant
-
-
-def choose_variant(flag: str, source: str, revision: str | None, local: bool, dtype: torch.dtype) -> str | None:
-    """The weight files variant to load: ``auto`` takes fp16 for a float16 load when the checkpoint has it whole."""
+def choose_variant(
+    flag: str, index: dict[str, Any], source: str, revision: str | None, local: bool, dtype: torch.dtype
+) -> str | None:
+    """The weight files to read: ``auto`` takes fp16 for a float16 load when every component has it."""
     if flag != "auto":
         return None if flag == "none" else flag
     if dtype != torch.float16:
         return None
     try:
         if local:
-            files = [str(p.relative_to(source)) for p in Path(source).rglob("*.safetensors")]
+            root = Path(source)
+            files = [str(p.relative_to(root)) for p in root.rglob("*.safetensors*")]
         else:
             from huggingface_hub import list_repo_files
 
@@ -260,7 +253,7 @@ def choose_variant(flag: str, source: str, revision: str | None, local: bool, dt
     except Exception as exc:  # offline, or the Hub refused: the plain files, as without the flag
         logger.info("cannot list the files of '%s' (%s); loading the plain weights", source, type(exc).__name__)
         return None
-    return "fp16" if has_variant(files, "fp16") else None
+    return weights.choose_variant(files, weights.components_of(index), "auto")
 
 
 def _from_pretrained(
@@ -269,8 +262,9 @@ def _from_pretrained(
     local = Path(source).is_dir()
     if not local and source.startswith(("/", ".")):
         raise LoadError(f"model directory '{source}' does not exist or holds no {MODEL_INDEX}")
-    family = detect_family(source, revision, local)
-    variant = choose_variant(variant_flag, source, revision, local, dtype)
+    index = read_model_index(source, revision, local)
+    family = family_of(index, source)
+    variant = choose_variant(variant_flag, index, source, revision, local, dtype)
     if variant is not None:
         logger.info("loading the %s weight files of %s", variant, source)
     try:

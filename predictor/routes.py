@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from kserve.errors import ModelNotFound
 
 from predictor.codec import to_base64
-from predictor.errors import ModelNotLoaded, PredictorError
+from predictor.errors import LoadTimedOut, ModelNotLoaded, PredictorError
 from predictor.model import Batch, DiffusionModel, EncodedImage, RouteCall
 from predictor.schemas import Limits, openai_request_json_schema, request_json_schema
 
@@ -226,12 +226,15 @@ def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool 
 
     @router.get("/livez", tags=["Health"], responses={503: _error("The GPU or the worker failed; restart the pod")})
     async def live() -> dict[str, bool]:
-        """Liveness for Kubernetes: 503 after an unrecoverable device error, a stopped generation worker or a hung
-        step, so the pod is restarted."""
+        """Liveness for Kubernetes: 503 after an unrecoverable device error, a stopped generation worker, a hung
+        step or a load over --load_timeout_s, so the pod is restarted; 200 while the model loads."""
         engine = model.generation_engine
         failure = engine.liveness_failure() if engine is not None else None
         if failure is not None:
             raise failure
+        loading_for, limit = model.loading_for(), model.settings.server.load_timeout_s
+        if loading_for is not None and loading_for > limit:
+            raise LoadTimedOut(f"the model has been loading for {loading_for:.0f} s, over --load_timeout_s {limit:g}")
         return {"live": True}
 
     @router.get("/playground", include_in_schema=False)

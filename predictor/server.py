@@ -9,6 +9,7 @@ model repository load/unload routes (anyone could unload the model), and maps ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -144,12 +145,21 @@ class PredictorRESTServer(RESTServer):
             )
         # KServe's own routes, without its probes for LLM (OpenAI completions) and time-series models, which
         # this server is not, and whose "not registered" lines read as if the OpenAI images route were missing.
+        # KServe's v2 server-ready says ready as soon as the listener is up; here the listener comes up before the
+        # model is loaded, so server-ready means every registered model is ready.
+        app.add_api_route("/v2/health/ready", self._server_ready, methods=["GET"], tags=["V2"])
         root = APIRouter()
         root.add_api_route("/", self.dataplane.live)
         root.add_api_route("/metrics", metrics_handler, methods=["GET"])
         app.include_router(root)
         register_v1_endpoints(app, self.dataplane, self.model_repository_extension)
         register_v2_endpoints(app, self.dataplane, self.model_repository_extension)
+
+    async def _server_ready(self) -> dict[str, bool]:
+        models = self.dataplane.model_registry.get_models().values()
+        if not models or not all(model.ready for model in models):
+            raise ServerNotReady()
+        return {"ready": True}
 
     def _add_middlewares(self, app: FastAPI) -> None:
         # Not KServe's timing middleware: two log lines per request that uvicorn's access line and /metrics
@@ -173,7 +183,15 @@ class PredictorRESTServer(RESTServer):
 
 
 class PredictorServer(ModelServer):
-    def __init__(self, settings: Settings, http_port: int, grpc_port: int, enable_grpc: bool, **kwargs):
+    def __init__(
+        self,
+        settings: Settings,
+        http_port: int,
+        grpc_port: int,
+        enable_grpc: bool,
+        grpc_options: dict | None = None,
+        **kwargs,
+    ):
         super().__init__(
             http_port=http_port,
             grpc_port=grpc_port,
@@ -184,6 +202,7 @@ class PredictorServer(ModelServer):
             **kwargs,
         )
         self.settings = settings
+        self.grpc_options = grpc_options or {}
         self.api_keys = read_api_keys(settings.server.api_key_file)  # checked when the flags were parsed
         self.model: DiffusionModel | None = None
         self.load_error: BaseException | None = None  # set when the model failed to load: the process exits 1
@@ -240,7 +259,11 @@ class PredictorServer(ModelServer):
             from kserve.protocol.grpc.server import GRPCServer
 
             self._grpc_server = GRPCServer(
-                self.grpc_port, self.dataplane, self.model_repository_extension, grace_period=self.grace_period
+                self.grpc_port,
+                self.dataplane,
+                self.model_repository_extension,
+                kwargs=self.grpc_options,  # KServe's gRPC flags (message sizes), as KServe's own start() passes them
+                grace_period=self.grace_period,
             )
             self.servers.append(self._grpc_server.start(self.max_threads))
         self.setup_event_loop()
@@ -266,7 +289,8 @@ class PredictorServer(ModelServer):
         if rest is not None:
             rest.should_exit = True  # uvicorn checks it on its next tick, even before its start-up is done
         if loop is not None:
-            loop.call_soon_threadsafe(self.stop, signal.SIGTERM)
+            with contextlib.suppress(RuntimeError):  # the loop already closed: the server is stopping anyway
+                loop.call_soon_threadsafe(self.stop, signal.SIGTERM)
 
     def stop(self, sig: int) -> None:
         if self.model is not None and self.model.generation_engine is not None:

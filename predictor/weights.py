@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -23,22 +24,31 @@ MODEL_INDEX = "model_index.json"
 _SMALL_FILE_SUFFIXES = (".json", ".txt", ".model")
 
 
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")  # transformers' shard suffix: model-00001-of-00002
+
+
 def _is_weights(name: str) -> bool:
-    return name.endswith(".safetensors") or ".safetensors.index." in name
+    """Safetensors weights or their shard index (``model.safetensors.index[.fp16].json``)."""
+    return name.endswith(".safetensors") or (".safetensors." in name and name.endswith(".json") and ".index" in name)
 
 
 def _variant_of(name: str) -> str | None:
-    """``fp16`` for ``model.fp16.safetensors`` or ``model.safetensors.index.fp16.json``; None for the plain files
-    (sharded plain files are ``model-00001-of-00002.safetensors``)."""
-    parts = name.split(".")
+    """The variant a weights file belongs to, as diffusers names them (``pipeline_loading_utils``): ``fp16`` for
+    ``model.fp16.safetensors``, ``model.fp16-00001-of-00002.safetensors``, the legacy
+    ``model-00001-of-00002.fp16.safetensors``, ``model.safetensors.index.fp16.json`` and the legacy
+    ``model.safetensors.fp16.index.json``; None for the plain files (``model-00001-of-00002.safetensors``)."""
     if name.endswith(".safetensors"):
-        return parts[-2] if len(parts) >= 3 else None
-    return parts[-2] if len(parts) >= 5 else None  # model.safetensors.index[.fp16].json
+        stem = name.removesuffix(".safetensors")
+        if "." not in stem:
+            return None
+        return _SHARD.sub("", stem.split(".", 1)[1]) or None
+    rest = name.split(".safetensors", 1)[1]  # ".index.json", ".index.fp16.json" or ".fp16.index.json"
+    parts = [part for part in rest.split(".") if part and part not in ("index", "json")]
+    return parts[0] if parts else None
 
 
-def components(root: Path) -> list[str]:
-    """The components ``model_index.json`` names with a class (``[library, class]``), in its order."""
-    index = json.loads((root / MODEL_INDEX).read_text(encoding="utf-8"))
+def components_of(index: dict) -> list[str]:
+    """The components a ``model_index.json`` names with a class (``[library, class]``), in its order."""
     return [
         name
         for name, value in index.items()
@@ -46,26 +56,34 @@ def components(root: Path) -> list[str]:
     ]
 
 
-def resolve_variant(root: Path, variant: str) -> str | None:
-    """``auto``: fp16 when every weighted component has it, else the plain files (as the server does for a float16
-    load); ``none``: the plain files; otherwise that variant, which every weighted component must have."""
+def components(root: Path) -> list[str]:
+    return components_of(json.loads((root / MODEL_INDEX).read_text(encoding="utf-8")))
+
+
+def choose_variant(files: list[str], names: list[str], variant: str) -> str | None:
+    """The variant to read, from a checkpoint's file list (paths relative to its root) and its components.
+    ``auto``: fp16 when every component with weights has it, else the plain files (what the server does for a
+    float16 load); ``none``: the plain files; otherwise that variant, which every such component must have."""
     if variant == "none":
         return None
-    weighted = {}
-    for component in components(root):
-        directory = root / component
-        names = [p.name for p in directory.iterdir() if p.is_file()] if directory.is_dir() else []
-        weights = [name for name in names if _is_weights(name)]
-        if weights:
-            weighted[component] = {_variant_of(name) for name in weights}
+    weighted: dict[str, set[str | None]] = {}
+    wanted_components = set(names)
+    for path in files:
+        component, _, name = path.rpartition("/")
+        if component in wanted_components and _is_weights(name):
+            weighted.setdefault(component, set()).add(_variant_of(name))
     wanted = "fp16" if variant == "auto" else variant
-    complete = bool(weighted) and all(wanted in variants for variants in weighted.values())
-    if complete:
+    if weighted and all(wanted in variants for variants in weighted.values()):
         return wanted
     if variant == "auto":
         return None
     missing = sorted(name for name, variants in weighted.items() if wanted not in variants)
-    raise ValueError(f"variant '{wanted}' is missing for {', '.join(missing)}")
+    raise ValueError(f"variant '{wanted}' is missing for {', '.join(missing) or 'every component'}")
+
+
+def resolve_variant(root: Path, variant: str) -> str | None:
+    files = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
+    return choose_variant(files, components(root), variant)
 
 
 def needed_files(root: Path, variant: str = "auto") -> list[Path]:

@@ -108,6 +108,13 @@ def test_keys_come_from_a_file_and_the_environment_and_are_checked_at_start(tmp_
     with pytest.raises(SystemExit):
         parse_settings(["--api_key_file", str(tmp_path / "missing")])
     assert "cannot be read" in capsys.readouterr().err
+    keys.write_bytes(b"\xef\xbb\xbf" + KEY.encode() + b"\n")  # saved with a byte-order mark
+    assert read_api_keys(str(keys), {}) == (KEY,)
+    with pytest.raises(ValueError, match="is set but holds no key"):
+        read_api_keys(None, {API_KEYS_ENV: " , \n"})
+    with pytest.raises(SystemExit):
+        parse_settings(["--api_key_file", str(keys), "--enable_grpc", "true"])
+    assert "gRPC requests would not be checked" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -62,30 +63,38 @@ def test_builtin_tiny_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
 
 # Fault injection for a long start: the server's loader waits for a file the test creates, so the test sees the
 # process between "listening" and "ready" for as long as it needs, with no timing assumption.
-_HOLD_LOAD_HOOK = """
-import os, time
-import predictor.pipeline as pipeline
+_HOLD_HOOK = """
+import importlib, os, time
 
-_load_pipeline = pipeline.load_pipeline
+module_name, attribute = os.environ["PREDICTOR_TEST_HOLD"].rsplit(".", 1)
+owner_name, _, method = attribute.partition(":")
+module = importlib.import_module(module_name)
+owner = getattr(module, owner_name) if method else module
+name = method or owner_name
+original = getattr(owner, name)
 
 
-def _held(*args, **kwargs):
-    while not os.path.exists(os.environ["PREDICTOR_TEST_RELEASE_LOAD"]):
+def held(*args, **kwargs):
+    while not os.path.exists(os.environ["PREDICTOR_TEST_RELEASE"]):
         time.sleep(0.02)
-    return _load_pipeline(*args, **kwargs)
+    return original(*args, **kwargs)
 
 
-pipeline.load_pipeline = _held
+setattr(owner, name, held)
 """
 
 
-def start_held_server(tmp_path: Path, port: int) -> tuple[subprocess.Popen, Path, Path]:
+def start_held_server(
+    tmp_path: Path, port: int, *flags: str, hold: str = "predictor.pipeline.load_pipeline"
+) -> tuple[subprocess.Popen, Path, Path]:
+    """A server whose ``hold`` (``module.function`` or ``module.Class:method``) waits until the returned release
+    file exists; returned once /livez answers."""
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_HOLD_LOAD_HOOK)
+    (hook / "sitecustomize.py").write_text(_HOLD_HOOK)
     release, log = tmp_path / "release", tmp_path / "server.log"
-    env = {"PYTHONPATH": str(hook), "PREDICTOR_TEST_RELEASE_LOAD": str(release)}
-    process = start_server("--model_id", "builtin:tiny", *NO_MODEL_DIR, port=port, log=log, env=env)
+    env = {"PYTHONPATH": str(hook), "PREDICTOR_TEST_HOLD": hold, "PREDICTOR_TEST_RELEASE": str(release)}
+    process = start_server("--model_id", "builtin:tiny", *NO_MODEL_DIR, *flags, port=port, log=log, env=env)
     base = f"http://127.0.0.1:{port}"
 
     def live() -> bool:
@@ -108,7 +117,8 @@ def test_listener_is_live_but_not_ready_while_the_model_loads(tmp_path: Path) ->
     process, release, log = start_held_server(tmp_path, port)
     try:
         assert httpx.get(f"{base}/metrics", timeout=5).status_code == 200
-        for path in ("/v1/models/sd", "/v2/models/sd/ready"):
+        readiness = ("/v1/models/sd", "/v2/models/sd/ready", "/v2/health/ready")
+        for path in readiness:
             response = httpx.get(f"{base}{path}", timeout=5)
             assert response.status_code == 503, (path, response.text)
         requests = [
@@ -124,6 +134,8 @@ def test_listener_is_live_but_not_ready_while_the_model_loads(tmp_path: Path) ->
         assert openai.status_code == 503 and openai.json()["error"]["code"] == "model_not_ready"
         release.touch()
         wait_ready(process, port, log)
+        for path in readiness:
+            assert httpx.get(f"{base}{path}", timeout=5).status_code == 200, path
         assert httpx.post(f"{base}/generate", json={"prompt": "now", "seed": 1}, timeout=60).status_code == 200
     finally:
         release.touch()
@@ -131,10 +143,48 @@ def test_listener_is_live_but_not_ready_while_the_model_loads(tmp_path: Path) ->
     assert log.read_text().count("loaded builtin:tiny") == 1, "the requests before ready did not load it again"
 
 
-def test_sigterm_while_loading_exits_cleanly(tmp_path: Path) -> None:
-    process, _, log = start_held_server(tmp_path, free_port())
+@pytest.mark.parametrize(
+    "hold",
+    ["predictor.pipeline.load_pipeline", "predictor.runners.base.ModelRunner:predict_noise"],
+    ids=["loading-weights", "warming-up"],
+)
+def test_sigterm_while_loading_exits_cleanly(tmp_path: Path, hold: str) -> None:
+    """Stopping a pod that is still loading is a normal stop (exit 0), not a failed load, whatever phase it is in."""
+    process, _, log = start_held_server(tmp_path, free_port(), "--grace_period_s", "1", hold=hold)
     assert stop_server(process) == 0
-    assert "Traceback" not in log.read_text()
+    output = log.read_text()
+    assert "Traceback" not in output and "failed to load" not in output
+
+
+def test_a_load_over_its_time_limit_fails_liveness(tmp_path: Path) -> None:
+    """A hung download or compile must not leave a pod live and never ready: after --load_timeout_s, /livez is 503
+    and Kubernetes restarts it."""
+    port = free_port()
+    process, release, _ = start_held_server(tmp_path, port, "--load_timeout_s", "1")
+    try:
+
+        def liveness_failed() -> dict | None:
+            response = httpx.get(f"http://127.0.0.1:{port}/livez", timeout=5)
+            return response.json() if response.status_code == 503 else None
+
+        error = wait_until(liveness_failed, timeout_s=60, interval_s=0.1)
+        assert error["error_type"] == "load_timeout" and "--load_timeout_s 1" in error["error"]
+    finally:
+        release.touch()
+        stop_server(process)
+
+
+def test_grpc_can_be_enabled(tmp_path: Path) -> None:
+    port, grpc_port = free_port(), free_port()
+    log = tmp_path / "server.log"
+    flags = ("--enable_grpc", "true", "--grpc_port", str(grpc_port))
+    process = start_server("--model_id", "builtin:tiny", *NO_MODEL_DIR, *flags, port=port, log=log)
+    try:
+        wait_ready(process, port, log)
+        with socket.create_connection(("127.0.0.1", grpc_port), timeout=5):
+            pass
+    finally:
+        assert stop_server(process) == 0
 
 
 def test_load_failure_exits_non_zero_with_clear_message(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from predictor.pipeline import load_pipeline
 from predictor.testing import params, pixels, running_engine, save_hub_like_repository
-from predictor.weights import needed_files, plan, stage
+from predictor.weights import choose_variant, needed_files, plan, stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +40,54 @@ def test_only_the_chosen_variants_weights_configs_and_tokenizer_are_needed(repos
     assert {name.replace(".fp16.", ".") for name in fp16} == plain
     with pytest.raises(ValueError, match="variant 'bf16' is missing for text_encoder, unet, vae"):
         needed_files(repository, "bf16")
+
+
+COMPONENTS = ["text_encoder", "unet", "vae", "safety_checker"]
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        # diffusers' current names for sharded variants, and the legacy ones.
+        (
+            ["unet/m.fp16-00001-of-00002.safetensors", "unet/m.safetensors.index.fp16.json"],
+            "fp16",
+        ),
+        (
+            ["unet/m-00001-of-00002.fp16.safetensors", "unet/m.safetensors.fp16.index.json"],
+            "fp16",
+        ),
+        (["unet/diffusion_pytorch_model-00001-of-00002.safetensors", "unet/x.safetensors.index.json"], None),
+        # Every component with weights must have the variant; folders that are no component do not count.
+        (["unet/a.fp16.safetensors", "vae/a.fp16.safetensors", "vae_1_0/a.safetensors"], "fp16"),
+        (["unet/a.fp16.safetensors", "vae/a.safetensors"], None),
+        (["model.fp16.safetensors"], None),  # a single-file checkpoint is no pipeline
+    ],
+)
+def test_auto_variant_follows_diffusers_file_names(files: list[str], expected: str | None) -> None:
+    plain_text_encoder = [] if expected is None else ["text_encoder/model.fp16.safetensors"]
+    assert choose_variant([*files, *plain_text_encoder], COMPONENTS, "auto") == expected
+
+
+def test_sharded_fp16_weights_are_staged_with_their_index(tmp_path: Path) -> None:
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "U"]}')
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    names = [
+        "config.json",
+        "diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+        "diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+        "diffusion_pytorch_model.safetensors.index.fp16.json",
+        "diffusion_pytorch_model-00001-of-00002.safetensors",
+        "diffusion_pytorch_model-00002-of-00002.safetensors",
+        "diffusion_pytorch_model.safetensors.index.json",
+    ]
+    for name in names:
+        (unet / name).write_text("{}")
+    fp16 = sorted(path.name for path in needed_files(tmp_path, "auto") if path.parent.name == "unet")
+    assert fp16 == sorted(names[:4])
+    plain = sorted(path.name for path in needed_files(tmp_path, "none") if path.parent.name == "unet")
+    assert plain == sorted([names[0], *names[4:]])
 
 
 @pytest.mark.parametrize(("variant", "dtype"), [("auto", "float16"), ("none", "float32")])
