@@ -13,14 +13,13 @@ ready (``GET /v1/models/NAME`` 200, after loading and the warm-up).
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
-from common import free_port, median
+from common import free_port, median, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPORT_PROBE = (
@@ -41,11 +40,9 @@ def start_seconds(tree: Path, model_id: str, log: Path) -> tuple[float, float]:
     """(start to the first answer on /livez, start to ready)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "predictor", "--model_name", "sd", "--http_port", str(port)]
-    command += ["--model_id", model_id, "--model_dir", "/nonexistent"]
     started = time.perf_counter()
-    with open(log, "w") as output:
-        process = subprocess.Popen(command, cwd=tree, stdout=output, stderr=subprocess.STDOUT, env=dict(os.environ))
+    # Run from the tree: `python -m` puts the working directory first on sys.path, so its predictor package wins.
+    process = start_server("--model_id", model_id, "--model_dir", "/nonexistent", port=port, log=log, cwd=tree)
     listening = None
     try:
         while True:
@@ -60,8 +57,7 @@ def start_seconds(tree: Path, model_id: str, log: Path) -> tuple[float, float]:
                 pass
             time.sleep(0.02)
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        stop_server(process)
 
 
 def main() -> None:

@@ -147,10 +147,9 @@ def _sd_pipeline(text_encoder, tokenizer, unet, vae, scheduler) -> StableDiffusi
     )
 
 
-def build_tiny() -> StableDiffusionPipeline:
-    torch.manual_seed(_SEED)
-    tokenizer = _byte_level_tokenizer()
-    unet = UNet2DConditionModel(
+def _tiny_unet(**config: Any) -> UNet2DConditionModel:
+    """Two blocks, one with cross-attention; the family's own fields in ``config``."""
+    return UNet2DConditionModel(
         sample_size=8,  # 8 latents x scale factor 8: native size 64x64
         in_channels=4,
         out_channels=4,
@@ -158,10 +157,15 @@ def build_tiny() -> StableDiffusionPipeline:
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
         norm_num_groups=8,
+        **config,
     )
+
+
+def build_tiny() -> StableDiffusionPipeline:
+    torch.manual_seed(_SEED)
+    tokenizer = _byte_level_tokenizer()
+    unet = _tiny_unet(cross_attention_dim=32, attention_head_dim=8)
     return _sd_pipeline(
         _tiny_text_encoder(tokenizer), tokenizer, unet, _tiny_vae(), PNDMScheduler.from_config(SD_V1_SCHEDULER_CONFIG)
     )
@@ -170,19 +174,7 @@ def build_tiny() -> StableDiffusionPipeline:
 def build_tiny_sd2() -> StableDiffusionPipeline:
     torch.manual_seed(_SEED)
     tokenizer = _byte_level_tokenizer(pad_token="!")
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        norm_num_groups=8,
-    )
+    unet = _tiny_unet(cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True)
     text_encoder = _tiny_text_encoder(tokenizer, hidden_act="gelu")
     return _sd_pipeline(text_encoder, tokenizer, unet, _tiny_vae(), DDIMScheduler.from_config(SD2_SCHEDULER_CONFIG))
 
@@ -193,14 +185,7 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
     tokenizer_2 = _byte_level_tokenizer(pad_token="!")
     text_encoder = _tiny_text_encoder(tokenizer)
     text_encoder_2 = _tiny_text_encoder(tokenizer_2, CLIPTextModelWithProjection, projection_dim=32)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _tiny_unet(
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -208,7 +193,6 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids of 8 features, and the pooled text
         cross_attention_dim=64,  # the two encoders' hidden states side by side
-        norm_num_groups=8,
     )
     return StableDiffusionXLPipeline(
         vae=_tiny_vae(scaling_factor=SDXL_VAE_SCALING_FACTOR, force_upcast=True),
@@ -238,23 +222,26 @@ def _vit_l_text_encoder(tokenizer: CLIPTokenizer, cls: type = CLIPTextModel) -> 
     )
 
 
+def _sd_unet(**config: Any) -> UNet2DConditionModel:
+    """SD 1.x and 2.x's 860M UNet layout; the version's own fields (size, context width, heads) in ``config``."""
+    return UNet2DConditionModel(
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        **config,
+    )
+
+
 def build_sd_v1_arch(device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
     """SD v1's exact architecture, random weights, initialised straight on ``device``."""
     torch.manual_seed(_SEED)
     tokenizer = _byte_level_tokenizer()
     with torch.device(device):
         text_encoder = _vit_l_text_encoder(tokenizer)
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-        )
+        unet = _sd_unet(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
         vae = _vae((128, 256, 512, 512), 2, 512)
     pipe = _sd_pipeline(text_encoder, tokenizer, unet, vae, PNDMScheduler.from_config(SD_V1_SCHEDULER_CONFIG))
     return pipe.to(device=device, dtype=dtype)
@@ -275,14 +262,8 @@ def build_sd2_arch(device: torch.device, dtype: torch.dtype) -> StableDiffusionP
             hidden_act="gelu",
             projection_dim=512,
         )
-        unet = UNet2DConditionModel(
+        unet = _sd_unet(
             sample_size=96,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
             cross_attention_dim=1024,
             attention_head_dim=(5, 10, 20, 20),
             use_linear_projection=True,

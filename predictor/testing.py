@@ -32,10 +32,15 @@ def free_port() -> int:
 
 
 def start_server(
-    *args: str, port: int, log: Path | str | None = None, env: dict[str, str] | None = None, model_name: str = "sd"
+    *args: str,
+    port: int,
+    log: Path | str | None = None,
+    env: dict[str, str] | None = None,
+    model_name: str = "sd",
+    cwd: Path | str | None = None,
 ) -> subprocess.Popen:
     """``python -m predictor`` with ``args`` on ``port``. Its output goes to ``log`` (or nowhere): an unread
-    pipe would fill up and block the server."""
+    pipe would fill up and block the server. ``cwd``: another checkout's directory, whose package then runs."""
     output = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the process owns it
     try:
         return subprocess.Popen(
@@ -43,6 +48,7 @@ def start_server(
             stdout=output,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            cwd=cwd,
         )
     finally:
         if log:

@@ -88,7 +88,11 @@ def resolve_variant(root: Path, variant: str) -> str | None:
 
 def needed_files(root: Path, variant: str = "auto") -> list[Path]:
     """The files the server reads from ``root``, relative to it."""
-    chosen = resolve_variant(root, variant)
+    return _files_of(root, resolve_variant(root, variant))
+
+
+def _files_of(root: Path, chosen: str | None) -> list[Path]:
+    """``model_index.json``, each component's configs and tokenizer files, and its ``chosen`` variant's weights."""
     files = [Path(MODEL_INDEX)]
     for component in components(root):
         directory = root / component
@@ -115,13 +119,14 @@ class Plan:
 
 def plan(root: Path, variant: str = "auto") -> Plan:
     every = [p for p in root.rglob("*") if p.is_file() and ".git" not in p.relative_to(root).parts]
-    needed = needed_files(root, variant)
+    chosen = resolve_variant(root, variant)
+    needed = _files_of(root, chosen)
     return Plan(
         whole_files=len(every),
         whole_bytes=sum(p.stat().st_size for p in every),
         needed=needed,
         needed_bytes=sum((root / p).stat().st_size for p in needed),
-        variant=resolve_variant(root, variant),
+        variant=chosen,
     )
 
 
