@@ -6,11 +6,20 @@ Tiny ones, for tests and smoke runs (seconds on a CPU; they produce noise):
 ``builtin:tiny-sd2``   SD 2.x's: a v-prediction scheduler config, linear attention projections, OpenCLIP padding.
 ``builtin:tiny-sdxl``  SDXL's: two text encoders (the second with a projection, for the pooled embedding), a UNet
                        with the text-and-time added embedding, SDXL's scheduler and VAE config.
+``builtin:tiny-flux``  FLUX.1-schnell's: CLIP (pooled) and T5 encoders, a FLUX transformer over packed latents,
+                       schnell's scheduler config (no resolution shift), no guidance embedding.
+``builtin:tiny-flux-dev`` FLUX.1-dev's: the same with the guidance embedding and dev's resolution shift.
+``builtin:tiny-sd3``   SD 3.5's: two CLIP encoders with projections, a T5 encoder, an MMDiT transformer with
+                       SD 3.5 medium's dual-attention and RMS-norm layers, SD3's shift-3 scheduler.
 
 Full-size architectures, for GPU benchmarks without weights (their timings stand for the real model's):
 ``builtin:sd-v1-arch`` SD v1 (860M UNet, ViT-L/14 text encoder, 84M VAE), native 512.
 ``builtin:sd2-arch``   SD 2.1 (866M UNet, OpenCLIP ViT-H/14 text encoder), v-prediction, native 768.
 ``builtin:sdxl-arch``  SDXL base 1.0 (2.6B UNet, ViT-L/14 and OpenCLIP ViT-bigG/14 text encoders), native 1024.
+``builtin:flux-arch``  FLUX.1-dev (11.9B transformer with the guidance embedding, T5-XXL, CLIP ViT-L/14), 1024.
+``builtin:flux-schnell-arch`` FLUX.1-schnell (the same without the guidance embedding), 1024.
+``builtin:sd35-arch``  SD 3.5 large (8.1B MMDiT, CLIP ViT-L/14 and ViT-bigG/14 with projections, T5-XXL), 1024.
+``builtin:sd35-medium-arch`` SD 3.5 medium (2.5B MMDiT-X), 1024.
 
 All are seeded, so the same builtin is the same pipeline in every process.
 """
@@ -26,12 +35,25 @@ from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 BUILTIN_PREFIX = "builtin:"
 _SEED = 0
@@ -61,6 +83,21 @@ SDXL_SCHEDULER_CONFIG = {
     "use_karras_sigmas": False,
 }
 SDXL_VAE_SCALING_FACTOR = 0.13025
+# black-forest-labs/FLUX.1-schnell's and FLUX.1-dev's: dev shifts its schedule by the image's token count.
+FLUX_SCHNELL_SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+}
+FLUX_DEV_SCHEDULER_CONFIG = {**FLUX_SCHNELL_SCHEDULER_CONFIG, "shift": 3.0, "use_dynamic_shifting": True}
+FLUX_VAE = {"scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False}
+# stabilityai/stable-diffusion-3.5-large's and -medium's.
+SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
+SD3_VAE = {"scaling_factor": 1.5305, "shift_factor": 0.0609, "use_quant_conv": False, "use_post_quant_conv": False}
 
 
 def _byte_symbols() -> list[str]:
@@ -103,14 +140,20 @@ def _text_encoder(tokenizer: CLIPTokenizer, cls: type = CLIPTextModel, **config:
     return cls(text_config)
 
 
-def _vae(block_out_channels: tuple[int, ...], layers_per_block: int, sample_size: int, **config: Any) -> AutoencoderKL:
+def _vae(
+    block_out_channels: tuple[int, ...],
+    layers_per_block: int,
+    sample_size: int,
+    latent_channels: int = 4,
+    **config: Any,
+) -> AutoencoderKL:
     return AutoencoderKL(
         block_out_channels=block_out_channels,  # four blocks: latent scale factor 8, as in SD
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
+        latent_channels=latent_channels,
         layers_per_block=layers_per_block,
         sample_size=sample_size,
         **config,
@@ -222,6 +265,21 @@ def _vit_l_text_encoder(tokenizer: CLIPTokenizer, cls: type = CLIPTextModel) -> 
     )
 
 
+def _vit_big_g_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
+    """OpenCLIP ViT-bigG/14's text tower with its projection: SDXL's and SD3's second text encoder."""
+    return _text_encoder(
+        tokenizer,
+        CLIPTextModelWithProjection,
+        vocab_size=49408,
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_attention_heads=20,
+        num_hidden_layers=32,
+        hidden_act="gelu",
+        projection_dim=1280,
+    )
+
+
 def _sd_unet(**config: Any) -> UNet2DConditionModel:
     """SD 1.x and 2.x's 860M UNet layout; the version's own fields (size, context width, heads) in ``config``."""
     return UNet2DConditionModel(
@@ -281,17 +339,7 @@ def build_sdxl_arch(device: torch.device, dtype: torch.dtype) -> StableDiffusion
     tokenizer_2 = _byte_level_tokenizer(pad_token="!")
     with torch.device(device):
         text_encoder = _vit_l_text_encoder(tokenizer)
-        text_encoder_2 = _text_encoder(
-            tokenizer_2,
-            CLIPTextModelWithProjection,
-            vocab_size=49408,
-            hidden_size=1280,
-            intermediate_size=5120,
-            num_attention_heads=20,
-            num_hidden_layers=32,
-            hidden_act="gelu",
-            projection_dim=1280,
-        )
+        text_encoder_2 = _vit_big_g_text_encoder(tokenizer_2)
         unet = UNet2DConditionModel(
             sample_size=128,
             in_channels=4,
@@ -323,17 +371,244 @@ def build_sdxl_arch(device: torch.device, dtype: torch.dtype) -> StableDiffusion
     return pipe.to(device=device, dtype=dtype)
 
 
+def _t5_tokenizer(max_length: int) -> T5TokenizerFast:
+    """A T5 (SentencePiece Unigram) tokenizer over single characters: printable ASCII and a few word pieces, the
+    rest <unk> as in T5's own vocabulary; every character is a token, so long prompts truncate early."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(chr(c), -5.0) for c in range(ord("!"), ord("~") + 1)]
+    pieces += [("\u2581" + word, -3.0) for word in ("a", "the", "of", "and", "in", "photo", "cat")]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def _t5_encoder(tokenizer: T5TokenizerFast, **config: Any) -> T5EncoderModel:
+    base: dict[str, Any] = {
+        "vocab_size": max(len(tokenizer), 64),
+        "feed_forward_proj": "gated-gelu",  # T5 v1.1, as FLUX and SD3 ship it
+        "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128,
+        "tie_word_embeddings": False,
+        "is_encoder_decoder": False,
+        "use_cache": False,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    return T5EncoderModel(T5Config(**{**base, **config}))
+
+
+def _t5_xxl(tokenizer: T5TokenizerFast) -> T5EncoderModel:
+    """google/t5-v1_1-xxl's encoder: FLUX's and SD3's text_encoder (4.76B parameters)."""
+    return _t5_encoder(tokenizer, vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
+
+
+def _tiny_t5(tokenizer: T5TokenizerFast, d_model: int) -> T5EncoderModel:
+    return _t5_encoder(tokenizer, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
+
+
+def _flux_pipeline(**components: Any) -> FluxPipeline:
+    return FluxPipeline(image_encoder=None, feature_extractor=None, **components)
+
+
+def _build_tiny_flux(guidance: bool) -> FluxPipeline:
+    torch.manual_seed(_SEED)
+    tokenizer = _byte_level_tokenizer()
+    tokenizer_2 = _t5_tokenizer(512)
+    pipe = _flux_pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(
+            FLUX_DEV_SCHEDULER_CONFIG if guidance else FLUX_SCHNELL_SCHEDULER_CONFIG
+        ),
+        vae=_tiny_vae(**FLUX_VAE),
+        text_encoder=_tiny_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        text_encoder_2=_tiny_t5(tokenizer_2, 32),
+        tokenizer_2=tokenizer_2,
+        transformer=FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,  # 4 latent channels in 2x2 packed patches
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,  # the T5 encoder's width
+            pooled_projection_dim=32,  # the CLIP encoder's
+            guidance_embeds=guidance,
+            axes_dims_rope=(4, 4, 8),
+        ),
+    )
+    # FluxPipeline fixes its default size at 128 latents (1024 px); the tiny one is made for 64 px. Saved to
+    # disk and loaded again, it is 1024 px again.
+    pipe.default_sample_size = 8
+    return pipe
+
+
+def build_tiny_flux() -> FluxPipeline:
+    return _build_tiny_flux(guidance=False)
+
+
+def build_tiny_flux_dev() -> FluxPipeline:
+    return _build_tiny_flux(guidance=True)
+
+
+def build_tiny_sd3() -> StableDiffusion3Pipeline:
+    torch.manual_seed(_SEED)
+    tokenizer = _byte_level_tokenizer()
+    tokenizer_2 = _byte_level_tokenizer(pad_token="!")
+    tokenizer_3 = _t5_tokenizer(256)
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG),
+        vae=_tiny_vae(**SD3_VAE),
+        text_encoder=_tiny_text_encoder(tokenizer, CLIPTextModelWithProjection, projection_dim=32),
+        tokenizer=tokenizer,
+        text_encoder_2=_tiny_text_encoder(tokenizer_2, CLIPTextModelWithProjection, projection_dim=32),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=_tiny_t5(tokenizer_3, 64),
+        tokenizer_3=tokenizer_3,
+        transformer=SD3Transformer2DModel(
+            sample_size=8,  # 8 latents x 8: native 64 px
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=64,  # the T5 width; the two CLIP widths side by side (32 + 32) are padded to it
+            caption_projection_dim=32,
+            pooled_projection_dim=64,  # both CLIP projections side by side
+            pos_embed_max_size=64,  # sizes up to 64 patches x 2 x 8 = 1024 px
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        ),
+    )
+
+
+def _flux_arch(device: torch.device, dtype: torch.dtype, guidance: bool) -> FluxPipeline:
+    torch.manual_seed(_SEED)
+    tokenizer = _byte_level_tokenizer()
+    tokenizer_2 = _t5_tokenizer(512)
+    with torch.device(device):
+        text_encoder = _vit_l_text_encoder(tokenizer)
+        text_encoder_2 = _t5_xxl(tokenizer_2)
+        transformer = FluxTransformer2DModel(guidance_embeds=guidance)  # the defaults are FLUX.1's
+        vae = _vae((128, 256, 512, 512), 2, 1024, latent_channels=16, **FLUX_VAE)
+    pipe = _flux_pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(
+            FLUX_DEV_SCHEDULER_CONFIG if guidance else FLUX_SCHNELL_SCHEDULER_CONFIG
+        ),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    return pipe.to(device=device, dtype=dtype)
+
+
+def build_flux_arch(device: torch.device, dtype: torch.dtype) -> FluxPipeline:
+    """FLUX.1-dev's exact architecture, random weights, made on ``device`` (24 GB in bfloat16: not in host RAM)."""
+    return _flux_arch(device, dtype, guidance=True)
+
+
+def build_flux_schnell_arch(device: torch.device, dtype: torch.dtype) -> FluxPipeline:
+    return _flux_arch(device, dtype, guidance=False)
+
+
+def _sd35_arch(device: torch.device, dtype: torch.dtype, **transformer: Any) -> StableDiffusion3Pipeline:
+    torch.manual_seed(_SEED)
+    tokenizer = _byte_level_tokenizer()
+    tokenizer_2 = _byte_level_tokenizer(pad_token="!")
+    tokenizer_3 = _t5_tokenizer(256)
+    with torch.device(device):
+        text_encoder = _vit_l_text_encoder(tokenizer, CLIPTextModelWithProjection)
+        text_encoder_2 = _vit_big_g_text_encoder(tokenizer_2)
+        text_encoder_3 = _t5_xxl(tokenizer_3)
+        denoiser = SD3Transformer2DModel(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            attention_head_dim=64,
+            joint_attention_dim=4096,
+            pooled_projection_dim=2048,
+            qk_norm="rms_norm",
+            **transformer,
+        )
+        vae = _vae((128, 256, 512, 512), 2, 1024, latent_channels=16, **SD3_VAE)
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+        transformer=denoiser,
+    )
+    return pipe.to(device=device, dtype=dtype)
+
+
+def build_sd35_arch(device: torch.device, dtype: torch.dtype) -> StableDiffusion3Pipeline:
+    """SD 3.5 large: 38 MMDiT blocks of 38 heads."""
+    return _sd35_arch(
+        device, dtype, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192
+    )
+
+
+def build_sd35_medium_arch(device: torch.device, dtype: torch.dtype) -> StableDiffusion3Pipeline:
+    """SD 3.5 medium: 24 MMDiT-X blocks of 24 heads, the first 13 with a second (image-only) attention."""
+    return _sd35_arch(
+        device,
+        dtype,
+        num_layers=24,
+        num_attention_heads=24,
+        caption_projection_dim=1536,
+        pos_embed_max_size=384,
+        dual_attention_layers=tuple(range(13)),
+    )
+
+
 _TINY: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny": build_tiny,
     "tiny-sd2": build_tiny_sd2,
     "tiny-sdxl": build_tiny_sdxl,
+    "tiny-flux": build_tiny_flux,
+    "tiny-flux-dev": build_tiny_flux_dev,
+    "tiny-sd3": build_tiny_sd3,
 }
 _FULL_SIZE: dict[str, Callable[[torch.device, torch.dtype], DiffusionPipeline]] = {
     "sd-v1-arch": build_sd_v1_arch,
     "sd2-arch": build_sd2_arch,
     "sdxl-arch": build_sdxl_arch,
+    "flux-arch": build_flux_arch,
+    "flux-schnell-arch": build_flux_schnell_arch,
+    "sd35-arch": build_sd35_arch,
+    "sd35-medium-arch": build_sd35_medium_arch,
 }
 BUILTINS = (*_TINY, *_FULL_SIZE)
+_CLASS_NAMES = {
+    **dict.fromkeys(("tiny", "tiny-sd2", "sd-v1-arch", "sd2-arch"), StableDiffusionPipeline.__name__),
+    **dict.fromkeys(("tiny-sdxl", "sdxl-arch"), StableDiffusionXLPipeline.__name__),
+    **dict.fromkeys(("tiny-flux", "tiny-flux-dev", "flux-arch", "flux-schnell-arch"), FluxPipeline.__name__),
+    **dict.fromkeys(("tiny-sd3", "sd35-arch", "sd35-medium-arch"), StableDiffusion3Pipeline.__name__),
+}
+assert set(_CLASS_NAMES) == set(BUILTINS)
+
+
+def builtin_class_name(name: str) -> str:
+    """The pipeline class a builtin builds (its family), known before building it."""
+    if name not in _CLASS_NAMES:
+        choices = ", ".join(BUILTIN_PREFIX + known for known in BUILTINS)
+        raise ValueError(f"unknown builtin model '{BUILTIN_PREFIX}{name}'; choose one of {choices}")
+    return _CLASS_NAMES[name]
+
+
+def _in_eval_mode(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """Models made from a config start in training mode, where T5's dropout makes every call differ; loaded ones
+    start in eval mode, as these must."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
 
 
 def build_builtin(name: str, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
@@ -341,8 +616,8 @@ def build_builtin(name: str, device: torch.device, dtype: torch.dtype) -> Diffus
         pipe = _TINY[name]()
         if dtype != torch.float32:  # built in float32; cast only when asked to
             pipe.to(dtype=dtype)
-        return pipe.to(device)
+        return _in_eval_mode(pipe.to(device))
     if name in _FULL_SIZE:
-        return _FULL_SIZE[name](device, dtype)
+        return _in_eval_mode(_FULL_SIZE[name](device, dtype))
     choices = ", ".join(BUILTIN_PREFIX + known for known in BUILTINS)
     raise ValueError(f"unknown builtin model '{BUILTIN_PREFIX}{name}'; choose one of {choices}")

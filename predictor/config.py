@@ -20,6 +20,7 @@ from predictor.schemas import (
     HARD_MAX_PROMPT_CHARS,
     HARD_MAX_STEPS,
     MAX_GUIDANCE,
+    MAX_T5_TOKENS,
     MIN_IMAGE_SIZE,
     SCHEDULER_NAMES,
     Limits,
@@ -42,6 +43,7 @@ class ModelSource:
     device: Device = "auto"
     dtype: Dtype = "auto"
     safety_checker: SafetyChecker = "checkpoint"
+    max_sequence_length: int | None = None  # T5 tokens (FLUX, SD3); None: the family's default, as in diffusers
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=get_args(Dtype),
         default=default(ModelSource, "dtype"),
-        help="auto: float16 on CUDA, float32 on CPU.",
+        help="auto: float16 on CUDA (bfloat16 for FLUX and SD3, which overflow in float16), float32 on CPU.",
     )
     model.add_argument(
         "--safety_checker",
@@ -173,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=default(ModelSource, "safety_checker"),
         help="checkpoint: run the safety checker when the checkpoint ships one; on: require it; off: never run it. "
         "Flagged images are answered black with nsfw: true.",
+    )
+    model.add_argument(
+        "--max_sequence_length",
+        type=_positive(),
+        default=default(ModelSource, "max_sequence_length"),
+        help="FLUX and SD3: the T5 encoder's prompt window in tokens, at most 512 (default: 512 for FLUX, 256 for "
+        "SD3, as diffusers sets them). Longer prompts are cut and answered prompt_truncated: true.",
     )
 
     limits = parser.add_argument_group("request limits")
@@ -205,16 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     limits.add_argument(
         "--default_scheduler",
-        choices=SCHEDULER_NAMES,
+        choices=("auto", *SCHEDULER_NAMES),
         default=default(Limits, "default_scheduler"),
-        help="Scheduler when a request names none. It is made from the checkpoint's own scheduler config, so "
-        "settings such as timestep_spacing (trailing for Turbo checkpoints) and prediction_type carry over.",
+        help="Scheduler when a request names none; auto: dpmpp_2m for SD 1.x, 2.x and SDXL, the checkpoint's own "
+        "for FLUX and SD3 (euler). It is made from the checkpoint's own scheduler config, so settings such as "
+        "timestep_spacing (trailing for Turbo checkpoints), prediction_type and the flow-matching shift carry over.",
     )
     limits.add_argument(
         "--default_guidance_scale",
         type=float,
         default=default(Limits, "default_guidance_scale"),
-        help="Guidance scale when a request names none (0 for Turbo checkpoints: they are distilled without it).",
+        help="Guidance scale when a request names none (0 for Turbo checkpoints: they are distilled without it); "
+        "default: the family's, as diffusers sets it (7.5 SD, 5 SDXL, 3.5 FLUX.1-dev, 0 FLUX.1-schnell, 7 SD3).",
     )
 
     engine = parser.add_argument_group("engine")
@@ -344,8 +355,10 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
         parser.error("--default_steps must not exceed --max_steps")
     if not MIN_IMAGE_SIZE <= args.max_image_size <= HARD_MAX_IMAGE_SIZE:
         parser.error(f"--max_image_size must be within {MIN_IMAGE_SIZE}..{HARD_MAX_IMAGE_SIZE}")
-    if not 0 <= args.default_guidance_scale <= MAX_GUIDANCE:
+    if args.default_guidance_scale is not None and not 0 <= args.default_guidance_scale <= MAX_GUIDANCE:
         parser.error(f"--default_guidance_scale must be within 0..{MAX_GUIDANCE:g}")
+    if args.max_sequence_length is not None and args.max_sequence_length > MAX_T5_TOKENS:
+        parser.error(f"--max_sequence_length must be at most {MAX_T5_TOKENS} (the T5 encoders' window)")
     if args.max_prompt_chars > HARD_MAX_PROMPT_CHARS:
         parser.error(f"--max_prompt_chars must be at most {HARD_MAX_PROMPT_CHARS}")
     if args.max_batch_instances > HARD_MAX_BATCH_INSTANCES:

@@ -49,7 +49,7 @@ _DEADLINE_SLACK_S = 2.0
 # v2 request parameters that belong to the protocol, not to the generation request.
 _V2_PROTOCOL_PARAMETERS = frozenset({"binary_data_output"})
 # v2 input tensors (BYTES, shape [N]: one element per image); "prompt" is required.
-_V2_TEXT_INPUTS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")
+_V2_TEXT_INPUTS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3")
 
 
 @dataclass
@@ -144,6 +144,7 @@ class DiffusionModel(Model):
         self.loaded = self._pipeline_loader(self.settings)
         if self.stopping:
             return False
+        self.limits = self.limits.for_model(self.traits)  # "auto" defaults become the family's
         try:
             self.default_params("check the defaults")  # e.g. --default_steps past what scheduler lcm takes here
         except InvalidRequest as exc:
@@ -349,6 +350,7 @@ def _load_from_settings(settings: Settings) -> LoadedPipeline:
         source.dtype,
         source.safety_checker,
         source.variant,
+        source.max_sequence_length,
     )
 
 

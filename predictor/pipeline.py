@@ -2,17 +2,21 @@
 
 Loads a pipeline from a local directory (KServe's /mnt/models), a Hugging Face repo id, or a builtin; detects
 its family from ``model_index.json`` before any weight is read; picks device and dtype; and owns the scheduler
-registry. Safetensors only, no remote code.
+registries (one for the UNet families' discrete schedules, one for flow matching) and the way each family sets
+a job's timesteps. Safetensors only, no remote code.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -20,23 +24,29 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    FluxPipeline,
     LatentConsistencyModelPipeline,
     LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UniPCMultistepScheduler,
 )
+from diffusers.pipelines.flux import pipeline_flux
+from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from predictor import weights
-from predictor.builtin import BUILTIN_PREFIX, build_builtin
+from predictor.builtin import BUILTIN_PREFIX, build_builtin, builtin_class_name
 from predictor.schemas import SCHEDULER_NAMES, ModelTraits
 
 logger = logging.getLogger(__name__)
 
-# name -> (class, overrides applied on top of the checkpoint's own scheduler config)
+# name -> (class, overrides applied on top of the checkpoint's own scheduler config): the UNet families'.
 SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpmpp_2m_karras": (
@@ -51,7 +61,27 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "unipc": (UniPCMultistepScheduler, {}),
     "lcm": (LCMScheduler, {}),  # for LCM-distilled checkpoints
 }
-assert set(SCHEDULERS) == set(SCHEDULER_NAMES), "schemas.SCHEDULER_NAMES and the registry must agree"
+
+
+def _flow_sigmas(config: Any) -> dict[str, Any]:
+    """A multistep solver on flow-matching sigmas, with the checkpoint's own shift (SD3.5's 3.0)."""
+    return {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": config.get("shift", 1.0)}
+
+
+# The flow-matching families' (FLUX, SD3): the checkpoint's own Euler and the diffusers solvers that take flow
+# sigmas. Overrides may depend on the checkpoint's config. Which of them a checkpoint can use is found by setting
+# each one's timesteps as its pipeline would (``available_schedulers``): DPM-Solver, for one, takes FLUX's
+# resolution shift only on checkpoints with dynamic shifting (FLUX.1-dev), and Heun takes no custom sigmas (FLUX).
+FLOW_SCHEDULERS: dict[str, tuple[type[SchedulerMixin], Callable[[Any], dict[str, Any]]]] = {
+    "euler": (FlowMatchEulerDiscreteScheduler, lambda config: {}),
+    "heun": (FlowMatchHeunDiscreteScheduler, lambda config: {}),
+    "dpmpp_2m": (
+        DPMSolverMultistepScheduler,
+        lambda config: {**_flow_sigmas(config), "algorithm_type": "dpmsolver++", "solver_order": 2},
+    ),
+    "unipc": (UniPCMultistepScheduler, _flow_sigmas),
+}
+assert set(SCHEDULERS) | set(FLOW_SCHEDULERS) == set(SCHEDULER_NAMES), "schemas.SCHEDULER_NAMES and the registries"
 
 MODEL_INDEX = "model_index.json"
 DEFAULT_LCM_STEPS = 50  # LCMScheduler's original_inference_steps when a checkpoint's config has none
@@ -65,6 +95,15 @@ class Family:
     pipeline_class: type[DiffusionPipeline]
     description: str
     second_text_encoder: bool = False
+    default_guidance_scale: float = 7.5  # diffusers' default for the pipeline
+    flow_matching: bool = False  # a transformer trained with flow matching: FLOW_SCHEDULERS, bfloat16 on CUDA
+    t5_tokens: int | None = None  # the T5 encoder's default window (diffusers'), None: no T5 encoder
+    fields: frozenset[str] = frozenset()  # family-only request fields (schemas.FAMILY_FIELDS)
+
+    @property
+    def cuda_dtype(self) -> torch.dtype:
+        # FLUX's activations overflow float16; SD3 is trained and shipped in bfloat16.
+        return torch.bfloat16 if self.flow_matching else torch.float16
 
 
 # model_index.json's _class_name -> family. A checkpoint of any other class is refused before loading.
@@ -72,9 +111,20 @@ FAMILIES: dict[str, Family] = {
     family.pipeline_class.__name__: family
     for family in (
         Family("sd", StableDiffusionPipeline, "Stable Diffusion 1.x and 2.x (SD-Turbo included)"),
-        Family("sdxl", StableDiffusionXLPipeline, "Stable Diffusion XL (SDXL-Turbo included)", True),
+        Family("sdxl", StableDiffusionXLPipeline, "Stable Diffusion XL (SDXL-Turbo included)", True, 5.0),
         # An SD 1.x pipeline whose UNet embeds the guidance scale: the SD runner computes what it computes.
-        Family("sd", LatentConsistencyModelPipeline, "Latent Consistency Models distilled from SD 1.x"),
+        Family("sd", LatentConsistencyModelPipeline, "Latent Consistency Models distilled from SD 1.x", False, 8.5),
+        Family("flux", FluxPipeline, "FLUX.1 (schnell and dev)", True, 3.5, True, 512, frozenset({"true_cfg_scale"})),
+        Family(
+            "sd3",
+            StableDiffusion3Pipeline,
+            "Stable Diffusion 3 and 3.5 (medium, large, large-turbo)",
+            True,
+            7.0,
+            True,
+            256,
+            frozenset({"prompt_3", "negative_prompt_3"}),
+        ),
     )
 }
 
@@ -96,47 +146,168 @@ class LoadedPipeline:
     dtype: torch.dtype
     random_weights: bool
     load_seconds: float
+    max_sequence_length: int | None = field(default=None)  # the T5 window (FLUX, SD3); None: the family's
+
+    def __post_init__(self) -> None:
+        if self.max_sequence_length is None:
+            self.max_sequence_length = self.family.t5_tokens
 
     @property
     def family(self) -> Family:
         return FAMILIES[type(self.pipe).__name__]
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.transformer if self.family.flow_matching else self.pipe.unet
+
+    @property
     def native_size(self) -> int:
-        """The size the checkpoint was trained at (the UNet's sample size in pixels): 512 for SD 1.x, 768 for
-        SD 2.x-768, 1024 for SDXL."""
-        sample_size = self.pipe.unet.config.sample_size
+        """The size the checkpoint was trained at, in pixels: 512 for SD 1.x, 768 for SD 2.x-768, 1024 for SDXL,
+        FLUX and SD3 (FLUX's pipeline fixes it; the builtins set a smaller one)."""
+        if isinstance(self.pipe, FluxPipeline):
+            sample_size: Any = self.pipe.default_sample_size
+        else:
+            sample_size = self.denoiser.config.sample_size
         if not isinstance(sample_size, int):
             sample_size = sample_size[0]
         return int(sample_size) * self.pipe.vae_scale_factor
 
     @property
+    def size_multiple(self) -> int:
+        """Widths and heights must be multiples of this: the VAE's factor, times the patch size for transformers."""
+        if isinstance(self.pipe, FluxPipeline):
+            return self.pipe.vae_scale_factor * 2  # latents packed in 2x2 patches
+        if isinstance(self.pipe, StableDiffusion3Pipeline):
+            return self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size
+        return self.pipe.vae_scale_factor
+
+    @property
+    def has_t5(self) -> bool:
+        return getattr(self.pipe, "text_encoder_3" if self.family.name == "sd3" else "text_encoder_2", None) is not None
+
+    @functools.cached_property
     def traits(self) -> ModelTraits:
-        family = self.family
+        family, pipe = self.family, self.pipe
         # LCMScheduler spaces its steps over the checkpoint's distillation schedule and takes no more than that.
-        lcm_steps = int(self.pipe.scheduler.config.get("original_inference_steps", DEFAULT_LCM_STEPS))
-        return ModelTraits(family.name, self.native_size, family.second_text_encoder, lcm_steps)
+        lcm_steps = int(pipe.scheduler.config.get("original_inference_steps", DEFAULT_LCM_STEPS))
+        schedulers = available_schedulers(self)
+        default_scheduler = "dpmpp_2m"
+        guidance, default_guidance = "cfg", family.default_guidance_scale
+        fields = set(family.fields)
+        tokens = {"prompt": pipe.tokenizer.model_max_length}
+        if family.second_text_encoder:
+            tokens["prompt_2"] = pipe.tokenizer_2.model_max_length
+        if family.flow_matching:
+            own = [n for n in schedulers if FLOW_SCHEDULERS[n][0] is type(pipe.scheduler)]
+            default_scheduler = own[0] if own else schedulers[0]
+            tokens["prompt_3" if family.name == "sd3" else "prompt_2"] = int(self.max_sequence_length or 0)
+        if family.name == "flux" and not pipe.transformer.config.guidance_embeds:
+            guidance, default_guidance = "none", 0.0  # FLUX.1-schnell: no guidance input at all
+        elif family.name == "flux":
+            guidance = "embedded"  # FLUX.1-dev: the scale is an input of the transformer
+        if family.name == "sd3" and not self.has_t5:
+            fields -= {"prompt_3", "negative_prompt_3"}
+            tokens.pop("prompt_3")
+        max_size = None
+        pos_embed = getattr(self.denoiser.config, "pos_embed_max_size", None)
+        if family.name == "sd3" and pos_embed:
+            max_size = int(pos_embed) * self.size_multiple
+        return ModelTraits(
+            family=family.name,
+            native_size=self.native_size,
+            second_text_encoder=family.second_text_encoder,
+            lcm_max_steps=lcm_steps,
+            schedulers=schedulers,
+            default_scheduler=default_scheduler,
+            default_guidance_scale=default_guidance,
+            size_multiple=self.size_multiple,
+            fields=frozenset(fields),
+            guidance=guidance,
+            max_prompt_tokens=tokens,
+            max_image_size=max_size,
+        )
 
     def describe(self) -> dict[str, Any]:
         """What an operator checks after a deploy: the family, and the scheduler config requests build on."""
         config = self.pipe.scheduler.config
-        return {
-            "family": self.family.name,
-            "pipeline": type(self.pipe).__name__,
-            "checkpoint_scheduler": {
-                "class": type(self.pipe.scheduler).__name__,
-                "prediction_type": config.get("prediction_type", "epsilon"),
-                "timestep_spacing": config.get("timestep_spacing", "leading"),
-            },
+        own = {
+            "class": type(self.pipe.scheduler).__name__,
+            "prediction_type": config.get(
+                "prediction_type", "flow_prediction" if self.family.flow_matching else "epsilon"
+            ),
         }
+        if self.family.flow_matching:
+            own |= {
+                "shift": config.get("shift", 1.0),
+                "use_dynamic_shifting": config.get("use_dynamic_shifting", False),
+            }
+        else:
+            own["timestep_spacing"] = config.get("timestep_spacing", "leading")
+        return {"family": self.family.name, "pipeline": type(self.pipe).__name__, "checkpoint_scheduler": own}
 
 
-def make_scheduler(name: str, base_config: Any) -> SchedulerMixin:
+def make_scheduler(name: str, base_config: Any, flow_matching: bool = False) -> SchedulerMixin:
     """A fresh scheduler instance: each request owns one, since schedulers keep per-run state. Made as diffusers
     makes it, from the checkpoint's whole config: fields a class does not take are kept on its config (DPM-Solver
-    reads a Euler config's sigma_min and sigma_max)."""
+    reads a Euler config's sigma_min and sigma_max, and FLUX's base_shift and max_shift)."""
+    if flow_matching:
+        flow_cls, flow_overrides = FLOW_SCHEDULERS[name]
+        return flow_cls.from_config(base_config, **flow_overrides(base_config))
     cls, overrides = SCHEDULERS[name]
     return cls.from_config(base_config, **overrides)
+
+
+def set_timesteps(
+    loaded: LoadedPipeline, scheduler: SchedulerMixin, steps: int, height: int, width: int, device: torch.device
+) -> None:
+    """Set a job's schedule as its family's pipeline sets it: FLUX passes its own sigmas and a shift ``mu`` from
+    the image's token count; SD3 passes ``mu`` only to schedulers with dynamic shifting; the UNet families ask for
+    ``steps`` steps. Uses diffusers' own functions, so the schedule is the pipeline's."""
+    config, pipe = scheduler.config, loaded.pipe
+    if isinstance(pipe, FluxPipeline):
+        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+        tokens = (height // (pipe.vae_scale_factor * 2)) * (width // (pipe.vae_scale_factor * 2))
+        mu = pipeline_flux.calculate_shift(
+            tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        pipeline_flux.retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
+    elif isinstance(pipe, StableDiffusion3Pipeline):
+        kwargs = {}
+        if config.get("use_dynamic_shifting", None):
+            patch = pipe.transformer.config.patch_size
+            tokens = (height // pipe.vae_scale_factor // patch) * (width // pipe.vae_scale_factor // patch)
+            kwargs["mu"] = pipeline_stable_diffusion_3.calculate_shift(
+                tokens,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.16),
+            )
+        pipeline_stable_diffusion_3.retrieve_timesteps(scheduler, steps, device, sigmas=None, **kwargs)
+    else:
+        scheduler.set_timesteps(steps, device=device)
+
+
+def available_schedulers(loaded: LoadedPipeline) -> tuple[str, ...]:
+    """The registry's names this checkpoint can use: for the flow-matching families, those whose schedule sets up
+    the way the family's pipeline sets it (anything else would fail every request)."""
+    if not loaded.family.flow_matching:
+        return tuple(SCHEDULERS)
+    names = []
+    size = loaded.native_size
+    for name in FLOW_SCHEDULERS:
+        try:
+            scheduler = make_scheduler(name, loaded.pipe.scheduler.config, flow_matching=True)
+            set_timesteps(loaded, scheduler, 4, size, size, torch.device("cpu"))
+        except Exception as exc:  # any failure means the pipeline could not use it either
+            logger.debug("scheduler %s does not suit this checkpoint: %s", name, exc)
+            continue
+        names.append(name)
+    return tuple(names)
 
 
 class _ForeignConfigFields(logging.Filter):
@@ -158,9 +329,11 @@ def resolve_device(flag: str) -> torch.device:
     return torch.device(flag)
 
 
-def resolve_dtype(flag: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(flag: str, device: torch.device, family: Family | None = None) -> torch.dtype:
     if flag == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return family.cuda_dtype if family is not None else torch.float16
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[flag]
 
 
@@ -179,19 +352,33 @@ def load_pipeline(
     dtype_flag: str = "auto",
     safety_checker: str = "checkpoint",
     variant: str = "auto",
+    max_sequence_length: int | None = None,
 ) -> LoadedPipeline:
     device = resolve_device(device_flag)
-    dtype = resolve_dtype(dtype_flag, device)
     source = describe_source(model_dir, model_id)
     started = time.perf_counter()
     random_weights = source.startswith(BUILTIN_PREFIX)
+    index: dict[str, Any] = {}
+    local = False
     if random_weights:
         try:
-            pipe = build_builtin(source.removeprefix(BUILTIN_PREFIX), device, dtype)
+            class_name = builtin_class_name(source.removeprefix(BUILTIN_PREFIX))
         except ValueError as exc:
             raise LoadError(str(exc)) from None
     else:
-        pipe = _from_pretrained(source, revision if source == model_id else None, device, dtype, variant)
+        local = Path(source).is_dir()
+        if not local and source.startswith(("/", ".")):
+            raise LoadError(f"model directory '{source}' does not exist or holds no {MODEL_INDEX}")
+        index = read_model_index(source, revision if source == model_id else None, local)
+        class_name = str(index.get("_class_name", "<no _class_name>"))
+    family = family_of({"_class_name": class_name}, source)
+    if max_sequence_length is not None and family.t5_tokens is None:
+        raise LoadError(f"--max_sequence_length is for models with a T5 encoder (FLUX, SD3); '{source}' has none")
+    dtype = resolve_dtype(dtype_flag, device, family)
+    if random_weights:
+        pipe = build_builtin(source.removeprefix(BUILTIN_PREFIX), device, dtype)
+    else:
+        pipe = _from_pretrained(source, revision if source == model_id else None, device, dtype, variant, index, local)
     if type(pipe).__name__ not in FAMILIES:
         raise unsupported_class(type(pipe).__name__, source)
     pipe.set_progress_bar_config(disable=True)
@@ -201,11 +388,18 @@ def load_pipeline(
         raise LoadError(f"--safety_checker on, but '{source}' ships no safety checker")
     if device.type == "cuda":
         # SDPA is the default attention in diffusers on torch 2; channels_last helps the convolutions.
-        pipe.unet.to(memory_format=torch.channels_last)
+        if not family.flow_matching:
+            pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-    loaded = LoadedPipeline(pipe, source, device, dtype, random_weights, time.perf_counter() - started)
+    loaded = LoadedPipeline(
+        pipe, source, device, dtype, random_weights, time.perf_counter() - started, max_sequence_length
+    )
     if random_weights:
         logger.warning("model %s has RANDOM weights: it produces noise, not pictures", source)
+    if family.name == "sd3" and not loaded.has_t5:
+        logger.info(
+            "%s has no T5 encoder (text_encoder_3): prompts condition it through the CLIP encoders only", source
+        )
     logger.info(
         "loaded %s (%s) on %s as %s in %.1f s (native size %d)",
         source,
@@ -256,13 +450,29 @@ def choose_variant(
     return weights.choose_variant(files, weights.components_of(index), "auto")
 
 
+def _absent_components(index: dict[str, Any], source: str, local: bool) -> dict[str, None]:
+    """Optional components that model_index.json names but the directory lacks: SD3's T5 encoder, left out to
+    save 9.5 GB. diffusers runs without it when it is passed as None; any other missing folder stays an error."""
+    if not local or index.get("_class_name") != StableDiffusion3Pipeline.__name__:
+        return {}
+    listed = index.get("text_encoder_3")
+    if not (isinstance(listed, list | tuple) and listed and listed[0]):
+        return {}  # null in model_index.json: diffusers loads None by itself
+    if (Path(source) / "text_encoder_3" / "config.json").is_file():
+        return {}
+    logger.info("'%s' has no text_encoder_3 folder: loading SD3 without its T5 encoder", source)
+    return {"text_encoder_3": None, "tokenizer_3": None}
+
+
 def _from_pretrained(
-    source: str, revision: str | None, device: torch.device, dtype: torch.dtype, variant_flag: str = "auto"
+    source: str,
+    revision: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    variant_flag: str,
+    index: dict[str, Any],
+    local: bool,
 ) -> DiffusionPipeline:
-    local = Path(source).is_dir()
-    if not local and source.startswith(("/", ".")):
-        raise LoadError(f"model directory '{source}' does not exist or holds no {MODEL_INDEX}")
-    index = read_model_index(source, revision, local)
     family = family_of(index, source)
     variant = choose_variant(variant_flag, index, source, revision, local, dtype)
     if variant is not None:
@@ -276,6 +486,7 @@ def _from_pretrained(
             use_safetensors=True,
             local_files_only=local,
             device_map=device.type,  # weights go straight to the device, not through host memory first
+            **_absent_components(index, source, local),
         )
     except (OSError, ValueError) as exc:
         where = "directory" if local else "Hugging Face repo"

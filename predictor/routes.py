@@ -19,7 +19,7 @@ from kserve.errors import ModelNotFound
 from predictor.codec import to_base64
 from predictor.errors import LoadTimedOut, ModelNotLoaded, PredictorError
 from predictor.model import Batch, DiffusionModel, EncodedImage, RouteCall
-from predictor.schemas import Limits, openai_request_json_schema, request_json_schema
+from predictor.schemas import FAMILY_FIELDS, Limits, openai_request_json_schema, request_json_schema
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 logger = logging.getLogger(__name__)
@@ -220,9 +220,18 @@ def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool 
         described = {
             **model.loaded.describe(),
             "native_size": traits.native_size,
-            "request_fields": {"prompt_2": traits.second_text_encoder, "negative_prompt_2": traits.second_text_encoder},
+            "request_fields": {name: traits.takes(name) for name in FAMILY_FIELDS},
+            "guidance": traits.guidance,
+            "max_prompt_tokens": traits.max_prompt_tokens,
         }
-        return {"model": model.name, **described, "api_key_required": api_key_required, **model.limits.as_dict()}
+        limits = {
+            **model.limits.as_dict(),
+            "schedulers": list(traits.schedulers),
+            "image_size_multiple": traits.size_multiple,
+        }
+        if traits.max_image_size is not None:
+            limits["max_image_size"] = min(limits["max_image_size"], traits.max_image_size)
+        return {"model": model.name, **described, "api_key_required": api_key_required, **limits}
 
     @router.get("/livez", tags=["Health"], responses={503: _error("The GPU or the worker failed; restart the pod")})
     async def live() -> dict[str, bool]:

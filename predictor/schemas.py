@@ -10,7 +10,7 @@ failure into ``InvalidRequest`` with the offending parameter, without echoing th
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -18,7 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from predictor.errors import InvalidRequest
 
 # The schedulers a request may ask for; pipeline.py maps each name to a diffusers class.
-SchedulerName = Literal["dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "ddim", "pndm", "lms", "unipc", "lcm"]
+# Each family accepts a subset (ModelTraits.schedulers): "heun" is for flow-matching models only, and "euler",
+# "dpmpp_2m" and "unipc" are those solvers' flow-matching forms on FLUX and SD3.
+SchedulerName = Literal[
+    "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "ddim", "pndm", "lms", "unipc", "lcm", "heun"
+]
 SCHEDULER_NAMES: tuple[str, ...] = get_args(SchedulerName)
 OutputFormat = Literal["png", "jpeg", "webp"]
 OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
@@ -30,8 +34,9 @@ HARD_MAX_IMAGE_SIZE = 4096
 HARD_MAX_PROMPT_CHARS = 100_000
 HARD_MAX_BATCH_INSTANCES = 128
 MIN_IMAGE_SIZE = 64
-SIZE_MULTIPLE = 8
+SIZE_MULTIPLE = 8  # every family's; FLUX and SD3 need 16 (ModelTraits.size_multiple)
 MAX_GUIDANCE = 30.0
+MAX_T5_TOKENS = 512  # FLUX's and SD3's T5 prompt window at most (diffusers refuses more)
 # Longest parameter name echoed back in an error body.
 _MAX_PARAM_CHARS = 64
 
@@ -43,8 +48,18 @@ class Limits:
     default_steps: int = 25
     max_image_size: int = 1024
     max_batch_instances: int = 8
-    default_scheduler: str = "dpmpp_2m"
-    default_guidance_scale: float = 7.5
+    default_scheduler: str = "auto"  # auto: the family's (ModelTraits.default_scheduler)
+    default_guidance_scale: float | None = None  # None: the family's (ModelTraits.default_guidance_scale)
+
+    def for_model(self, traits: ModelTraits) -> Limits:
+        """These limits with the family's defaults in place of "auto", once the model is known."""
+        scheduler = traits.default_scheduler if self.default_scheduler == "auto" else self.default_scheduler
+        guidance = self.default_guidance_scale
+        return replace(
+            self,
+            default_scheduler=scheduler,
+            default_guidance_scale=traits.default_guidance_scale if guidance is None else guidance,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -59,7 +74,7 @@ class Limits:
             "max_batch_instances": self.max_batch_instances,
             "default_scheduler": self.default_scheduler,
             "default_guidance_scale": self.default_guidance_scale,
-            "schedulers": list(SCHEDULER_NAMES),
+            "schedulers": list(SCHEDULER_NAMES),  # replaced by the model's own once it is loaded
             "output_formats": list(OUTPUT_FORMATS),
         }
 
@@ -72,14 +87,31 @@ Prompt = Annotated[str, Field(min_length=1, max_length=HARD_MAX_PROMPT_CHARS)]
 OptionalText = Annotated[str, Field(max_length=HARD_MAX_PROMPT_CHARS)] | None
 
 
+# Request fields only some families take, each with the families that take it.
+FAMILY_FIELDS = ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "true_cfg_scale")
+
+
 @dataclass(frozen=True)
 class ModelTraits:
     """What the served model accepts, beyond the shared request fields: set by the loaded family."""
 
-    family: str  # "sd" (1.x and 2.x), "sdxl"
+    family: str  # "sd" (1.x and 2.x), "sdxl", "flux", "sd3"
     native_size: int
-    second_text_encoder: bool = False  # SDXL: prompt_2 / negative_prompt_2 reach the second encoder
+    second_text_encoder: bool = False  # prompt_2 / negative_prompt_2 reach a second encoder (SDXL, FLUX's T5, SD3)
     lcm_max_steps: int = 50  # scheduler "lcm" takes at most the checkpoint's original_inference_steps
+    schedulers: tuple[str, ...] = tuple(n for n in SCHEDULER_NAMES if n != "heun")
+    default_scheduler: str = "dpmpp_2m"
+    default_guidance_scale: float = 7.5
+    size_multiple: int = SIZE_MULTIPLE
+    fields: frozenset[str] = frozenset()  # which of FAMILY_FIELDS this model takes
+    # "cfg": classifier-free guidance rows; "embedded": the scale is an input of the denoiser (FLUX.1-dev);
+    # "none": the model takes no guidance scale (FLUX.1-schnell).
+    guidance: Literal["cfg", "embedded", "none"] = "cfg"
+    max_prompt_tokens: dict[str, int] = field(default_factory=lambda: {"prompt": 77})  # per text field
+    max_image_size: int | None = None  # the model's own ceiling (SD3's position embedding), None: none
+
+    def takes(self, name: str) -> bool:
+        return name in self.fields or (name in ("prompt_2", "negative_prompt_2") and self.second_text_encoder)
 
 
 class GenerationRequest(BaseModel):
@@ -97,18 +129,35 @@ class GenerationRequest(BaseModel):
         'force_zeros_for_empty_prompt), an explicit "" is encoded.',
     )
     prompt_2: OptionalText = Field(
-        default=None, description="SDXL only: the prompt for the second text encoder (default: prompt)."
+        default=None,
+        description="SDXL, SD3: the prompt for the second CLIP encoder; FLUX: the prompt for the T5 encoder "
+        "(default: prompt).",
     )
     negative_prompt_2: OptionalText = Field(
         default=None,
-        description="SDXL only: the negative prompt for the second text encoder (default: negative_prompt).",
+        description="SDXL, FLUX, SD3: the negative prompt for the second text encoder (default: negative_prompt).",
+    )
+    prompt_3: OptionalText = Field(
+        default=None, description="SD3 only: the prompt for the T5 encoder (default: prompt)."
+    )
+    negative_prompt_3: OptionalText = Field(
+        default=None, description="SD3 only: the negative prompt for the T5 encoder (default: negative_prompt)."
+    )
+    true_cfg_scale: Guidance | None = Field(
+        default=None,
+        description="FLUX only: classifier-free guidance against negative_prompt when above 1 (default 1: off; "
+        "each step then costs two transformer rows).",
     )
     num_inference_steps: Steps | None = Field(default=None, description="Denoising steps (default: --default_steps).")
     guidance_scale: Guidance | None = Field(
         default=None, description="Classifier-free guidance; <= 1 disables it (default: --default_guidance_scale)."
     )
-    width: ImageSize | None = Field(default=None, description="Multiple of 8; default: the model's native size.")
-    height: ImageSize | None = Field(default=None, description="Multiple of 8; default: the model's native size.")
+    width: ImageSize | None = Field(
+        default=None, description="Multiple of 8 (16 for FLUX and SD3); default: the model's native size."
+    )
+    height: ImageSize | None = Field(
+        default=None, description="Multiple of 8 (16 for FLUX and SD3); default: the model's native size."
+    )
     seed: Seed | None = Field(default=None, description="0..2^32-1; drawn by the server when absent, always returned.")
     scheduler: SchedulerName | None = Field(default=None, description="Sampler (default: --default_scheduler).")
     output_format: OutputFormat = Field(default="png", description="Encoding of the returned image.")
@@ -134,8 +183,11 @@ class GenerationParams:
     seed: int
     scheduler: str
     output_format: str
-    prompt_2: str | None = None  # SDXL's second encoder; None: the first prompt
+    prompt_2: str | None = None  # SDXL's and SD3's second encoder, FLUX's T5; None: the first prompt
     negative_prompt_2: str | None = None
+    prompt_3: str | None = None  # SD3's T5
+    negative_prompt_3: str | None = None
+    true_cfg_scale: float = 1.0  # FLUX: classifier-free guidance against the negative prompt when above 1
 
     @property
     def uses_guidance(self) -> bool:
@@ -159,6 +211,8 @@ def _operator_limits(limits: Limits | None) -> dict[str, int]:
         "negative_prompt": limits.max_prompt_chars,
         "prompt_2": limits.max_prompt_chars,
         "negative_prompt_2": limits.max_prompt_chars,
+        "prompt_3": limits.max_prompt_chars,
+        "negative_prompt_3": limits.max_prompt_chars,
         "num_inference_steps": limits.max_steps,
         "width": limits.max_image_size,
         "height": limits.max_image_size,
@@ -240,6 +294,9 @@ class OpenAIImageRequest(BaseModel):
     negative_prompt: OptionalText = None
     prompt_2: OptionalText = None
     negative_prompt_2: OptionalText = None
+    prompt_3: OptionalText = None
+    negative_prompt_3: OptionalText = None
+    true_cfg_scale: Guidance | None = None
     num_inference_steps: Steps | None = None
     guidance_scale: Guidance | None = None
     seed: Seed | None = None
@@ -266,10 +323,19 @@ def parse_openai_request(data: Any, limits: Limits, served_model: str) -> tuple[
     if request.n > limits.max_batch_instances:
         raise InvalidRequest(f"'n' must be at most {limits.max_batch_instances}", param="n")
     body: dict[str, Any] = {"prompt": request.prompt, "output_format": request.output_format}
-    extensions = ("negative_prompt", "prompt_2", "negative_prompt_2", "num_inference_steps", "guidance_scale")
-    for field in (*extensions, "seed", "scheduler"):
-        if getattr(request, field) is not None:
-            body[field] = getattr(request, field)
+    extensions = (
+        "negative_prompt",
+        "prompt_2",
+        "negative_prompt_2",
+        "prompt_3",
+        "negative_prompt_3",
+        "true_cfg_scale",
+        "num_inference_steps",
+        "guidance_scale",
+    )
+    for name in (*extensions, "seed", "scheduler"):
+        if getattr(request, name) is not None:
+            body[name] = getattr(request, name)
     if request.size is not None:
         body["width"], body["height"] = (int(part) for part in request.size.split("x"))
     try:
@@ -308,14 +374,18 @@ def resolve(
 ) -> GenerationParams:
     """Fill the defaults and check what depends on the served model. ``seed_offset`` numbers the images of one
     multi-image request (seed, seed+1, ...); ``prefix`` names where the request sits in its body."""
-    if not traits.second_text_encoder:
-        for name in ("prompt_2", "negative_prompt_2"):
-            if getattr(request, name) is not None:
-                raise InvalidRequest(
-                    f"'{prefix}{name}' is for models with a second text encoder (SDXL); "
-                    f"this model is of the '{traits.family}' family",
-                    param=f"{prefix}{name}",
-                )
+
+    def refuse(name: str, message: str) -> InvalidRequest:
+        return InvalidRequest(f"'{prefix}{name}' {message}", param=f"{prefix}{name}")
+
+    for name in FAMILY_FIELDS:
+        if getattr(request, name) is not None and not traits.takes(name):
+            takers = {
+                "prompt_2": "models with a second text encoder (SDXL, FLUX, SD3)",
+                "negative_prompt_2": "models with a second text encoder (SDXL, FLUX, SD3)",
+                "true_cfg_scale": "FLUX models",
+            }.get(name, "models with a third text encoder (SD3 with its T5 encoder)")
+            raise refuse(name, f"is for {takers}; this model is of the '{traits.family}' family")
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
     width = request.width or traits.native_size
     height = request.height or traits.native_size
@@ -325,16 +395,47 @@ def resolve(
             "pass width and height",
             param=f"{prefix}{'width' if width > limits.max_image_size else 'height'}",
         )
+    for name, size in (("width", width), ("height", height)):
+        if size % traits.size_multiple:
+            raise refuse(
+                name,
+                f"must be a multiple of {traits.size_multiple} for the '{traits.family}' family "
+                "(the VAE's 8x times the transformer's 2x2 patches)",
+            )
+        if traits.max_image_size is not None and size > traits.max_image_size:
+            raise refuse(name, f"must be at most {traits.max_image_size}: the model's position embedding ends there")
     steps = request.num_inference_steps or limits.default_steps
     scheduler = request.scheduler or limits.default_scheduler
-    if scheduler == "lcm" and steps > traits.lcm_max_steps:
-        param = f"{prefix}num_inference_steps"
+    if scheduler == "auto":
+        scheduler = traits.default_scheduler
+    if scheduler not in traits.schedulers:
+        param = "scheduler" if request.scheduler else "scheduler (--default_scheduler)"
         raise InvalidRequest(
-            f"'{param}' must be at most {traits.lcm_max_steps} with scheduler 'lcm' "
-            "(the checkpoint's original_inference_steps)",
-            param=param,
+            f"'{prefix}{param}' '{scheduler}' is not available for this '{traits.family}' model; "
+            f"choose one of {', '.join(traits.schedulers)}",
+            param=f"{prefix}scheduler",
+        )
+    if scheduler == "lcm" and steps > traits.lcm_max_steps:
+        raise refuse(
+            "num_inference_steps",
+            f"must be at most {traits.lcm_max_steps} with scheduler 'lcm' (the checkpoint's original_inference_steps)",
         )
     guidance = request.guidance_scale if request.guidance_scale is not None else limits.default_guidance_scale
+    if guidance is None:
+        guidance = traits.default_guidance_scale
+    if traits.guidance == "none" and request.guidance_scale is not None and request.guidance_scale > 1:
+        raise refuse(
+            "guidance_scale",
+            "has no effect on this model: it was distilled without guidance (FLUX.1-schnell); "
+            "use true_cfg_scale with a negative_prompt for classifier-free guidance",
+        )
+    true_cfg = request.true_cfg_scale if request.true_cfg_scale is not None else 1.0
+    if traits.takes("true_cfg_scale"):
+        negatives = [n for n in ("negative_prompt", "negative_prompt_2") if getattr(request, n) is not None]
+        if true_cfg > 1 and request.negative_prompt is None:
+            raise refuse("true_cfg_scale", "needs a negative_prompt (FLUX guides against it)")
+        if negatives and true_cfg <= 1:
+            raise refuse(negatives[0], "takes effect on FLUX only with true_cfg_scale above 1")
     return GenerationParams(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
@@ -347,4 +448,7 @@ def resolve(
         output_format=request.output_format,
         prompt_2=request.prompt_2,
         negative_prompt_2=request.negative_prompt_2,
+        prompt_3=request.prompt_3,
+        negative_prompt_3=request.negative_prompt_3,
+        true_cfg_scale=float(true_cfg),
     )

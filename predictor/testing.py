@@ -117,7 +117,7 @@ def metric(base_url: str, name: str, **labels: str) -> float:
 
 
 def params(**overrides: Any) -> GenerationParams:
-    """Resolved generation parameters for builtin:tiny's native size, with ``overrides``."""
+    """Resolved generation parameters for the tiny builtins' native size, with ``overrides``."""
     values: dict[str, Any] = {
         "prompt": "a lighthouse at dusk",
         "negative_prompt": None,
@@ -143,22 +143,31 @@ def decode_image(data: bytes) -> np.ndarray:
     return pixels(Image.open(io.BytesIO(data)))
 
 
-def diffusers_image(pipe: Any, p: GenerationParams) -> np.ndarray:
+def diffusers_image(pipe: Any, p: GenerationParams, max_sequence_length: int | None = None) -> np.ndarray:
     """What diffusers' own ``pipe(...)`` makes for ``p``: the same arguments, the named scheduler made by diffusers'
     ``from_config`` from the pipeline's config, ``generator=torch.Generator("cpu").manual_seed(seed)``."""
     import torch
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
-    from predictor.pipeline import SCHEDULERS
+    from predictor.pipeline import FLOW_SCHEDULERS, SCHEDULERS
 
     original = pipe.scheduler
-    scheduler_class, overrides = SCHEDULERS[p.scheduler]
-    pipe.scheduler = scheduler_class.from_config(original.config, **overrides)
+    if isinstance(pipe, FluxPipeline | StableDiffusion3Pipeline):
+        flow_class, flow_overrides = FLOW_SCHEDULERS[p.scheduler]
+        pipe.scheduler = flow_class.from_config(original.config, **flow_overrides(original.config))
+    else:
+        scheduler_class, overrides = SCHEDULERS[p.scheduler]
+        pipe.scheduler = scheduler_class.from_config(original.config, **overrides)
     # Only the texts given: SDXL's second prompts exist on SDXL alone, and LCM's pipeline takes no negative prompt.
-    texts = {
+    texts: dict[str, Any] = {
         name: getattr(p, name)
-        for name in ("negative_prompt", "prompt_2", "negative_prompt_2")
+        for name in ("negative_prompt", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3")
         if getattr(p, name) is not None
     }
+    if isinstance(pipe, FluxPipeline):
+        texts["true_cfg_scale"] = p.true_cfg_scale
+    if max_sequence_length is not None:
+        texts["max_sequence_length"] = max_sequence_length
     try:
         image = pipe(
             p.prompt,

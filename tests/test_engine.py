@@ -18,12 +18,13 @@ from torch._dynamo.utils import counters
 from predictor import metrics
 from predictor.config import EngineConfig
 from predictor.errors import DeadlineExceeded, OutOfMemory, Overloaded, WorkerStopped
-from predictor.pipeline import LoadedPipeline, load_pipeline
+from predictor.pipeline import SCHEDULERS, LoadedPipeline, load_pipeline
 from predictor.runners.compiled import CompiledDenoiser, batch_buckets
-from predictor.schemas import SCHEDULER_NAMES
 from predictor.testing import StepLog, diffusers_image, params, pixels, running_engine, wait_until
 
 TOLERANCE = 1
+
+SCHEDULER_NAMES = tuple(SCHEDULERS)  # the UNet families' registry
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from predictor.builtin import (
 from predictor.errors import InvalidRequest
 from predictor.model import DiffusionModel
 from predictor.pipeline import FAMILIES, SCHEDULERS, LoadedPipeline, LoadError, load_pipeline, make_scheduler
-from predictor.schemas import SCHEDULER_NAMES, GenerationRequest, Limits, ModelTraits, resolve
+from predictor.schemas import FAMILY_FIELDS, GenerationRequest, Limits, ModelTraits, resolve
 from predictor.server import PredictorServer
 from predictor.testing import (
     MODEL_NAME,
@@ -50,6 +50,8 @@ from predictor.testing import (
 )
 
 TOLERANCE = 1
+
+SCHEDULER_NAMES = tuple(SCHEDULERS)  # the UNet families' registry
 
 
 def from_base64(text: str) -> bytes:
@@ -303,11 +305,13 @@ def test_family_and_native_size_come_from_the_checkpoint(tiny_sdxl_dir, tiny_sd2
 
 
 def test_unsupported_pipeline_class_is_refused_by_name(tmp_path: Path) -> None:
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "_diffusers_version": "0"}))
+    (tmp_path / "model_index.json").write_text(
+        json.dumps({"_class_name": "PixArtAlphaPipeline", "_diffusers_version": "0"})
+    )
     with pytest.raises(LoadError) as error:
         load_pipeline(str(tmp_path), "not/used", None, "cpu", "float32")
     message = str(error.value)
-    assert "FluxPipeline" in message
+    assert "PixArtAlphaPipeline" in message
     for class_name in FAMILIES:
         assert class_name in message
 
@@ -393,7 +397,11 @@ def test_turbo_deployment_reports_its_defaults_and_family(turbo_client: TestClie
     assert (info["family"], info["pipeline"], info["native_size"]) == ("sdxl", "StableDiffusionXLPipeline", 64)
     assert (info["default_steps"], info["default_guidance_scale"], info["default_scheduler"]) == (2, 0.0, "euler_a")
     assert info["checkpoint_scheduler"]["timestep_spacing"] == "trailing"
-    assert info["request_fields"] == {"prompt_2": True, "negative_prompt_2": True}
+    assert info["request_fields"] == {
+        **dict.fromkeys(FAMILY_FIELDS, False),
+        "prompt_2": True,
+        "negative_prompt_2": True,
+    }
 
 
 def test_turbo_defaults_and_second_prompts_reach_the_image_over_every_protocol(

@@ -11,7 +11,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import fields
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
@@ -25,17 +27,21 @@ KUSTOMIZE_DIRS = [
     "manifests/kserve/overlays/cpu",
     "manifests/kserve/overlays/sdxl-base",
     "manifests/kserve/overlays/sdxl-turbo",
+    "manifests/kserve/overlays/flux-schnell",
+    "manifests/kserve/overlays/sd35-medium",
     "manifests/kserve/overlays/modelcar",
     "manifests/kserve/overlays/hf-allow-patterns",
     "manifests/kserve/overlays/kserve-0.15",
     "manifests/kubernetes/base",
 ]
 STORAGE_DIR = "manifests/kserve/storage"
-# The overlays that serve on one GPU: the gpu overlay and the SDXL ones built on it.
+# The overlays that serve on one GPU: the gpu overlay and the ones built on it (a model each, or a weight path).
 GPU_DIRS = [
     "manifests/kserve/overlays/gpu",
     "manifests/kserve/overlays/sdxl-base",
     "manifests/kserve/overlays/sdxl-turbo",
+    "manifests/kserve/overlays/flux-schnell",
+    "manifests/kserve/overlays/sd35-medium",
     "manifests/kserve/overlays/modelcar",
     "manifests/kserve/overlays/hf-allow-patterns",
 ]
@@ -213,55 +219,125 @@ def test_cpu_overlay_serves_builtin_tiny_without_gpu(rendered) -> None:
     assert parse_manifest_args(container["args"])[1].source.model_id == "builtin:tiny"
 
 
-# What each SDXL overlay promises: (repo, service and model name, batch size, limits the parsed flags must give).
-SDXL_OVERLAYS = {
-    "manifests/kserve/overlays/sdxl-base": (
+class ModelOverlay(NamedTuple):
+    """What a model overlay promises."""
+
+    repo: str  # on the Hub
+    name: str  # the service's and the model's
+    flags: dict[str, object]  # parsed settings, by field name, whichever group holds them
+    memory: tuple[str, str]  # host memory request and limit
+    size_multiple: int  # the family's: --max_image_size must be one
+
+
+MODEL_OVERLAYS = {
+    "manifests/kserve/overlays/sdxl-base": ModelOverlay(
         "stabilityai/stable-diffusion-xl-base-1.0",
         "stable-diffusion-sdxl",
-        4,
-        {"default_steps": 30, "default_scheduler": "euler", "default_guidance_scale": 5.0, "max_image_size": 1024},
+        {
+            "variant": "fp16",
+            "max_batch_size": 4,
+            "default_steps": 30,
+            "default_scheduler": "euler",
+            "default_guidance_scale": 5.0,
+            "max_image_size": 1024,
+        },
+        ("16Gi", "24Gi"),
+        8,
     ),
-    "manifests/kserve/overlays/sdxl-turbo": (
+    "manifests/kserve/overlays/sdxl-turbo": ModelOverlay(
         "stabilityai/sdxl-turbo",
         "stable-diffusion-sdxl-turbo",
-        8,
         {
+            "variant": "fp16",
+            "max_batch_size": 8,
             "default_steps": 1,
             "max_steps": 8,
             "default_scheduler": "euler_a",
             "default_guidance_scale": 0.0,
             "max_image_size": 1024,
         },
+        ("16Gi", "24Gi"),
+        8,
+    ),
+    # Distilled: 4 steps, no guidance. bfloat16, as FLUX overflows in float16; its files have no fp16 variant.
+    "manifests/kserve/overlays/flux-schnell": ModelOverlay(
+        "black-forest-labs/FLUX.1-schnell",
+        "stable-diffusion-flux-schnell",
+        {
+            "variant": "auto",
+            "dtype": "bfloat16",
+            "max_batch_size": 4,
+            "max_queue": 16,
+            "default_steps": 4,
+            "max_steps": 8,
+            "default_scheduler": "euler",
+            "default_guidance_scale": 0.0,
+            "max_image_size": 1024,
+            "max_sequence_length": 256,
+        },
+        ("32Gi", "48Gi"),
+        16,
+    ),
+    "manifests/kserve/overlays/sd35-medium": ModelOverlay(
+        "stabilityai/stable-diffusion-3.5-medium",
+        "stable-diffusion-sd35-medium",
+        {
+            "variant": "auto",
+            "dtype": "bfloat16",
+            "max_batch_size": 4,
+            "max_queue": 16,
+            "default_steps": 40,
+            "max_steps": 100,
+            "default_scheduler": "euler",
+            "default_guidance_scale": 4.5,
+            "max_image_size": 1440,
+            "max_sequence_length": 256,
+        },
+        ("16Gi", "24Gi"),
+        16,
     ),
 }
 
 
-@pytest.mark.parametrize("directory", sorted(SDXL_OVERLAYS))
-def test_sdxl_overlay_serves_its_checkpoint_on_one_gpu(rendered, directory: str) -> None:
-    repo, name, batch_size, expected_limits = SDXL_OVERLAYS[directory]
+def setting(settings, name: str):
+    """A parsed setting by its field name, from whichever group (source, limits, engine, server) holds it."""
+    (value,) = [
+        getattr(group, name)
+        for group in (settings.source, settings.limits, settings.engine, settings.server)
+        if name in {f.name for f in fields(group)}
+    ]
+    return value
+
+
+@pytest.mark.parametrize("directory", sorted(MODEL_OVERLAYS))
+def test_model_overlay_serves_its_checkpoint_on_one_gpu(rendered, directory: str) -> None:
+    overlay = MODEL_OVERLAYS[directory]
     (isvc,) = rendered[directory]
     predictor = isvc["spec"]["predictor"]
-    # Its own name, so it can run beside the base service and the other SDXL overlay.
-    assert isvc["metadata"]["name"] == name
-    assert predictor["storageUris"] == [{"uri": f"hf://{repo}", "mountPath": "/mnt/models"}]
+    # Its own name, so it can run beside the base service and the other model overlays.
+    assert isvc["metadata"]["name"] == overlay.name
+    assert predictor["storageUris"] == [{"uri": f"hf://{overlay.repo}", "mountPath": "/mnt/models"}]
+    # A cold start downloads the whole repository: an hour to become ready.
+    assert isvc["metadata"]["annotations"]["serving.knative.dev/progress-deadline"] == "3600s"
     (container,) = predictor["containers"]
     settings = parse_manifest_args(container["args"])[1]
-    assert settings.model_name == name
-    assert container["readinessProbe"]["httpGet"]["path"] == f"/v1/models/{name}"
-    assert (settings.source.model_dir, settings.source.variant) == ("/mnt/models", "fp16")
-    assert {field: getattr(settings.limits, field) for field in expected_limits} == expected_limits
+    assert settings.model_name == overlay.name
+    assert container["readinessProbe"]["httpGet"]["path"] == f"/v1/models/{overlay.name}"
+    assert settings.source.model_dir == "/mnt/models"
+    assert {name: setting(settings, name) for name in overlay.flags} == overlay.flags
     assert settings.limits.default_steps <= settings.limits.max_steps
-    assert settings.engine.max_batch_size == batch_size
+    assert settings.limits.max_image_size % overlay.size_multiple == 0
     # One GPU, on the nodes the gpu overlay selects.
     resources = container["resources"]
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == "1"
-    assert (resources["requests"]["memory"], resources["limits"]["memory"]) == ("16Gi", "24Gi")
+    assert (resources["requests"]["memory"], resources["limits"]["memory"]) == overlay.memory
     (gpu_isvc,) = rendered["manifests/kserve/overlays/gpu"]
     assert (
         predictor["nodeSelector"] == gpu_isvc["spec"]["predictor"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     )
     assert predictor["tolerations"] == gpu_isvc["spec"]["predictor"]["tolerations"]
     # The base's batching arithmetic: one full batch in flight plus one waiting per pod.
+    batch_size = settings.engine.max_batch_size
     assert predictor["scaleTarget"] == batch_size
     assert predictor["containerConcurrency"] == 2 * batch_size
 

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    FluxPipeline,
+    LatentConsistencyModelPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from predictor.config import EngineConfig
 from predictor.pipeline import LoadedPipeline
 from predictor.runners.base import ModelRunner
+from predictor.runners.flux import FluxRunner
+from predictor.runners.sd3 import StableDiffusion3Runner
 from predictor.runners.stable_diffusion import StableDiffusionRunner
 from predictor.runners.stable_diffusion_xl import StableDiffusionXLRunner
 
@@ -15,6 +23,8 @@ RUNNERS: dict[type, type[ModelRunner]] = {
     StableDiffusionPipeline: StableDiffusionRunner,
     StableDiffusionXLPipeline: StableDiffusionXLRunner,
     LatentConsistencyModelPipeline: StableDiffusionRunner,  # its __call__ is SD's with the guidance embedded
+    FluxPipeline: FluxRunner,
+    StableDiffusion3Pipeline: StableDiffusion3Runner,
 }
 
 

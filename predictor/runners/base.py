@@ -26,7 +26,7 @@ from PIL import Image
 from predictor.config import EngineConfig
 from predictor.errors import GenerationFailed, PredictorError
 from predictor.jobs import Job
-from predictor.pipeline import LoadedPipeline
+from predictor.pipeline import LoadedPipeline, set_timesteps
 from predictor.schemas import GenerationParams
 
 logger = logging.getLogger(__name__)
@@ -199,6 +199,14 @@ class ModelRunner(ABC):
     def model_input(self, work: DenoiseWork, t: torch.Tensor) -> torch.Tensor:
         return work.scheduler.scale_model_input(work.latents, t)
 
+    def guidance_scale(self, params: GenerationParams) -> float:
+        """The scale that mixes a job's unconditional and conditional rows (FLUX: its true_cfg_scale)."""
+        return params.guidance_scale
+
+    def final_latents(self, jobs: list[Job]) -> torch.Tensor:
+        """Finished jobs' latents as the VAE takes them (FLUX unpacks its 2x2 patches here)."""
+        return torch.cat([job.work.latents for job in jobs])
+
     # ---- what the engine calls --------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -251,7 +259,7 @@ class ModelRunner(ABC):
         for job, (cond, uncond) in zip(jobs, conditioning, strict=True):
             p = job.params
             scheduler = self.make_scheduler(p.scheduler)
-            scheduler.set_timesteps(p.num_inference_steps, device=self.device)
+            set_timesteps(self.loaded, scheduler, p.num_inference_steps, p.height, p.width, self.device)
             set_first_step_index(scheduler)
             # Same draws as diffusers' pipeline with generator=torch.Generator("cpu").manual_seed(seed).
             generator = torch.Generator("cpu").manual_seed(p.seed)
@@ -295,7 +303,7 @@ class ModelRunner(ABC):
         for job in jobs:
             if job.work.uncond is not None:
                 uncond, text = noise[row : row + 1], noise[row + 1 : row + 2]
-                predictions[job] = uncond + job.params.guidance_scale * (text - uncond)
+                predictions[job] = uncond + self.guidance_scale(job.params) * (text - uncond)
                 row += 2
             else:
                 predictions[job] = noise[row : row + 1]
@@ -311,7 +319,7 @@ class ModelRunner(ABC):
 
     def start_decode(self, jobs: list[Job]) -> PendingDecode:
         """Queue the decode of finished jobs and the copy of their pixels to the host; wait for neither."""
-        latents = torch.cat([job.work.latents for job in jobs])
+        latents = self.final_latents(jobs)
         images = self.decode(latents)
         finite = torch.isfinite(images).flatten(1).all(dim=1)
         pixels = to_pixels(images)

@@ -1,0 +1,135 @@
+"""What every latent-diffusion family shares once its prompts are encoded: the (compiled or eager) denoiser and
+VAE decoder calls, the float32 VAE fallback, and ``--compile``.
+
+A family's runner says which module denoises (the UNet, or an adapter over a transformer that takes the
+engine's ``(sample, timesteps, **conditioning)`` call), the shape of one row at the native size, and example
+inputs to compile with; ``LatentRunner`` does the rest.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from abc import abstractmethod
+from typing import Any
+
+import torch
+
+from predictor.config import EngineConfig
+from predictor.pipeline import LoadedPipeline
+from predictor.runners.base import Conditioning, ModelRunner
+from predictor.runners.compiled import CompiledDecoder, CompiledDenoiser, compile_cache_counts, compile_phases
+
+logger = logging.getLogger(__name__)
+
+
+class LatentRunner(ModelRunner):
+    def __init__(self, loaded: LoadedPipeline, config: EngineConfig) -> None:
+        super().__init__(loaded, config)
+        self._compiled: Any = None  # a CompiledDenoiser once warmed up with --compile
+        self._decoder: Any = None  # a CompiledDecoder once warmed up with --compile
+        self._vae_float32: Any = None  # made on the first float16 overflow
+        self.vae: Any = loaded.pipe.vae  # the VAE this runner decodes with (SDXL's may be a float32 copy)
+
+    # ---- what a family defines ----------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def denoiser_module(self) -> torch.nn.Module:
+        """The module called as ``(sample, timesteps, **conditioning, return_dict=False)[0]``."""
+
+    @property
+    @abstractmethod
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype diffusers draws the latents in (its prompt embeddings' dtype)."""
+
+    @abstractmethod
+    def native_row_shape(self) -> tuple[int, ...]:
+        """One row's sample shape (no batch dimension) at the native size: what compiled graphs are made for."""
+
+    @abstractmethod
+    def example_inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """(sample, timesteps, conditioning) of ``rows`` rows at the native size, to compile with before serving."""
+
+    def _scaled_for_vae(self, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Latents as the VAE decoder takes them, in ``dtype`` (FLUX's and SD3's VAEs also shift them)."""
+        latents = latents.to(dtype) / self.vae.config.scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None)
+        return latents if shift is None else latents + shift
+
+    # ---- the runner hooks ------------------------------------------------------------------------
+
+    def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        if self._compiled is not None and tuple(sample.shape[1:]) == self.native_row_shape():
+            return self._compiled(sample, timesteps, **conditioning)
+        return self.denoiser_module(sample, timesteps, **conditioning, return_dict=False)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        scaled = self._scaled_for_vae(latents, self.vae.dtype)
+        if self._decoder is not None and self._at_native_latent_size(latents):
+            return self._decoder(scaled)
+        return self.vae.decode(scaled, return_dict=False)[0]
+
+    def decode_float32(self, latents: torch.Tensor) -> torch.Tensor:
+        if self._vae_float32 is None:
+            logger.warning("the float16 VAE overflowed; decoding such images in float32 from now on")
+            self._vae_float32 = copy.deepcopy(self.vae).to(torch.float32)
+        return self._vae_float32.decode(self._scaled_for_vae(latents, torch.float32), return_dict=False)[0]
+
+    # ---- --compile ---------------------------------------------------------------------------------
+
+    def _at_native_latent_size(self, latents: torch.Tensor) -> bool:
+        """Compiled graphs exist for the native resolution only; other sizes run eagerly rather than compile
+        at request time (which would stall every request and, past dynamo's limit, fail)."""
+        size = self.loaded.native_size // self.pipe.vae_scale_factor
+        return tuple(latents.shape[-2:]) == (size, size)
+
+    def warm_up(self) -> None:
+        if self.config.compile:
+            self._compile()
+
+    def guided_rows(self) -> int:
+        """Most denoiser rows one image can bring (two with classifier-free guidance)."""
+        return 2
+
+    def _compile(self) -> None:
+        """torch.compile the denoiser and the VAE decoder, then run them so no request compiles or records a graph."""
+        device, config = self.device, self.config
+        started = time.perf_counter()
+        # CUDA graphs replay fixed shapes; they exist on CUDA only.
+        cuda_graphs = device.type == "cuda" and (
+            config.compile_mode == "reduce-overhead" or config.compile_backend == "cudagraphs"
+        )
+        max_rows = self.guided_rows() * config.max_batch_size
+        denoiser = CompiledDenoiser(self.denoiser_module, config, max_rows=max_rows, cuda_graphs=cuda_graphs)
+        decoder = CompiledDecoder(self.vae.decode, config)
+        denoiser_compile_s, denoiser_sizes_s = denoiser.warm_up(self.example_inputs, self._synchronize)
+        decoder_started = time.perf_counter()
+        vae = self.vae
+        size = self.loaded.native_size // self.pipe.vae_scale_factor
+        decoder(torch.zeros((1, vae.config.latent_channels, size, size), device=device, dtype=vae.dtype))
+        self._synchronize()
+        finished = time.perf_counter()
+        self._compiled, self._decoder = denoiser, decoder
+        hits, misses = compile_cache_counts()
+        logger.info(
+            "compiled the %s (%s) and the VAE decoder in %.1f s (%s, mode %s; compile cache: %d hits, %d misses): "
+            "denoiser %.1f s, %s %.1f s, VAE decoder %.1f s; %s",
+            type(self.loaded.denoiser).__name__,
+            denoiser.describe(),
+            finished - started,
+            config.compile_backend,
+            config.compile_mode,
+            hits,
+            misses,
+            denoiser_compile_s,
+            "recording CUDA graphs" if denoiser.cuda_graphs else "running every batch size",
+            denoiser_sizes_s,
+            finished - decoder_started,
+            compile_phases(),
+        )
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
