@@ -451,16 +451,15 @@ def choose_variant(
 
 
 def _absent_components(index: dict[str, Any], source: str, local: bool) -> dict[str, None]:
-    """Optional components that model_index.json names but the directory lacks: SD3's T5 encoder, left out to
-    save 9.5 GB. diffusers runs without it when it is passed as None; any other missing folder stays an error."""
+    """SD3's T5 encoder when model_index.json has it null or the directory lacks its folder (left out to save
+    9.5 GB): diffusers runs without it when it is passed as None; any other missing component stays an error."""
     if not local or index.get("_class_name") != StableDiffusion3Pipeline.__name__:
         return {}
     listed = index.get("text_encoder_3")
-    if not (isinstance(listed, list | tuple) and listed and listed[0]):
-        return {}  # null in model_index.json: diffusers loads None by itself
-    if (Path(source) / "text_encoder_3" / "config.json").is_file():
+    named = isinstance(listed, list | tuple) and bool(listed) and listed[0] is not None
+    if named and (Path(source) / "text_encoder_3" / "config.json").is_file():
         return {}
-    logger.info("'%s' has no text_encoder_3 folder: loading SD3 without its T5 encoder", source)
+    logger.info("'%s' has no text_encoder_3: loading SD3 without its T5 encoder", source)
     return {"text_encoder_3": None, "tokenizer_3": None}
 
 
