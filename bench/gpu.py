@@ -15,6 +15,11 @@ with ``save_pretrained`` so every server loads real files from --model_dir:
 Prints a table and writes results.json to --out. Test it on a CPU first:
 
     python bench/gpu.py --model_id builtin:tiny --size 64 --requests 16 --compile_backend eager
+
+FLUX.1-dev and SD 3.5 large at 1024x1024, 28 steps, bfloat16 (the family's default on CUDA):
+
+    python bench/gpu.py --model_id builtin:flux-arch --size 1024 --steps 28 --long_steps 50 --batch 4 --clients 4
+    python bench/gpu.py --model_id builtin:sd35-arch --size 1024 --steps 28 --long_steps 50 --batch 4 --clients 4
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ def body(options: argparse.Namespace, steps: int) -> dict:
         "num_inference_steps": steps,
         "width": options.size,
         "height": options.size,
-        "scheduler": "dpmpp_2m",
+        "scheduler": options.scheduler,
+        "guidance_scale": options.guidance,
         "seed": 1,
     }
 
@@ -72,7 +78,12 @@ class Bare:
         self.torch = torch
         self.loaded = load_pipeline(None, options.model_id, None)
         self.pipe = self.loaded.pipe
-        self.pipe.scheduler = make_scheduler("dpmpp_2m", self.pipe.scheduler.config)
+        # The family's defaults, for the bare pipeline and every server alike: dpmpp_2m and 7.5 for SD, the
+        # checkpoint's own flow-matching Euler and 3.5 for FLUX.1-dev, 7 for SD3.
+        traits = self.loaded.traits
+        options.scheduler, options.guidance = traits.default_scheduler, traits.default_guidance_scale
+        flow = self.loaded.family.flow_matching
+        self.pipe.scheduler = make_scheduler(options.scheduler, self.pipe.scheduler.config, flow_matching=flow)
         self.cuda = self.loaded.device.type == "cuda"
 
     def run(self, batch: int, steps: int) -> float:
@@ -82,7 +93,14 @@ class Bare:
         if self.cuda:
             torch.cuda.synchronize()
         begun = time.perf_counter()
-        self.pipe([PROMPT] * batch, num_inference_steps=steps, width=size, height=size, generator=generators)
+        self.pipe(
+            [PROMPT] * batch,
+            num_inference_steps=steps,
+            guidance_scale=self.options.guidance,
+            width=size,
+            height=size,
+            generator=generators,
+        )
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - begun
@@ -109,7 +127,9 @@ def measure_bare(options: argparse.Namespace, bare: Bare) -> dict:
     engine.start()
 
     def params(steps: int) -> GenerationParams:
-        return GenerationParams(PROMPT, None, steps, 7.5, options.size, options.size, 1, "dpmpp_2m", "png")
+        return GenerationParams(
+            PROMPT, None, steps, options.guidance, options.size, options.size, 1, options.scheduler, "png"
+        )
 
     engine.generate(params(2))
     if bare.cuda:

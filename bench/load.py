@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--scheduler", default=None, help="default: the served model's (dpmpp_2m SD, euler FLUX)")
     parser.add_argument("--batch_size", type=int, default=8, help="--max_batch_size of the batching server")
     parser.add_argument("--diffusers", action="store_true", help="also measure the bare diffusers pipeline")
     parser.add_argument("--diffusers_batch", type=int, default=8)
@@ -148,8 +149,9 @@ def main() -> None:
         "num_inference_steps": options.steps,
         "width": options.size,
         "height": options.size,
-        "scheduler": "dpmpp_2m",
     }
+    if options.scheduler is not None:
+        body["scheduler"] = options.scheduler
     results = {
         f"batching (max_batch_size {options.batch_size})": measure_server(options, options.batch_size, body),
         "serial (max_batch_size 1)": measure_server(options, 1, body),

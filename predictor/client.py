@@ -33,9 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
     parser.add_argument("--negative", help="Negative prompt.")
-    parser.add_argument("--prompt2", help="SDXL: prompt for the second text encoder (default: the prompt).")
-    parser.add_argument("--negative2", help="SDXL: negative prompt for the second text encoder.")
+    parser.add_argument(
+        "--prompt2", help="SDXL, SD3: prompt for the second CLIP encoder; FLUX: for T5 (default: the prompt)."
+    )
+    parser.add_argument("--negative2", help="SDXL, FLUX, SD3: negative prompt for the second text encoder.")
+    parser.add_argument("--prompt3", help="SD3: prompt for the T5 encoder (default: the prompt).")
+    parser.add_argument("--negative3", help="SD3: negative prompt for the T5 encoder.")
     parser.add_argument("--guidance", type=float, help="Guidance scale.")
+    parser.add_argument("--true_cfg", type=float, help="FLUX: guidance against --negative when above 1.")
     parser.add_argument("--scheduler", help="Scheduler name (see GET /v1/models/NAME/schedulers).")
     parser.add_argument(
         "--format", choices=OUTPUT_FORMATS, help="Image format (default: from -o's extension, else png)."
@@ -72,7 +77,10 @@ def request_body(args: argparse.Namespace, output_format: str) -> dict:
         "negative": "negative_prompt",
         "prompt2": "prompt_2",
         "negative2": "negative_prompt_2",
+        "prompt3": "prompt_3",
+        "negative3": "negative_prompt_3",
         "guidance": "guidance_scale",
+        "true_cfg": "true_cfg_scale",
         "scheduler": "scheduler",
     }
     for option, field in fields.items():

@@ -65,7 +65,8 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
 
 def _flow_sigmas(config: Any) -> dict[str, Any]:
     """A multistep solver on flow-matching sigmas, with the checkpoint's own shift (SD3.5's 3.0)."""
-    return {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": config.get("shift", 1.0)}
+    shift = config.get("shift", config.get("flow_shift", 1.0))  # a checkpoint may ship a solver with flow_shift
+    return {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": shift}
 
 
 # The flow-matching families' (FLUX, SD3): the checkpoint's own Euler and the diffusers solvers that take flow
@@ -198,6 +199,11 @@ class LoadedPipeline:
         if family.second_text_encoder:
             tokens["prompt_2"] = pipe.tokenizer_2.model_max_length
         if family.flow_matching:
+            if not schedulers:
+                raise LoadError(
+                    f"no flow-matching scheduler ({', '.join(FLOW_SCHEDULERS)}) sets up on the checkpoint's "
+                    f"{type(pipe.scheduler).__name__} config"
+                )
             own = [n for n in schedulers if FLOW_SCHEDULERS[n][0] is type(pipe.scheduler)]
             default_scheduler = own[0] if own else schedulers[0]
             tokens["prompt_3" if family.name == "sd3" else "prompt_2"] = int(self.max_sequence_length or 0)

@@ -147,14 +147,31 @@ def diffusers_image(pipe: Any, p: GenerationParams, max_sequence_length: int | N
     """What diffusers' own ``pipe(...)`` makes for ``p``: the same arguments, the named scheduler made by diffusers'
     ``from_config`` from the pipeline's config, ``generator=torch.Generator("cpu").manual_seed(seed)``."""
     import torch
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FlowMatchHeunDiscreteScheduler,
+        FluxPipeline,
+        StableDiffusion3Pipeline,
+        UniPCMultistepScheduler,
+    )
 
-    from predictor.pipeline import FLOW_SCHEDULERS, SCHEDULERS
+    from predictor.pipeline import SCHEDULERS
 
     original = pipe.scheduler
     if isinstance(pipe, FluxPipeline | StableDiffusion3Pipeline):
-        flow_class, flow_overrides = FLOW_SCHEDULERS[p.scheduler]
-        pipe.scheduler = flow_class.from_config(original.config, **flow_overrides(original.config))
+        # Spelled out here, not taken from the server's registry, so a wrong override there shows.
+        config = original.config
+        flow = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": config.get("shift", 1.0)}
+        made = {
+            "euler": lambda: FlowMatchEulerDiscreteScheduler.from_config(config),
+            "heun": lambda: FlowMatchHeunDiscreteScheduler.from_config(config),
+            "dpmpp_2m": lambda: DPMSolverMultistepScheduler.from_config(
+                config, **flow, algorithm_type="dpmsolver++", solver_order=2
+            ),
+            "unipc": lambda: UniPCMultistepScheduler.from_config(config, **flow),
+        }
+        pipe.scheduler = made[p.scheduler]()
     else:
         scheduler_class, overrides = SCHEDULERS[p.scheduler]
         pipe.scheduler = scheduler_class.from_config(original.config, **overrides)

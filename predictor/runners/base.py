@@ -199,6 +199,10 @@ class ModelRunner(ABC):
     def model_input(self, work: DenoiseWork, t: torch.Tensor) -> torch.Tensor:
         return work.scheduler.scale_model_input(work.latents, t)
 
+    def set_first_step(self, scheduler: SchedulerMixin) -> None:
+        """Where a job's schedule starts: found on the host as the scheduler itself would find it on the device."""
+        set_first_step_index(scheduler)
+
     def guidance_scale(self, params: GenerationParams) -> float:
         """The scale that mixes a job's unconditional and conditional rows (FLUX: its true_cfg_scale)."""
         return params.guidance_scale
@@ -260,7 +264,7 @@ class ModelRunner(ABC):
             p = job.params
             scheduler = self.make_scheduler(p.scheduler)
             set_timesteps(self.loaded, scheduler, p.num_inference_steps, p.height, p.width, self.device)
-            set_first_step_index(scheduler)
+            self.set_first_step(scheduler)
             # Same draws as diffusers' pipeline with generator=torch.Generator("cpu").manual_seed(seed).
             generator = torch.Generator("cpu").manual_seed(p.seed)
             latents = self.initial_latents(job, scheduler, generator)

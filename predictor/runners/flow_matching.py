@@ -42,3 +42,10 @@ class FlowMatchingRunner(LatentRunner):
 
     def model_input(self, work: DenoiseWork, t: torch.Tensor) -> torch.Tensor:
         return work.latents
+
+    def set_first_step(self, scheduler: SchedulerMixin) -> None:
+        # FLUX's pipeline starts at index 0 (set_begin_index(0)). A lookup would start at 1 when a strong shift
+        # makes the first integer timesteps equal (FLUX.1-dev at 2048 px and 40+ steps with dpmpp_2m), and the
+        # job would fail at its last step; SD3's pipeline fails there itself, and from 0 the job completes.
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)

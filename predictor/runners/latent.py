@@ -24,6 +24,12 @@ from predictor.runners.compiled import CompiledDecoder, CompiledDenoiser, compil
 logger = logging.getLogger(__name__)
 
 
+def _one_by_one(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Decode image by image, as a lone pipeline call does: in bfloat16 and float16 a batched VAE call sums in
+    another order and moves pixels by several grey levels, and the decode is a small part of an image's cost."""
+    return torch.cat([vae.decode(latents[i : i + 1], return_dict=False)[0] for i in range(len(latents))])
+
+
 class LatentRunner(ModelRunner):
     def __init__(self, loaded: LoadedPipeline, config: EngineConfig) -> None:
         super().__init__(loaded, config)
@@ -69,13 +75,13 @@ class LatentRunner(ModelRunner):
         scaled = self._scaled_for_vae(latents, self.vae.dtype)
         if self._decoder is not None and self._at_native_latent_size(latents):
             return self._decoder(scaled)
-        return self.vae.decode(scaled, return_dict=False)[0]
+        return _one_by_one(self.vae, scaled)
 
     def decode_float32(self, latents: torch.Tensor) -> torch.Tensor:
         if self._vae_float32 is None:
             logger.warning("the float16 VAE overflowed; decoding such images in float32 from now on")
             self._vae_float32 = copy.deepcopy(self.vae).to(torch.float32)
-        return self._vae_float32.decode(self._scaled_for_vae(latents, torch.float32), return_dict=False)[0]
+        return _one_by_one(self._vae_float32, self._scaled_for_vae(latents, torch.float32))
 
     # ---- --compile ---------------------------------------------------------------------------------
 

@@ -15,11 +15,14 @@ async function loadLimits() {
   $("num_inference_steps").max = info.max_steps;
   $("num_inference_steps").value = info.default_steps;
   $("guidance_scale").value = info.default_guidance_scale;
-  $("prompt_2-label").hidden = !(info.request_fields && info.request_fields.prompt_2);
+  for (const field of ["prompt_2", "prompt_3", "true_cfg_scale"]) {
+    $(`${field}-label`).hidden = !(info.request_fields && info.request_fields[field]);
+  }
   $("api_key-label").hidden = !info.api_key_required;
   $("api_key").value = sessionStorage.getItem("api_key") || "";
   for (const field of ["width", "height"]) {
     $(field).max = info.max_image_size;
+    $(field).step = info.image_size_multiple;
     $(field).placeholder = info.native_size;
   }
 }
@@ -27,7 +30,12 @@ async function loadLimits() {
 function requestBody() {
   const body = { prompt: $("prompt").value, output_format: $("output_format").value, scheduler: $("scheduler").value };
   if ($("negative_prompt").value) body.negative_prompt = $("negative_prompt").value;
-  if (!$("prompt_2-label").hidden && $("prompt_2").value) body.prompt_2 = $("prompt_2").value;
+  for (const field of ["prompt_2", "prompt_3"]) {
+    if (!$(`${field}-label`).hidden && $(field).value) body[field] = $(field).value;
+  }
+  if (!$("true_cfg_scale-label").hidden && parseFloat($("true_cfg_scale").value) > 1) {
+    body.true_cfg_scale = parseFloat($("true_cfg_scale").value);
+  }
   for (const field of ["num_inference_steps", "width", "height", "seed"]) {
     if ($(field).value !== "") body[field] = parseInt($(field).value, 10);
   }
