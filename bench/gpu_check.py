@@ -24,7 +24,7 @@ import torch
 
 from predictor.config import EngineConfig
 from predictor.engine import create_engine
-from predictor.pipeline import SCHEDULERS, load_pipeline
+from predictor.pipeline import load_pipeline
 from predictor.schemas import GenerationParams
 from predictor.testing import diffusers_image, pixels
 from predictor.testing import params as test_params
@@ -32,9 +32,18 @@ from predictor.testing import params as test_params
 PROMPT = "a lighthouse on a cliff at dusk"
 
 
+GUIDANCE = [7.5]  # the served family's default, set in main()
+
+
 def params(scheduler: str, steps: int, seed: int, size: int) -> GenerationParams:
     return test_params(
-        prompt=PROMPT, scheduler=scheduler, num_inference_steps=steps, seed=seed, width=size, height=size
+        prompt=PROMPT,
+        scheduler=scheduler,
+        num_inference_steps=steps,
+        seed=seed,
+        width=size,
+        height=size,
+        guidance_scale=GUIDANCE[0],
     )
 
 
@@ -47,6 +56,8 @@ def main() -> int:
     options = parser.parse_args()
     loaded = load_pipeline(None, options.model_id, None, device_flag=options.device)
     pipe = loaded.pipe
+    schedulers = loaded.traits.schedulers  # the family's: the flow-matching ones for FLUX and SD3
+    GUIDANCE[0] = loaded.traits.default_guidance_scale
     print(f"device {loaded.device}, {loaded.dtype}, {options.model_id} at {options.size}x{options.size}")
     failures = 0
 
@@ -60,14 +71,14 @@ def main() -> int:
     engine.start()
     try:
         alone: dict[GenerationParams, np.ndarray] = {}
-        for index, name in enumerate(SCHEDULERS):
+        for index, name in enumerate(schedulers):
             p = params(name, 12, seed=index, size=options.size)
             alone[p] = pixels(engine.generate(p, timeout=120).image)
             report(f"{name} alone vs diffusers", int(np.abs(alone[p] - diffusers_image(pipe, p)).max()))
 
         # Host synchronisations per denoising step, scheduler by scheduler: the difference between 20 and 10 steps.
         if loaded.device.type == "cuda":
-            for index, name in enumerate(SCHEDULERS):
+            for index, name in enumerate(schedulers):
                 counts = []
                 for steps in (10, 20):
                     torch.cuda.synchronize()
@@ -82,7 +93,7 @@ def main() -> int:
         # Waves: each submitted while the previous one is mid-run, so new jobs are prepared beside running steps.
         mixed = [
             params(name, steps, seed=100 + k, size=options.size)
-            for k, (name, steps) in enumerate((name, steps) for steps in (9, 14, 20) for name in SCHEDULERS)
+            for k, (name, steps) in enumerate((name, steps) for steps in (9, 14, 20) for name in schedulers)
         ]
         for p in mixed:
             alone[p] = pixels(engine.generate(p, timeout=120).image)
