@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model_id",
         default=default(ModelSource, "model_id"),
         help="Hugging Face repo id used when --model_dir holds no pipeline, or a builtin with random weights, made "
-        "offline: builtin:tiny, builtin:tiny-sd2, builtin:tiny-sdxl (tests), builtin:sd-v1-arch, builtin:sd2-arch, "
-        "builtin:sdxl-arch (full-size, for GPU benchmarks).",
+        "offline: builtin:tiny, builtin:tiny-sd2, builtin:tiny-sdxl, builtin:tiny-flux, builtin:tiny-flux-dev, "
+        "builtin:tiny-sd3 (tests); builtin:sd-v1-arch, builtin:sd2-arch, builtin:sdxl-arch, builtin:flux-arch, "
+        "builtin:flux-schnell-arch, builtin:sd35-arch, builtin:sd35-medium-arch (full-size, for GPU benchmarks).",
     )
     model.add_argument("--revision", default=default(ModelSource, "revision"), help="Git revision of --model_id.")
     model.add_argument(

@@ -35,6 +35,10 @@ KUSTOMIZE_DIRS = [
     "manifests/kubernetes/base",
 ]
 STORAGE_DIR = "manifests/kserve/storage"
+# The ClusterStorageContainers there, by name: fp16 variants of the SD/SDXL repos, and the diffusers folders of the
+# flow-matching repos, whose weights are bfloat16 with no fp16 variant.
+FP16_CONTAINER = "hf-diffusers-fp16"
+FOLDERS_CONTAINER = "hf-diffusers-folders"
 # The overlays that serve on one GPU: the gpu overlay and the ones built on it (a model each, or a weight path).
 GPU_DIRS = [
     "manifests/kserve/overlays/gpu",
@@ -317,7 +321,7 @@ def test_model_overlay_serves_its_checkpoint_on_one_gpu(rendered, directory: str
     # Its own name, so it can run beside the base service and the other model overlays.
     assert isvc["metadata"]["name"] == overlay.name
     assert predictor["storageUris"] == [{"uri": f"hf://{overlay.repo}", "mountPath": "/mnt/models"}]
-    # A cold start downloads the whole repository: an hour to become ready.
+    # A cold start downloads tens of GB (the whole repository, or the allow patterns' share): an hour to become ready.
     assert isvc["metadata"]["annotations"]["serving.knative.dev/progress-deadline"] == "3600s"
     (container,) = predictor["containers"]
     settings = parse_manifest_args(container["args"])[1]
@@ -368,44 +372,240 @@ def test_plain_kubernetes_requires_api_keys_from_a_secret(rendered) -> None:
     assert parse_manifest_args(container["args"])[1].server.api_key_file is not None
 
 
-def _by_kind(docs: list[dict]) -> dict[str, dict]:
-    return {doc["kind"]: doc for doc in docs}
+def _of_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def _storage_containers(rendered) -> dict[str, dict]:
+    """The ClusterStorageContainers, by name."""
+    containers = _of_kind(rendered[STORAGE_DIR], "ClusterStorageContainer")
+    by_name = {doc["metadata"]["name"]: doc for doc in containers}
+    assert len(by_name) == len(containers), "two ClusterStorageContainers share a name"
+    return by_name
+
+
+def _allow_patterns(csc: dict) -> list[str]:
+    (env,) = [e for e in csc["spec"]["container"]["env"] if e["name"] == "STORAGE_ALLOW_PATTERNS"]
+    patterns = json.loads(env["value"])
+    assert isinstance(patterns, list) and patterns and all(isinstance(p, str) for p in patterns), patterns
+    return patterns
+
+
+def _hub_fetches(name: str, patterns: list[str]) -> bool:
+    """Whether an allow list takes a repo-relative path, as kserve-storage applies STORAGE_ALLOW_PATTERNS: it hands
+    them to huggingface_hub's snapshot_download, which matches with fnmatch.fnmatchcase after turning a pattern that
+    ends in "/" into "<dir>/*". fnmatch's `*` matches "/" as well: "transformer/*" takes the folder's whole tree."""
+    return any(fnmatch.fnmatchcase(name, p + "*" if p.endswith("/") else p) for p in patterns)
+
+
+def _uri_formats_take(csc: dict, uri: str) -> bool:
+    return any(re.fullmatch(f["regex"], uri) for f in csc["spec"]["supportedUriFormats"])
+
+
+def test_storage_containers_are_storage_initializers(rendered) -> None:
+    containers = _storage_containers(rendered)
+    assert set(containers) == {FP16_CONTAINER, FOLDERS_CONTAINER}
+    for name, csc in containers.items():
+        container = csc["spec"]["container"]
+        # The name KServe recognises, and an image whose kserve-storage reads STORAGE_ALLOW_PATTERNS (0.17 on).
+        assert container["name"] == "storage-initializer", name
+        image, tag = container["image"].split(":")
+        assert image == "kserve/storage-initializer", name
+        assert tuple(int(part) for part in tag.removeprefix("v").split(".")[:2]) >= (0, 17), name
+        assert _allow_patterns(csc)
+        formats = csc["spec"]["supportedUriFormats"]
+        assert formats and all(set(f) == {"regex"} for f in formats), name
+        for f in formats:
+            re.compile(f["regex"])
+        # Kept to the repositories served here, so other hf:// models keep the default initializer.
+        assert not _uri_formats_take(csc, "hf://meta-llama/Llama-3.1-8B"), name
+    # No URI is taken by both: KServe does not say which of two matching containers it picks.
+    for directory in KUSTOMIZE_DIRS:
+        for doc in rendered[directory]:
+            for storage in doc.get("spec", {}).get("predictor", {}).get("storageUris", []):
+                taking = [name for name, csc in containers.items() if _uri_formats_take(csc, storage["uri"])]
+                assert len(taking) <= 1, (directory, storage["uri"], taking)
+
+
+def test_storage_objects_have_no_unknown_fields(rendered) -> None:
+    """The ISVC schema check covers InferenceServices only: the storage objects are walked through the kserve SDK's
+    typed models (V1alpha1ClusterStorageContainer, V1alpha1LocalModelCache, ...) and the kubernetes client's."""
+    import kserve.models
+
+    for doc in rendered[STORAGE_DIR]:
+        model = f"V1alpha1{doc['kind']}"
+        assert hasattr(kserve.models, model), model
+        problems: list[str] = []
+        _check_against_sdk(doc, model, doc["kind"], problems)
+        assert not problems, problems
+    # The sanity of the checker itself: a misspelt field is caught.
+    csc = json.loads(json.dumps(_storage_containers(rendered)[FOLDERS_CONTAINER]))
+    csc["spec"]["supportedUriFormat"] = csc["spec"].pop("supportedUriFormats")
+    caught: list[str] = []
+    _check_against_sdk(csc, "V1alpha1ClusterStorageContainer", "csc", caught)
+    assert caught == ["csc.spec.supportedUriFormat: unknown field"]
 
 
 def test_allow_patterns_fetch_exactly_the_files_the_server_reads(rendered, tmp_path: Path) -> None:
-    """The ClusterStorageContainer's STORAGE_ALLOW_PATTERNS, matched as huggingface_hub matches them (fnmatch), select
-    from a Hub-like repository the files predictor.weights says the server reads, and nothing else."""
+    """The fp16 ClusterStorageContainer's STORAGE_ALLOW_PATTERNS, matched as huggingface_hub matches them (fnmatch),
+    select from a Hub-like repository the files predictor.weights says the server reads, and nothing else."""
     from predictor.testing import save_hub_like_repository
     from predictor.weights import needed_files
 
-    container = _by_kind(rendered[STORAGE_DIR])["ClusterStorageContainer"]["spec"]["container"]
-    assert container["name"] == "storage-initializer"
-    (env,) = [e for e in container["env"] if e["name"] == "STORAGE_ALLOW_PATTERNS"]
-    patterns = json.loads(env["value"])
+    patterns = _allow_patterns(_storage_containers(rendered)[FP16_CONTAINER])
     repository = save_hub_like_repository(tmp_path)
     files = [str(p.relative_to(repository)) for p in repository.rglob("*") if p.is_file()]
-    fetched = {name for name in files if any(fnmatch.fnmatch(name, pattern) for pattern in patterns)}
+    fetched = {name for name in files if _hub_fetches(name, patterns)}
     assert fetched == {str(path) for path in needed_files(repository, "auto")}
     assert len(fetched) < len(files)
+
+
+class FolderRepo(NamedTuple):
+    """A flow-matching repository on the Hub, as its file list stands: what the loader reads, and what it never
+    does (single-file checkpoints and their encoders, model-card files)."""
+
+    uri: str
+    reads: list[str]
+    skips: list[str]
+
+
+_CLIP_TOKENIZER = ["merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+_T5_TOKENIZER = ["special_tokens_map.json", "spiece.model", "tokenizer.json", "tokenizer_config.json"]
+_T5_SHARDS = [
+    "config.json",
+    "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors",
+    "model.safetensors.index.json",
+]
+_ONE_FILE = ["config.json", "diffusion_pytorch_model.safetensors"]
+
+
+def _in(folder: str, names: list[str]) -> list[str]:
+    return [f"{folder}/{name}" for name in names]
+
+
+FOLDER_OVERLAYS = {
+    "manifests/kserve/overlays/flux-schnell": FolderRepo(
+        "hf://black-forest-labs/FLUX.1-schnell",
+        [
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            *_in("tokenizer", _CLIP_TOKENIZER),
+            *_in("tokenizer_2", _T5_TOKENIZER),
+            *_in("text_encoder", ["config.json", "model.safetensors"]),
+            *_in("text_encoder_2", _T5_SHARDS),
+            *_in(
+                "transformer",
+                [
+                    "config.json",
+                    "diffusion_pytorch_model-00001-of-00003.safetensors",
+                    "diffusion_pytorch_model-00002-of-00003.safetensors",
+                    "diffusion_pytorch_model-00003-of-00003.safetensors",
+                    "diffusion_pytorch_model.safetensors.index.json",
+                ],
+            ),
+            *_in("vae", _ONE_FILE),
+        ],
+        [
+            ".gitattributes",
+            "LICENSE.md",
+            "README.md",
+            "ae.safetensors",
+            "flux1-schnell.safetensors",
+            "schnell_grid.jpeg",
+        ],
+    ),
+    "manifests/kserve/overlays/sd35-medium": FolderRepo(
+        "hf://stabilityai/stable-diffusion-3.5-medium",
+        [
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            *_in("tokenizer", _CLIP_TOKENIZER),
+            *_in("tokenizer_2", _CLIP_TOKENIZER),
+            *_in("tokenizer_3", _T5_TOKENIZER),
+            *_in("text_encoder", ["config.json", "model.safetensors"]),
+            *_in("text_encoder_2", ["config.json", "model.safetensors"]),
+            *_in("text_encoder_3", _T5_SHARDS),
+            *_in("transformer", _ONE_FILE),
+            *_in("vae", _ONE_FILE),
+        ],
+        [
+            ".gitattributes",
+            "LICENSE.md",
+            "README.md",
+            "sd3.5_medium.safetensors",
+            *_in(
+                "text_encoders",
+                ["clip_g.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn.safetensors"],
+            ),
+        ],
+    ),
+}
+
+
+def _documented_patterns(directory: str) -> list[str]:
+    """The allow-pattern list an overlay's header comment spells out (a JSON list over indented comment lines)."""
+    text = (ROOT / directory / "kustomization.yaml").read_text()
+    match = re.search(r"^#   (\[.*?\])$", text, re.M | re.S)
+    assert match, f"{directory}: no allow-pattern list in the header comment"
+    return json.loads(re.sub(r"^#\s*", "", match.group(1), flags=re.M))
+
+
+@pytest.mark.parametrize("directory", sorted(FOLDER_OVERLAYS))
+def test_folder_overlays_fetch_only_the_diffusers_folders(rendered, directory: str) -> None:
+    from huggingface_hub.utils import filter_repo_objects
+
+    repo = FOLDER_OVERLAYS[directory]
+    csc = _storage_containers(rendered)[FOLDERS_CONTAINER]
+    (isvc,) = rendered[directory]
+    predictor = isvc["spec"]["predictor"]
+    # The service names the container, whose URI formats take its URI, with or without a revision; the fp16
+    # container's do not, so KServe would pick this one even for a service that named none.
+    assert predictor["storageContainerName"] == FOLDERS_CONTAINER
+    (storage,) = predictor["storageUris"]
+    assert storage["uri"] == repo.uri
+    assert _uri_formats_take(csc, repo.uri) and _uri_formats_take(csc, f"{repo.uri}:0123abc")
+    assert not _uri_formats_take(csc, f"{repo.uri}-extra")
+    assert not _uri_formats_take(_storage_containers(rendered)[FP16_CONTAINER], repo.uri)
+    # The patterns take every file the loader reads and none of the single-file checkpoints beside them.
+    patterns = _allow_patterns(csc)
+    files = repo.reads + repo.skips
+    fetched = [name for name in files if _hub_fetches(name, patterns)]
+    assert fetched == repo.reads, sorted(set(files) ^ set(fetched))
+    # The helper agrees with the function snapshot_download filters by.
+    assert list(filter_repo_objects(files, allow_patterns=patterns)) == fetched
+    # The list in the overlay's header comment fetches the same files.
+    documented = _documented_patterns(directory)
+    assert set(documented) <= set(patterns)
+    assert [name for name in files if _hub_fetches(name, documented)] == fetched
+    # Without SD3's two T5 patterns (the storage file's comment says so) the T5 encoder stays on the Hub, and
+    # only it.
+    without_t5 = [p for p in patterns if p not in ("tokenizer_3/*", "text_encoder_3/*")]
+    assert len(without_t5) == len(patterns) - 2
+    assert [name for name in files if _hub_fetches(name, without_t5)] == [
+        name for name in fetched if name.split("/")[0] not in ("tokenizer_3", "text_encoder_3")
+    ]
 
 
 def test_weight_paths_point_at_each_other_and_keep_the_base_model(rendered) -> None:
     (base,) = rendered["manifests/kserve/base"]
     uri = base["spec"]["predictor"]["storageUris"][0]["uri"]
-    storage = _by_kind(rendered[STORAGE_DIR])
+    storage = rendered[STORAGE_DIR]
     # Allow patterns: the service names the storage container, whose URI formats take the service's URI.
     (patterned,) = rendered["manifests/kserve/overlays/hf-allow-patterns"]
     predictor = patterned["spec"]["predictor"]
-    csc = storage["ClusterStorageContainer"]
+    csc = _storage_containers(rendered)[FP16_CONTAINER]
     assert predictor["storageContainerName"] == csc["metadata"]["name"]
-    assert any(re.fullmatch(f["regex"], predictor["storageUris"][0]["uri"]) for f in csc["spec"]["supportedUriFormats"])
-    assert not any(re.fullmatch(f["regex"], "hf://meta-llama/Llama-3.1-8B") for f in csc["spec"]["supportedUriFormats"])
+    assert predictor["storageUris"][0]["uri"] == uri
+    assert _uri_formats_take(csc, uri)
+    assert not _uri_formats_take(csc, "hf://meta-llama/Llama-3.1-8B")
     # kserve-storage takes a revision after a colon.
-    assert any(re.fullmatch(f["regex"], f"{uri}:0123abc") for f in csc["spec"]["supportedUriFormats"])
+    assert _uri_formats_take(csc, f"{uri}:0123abc")
     # Node-local cache: matched by the URI, character for character; its node group exists.
-    cache = storage["LocalModelCache"]["spec"]
-    assert cache["sourceModelUri"] == uri
-    assert cache["nodeGroups"] == [storage["LocalModelNodeGroup"]["metadata"]["name"]]
+    (cache,) = _of_kind(storage, "LocalModelCache")
+    (group,) = _of_kind(storage, "LocalModelNodeGroup")
+    assert cache["spec"]["sourceModelUri"] == uri
+    assert cache["spec"]["nodeGroups"] == [group["metadata"]["name"]]
     # Modelcar: an OCI image, at the same mount path.
     (modelcar,) = rendered["manifests/kserve/overlays/modelcar"]
     (image,) = modelcar["spec"]["predictor"]["storageUris"]
