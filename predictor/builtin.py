@@ -4,6 +4,7 @@ Tiny ones, for tests and smoke runs (seconds on a CPU; they produce noise):
 ``builtin:tiny``       SD v1's structure (CLIP tokenizer + text encoder, UNet, VAE with latent scale factor 8)
                        and SD v1's scheduler config.
 ``builtin:tiny-sd2``   SD 2.x's: a v-prediction scheduler config, linear attention projections, OpenCLIP padding.
+``builtin:tiny-inpaint`` an SD 1.x inpainting checkpoint's: the UNet also reads the mask and the masked image.
 ``builtin:tiny-sdxl``  SDXL's: two text encoders (the second with a projection, for the pooled embedding), a UNet
                        with the text-and-time added embedding, SDXL's scheduler and VAE config.
 ``builtin:tiny-flux``  FLUX.1-schnell's: CLIP (pooled) and T5 encoders, a FLUX transformer over packed latents,
@@ -41,6 +42,7 @@ from diffusers import (
     PNDMScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -190,11 +192,11 @@ def _sd_pipeline(text_encoder, tokenizer, unet, vae, scheduler) -> StableDiffusi
     )
 
 
-def _tiny_unet(**config: Any) -> UNet2DConditionModel:
+def _tiny_unet(in_channels: int = 4, **config: Any) -> UNet2DConditionModel:
     """Two blocks, one with cross-attention; the family's own fields in ``config``."""
     return UNet2DConditionModel(
         sample_size=8,  # 8 latents x scale factor 8: native size 64x64
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -211,6 +213,24 @@ def build_tiny() -> StableDiffusionPipeline:
     unet = _tiny_unet(cross_attention_dim=32, attention_head_dim=8)
     return _sd_pipeline(
         _tiny_text_encoder(tokenizer), tokenizer, unet, _tiny_vae(), PNDMScheduler.from_config(SD_V1_SCHEDULER_CONFIG)
+    )
+
+
+def build_tiny_inpaint() -> StableDiffusionInpaintPipeline:
+    """An SD 1.x inpainting checkpoint's structure: the UNet also reads the mask (1 channel) and the masked image's
+    latents (4), as runwayml/stable-diffusion-inpainting's does."""
+    torch.manual_seed(_SEED)
+    tokenizer = _byte_level_tokenizer()
+    unet = _tiny_unet(cross_attention_dim=32, attention_head_dim=8, in_channels=9)
+    return StableDiffusionInpaintPipeline(
+        vae=_tiny_vae(),
+        text_encoder=_tiny_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler.from_config(SD_V1_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -570,6 +590,7 @@ def build_sd35_medium_arch(device: torch.device, dtype: torch.dtype) -> StableDi
 _TINY: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny": build_tiny,
     "tiny-sd2": build_tiny_sd2,
+    "tiny-inpaint": build_tiny_inpaint,
     "tiny-sdxl": build_tiny_sdxl,
     "tiny-flux": build_tiny_flux,
     "tiny-flux-dev": build_tiny_flux_dev,
@@ -587,6 +608,7 @@ _FULL_SIZE: dict[str, Callable[[torch.device, torch.dtype], DiffusionPipeline]] 
 BUILTINS = (*_TINY, *_FULL_SIZE)
 _CLASS_NAMES = {
     **dict.fromkeys(("tiny", "tiny-sd2", "sd-v1-arch", "sd2-arch"), StableDiffusionPipeline.__name__),
+    "tiny-inpaint": StableDiffusionInpaintPipeline.__name__,
     **dict.fromkeys(("tiny-sdxl", "sdxl-arch"), StableDiffusionXLPipeline.__name__),
     **dict.fromkeys(("tiny-flux", "tiny-flux-dev", "flux-arch", "flux-schnell-arch"), FluxPipeline.__name__),
     **dict.fromkeys(("tiny-sd3", "sd35-arch", "sd35-medium-arch"), StableDiffusion3Pipeline.__name__),

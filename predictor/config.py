@@ -63,6 +63,7 @@ class ServerConfig:
     warmup_steps: int = 2
     grace_period_s: int = 30
     max_body_bytes: int = 1024 * 1024
+    max_image_bytes: int = 32 * 1024 * 1024  # the routes that take input images (base64 adds a third)
     compile_cache_dir: str = field(
         default_factory=lambda: os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor")
     )
@@ -208,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Largest width or height.",
     )
     limits.add_argument(
+        "--max_input_pixels",
+        type=_positive(),
+        default=default(Limits, "max_input_pixels"),
+        help="Most pixels an input image or mask may have; refused from its header, before it is decoded.",
+    )
+    limits.add_argument(
         "--max_batch_instances",
         type=_positive(),
         default=default(Limits, "max_batch_instances"),
@@ -293,7 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max_body_bytes",
         type=_positive(int),
         default=default(ServerConfig, "max_body_bytes"),
-        help="Largest request body; larger ones get 413 before they are read whole.",
+        help="Largest request body on routes without input images; larger ones get 413 before they are read whole.",
+    )
+    server.add_argument(
+        "--max_image_bytes",
+        type=_positive(int),
+        default=default(ServerConfig, "max_image_bytes"),
+        help="Largest request body on the routes that take input images (/generate, v1 :predict, v2 /infer, "
+        "/v1/images/edits); base64 makes an image a third larger.",
     )
     server.add_argument(
         "--load_timeout_s",

@@ -60,6 +60,7 @@ class Job:
     state: JobState = JobState.WAITING
     steps_done: int = 0  # denoiser calls made for this job
     steps_total: int = 0  # denoiser calls its schedule needs; set when prepared
+    steps_asked: int = 0  # the steps the request makes (fewer than asked for with an image's strength)
     work: Any = None  # the runner's per-job state (scheduler, latents, conditioning); dropped when finished
     prompt_truncated: bool = False
 
@@ -88,7 +89,8 @@ class Job:
 
     def progress(self) -> tuple[int, int]:
         """(step, of steps) as the client asked for them. Some schedules make more denoiser calls than steps
-        (PNDM: one more); as in diffusers' progress bar, the extra calls at the start count as no step."""
-        asked = self.params.num_inference_steps
+        (PNDM: one more); as in diffusers' progress bar, the extra calls at the start count as no step. An image
+        job runs the part of its schedule its strength keeps: those are its steps."""
+        asked = self.steps_asked or self.params.num_inference_steps
         extra = max(0, self.steps_total - asked)
         return max(0, self.steps_done - extra), asked

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -88,20 +89,31 @@ class ApiKeyGuard:
         )
 
 
-class RequestGuard:
-    """Refuses bodies over ``max_body_bytes`` with 413 before reading them whole, and cancels the handler
-    when the client disconnects after sending its request, so abandoned generations stop at the next step."""
+# The routes whose bodies may carry input images (img2img, inpainting, OpenAI edits): they get --max_image_bytes.
+_IMAGE_ROUTE = re.compile(
+    r"^/(generate|v1/models/[^/]+:predict|v2/models/[^/]+(/versions/[^/]+)?/infer|v1/images/edits)$"
+)
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+
+class RequestGuard:
+    """Refuses bodies over ``max_body_bytes`` (``max_image_bytes`` on the routes that take input images) with 413
+    before reading them whole, and cancels the handler when the client disconnects after sending its request, so
+    abandoned generations stop at the next step."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_image_bytes: int | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_image_bytes = max_image_bytes if max_image_bytes is not None else max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.max_body_bytes
-        too_large = f"the request body exceeds {limit} bytes (--max_body_bytes)"
+        if _IMAGE_ROUTE.match(scope.get("path", "")):
+            limit, flag = self.max_image_bytes, "--max_image_bytes"
+        else:
+            limit, flag = self.max_body_bytes, "--max_body_bytes"
+        too_large = f"the request body exceeds {limit} bytes ({flag})"
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await _send_error(send, 413, too_large, "payload_too_large", _is_openai_route(scope))

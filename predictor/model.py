@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from kserve import InferOutput, InferRequest, InferResponse, Model
+from PIL import Image
 
 from predictor.codec import MEDIA_TYPES, encode_image, to_base64
 from predictor.config import Settings
@@ -31,6 +32,7 @@ from predictor.schemas import (
     GenerationParams,
     GenerationRequest,
     ModelTraits,
+    parse_openai_edit,
     parse_openai_request,
     parse_request,
     resolve,
@@ -49,14 +51,24 @@ _DEADLINE_SLACK_S = 2.0
 # v2 request parameters that belong to the protocol, not to the generation request.
 _V2_PROTOCOL_PARAMETERS = frozenset({"binary_data_output"})
 # v2 input tensors (BYTES, shape [N]: one element per image); "prompt" is required.
-_V2_TEXT_INPUTS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3")
+# v2 BYTES input tensors: the texts, and the input image and mask as base64 strings (as v2 returns images).
+_V2_TEXT_INPUTS = (
+    "prompt",
+    "negative_prompt",
+    "prompt_2",
+    "negative_prompt_2",
+    "prompt_3",
+    "negative_prompt_3",
+    "image",
+    "mask",
+)
 
 
 @dataclass
 class RouteCall:
     """A request from one of this server's own routes, carried through the same model path."""
 
-    protocol: Literal["generate", "openai"]
+    protocol: Literal["generate", "openai", "openai_edit"]
     body: Any
     on_progress: ProgressCallback | None = None
 
@@ -195,6 +207,12 @@ class DiffusionModel(Model):
 
     def default_params(self, prompt: str, steps: int | None = None) -> GenerationParams:
         request = GenerationRequest(prompt=prompt, num_inference_steps=steps, seed=0)
+        if "text" not in self.traits.modes:  # an inpainting checkpoint: repaint the whole of a grey picture
+            from predictor.images import encode_png
+
+            size = (self.traits.native_size, self.traits.native_size)
+            image, mask = encode_png(Image.new("RGB", size, (128, 128, 128))), encode_png(Image.new("L", size, 255))
+            request = request.model_copy(update={"image": image, "mask": mask})
         return resolve(request, self.limits, self.traits)
 
     # ---- protocol path -------------------------------------------------------------------------
@@ -207,17 +225,30 @@ class DiffusionModel(Model):
         if not self.ready or self.generation_engine is None:
             raise ModelNotLoaded(f"model {self.name} is not ready")
         request_id = (headers or {}).get("x-request-id")
+        # Off the event loop: input images are decoded here (a large PNG takes a fraction of a second).
+        return await asyncio.to_thread(self._preprocess, payload, request_id)
+
+    def _preprocess(self, payload: Any, request_id: str | None) -> Batch:
         if isinstance(payload, RouteCall):
-            body = _json_object(payload.body) if isinstance(payload.body, bytes) else payload.body
-            if payload.protocol == "openai":
-                request, images = parse_openai_request(body, self.limits, self.name)
+            if payload.protocol == "openai_edit":
+                edit = payload.body
+                requests, images = parse_openai_edit(
+                    edit["fields"], edit["images"], edit["mask"], self.limits, self.name
+                )
             else:
-                request, images = parse_request(body, self.limits), 1
-            first = resolve(request, self.limits, self.traits)
-            # The images of one request: seeds seed, seed+1, ... so each can be reproduced alone.
-            params = [first] + [
-                dataclasses.replace(first, seed=(first.seed + k) % (MAX_SEED + 1)) for k in range(1, images)
-            ]
+                body = _json_object(payload.body) if isinstance(payload.body, bytes) else payload.body
+                if payload.protocol == "openai":
+                    request, images = parse_openai_request(body, self.limits, self.name)
+                else:
+                    request, images = parse_request(body, self.limits), 1
+                requests = [request]
+            params = []
+            for request in requests:
+                first = resolve(request, self.limits, self.traits)
+                # The images of one request: seeds seed, seed+1, ... so each can be reproduced alone.
+                params += [first] + [
+                    dataclasses.replace(first, seed=(first.seed + k) % (MAX_SEED + 1)) for k in range(1, images)
+                ]
             return Batch(payload.protocol, params, request_id, payload.on_progress)
         if isinstance(payload, InferRequest):
             return Batch("v2", self._parse_v2(payload), payload.id or request_id)

@@ -32,6 +32,7 @@ from diffusers import (
     LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusion3Pipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UniPCMultistepScheduler,
@@ -113,6 +114,8 @@ FAMILIES: dict[str, Family] = {
     for family in (
         Family("sd", StableDiffusionPipeline, "Stable Diffusion 1.x and 2.x (SD-Turbo included)"),
         Family("sdxl", StableDiffusionXLPipeline, "Stable Diffusion XL (SDXL-Turbo included)", True, 5.0),
+        # SD 1.x and 2.x inpainting checkpoints: a UNet with mask and masked-image channels (9 in).
+        Family("sd", StableDiffusionInpaintPipeline, "Stable Diffusion 1.x and 2.x inpainting checkpoints"),
         # An SD 1.x pipeline whose UNet embeds the guidance scale: the SD runner computes what it computes.
         Family("sd", LatentConsistencyModelPipeline, "Latent Consistency Models distilled from SD 1.x", False, 8.5),
         Family("flux", FluxPipeline, "FLUX.1 (schnell and dev)", True, 3.5, True, 512, frozenset({"true_cfg_scale"})),
@@ -214,6 +217,10 @@ class LoadedPipeline:
         if family.name == "sd3" and not self.has_t5:
             fields -= {"prompt_3", "negative_prompt_3"}
             tokens.pop("prompt_3")
+        modes = {"text"}
+        if isinstance(pipe, StableDiffusionPipeline | StableDiffusionInpaintPipeline):
+            inpainting_unet = pipe.unet.config.in_channels != pipe.vae.config.latent_channels
+            modes = {"inpaint"} if inpainting_unet else {"text", "img2img", "inpaint"}
         max_size = None
         pos_embed = getattr(self.denoiser.config, "pos_embed_max_size", None)
         if family.name == "sd3" and pos_embed:
@@ -231,6 +238,7 @@ class LoadedPipeline:
             guidance=guidance,
             max_prompt_tokens=tokens,
             max_image_size=max_size,
+            modes=frozenset(modes),
         )
 
     def describe(self) -> dict[str, Any]:

@@ -15,11 +15,18 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from kserve.errors import ModelNotFound
+from starlette.datastructures import UploadFile
 
 from predictor.codec import to_base64
-from predictor.errors import LoadTimedOut, ModelNotLoaded, PredictorError
+from predictor.errors import InvalidRequest, LoadTimedOut, ModelNotLoaded, PredictorError
 from predictor.model import Batch, DiffusionModel, EncodedImage, RouteCall
-from predictor.schemas import FAMILY_FIELDS, Limits, openai_request_json_schema, request_json_schema
+from predictor.schemas import (
+    FAMILY_FIELDS,
+    HARD_MAX_BATCH_INSTANCES,
+    Limits,
+    openai_request_json_schema,
+    request_json_schema,
+)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 logger = logging.getLogger(__name__)
@@ -37,6 +44,34 @@ ERROR_BODY_SCHEMA = {
 
 def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": ERROR_BODY_SCHEMA}}}
+
+
+async def _edit_form(request: Request) -> dict[str, Any]:
+    """OpenAI's edit form: its files (``image`` or ``image[]``, once or more; ``mask``) and its text fields."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InvalidRequest("POST /v1/images/edits takes multipart/form-data (an image file and a prompt)", "body")
+    try:
+        form = await request.form(max_files=HARD_MAX_BATCH_INSTANCES + 1, max_fields=64)
+    except Exception as exc:  # starlette's MultiPartException and malformed bodies
+        raise InvalidRequest(f"the multipart body cannot be read: {str(exc)[:120]}", param="body") from None
+    images: list[bytes] = []
+    mask: bytes | None = None
+    fields: dict[str, str] = {}
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if name in ("image", "image[]"):
+                images.append(await value.read())
+            elif name == "mask" and mask is None:
+                mask = await value.read()
+            else:
+                raise InvalidRequest(f"unexpected file '{name[:64]}'; files are 'image' and 'mask'", param=name[:64])
+        elif name in ("image", "image[]", "mask"):
+            raise InvalidRequest(f"'{name}' must be a file", param=name.rstrip("[]"))
+        elif name in fields:
+            raise InvalidRequest(f"field '{name[:64]}' is given twice", param=name[:64])
+        else:
+            fields[name] = value
+    return {"fields": fields, "images": images, "mask": mask}
 
 
 def openai_openapi(limits: Limits) -> dict[str, Any]:
@@ -60,6 +95,29 @@ def openai_openapi(limits: Limits) -> dict[str, Any]:
             },
         },
     }
+
+
+def openai_edit_openapi() -> dict[str, Any]:
+    """The OpenAPI entry of POST /v1/images/edits: OpenAI's multipart form."""
+    text = {"type": "string"}
+    form = {
+        "type": "object",
+        "required": ["image", "prompt"],
+        "properties": {
+            "image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP; several edit each"},
+            "mask": {"type": "string", "format": "binary", "description": "fully transparent pixels: the edit"},
+            "prompt": text,
+            "n": {"type": "integer", "minimum": 1},
+            "size": text,
+            "response_format": {"type": "string", "enum": ["b64_json"]},
+            **{name: text for name in ("model", "user", "output_format", "negative_prompt", "scheduler")},
+            **{name: {"type": "number"} for name in ("strength", "guidance_scale", "true_cfg_scale")},
+            **{name: {"type": "integer"} for name in ("num_inference_steps", "seed")},
+        },
+    }
+    edit = openai_openapi(Limits())
+    edit["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": form}}}
+    return edit
 
 
 def generate_openapi(limits: Limits) -> dict[str, Any]:
@@ -199,6 +257,20 @@ def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool 
                 raise ModelNotLoaded(f"model {model.name} is not ready")
             body = await request.body()
             encoded, _ = await model(RouteCall("openai", body), headers=dict(request.headers))
+        except PredictorError as exc:
+            return _openai_error(exc)
+        data = [{"b64_json": to_base64(image.data), "seed": image.result.params.seed} for image in encoded]
+        return JSONResponse({"created": int(time.time()), "data": data})
+
+    @router.post("/v1/images/edits", tags=["OpenAI"], response_model=None, openapi_extra=openai_edit_openapi())
+    async def openai_edits(request: Request) -> Response:
+        """OpenAI-compatible image edits: ``client.images.edit(image=..., mask=..., prompt=...)`` works against this
+        route. Without a mask the image is reworked whole (img2img); with one, its transparent part is repainted."""
+        try:
+            if not model.ready:
+                raise ModelNotLoaded(f"model {model.name} is not ready")
+            edit = await _edit_form(request)
+            encoded, _ = await model(RouteCall("openai_edit", edit), headers=dict(request.headers))
         except PredictorError as exc:
             return _openai_error(exc)
         data = [{"b64_json": to_base64(image.data), "seed": image.result.params.seed} for image in encoded]

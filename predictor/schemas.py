@@ -9,6 +9,7 @@ failure into ``InvalidRequest`` with the offending parameter, without echoing th
 
 from __future__ import annotations
 
+import base64
 import secrets
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal, get_args
@@ -50,6 +51,7 @@ class Limits:
     max_batch_instances: int = 8
     default_scheduler: str = "auto"  # auto: the family's (ModelTraits.default_scheduler)
     default_guidance_scale: float | None = None  # None: the family's (ModelTraits.default_guidance_scale)
+    max_input_pixels: int = 4096 * 4096  # an input image or mask with more is refused from its header
 
     def for_model(self, traits: ModelTraits) -> Limits:
         """These limits with the family's defaults in place of "auto", once the model is known."""
@@ -84,6 +86,8 @@ ImageSize = Annotated[int, Field(ge=MIN_IMAGE_SIZE, le=HARD_MAX_IMAGE_SIZE, mult
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 Guidance = Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)]
 Prompt = Annotated[str, Field(min_length=1, max_length=HARD_MAX_PROMPT_CHARS)]
+InputImage = Annotated[str, Field(min_length=1)]  # base64 (or a data: URL); the body limit bounds its size
+Strength = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 OptionalText = Annotated[str, Field(max_length=HARD_MAX_PROMPT_CHARS)] | None
 
 
@@ -109,6 +113,9 @@ class ModelTraits:
     guidance: Literal["cfg", "embedded", "none"] = "cfg"
     max_prompt_tokens: dict[str, int] = field(default_factory=lambda: {"prompt": 77})  # per text field
     max_image_size: int | None = None  # the model's own ceiling (SD3's position embedding), None: none
+    # Which of "text", "img2img", "inpaint" the model takes: an inpainting checkpoint (a UNet with mask and
+    # masked-image channels) takes "inpaint" only.
+    modes: frozenset[str] = frozenset({"text"})
 
     def takes(self, name: str) -> bool:
         return name in self.fields or (name in ("prompt_2", "negative_prompt_2") and self.second_text_encoder)
@@ -161,6 +168,19 @@ class GenerationRequest(BaseModel):
     seed: Seed | None = Field(default=None, description="0..2^32-1; drawn by the server when absent, always returned.")
     scheduler: SchedulerName | None = Field(default=None, description="Sampler (default: --default_scheduler).")
     output_format: OutputFormat = Field(default="png", description="Encoding of the returned image.")
+    image: InputImage | None = Field(
+        default=None,
+        description="img2img and inpainting: a PNG, JPEG or WebP image, base64. The output takes its size (rounded "
+        "down to the model's size multiple) unless width or height are given, which resize it.",
+    )
+    mask: InputImage | None = Field(
+        default=None, description="Inpainting: white repaints, black keeps (binarised at half intensity); base64."
+    )
+    strength: Strength | None = Field(
+        default=None,
+        description="With an image: how much of the schedule runs, 0 < s <= 1 (default 0.8 for img2img, 1 for "
+        "inpainting, as diffusers): the job starts that far from the end and makes that share of the steps.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -188,6 +208,18 @@ class GenerationParams:
     prompt_3: str | None = None  # SD3's T5
     negative_prompt_3: str | None = None
     true_cfg_scale: float = 1.0  # FLUX: classifier-free guidance against the negative prompt when above 1
+    # img2img / inpainting: the decoded input (RGB) and mask (grey, white = repaint), already at width x height
+    # or to be resized to it; not compared or hashed (params are keys in tests and benchmarks).
+    image: Any = field(default=None, compare=False, repr=False)
+    mask: Any = field(default=None, compare=False, repr=False)
+    strength: float = 1.0
+
+    @property
+    def mode(self) -> str:
+        """ "text" (text-to-image), "img2img" or "inpaint"."""
+        if self.image is None:
+            return "text"
+        return "img2img" if self.mask is None else "inpaint"
 
     @property
     def uses_guidance(self) -> bool:
@@ -347,6 +379,72 @@ def parse_openai_request(data: Any, limits: Limits, served_model: str) -> tuple[
     return generation, request.n
 
 
+# Form fields of POST /v1/images/edits besides the files, with the type each string converts to.
+_EDIT_FIELDS: dict[str, type] = {
+    "prompt": str,
+    "n": int,
+    "size": str,
+    "response_format": str,
+    "output_format": str,
+    "model": str,
+    "user": str,
+    "negative_prompt": str,
+    "prompt_2": str,
+    "negative_prompt_2": str,
+    "prompt_3": str,
+    "negative_prompt_3": str,
+    "true_cfg_scale": float,
+    "num_inference_steps": int,
+    "guidance_scale": float,
+    "seed": int,
+    "scheduler": str,
+    "strength": float,
+}
+
+
+def parse_openai_edit(
+    fields: dict[str, str], images: list[bytes], mask: bytes | None, limits: Limits, served_model: str
+) -> tuple[list[GenerationRequest], int]:
+    """OpenAI's ``POST /v1/images/edits`` (multipart form) as one generation request per input image, and how many
+    images each makes (``n``). The mask follows OpenAI's convention (its fully transparent pixels mark the area to
+    edit) and becomes this server's (white repaints)."""
+    from predictor.images import decode_mask, encode_png
+
+    typed: dict[str, Any] = {}
+    for name, value in fields.items():
+        kind = _EDIT_FIELDS.get(name)
+        if kind is None:
+            shown = name[:_MAX_PARAM_CHARS]
+            raise InvalidRequest(f"unknown field '{shown}'", param=shown)
+        try:
+            typed[name] = kind(value)
+        except ValueError:
+            noun = "an integer" if kind is int else "a number"
+            raise InvalidRequest(f"'{name}' must be {noun}", param=name) from None
+    if not images:
+        raise InvalidRequest("'image' is required: the picture to edit (PNG, JPEG or WebP)", param="image")
+    if len(images) > limits.max_batch_instances:
+        raise InvalidRequest(f"at most {limits.max_batch_instances} images per request", param="image")
+    strength = typed.pop("strength", None)
+    extra: dict[str, Any] = {}
+    if mask is not None:
+        extra["mask"] = encode_png(decode_mask(mask, "mask", limits.max_input_pixels, transparent_edits=True))
+    if strength is not None:
+        extra["strength"] = strength
+    requests = []
+    n = 1
+    for data in images:
+        generation, n = parse_openai_request(dict(typed), limits, served_model)
+        merged = {**generation.model_dump(exclude_none=True), **extra, "image": base64.b64encode(data).decode()}
+        requests.append(parse_request(merged, limits))
+    if n * len(requests) > limits.max_batch_instances:
+        raise InvalidRequest(
+            f"{len(requests)} images x n {n} make more than {limits.max_batch_instances} (--max_batch_instances)",
+            param="n",
+        )
+    return requests, n
+
+
 def _schema_with_limits(model: type[BaseModel], limits: Limits) -> dict[str, Any]:
     """A request model's JSON schema with the operator's limits in place of the hard ceilings."""
     schema = model.model_json_schema()
@@ -387,8 +485,20 @@ def resolve(
             }.get(name, "models with a third text encoder (SD3 with its T5 encoder)")
             raise refuse(name, f"is for {takers}; this model is of the '{traits.family}' family")
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    width = request.width or traits.native_size
-    height = request.height or traits.native_size
+    image, mask, strength = _input_images(request, limits, traits, prefix)
+    if image is not None:  # the input's size, rounded down to the model's multiple, unless asked otherwise
+        width = request.width or image.width // traits.size_multiple * traits.size_multiple
+        height = request.height or image.height // traits.size_multiple * traits.size_multiple
+        for name, size in (("width", width), ("height", height)):
+            if not MIN_IMAGE_SIZE <= size <= limits.max_image_size:
+                raise refuse(
+                    "image",
+                    f"makes a {name} of {size}, outside {MIN_IMAGE_SIZE}..{limits.max_image_size} "
+                    f"(--max_image_size); pass width and height to resize it",
+                )
+    else:
+        width = request.width or traits.native_size
+        height = request.height or traits.native_size
     if max(width, height) > limits.max_image_size:
         raise InvalidRequest(
             f"the model's native size {traits.native_size} exceeds --max_image_size {limits.max_image_size}; "
@@ -405,6 +515,8 @@ def resolve(
         if traits.max_image_size is not None and size > traits.max_image_size:
             raise refuse(name, f"must be at most {traits.max_image_size}: the model's position embedding ends there")
     steps = request.num_inference_steps or limits.default_steps
+    if image is not None and min(int(steps * strength), steps) < 1:
+        raise refuse("strength", f"leaves no step of {steps}: strength x num_inference_steps must be at least 1")
     scheduler = request.scheduler or limits.default_scheduler
     if scheduler == "auto":
         scheduler = traits.default_scheduler
@@ -451,4 +563,39 @@ def resolve(
         prompt_3=request.prompt_3,
         negative_prompt_3=request.negative_prompt_3,
         true_cfg_scale=float(true_cfg),
+        image=image,
+        mask=mask,
+        strength=strength,
     )
+
+
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # diffusers' img2img and inpainting pipelines' defaults
+
+
+def _input_images(
+    request: GenerationRequest, limits: Limits, traits: ModelTraits, prefix: str
+) -> tuple[Any, Any, float]:
+    """The request's decoded image and mask and its strength, checked against what the model takes."""
+    from predictor.images import check_mask_size, decode_image, decode_mask
+
+    mode = "text" if request.image is None else "img2img" if request.mask is None else "inpaint"
+    if request.image is None:
+        for name in ("mask", "strength"):
+            if getattr(request, name) is not None:
+                raise InvalidRequest(f"'{prefix}{name}' needs an image", param=f"{prefix}{name}")
+    if mode not in traits.modes:
+        param = f"{prefix}{'prompt' if mode == 'text' else 'image' if mode == 'img2img' else 'mask'}"
+        if mode == "text" or (mode == "img2img" and "inpaint" in traits.modes):
+            message = "this is an inpainting checkpoint: send an image and a mask"
+        else:
+            message = f"{mode} is not available for this '{traits.family}' model"
+        raise InvalidRequest(f"'{param}': {message}", param=param)
+    if request.image is None:
+        return None, None, 1.0
+    image = decode_image(request.image, f"{prefix}image", limits.max_input_pixels)
+    mask = None
+    if request.mask is not None:
+        mask = decode_mask(request.mask, f"{prefix}mask", limits.max_input_pixels)
+        check_mask_size(image, mask, f"{prefix}mask")
+    strength = request.strength if request.strength is not None else DEFAULT_STRENGTH[mode]
+    return image, mask, float(strength)

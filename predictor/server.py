@@ -111,9 +111,12 @@ def _hide_repository_routes(app: FastAPI) -> None:
 
 
 class PredictorRESTServer(RESTServer):
-    def __init__(self, *args, max_body_bytes: int, api_keys: tuple[str, ...] = (), **kwargs) -> None:
+    def __init__(
+        self, *args, max_body_bytes: int, max_image_bytes: int, api_keys: tuple[str, ...] = (), **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.max_body_bytes = max_body_bytes
+        self.max_image_bytes = max_image_bytes
         self.api_keys = api_keys
 
     def create_application(self) -> FastAPI:
@@ -124,7 +127,7 @@ class PredictorRESTServer(RESTServer):
             redoc_url=None,
         )
         self._add_middlewares(app)
-        app.add_middleware(RequestGuard, max_body_bytes=self.max_body_bytes)
+        app.add_middleware(RequestGuard, max_body_bytes=self.max_body_bytes, max_image_bytes=self.max_image_bytes)
         if self.api_keys:  # outermost: a request without a key is refused before anything else reads it
             app.add_middleware(ApiKeyGuard, keys=self.api_keys)
         self._register_endpoints(app)
@@ -227,6 +230,7 @@ class PredictorServer(ModelServer):
             ssl_certfile=self.ssl_certfile,
             ssl_keyfile=self.ssl_keyfile,
             max_body_bytes=self.settings.server.max_body_bytes,
+            max_image_bytes=self.settings.server.max_image_bytes,
             api_keys=self.api_keys,
         )
         app = self._rest_server.create_application()

@@ -88,7 +88,7 @@ CASES = [
         ),
         "inputs.negative_prompt",
     ),
-    (V2, {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}, "inputs.image"),
+    (V2, {"inputs": [{"name": "latents", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}, "inputs.latents"),
     (V2, {"inputs": []}, "inputs.prompt"),
     (V2, {"nothing": True}, "inputs"),
     (

@@ -6,6 +6,7 @@ from diffusers import (
     FluxPipeline,
     LatentConsistencyModelPipeline,
     StableDiffusion3Pipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
@@ -22,6 +23,7 @@ from predictor.runners.stable_diffusion_xl import StableDiffusionXLRunner
 RUNNERS: dict[type, type[ModelRunner]] = {
     StableDiffusionPipeline: StableDiffusionRunner,
     StableDiffusionXLPipeline: StableDiffusionXLRunner,
+    StableDiffusionInpaintPipeline: StableDiffusionRunner,  # inpainting checkpoints: mask channels in the UNet
     LatentConsistencyModelPipeline: StableDiffusionRunner,  # its __call__ is SD's with the guidance embedded
     FluxPipeline: FluxRunner,
     StableDiffusion3Pipeline: StableDiffusion3Runner,

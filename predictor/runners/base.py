@@ -16,7 +16,7 @@ import inspect
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -64,6 +64,8 @@ class DenoiseWork:
     cond: Conditioning
     uncond: Conditioning | None  # None: no classifier-free guidance rows for this job
     step_kwargs: dict[str, Any]
+    # img2img / inpainting state a family keeps per job (the image's latents, the noise, the mask)
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -113,6 +115,16 @@ def set_first_step_index(scheduler: Any) -> None:
         return  # schedulers that track no step index (DDIM, PNDM)
     timesteps = scheduler.timesteps.cpu()
     scheduler.set_begin_index(scheduler.index_for_timestep(timesteps[0], timesteps))
+
+
+def strength_schedule(scheduler: SchedulerMixin, steps: int, strength: float) -> torch.Tensor:
+    """The tail of a schedule an img2img or inpainting job runs, as diffusers' ``get_timesteps``: the last
+    ``int(steps * strength)`` steps, the scheduler's begin index set where they start."""
+    kept = min(int(steps * strength), steps)
+    start = max(steps - kept, 0) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
 
 
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -199,6 +211,18 @@ class ModelRunner(ABC):
     def model_input(self, work: DenoiseWork, t: torch.Tensor) -> torch.Tensor:
         return work.scheduler.scale_model_input(work.latents, t)
 
+    def encode_images(self, jobs: list[Job]) -> dict[Job, Any]:
+        """img2img and inpainting jobs' encoded inputs, in as few VAE calls as possible (families that take images)."""
+        if jobs:
+            raise GenerationFailed(f"the {self.loaded.family.name} runner takes no input image")
+        return {}
+
+    def image_latents(
+        self, job: Job, scheduler: SchedulerMixin, timesteps: torch.Tensor, generator: torch.Generator, encoded: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """An image job's starting latents and the per-job state its steps need (families that take images)."""
+        raise GenerationFailed(f"the {self.loaded.family.name} runner takes no input image")
+
     def set_first_step(self, scheduler: SchedulerMixin) -> None:
         """Where a job's schedule starts: found on the host as the scheduler itself would find it on the device."""
         set_first_step_index(scheduler)
@@ -254,28 +278,36 @@ class ModelRunner(ABC):
         # the preparation stream again before the main stream is done with them.
         for job in jobs:
             work: DenoiseWork = job.work
-            held = [work.cond, work.uncond, work.latents, work.timesteps, work.scheduler]
+            held = [work.cond, work.uncond, work.latents, work.timesteps, work.scheduler, work.inputs]
             for tensor in _cuda_tensors(held):
                 tensor.record_stream(main)
 
     def _prepare(self, jobs: list[Job]) -> None:
         conditioning = self.encode(jobs)
+        encoded = self.encode_images([job for job in jobs if job.params.image is not None])
         for job, (cond, uncond) in zip(jobs, conditioning, strict=True):
             p = job.params
             scheduler = self.make_scheduler(p.scheduler)
             set_timesteps(self.loaded, scheduler, p.num_inference_steps, p.height, p.width, self.device)
-            self.set_first_step(scheduler)
             # Same draws as diffusers' pipeline with generator=torch.Generator("cpu").manual_seed(seed).
             generator = torch.Generator("cpu").manual_seed(p.seed)
-            latents = self.initial_latents(job, scheduler, generator)
+            inputs: dict[str, torch.Tensor] = {}
+            if p.image is None:
+                self.set_first_step(scheduler)
+                timesteps = scheduler.timesteps
+                latents = self.initial_latents(job, scheduler, generator)
+            else:
+                timesteps = strength_schedule(scheduler, p.num_inference_steps, p.strength)
+                latents, inputs = self.image_latents(job, scheduler, timesteps, generator, encoded[job])
             accepted = self._accepted_step_kwargs(scheduler)
             step_kwargs: dict[str, Any] = {}
             if "generator" in accepted:
                 step_kwargs["generator"] = generator
             if "eta" in accepted:
                 step_kwargs["eta"] = 0.0
-            job.work = DenoiseWork(scheduler, scheduler.timesteps, latents, cond, uncond, step_kwargs)
-            job.steps_total = len(scheduler.timesteps)
+            job.work = DenoiseWork(scheduler, timesteps, latents, cond, uncond, step_kwargs, inputs)
+            job.steps_total = len(timesteps)
+            job.steps_asked = min(int(p.num_inference_steps * p.strength), p.num_inference_steps)
 
     def _accepted_step_kwargs(self, scheduler: SchedulerMixin) -> frozenset[str]:
         cls = type(scheduler)

@@ -18,12 +18,14 @@ from collections.abc import Hashable
 from typing import Any
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from predictor.config import EngineConfig
 from predictor.jobs import Job
-from predictor.pipeline import make_scheduler
-from predictor.runners.base import Conditioning
+from predictor.pipeline import LoadedPipeline, make_scheduler
+from predictor.runners.base import Conditioning, DenoiseWork
 from predictor.runners.latent import LatentRunner
 from predictor.schemas import GenerationParams
 
@@ -119,6 +121,108 @@ class StableDiffusionRunner(UNetRunner):
             uncond = None if other is None else {"encoder_hidden_states": embeds[other : other + 1]}
             rows.append((cond, uncond))
         return rows
+
+    # ---- img2img and inpainting: diffusers' StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline ----
+
+    def __init__(self, loaded: LoadedPipeline, config: EngineConfig) -> None:
+        super().__init__(loaded, config)
+        # The processors diffusers' img2img and inpainting pipelines make (a text-to-image pipeline has no mask one).
+        scale = self.pipe.vae_scale_factor
+        self.image_processor = VaeImageProcessor(vae_scale_factor=scale)
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=scale, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+        )
+
+    @property
+    def _inpainting_unet(self) -> bool:
+        """A UNet with mask and masked-image channels (9 in): an inpainting checkpoint."""
+        return self.pipe.unet.config.in_channels != self.pipe.vae.config.latent_channels
+
+    def encode_images(self, jobs: list[Job]) -> dict[Job, Any]:
+        """Each image job's preprocessed input, mask and VAE posteriors: one encoder call per output size over
+        every image (and masked image) that needs one. The posteriors are sampled per job in ``image_latents``,
+        each with its own generator, in the order its pipeline samples them."""
+        dtype = self.latent_dtype
+        encoded: dict[Job, Any] = {}
+        by_size: dict[tuple[int, int], list[Job]] = {}
+        for job in jobs:
+            by_size.setdefault((job.params.height, job.params.width), []).append(job)
+        for (height, width), group in by_size.items():
+            pixels, owners = [], []
+            for job in group:
+                p = job.params
+                image = self.image_processor.preprocess(p.image, height=height, width=width).to(torch.float32)
+                entry: dict[str, Any] = {}
+                if p.mask is not None:
+                    mask = self.mask_processor.preprocess(p.mask, height=height, width=width)
+                    entry["mask"] = mask
+                    if self._inpainting_unet:  # a 4-channel UNet only needs the masked image's draw, not its latents
+                        pixels.append(image * (mask < 0.5))
+                        owners.append((job, "masked_posterior"))
+                if p.mask is None or not self._inpainting_unet or p.strength < 1.0:
+                    pixels.append(image)
+                    owners.append((job, "image_posterior"))
+                encoded[job] = entry
+            if pixels:
+                batch = torch.cat(pixels).to(device=self.device, dtype=dtype)
+                posterior = self.vae.encode(batch.to(self.vae.dtype)).latent_dist
+                for row, (job, name) in enumerate(owners):
+                    encoded[job][name] = (posterior.mean[row : row + 1], posterior.std[row : row + 1])
+        return encoded
+
+    def _sample(self, posterior: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """diffusers' ``latent_dist.sample(generator)`` for one row, times the VAE's scaling factor."""
+        mean, std = posterior
+        draw = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self.vae.config.scaling_factor * (mean + std * draw)
+
+    def image_latents(
+        self, job: Job, scheduler: SchedulerMixin, timesteps: torch.Tensor, generator: torch.Generator, encoded: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        p, dtype = job.params, self.latent_dtype
+        first = timesteps[:1]
+        if p.mask is None:  # img2img: the image's latents noised to where the kept schedule starts
+            init = self._sample(encoded["image_posterior"], generator).to(dtype)
+            noise = randn_tensor(init.shape, generator=generator, device=self.device, dtype=dtype)
+            return scheduler.add_noise(init, noise, first), {}
+        # Inpainting, in the order StableDiffusionInpaintPipeline draws: the image's latents (when needed), the
+        # noise, then the masked image's latents.
+        scale = self.pipe.vae_scale_factor
+        shape = (1, self.pipe.vae.config.latent_channels, p.height // scale, p.width // scale)
+        from_noise = p.strength == 1.0
+        image_latents = None
+        if "image_posterior" in encoded:
+            image_latents = self._sample(encoded["image_posterior"], generator).to(dtype)
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+        latents = noise * scheduler.init_noise_sigma
+        if not from_noise:
+            latents = scheduler.add_noise(image_latents, noise, first)
+        mask = torch.nn.functional.interpolate(encoded["mask"], size=shape[-2:]).to(device=self.device, dtype=dtype)
+        if self._inpainting_unet:
+            masked = self._sample(encoded["masked_posterior"], generator).to(dtype)
+            return latents, {"mask": mask, "masked_image_latents": masked}
+        # A 4-channel UNet: the masked image's latents go unused, but their draw moves the generator on.
+        randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+        return latents, {"mask": mask, "image_latents": image_latents, "noise": noise}
+
+    def model_input(self, work: DenoiseWork, t: torch.Tensor) -> torch.Tensor:
+        x = super().model_input(work, t)
+        if "masked_image_latents" in work.inputs:  # an inpainting UNet reads the mask and masked image too
+            return torch.cat([x, work.inputs["mask"], work.inputs["masked_image_latents"]], dim=1)
+        return x
+
+    def advance(self, job: Job, noise: torch.Tensor) -> None:
+        super().advance(job, noise)
+        work: DenoiseWork = job.work
+        if "image_latents" not in work.inputs:
+            return
+        # A 4-channel UNet inpaints by putting the image back, noised to the next step, outside the mask.
+        kept = work.inputs["image_latents"]
+        step = job.steps_done - 1
+        if step < len(work.timesteps) - 1:
+            kept = work.scheduler.add_noise(kept, work.inputs["noise"], work.timesteps[step + 1 : step + 2])
+        mask = work.inputs["mask"]
+        work.latents = (1 - mask) * kept + mask * work.latents
 
     @property
     def has_safety_checker(self) -> bool:
