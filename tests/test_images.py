@@ -1,0 +1,325 @@
+"""Image inputs: img2img and inpainting (a 4-channel UNet that blends, and an inpainting checkpoint whose UNet
+reads the mask) as jobs in the same batches as text-to-image, each image equal to diffusers' own img2img or
+inpainting pipeline's; the share of the schedule a strength runs; the output size rule; bad images refused with
+a 400 that says why; and every protocol on a real server, the OpenAI SDK's ``images.edit`` included."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from PIL import Image
+
+from predictor.builtin import build_tiny_inpaint
+from predictor.errors import InvalidRequest
+from predictor.pipeline import SCHEDULERS, load_pipeline
+from predictor.schemas import GenerationRequest, Limits, resolve
+from predictor.testing import (
+    StepLog,
+    decode_image,
+    diffusers_image,
+    free_port,
+    pixels,
+    running_engine,
+    start_server,
+    stop_server,
+    wait_ready,
+)
+
+TOLERANCE = 1  # grey levels
+SCHEDULER_NAMES = [name for name in SCHEDULERS if name != "lcm"]
+
+
+def _png(image: Image.Image, fmt: str = "PNG", **options) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _picture(width: int = 80, height: int = 64, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _mask(width: int = 80, height: int = 64) -> Image.Image:
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
+    return Image.fromarray(mask)
+
+
+@pytest.fixture(scope="module")
+def inpaint_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-inpaint")
+    build_tiny_inpaint().save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def _resolved(loaded, **body):
+    traits = loaded.traits
+    return resolve(GenerationRequest(**body), Limits().for_model(traits), traits)
+
+
+def _reference(directory: Path, cls):
+    pipe = cls.from_pretrained(directory, use_safetensors=True, dtype=torch.float32, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _expected(references: dict, p) -> np.ndarray:
+    """diffusers' own img2img or inpainting pipeline for ``p``, with the same arguments and scheduler."""
+    if p.image is None:
+        return diffusers_image(references["text"], p)
+    pipe = references["inpaint" if p.mask is not None else "img2img"]
+    original = pipe.scheduler
+    scheduler_class, overrides = SCHEDULERS[p.scheduler]
+    pipe.scheduler = scheduler_class.from_config(original.config, **overrides)
+    arguments = {
+        "prompt": p.prompt,
+        "image": p.image,
+        "strength": p.strength,
+        "num_inference_steps": p.num_inference_steps,
+        "guidance_scale": p.guidance_scale,
+        "generator": torch.Generator("cpu").manual_seed(p.seed),
+    }
+    if p.negative_prompt is not None:
+        arguments["negative_prompt"] = p.negative_prompt
+    if p.mask is not None:
+        arguments.update(mask_image=p.mask, height=p.height, width=p.width)
+    try:
+        return pixels(pipe(**arguments).images[0])
+    finally:
+        pipe.scheduler = original
+
+
+def _mixed(loaded, references: dict, cases: list) -> None:
+    """The first two cases alone, then all at once with half joining mid-flight: each equals diffusers' image."""
+    expected = [_expected(references, case) for case in cases]
+    with running_engine(loaded, max_batch_size=8) as engine:
+        alone = [pixels(engine.generate(case).image) for case in cases[:2]]
+        early = engine.submit(cases[: len(cases) // 2])
+        late: list = []
+
+        def join_later(step: int) -> None:
+            if step == 1 and not late:
+                late.extend(engine.submit(cases[len(cases) // 2 :]))
+
+        engine.submit([cases[0]], on_progress=StepLog().callback("t", join_later))[0].result(timeout=120)
+        mixed = [pixels(f.result(timeout=120).image) for f in early + late]
+    assert late, "the later jobs joined while others were running"
+    for got, want in zip(alone + mixed, expected[:2] + expected, strict=True):
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= TOLERANCE
+
+
+def test_img2img_and_inpainting_equal_diffusers_beside_text_jobs(tiny_model_dir: Path) -> None:
+    loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
+    assert loaded.traits.modes == {"text", "img2img", "inpaint"}
+    references = {
+        "text": _reference(tiny_model_dir, StableDiffusionPipeline),
+        "img2img": _reference(tiny_model_dir, StableDiffusionImg2ImgPipeline),
+        "inpaint": _reference(tiny_model_dir, StableDiffusionInpaintPipeline),
+    }
+    image, mask = _png(_picture()), _png(_mask())
+    cases = []
+    for i, scheduler in enumerate(SCHEDULER_NAMES):
+        body = {"prompt": f"a boat {i}", "seed": i, "num_inference_steps": 5, "scheduler": scheduler, "image": image}
+        body["guidance_scale"] = [1.0, 6.0][i % 2]
+        if i % 2:
+            body["mask"] = mask
+        if i % 3 == 1:
+            body["strength"] = 0.6
+        if i == 3:
+            body["negative_prompt"] = "fog"
+        cases.append(_resolved(loaded, **body))
+        cases.append(_resolved(loaded, prompt=f"text {i}", seed=50 + i, num_inference_steps=4, scheduler=scheduler))
+    assert {case.mode for case in cases} == {"text", "img2img", "inpaint"}
+    assert {case.strength for case in cases if case.mode != "text"} == {0.6, 0.8, 1.0}
+    _mixed(loaded, references, cases)
+
+
+def test_inpainting_checkpoint_equals_diffusers_and_takes_only_inpainting(inpaint_dir: Path) -> None:
+    loaded = load_pipeline(str(inpaint_dir), "not/used", None, "cpu", "float32")
+    assert loaded.traits.modes == {"inpaint"}
+    references = {"inpaint": _reference(inpaint_dir, StableDiffusionInpaintPipeline)}
+    image, mask = _png(_picture(96, 64, seed=1)), _png(_mask(96, 64))
+    cases = [
+        _resolved(loaded, prompt=f"p{i}", seed=i, num_inference_steps=4, scheduler=name, image=image, mask=mask)
+        for i, name in enumerate(SCHEDULER_NAMES[:4])
+    ]
+    cases.append(_resolved(loaded, prompt="half", seed=9, strength=0.5, image=image, mask=mask, scheduler="euler"))
+    _mixed(loaded, references, cases)
+    for body, param in (({"prompt": "a"}, "prompt"), ({"prompt": "a", "image": image}, "image")):
+        with pytest.raises(InvalidRequest, match="inpainting checkpoint") as error:
+            _resolved(loaded, **body)
+        assert error.value.param == param
+
+
+def test_strength_runs_its_share_of_the_schedule(tiny_model_dir: Path) -> None:
+    """An img2img job at strength 0.5 makes half the UNet calls of a full one, and its progress counts those."""
+    loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
+    calls: list[int] = []
+    hook = loaded.pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        image = _png(_picture(64, 64))
+        with running_engine(loaded) as engine:
+            for strength in (None, 1.0, 0.5, 0.25):
+                body = {"prompt": "a", "num_inference_steps": 20, "guidance_scale": 0.0, "scheduler": "euler"}
+                if strength is not None:
+                    body |= {"image": image, "strength": strength}
+                log = StepLog()
+                calls.clear()
+                engine.submit([_resolved(loaded, **body)], on_progress=log.callback("j"))[0].result(timeout=60)
+                expected = round(20 * (strength or 1.0))
+                assert len(calls) == expected, strength
+                assert log.totals[-1] == expected and log.events[-1] == ("j", expected)
+    finally:
+        hook.remove()
+
+
+def test_output_takes_the_inputs_size_rounded_down_or_the_size_asked(tiny_model_dir: Path) -> None:
+    loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
+    picture = _picture(101, 70)
+    rounded = _resolved(loaded, prompt="a", image=_png(picture))
+    assert (rounded.width, rounded.height) == (96, 64)
+    asked = _resolved(loaded, prompt="a", image=_png(picture), width=64, height=80, seed=3, num_inference_steps=3)
+    references = {"img2img": _reference(tiny_model_dir, StableDiffusionImg2ImgPipeline)}
+    with running_engine(loaded) as engine:
+        served = pixels(engine.generate(asked).image)
+    assert served.shape == (80, 64, 3)
+    # diffusers' img2img pipeline takes no size: it gets the picture resized as the server resizes it (its own
+    # image processor's resize, Lanczos).
+    resized = references["img2img"].image_processor.resize(picture, 80, 64)
+    want = _expected(references, type(asked)(**{**asked.__dict__, "image": resized}))
+    assert np.abs(served - want).max() <= TOLERANCE
+    with pytest.raises(InvalidRequest, match=r"outside 64\.\.1024") as error:
+        _resolved(loaded, prompt="a", image=_png(_picture(60, 60)))
+    assert error.value.param == "image"
+
+
+def _gif() -> str:
+    return _png(_picture(64, 64), "GIF")
+
+
+def _animated_png() -> str:
+    frames = [_picture(64, 64, seed) for seed in range(2)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="PNG", save_all=True, append_images=frames[1:])
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _truncated_png() -> str:
+    data = base64.b64decode(_png(_picture(64, 64)))
+    return base64.b64encode(data[: len(data) // 2]).decode()
+
+
+def _sixteen_bit_png() -> str:
+    return _png(Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16)))
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"image": "not base64!"}, "image", "not valid base64"),
+        ({"image": base64.b64encode(b"hello, world").decode()}, "image", "not a PNG, JPEG or WebP image"),
+        ({"image": _gif()}, "image", "is a GIF image"),
+        ({"image": _animated_png()}, "image", "animated"),
+        ({"image": _truncated_png()}, "image", "truncated or corrupt"),
+        ({"image": _sixteen_bit_png()}, "image", "16-bit"),
+        ({"image": _png(_picture(200, 200))}, "image", "more than --max_input_pixels 20000"),
+        ({"image": _png(_picture()), "mask": _png(_mask(64, 64))}, "mask", "must match"),
+        ({"image": _png(_picture()), "mask": "%%%"}, "mask", "not valid base64"),
+        ({"mask": _png(_mask())}, "mask", "needs an image"),
+        ({"strength": 0.5}, "strength", "needs an image"),
+        ({"image": _png(_picture()), "strength": 0.1, "num_inference_steps": 5}, "strength", "leaves no step"),
+    ],
+)
+def test_bad_images_are_400s_that_say_why(tiny_model_dir: Path, body: dict, param: str, words: str) -> None:
+    loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
+    limits = Limits(max_input_pixels=20_000).for_model(loaded.traits)
+    with pytest.raises(InvalidRequest) as error:
+        resolve(GenerationRequest(prompt="a", **body), limits, loaded.traits, prefix="instances[0].")
+    assert error.value.param == f"instances[0].{param}"
+    assert words in error.value.message
+
+
+def test_image_modes_convert_and_exif_orientation_holds(tiny_model_dir: Path) -> None:
+    loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
+    picture = _picture(96, 64)
+    for image in (picture.convert("RGBA"), picture.convert("P"), picture.convert("L"), picture.convert("CMYK")):
+        fmt = "JPEG" if image.mode == "CMYK" else "PNG"
+        resolved = _resolved(loaded, prompt="a", image=_png(image, fmt))
+        assert resolved.image.mode == "RGB" and resolved.image.size == (96, 64)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    rotated = _resolved(loaded, prompt="a", image=_png(picture, "JPEG", exif=exif))
+    assert (rotated.width, rotated.height) == (64, 96)
+
+
+def test_image_inputs_are_refused_for_families_that_take_none() -> None:
+    traits = load_pipeline(None, "builtin:tiny-sdxl", None, "cpu", "float32").traits
+    with pytest.raises(InvalidRequest, match="img2img is not available for this 'sdxl' model") as error:
+        resolve(GenerationRequest(prompt="a", image=_png(_picture())), Limits().for_model(traits), traits)
+    assert error.value.param == "image"
+
+
+def test_image_routes_on_a_server(tmp_path: Path) -> None:
+    """Every protocol takes an image; image routes take bodies past --max_body_bytes up to --max_image_bytes; the
+    OpenAI SDK's images.edit with a transparent-area mask equals /generate with that area white."""
+    import openai
+
+    port = free_port()
+    log = tmp_path / "server.log"
+    flags = ("--default_steps", "3", "--max_body_bytes", "4096", "--max_image_bytes", "200000")
+    process = start_server(
+        "--model_id", "builtin:tiny", "--model_dir", str(tmp_path / "none"), *flags, port=port, log=log
+    )
+    base = f"http://127.0.0.1:{port}"
+    picture, white = _picture(96, 64), _mask(96, 64)
+    image = _png(picture)
+    assert len(image) > 4096
+    try:
+        wait_ready(process, port, log)
+        body = {"prompt": "a boat", "image": image, "mask": _png(white), "seed": 11}
+        generated = httpx.post(f"{base}/generate", json=body, timeout=60)
+        assert generated.status_code == 200, generated.text
+        assert decode_image(generated.content).shape == (64, 96, 3)
+        v1 = httpx.post(f"{base}/v1/models/sd:predict", json={"instances": [body, {"prompt": "x"}]}, timeout=60)
+        assert v1.status_code == 200 and [p["width"] for p in v1.json()["predictions"]] == [96, 64]
+        tensors = [
+            {"name": name, "shape": [1], "datatype": "BYTES", "data": [body[name]]} for name in ("prompt", "image")
+        ]
+        v2 = httpx.post(f"{base}/v2/models/sd/infer", json={"inputs": tensors}, timeout=60)
+        assert v2.status_code == 200, v2.text
+
+        # OpenAI's convention: the fully transparent pixels are the area to edit.
+        openai_mask = Image.new("RGBA", picture.size, (0, 0, 0, 255))
+        openai_mask.putalpha(Image.fromarray(255 - np.asarray(white)))
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        files = {
+            "image": ("boat.png", base64.b64decode(image), "image/png"),
+            "mask": ("mask.png", base64.b64decode(_png(openai_mask)), "image/png"),
+        }
+        edited = client.images.edit(**files, prompt="a boat", n=2, extra_body={"seed": 11})
+        assert [item.model_extra["seed"] for item in edited.data] == [11, 12]
+        first = decode_image(base64.b64decode(edited.data[0].b64_json))
+        assert np.abs(first - decode_image(generated.content)).max() <= TOLERANCE
+        with pytest.raises(openai.BadRequestError) as error:
+            client.images.edit(
+                image=files["image"], mask=("m.png", base64.b64decode(_png(white)), "image/png"), prompt="a"
+            )
+        assert "no alpha channel" in error.value.body["message"]
+
+        # Body limits: the image routes take up to --max_image_bytes, the others --max_body_bytes.
+        too_big = {"prompt": "x" * 5000}
+        assert httpx.post(f"{base}/v1/images/generations", json=too_big).status_code == 413
+        huge = httpx.post(f"{base}/generate", json={"prompt": "a", "image": "A" * 250_000})
+        assert huge.status_code == 413 and "--max_image_bytes" in huge.json()["error"]
+        form = httpx.post(f"{base}/v1/images/edits", json={"prompt": "a"})
+        assert form.status_code == 400 and "multipart/form-data" in form.json()["error"]["message"]
+    finally:
+        assert stop_server(process) == 0
