@@ -21,7 +21,11 @@ import httpx
 from common import free_port, median, percentile, start_server, stop_server, wait_ready
 
 
-async def drive(port: int, body: dict, clients: int, requests: int) -> tuple[float, list[float], dict[int, int]]:
+async def drive(
+    port: int, body: dict | list[dict], clients: int, requests: int
+) -> tuple[float, list[float], dict[int, int]]:
+    """``requests`` POSTs from ``clients`` concurrent clients; a list of bodies is sent in turn."""
+    bodies = body if isinstance(body, list) else [body]
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     remaining = requests
@@ -31,7 +35,7 @@ async def drive(port: int, body: dict, clients: int, requests: int) -> tuple[flo
         while remaining > 0:
             remaining -= 1
             started = time.perf_counter()
-            response = await client.post("/generate", json=body)
+            response = await client.post("/generate", json=bodies[remaining % len(bodies)])
             latencies.append(time.perf_counter() - started)
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
 
@@ -64,7 +68,7 @@ def lone_latency(port: int, body: dict, repeats: int = 3) -> float:
     return median(times)
 
 
-def measure_server(options: argparse.Namespace, batch_size: int, body: dict) -> dict[str, float]:
+def measure_server(options: argparse.Namespace, batch_size: int, body: dict | list[dict]) -> dict[str, float]:
     port = free_port()
     args = [
         "--model_id",
@@ -80,7 +84,7 @@ def measure_server(options: argparse.Namespace, batch_size: int, body: dict) -> 
     process = start_server(*args, port=port, log=options.log and f"{options.log}.bs{batch_size}.log")
     try:
         ready_s = wait_ready(process, port, timeout_s=600)
-        lone = lone_latency(port, body)
+        lone = lone_latency(port, body[0] if isinstance(body, list) else body)  # a text-to-image request
         asyncio.run(drive(port, body, options.clients, options.clients))  # warm every batch size on the way
         cpu_before = cpu_seconds(process.pid)
         wall, latencies, statuses = asyncio.run(drive(port, body, options.clients, options.requests))
@@ -129,6 +133,20 @@ def measure_diffusers(options: argparse.Namespace) -> dict[str, float]:
     return {"lone": lone, "images_per_s": options.diffusers_batch / batched}
 
 
+def picture(size: int) -> str:
+    """A size x size noise picture as base64 PNG: an img2img request's input."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_id", default="builtin:tiny")
@@ -138,6 +156,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--scheduler", default=None, help="default: the served model's (dpmpp_2m SD, euler FLUX)")
     parser.add_argument("--batch_size", type=int, default=8, help="--max_batch_size of the batching server")
+    parser.add_argument(
+        "--img2img_every", type=int, default=0, help="make one request in N img2img (an input picture; 0: none)"
+    )
+    parser.add_argument("--strength", type=float, default=0.5, help="the img2img requests' strength")
     parser.add_argument("--diffusers", action="store_true", help="also measure the bare diffusers pipeline")
     parser.add_argument("--diffusers_batch", type=int, default=8)
     parser.add_argument("--log", default=None, help="write server logs to LOG.bsN.log")
@@ -152,6 +174,10 @@ def main() -> None:
     }
     if options.scheduler is not None:
         body["scheduler"] = options.scheduler
+    if options.img2img_every > 0:
+        body = [body] * (options.img2img_every - 1) + [
+            {**body, "image": picture(options.size), "strength": options.strength}
+        ]
     results = {
         f"batching (max_batch_size {options.batch_size})": measure_server(options, options.batch_size, body),
         "serial (max_batch_size 1)": measure_server(options, 1, body),
@@ -159,6 +185,7 @@ def main() -> None:
     print(
         f"\nmodel {options.model_id}, {options.size}x{options.size}, {options.steps} steps, "
         f"{options.clients} clients, {options.requests} requests"
+        + (f", every {options.img2img_every}th img2img at strength {options.strength}" if options.img2img_every else "")
     )
     print(f"{'configuration':<30}{'images/s':>10}{'p50 s':>9}{'p95 s':>9}{'lone s':>9}{'ready s':>9}{'cpu ms/img':>12}")
     for name, r in results.items():

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance", type=float, help="Guidance scale.")
     parser.add_argument("--true_cfg", type=float, help="FLUX: guidance against --negative when above 1.")
     parser.add_argument("--scheduler", help="Scheduler name (see GET /v1/models/NAME/schedulers).")
+    parser.add_argument("--image", help="img2img / inpainting: an input picture file (PNG, JPEG or WebP).")
+    parser.add_argument("--mask", help="Inpainting: a mask file, white = repaint, black = keep (needs --image).")
+    parser.add_argument("--strength", type=float, help="With --image: how much of the schedule runs (0 < s <= 1).")
     parser.add_argument(
         "--format", choices=OUTPUT_FORMATS, help="Image format (default: from -o's extension, else png)."
     )
@@ -81,6 +84,7 @@ def request_body(args: argparse.Namespace, output_format: str) -> dict:
         "negative3": "negative_prompt_3",
         "guidance": "guidance_scale",
         "true_cfg": "true_cfg_scale",
+        "strength": "strength",
         "scheduler": "scheduler",
     }
     for option, field in fields.items():
@@ -112,6 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     body = request_body(args, output_format(parser, args))
     err = sys.stderr
+    for option in ("image", "mask"):
+        path = getattr(args, option)
+        if path is None:
+            continue
+        try:
+            body[option] = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+        except OSError as exc:
+            print(f"error: cannot read --{option} {path}: {exc.strerror}", file=err)
+            return 2
     headers = {"Accept": "text/event-stream"}
     if args.api_key:
         headers["Authorization"] = f"Bearer {args.api_key}"

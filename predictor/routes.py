@@ -295,6 +295,7 @@ def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool 
             "request_fields": {name: traits.takes(name) for name in FAMILY_FIELDS},
             "guidance": traits.guidance,
             "max_prompt_tokens": traits.max_prompt_tokens,
+            "modes": sorted(traits.modes),  # "text", "img2img", "inpaint": what requests with images may ask
         }
         limits = {
             **model.limits.as_dict(),

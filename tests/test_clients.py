@@ -187,6 +187,20 @@ def test_cli_writes_the_image_and_shows_progress(server: str, tmp_path: Path) ->
     assert jpeg.read_bytes()[:3] == b"\xff\xd8\xff"
 
 
+def test_cli_sends_an_input_image_and_mask(server: str, tmp_path: Path) -> None:
+    picture, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.new("RGB", (101, 70), (200, 100, 50)).save(picture)
+    Image.new("L", (101, 70), 255).save(mask)
+    output = tmp_path / "out.png"
+    args = ("a fox", "-o", str(output), "--url", server, "--image", str(picture), "--steps", "4", "--strength", "0.5")
+    result = run_cli(*args, "--mask", str(mask))
+    assert result.returncode == 0, result.stderr
+    assert png_size(output.read_bytes()) == (96, 64)  # the input's size, rounded down to a multiple of 8
+    assert "step 2/2" in result.stderr  # strength 0.5 of 4 steps
+    missing = run_cli("a fox", "--url", server, "--image", str(tmp_path / "nope.png"))
+    assert missing.returncode == 2 and "cannot read --image" in missing.stderr
+
+
 def test_cli_reports_the_servers_message_and_exits_non_zero(server: str, tmp_path: Path) -> None:
     result = run_cli("a fox", "-o", str(tmp_path / "x.png"), "--url", server, "--width", "65")
     assert result.returncode == 1

@@ -19,12 +19,33 @@ async function loadLimits() {
     $(`${field}-label`).hidden = !(info.request_fields && info.request_fields[field]);
   }
   $("api_key-label").hidden = !info.api_key_required;
+  $("inputs").hidden = !(info.modes || []).some((mode) => mode !== "text");
   $("api_key").value = sessionStorage.getItem("api_key") || "";
   for (const field of ["width", "height"]) {
     $(field).max = info.max_image_size;
     $(field).step = info.image_size_multiple;
     $(field).placeholder = info.native_size;
   }
+}
+
+function readFile(input) {
+  const file = input.files && input.files[0];
+  if (!file) return Promise.resolve(null);
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result); // a data: URL, which the server accepts as base64
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function addInputs(body) {
+  if ($("inputs").hidden) return body;
+  const [image, mask] = await Promise.all([readFile($("image")), readFile($("mask"))]);
+  if (image) body.image = image;
+  if (mask) body.mask = mask;
+  if (image && $("strength").value !== "") body.strength = parseFloat($("strength").value);
+  return body;
 }
 
 function requestBody() {
@@ -86,7 +107,7 @@ async function generate(event) {
     const response = await fetch("/generate", {
       method: "POST",
       headers: requestHeaders(),
-      body: JSON.stringify(requestBody()),
+      body: JSON.stringify(await addInputs(requestBody())),
     });
     if (!response.ok) {
       const error = await response.json().catch(() => ({ error: response.statusText }));
