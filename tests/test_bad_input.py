@@ -100,6 +100,15 @@ CASES = [
         "parameters.seed",
     ),
     (V2, b"{broken", "body"),
+    # Input images: every flaw is a 400 naming the field, in every protocol.
+    ("/generate", {"prompt": "a", "image": "not base64!"}, "image"),
+    ("/generate", {"prompt": "a", "image": "aGVsbG8="}, "image"),  # base64 of "hello": not an image
+    ("/generate", {"prompt": "a", "image": 7}, "image"),
+    ("/generate", {"prompt": "a", "strength": 2.0}, "strength"),
+    ("/generate", {"prompt": "a", "mask": "aGVsbG8="}, "mask"),
+    (V1, {"instances": [{"prompt": "a"}, {"prompt": "b", "image": "%%"}]}, "instances[1].image"),
+    (V2, v2(extra_inputs=[{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%"]}]), "inputs.image"),
+    (V2, v2(extra_inputs=[{"name": "image", "datatype": "FP32", "shape": [1], "data": [1.0]}]), "inputs.image"),
 ]
 
 

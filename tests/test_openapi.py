@@ -3,6 +3,7 @@ content type, header or body that the document does not declare."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -64,6 +65,8 @@ def test_schemathesis_finds_nothing(tmp_path: Path, require_tool) -> None:
                 "/livez",
                 "--include-path",
                 "/v1/images/generations",
+                "--include-path",
+                "/v1/images/edits",
                 "--checks",
                 ",".join(CHECKS),
                 "--max-examples",
@@ -80,7 +83,11 @@ def test_schemathesis_finds_nothing(tmp_path: Path, require_tool) -> None:
             cwd=tmp_path,  # schemathesis keeps its cache in the working directory: not in the checkout
         )
         assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-        assert "No issues found" in result.stdout
+        # Every generated case passed (random bytes are no image, so most edit cases are 400s: schemathesis warns
+        # that the route rejects most of what it generates, which is this test's point).
+        counts = re.search(r"(\d+) generated, (\d+) passed", result.stdout)
+        assert counts and counts.group(1) == counts.group(2), result.stdout[-3000:]
+        assert "FAILURES" not in result.stdout
         assert httpx.get(f"{base}/v1/models/sd", timeout=5).status_code == 200
     finally:
         assert stop_server(process) == 0
