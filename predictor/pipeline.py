@@ -218,9 +218,17 @@ class LoadedPipeline:
             fields -= {"prompt_3", "negative_prompt_3"}
             tokens.pop("prompt_3")
         modes = {"text"}
+        default_strength = {"img2img": 0.8, "inpaint": 1.0}
+        image_schedulers: tuple[str, ...] = ()
         if isinstance(pipe, StableDiffusionPipeline | StableDiffusionInpaintPipeline):
             inpainting_unet = pipe.unet.config.in_channels != pipe.vae.config.latent_channels
             modes = {"inpaint"} if inpainting_unet else {"text", "img2img", "inpaint"}
+        elif family.flow_matching:
+            # FluxImg2ImgPipeline and StableDiffusion3Img2ImgPipeline: the image's latents noised by the
+            # scheduler's scale_noise, which only the flow-matching Euler and Heun have.
+            modes = {"text", "img2img"}
+            default_strength = {"img2img": 0.6, "inpaint": 0.6}
+            image_schedulers = tuple(n for n in schedulers if hasattr(FLOW_SCHEDULERS[n][0], "scale_noise"))
         max_size = None
         pos_embed = getattr(self.denoiser.config, "pos_embed_max_size", None)
         if family.name == "sd3" and pos_embed:
@@ -239,6 +247,8 @@ class LoadedPipeline:
             max_prompt_tokens=tokens,
             max_image_size=max_size,
             modes=frozenset(modes),
+            default_strength=default_strength,
+            image_schedulers=image_schedulers,
         )
 
     def describe(self) -> dict[str, Any]:

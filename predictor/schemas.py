@@ -116,6 +116,9 @@ class ModelTraits:
     # Which of "text", "img2img", "inpaint" the model takes: an inpainting checkpoint (a UNet with mask and
     # masked-image channels) takes "inpaint" only.
     modes: frozenset[str] = frozenset({"text"})
+    # img2img and inpainting defaults as diffusers' pipelines for the family set them (SD 0.8 and 1, FLUX and SD3 0.6)
+    default_strength: dict[str, float] = field(default_factory=lambda: {"img2img": 0.8, "inpaint": 1.0})
+    image_schedulers: tuple[str, ...] = ()  # those that can start from an image (FLUX and SD3: scale_noise)
 
     def takes(self, name: str) -> bool:
         return name in self.fields or (name in ("prompt_2", "negative_prompt_2") and self.second_text_encoder)
@@ -515,7 +518,7 @@ def resolve(
         if traits.max_image_size is not None and size > traits.max_image_size:
             raise refuse(name, f"must be at most {traits.max_image_size}: the model's position embedding ends there")
     steps = request.num_inference_steps or limits.default_steps
-    if image is not None and min(int(steps * strength), steps) < 1:
+    if image is not None and kept_steps(steps, strength, traits.family in ("flux", "sd3")) < 1:
         raise refuse("strength", f"leaves no step of {steps}: strength x num_inference_steps must be at least 1")
     scheduler = request.scheduler or limits.default_scheduler
     if scheduler == "auto":
@@ -525,6 +528,12 @@ def resolve(
         raise InvalidRequest(
             f"'{prefix}{param}' '{scheduler}' is not available for this '{traits.family}' model; "
             f"choose one of {', '.join(traits.schedulers)}",
+            param=f"{prefix}scheduler",
+        )
+    if image is not None and traits.image_schedulers and scheduler not in traits.image_schedulers:
+        raise InvalidRequest(
+            f"'{prefix}scheduler' '{scheduler}' cannot start from an image on this '{traits.family}' model; "
+            f"choose one of {', '.join(traits.image_schedulers)}",
             param=f"{prefix}scheduler",
         )
     if scheduler == "lcm" and steps > traits.lcm_max_steps:
@@ -569,7 +578,12 @@ def resolve(
     )
 
 
-DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # diffusers' img2img and inpainting pipelines' defaults
+def kept_steps(steps: int, strength: float, start_rounded: bool = False) -> int:
+    """The steps an image job runs, as diffusers' ``get_timesteps`` counts them: SD's keeps ``int(steps *
+    strength)``; FLUX's and SD3's (``start_rounded``) start at ``int(steps - steps * strength)``."""
+    if start_rounded:
+        return steps - int(max(steps - min(steps * strength, steps), 0))
+    return min(int(steps * strength), steps)
 
 
 def _input_images(
@@ -597,5 +611,5 @@ def _input_images(
     if request.mask is not None:
         mask = decode_mask(request.mask, f"{prefix}mask", limits.max_input_pixels)
         check_mask_size(image, mask, f"{prefix}mask")
-    strength = request.strength if request.strength is not None else DEFAULT_STRENGTH[mode]
+    strength = request.strength if request.strength is not None else traits.default_strength[mode]
     return image, mask, float(strength)

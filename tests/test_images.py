@@ -13,12 +13,20 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from diffusers import (
+    FluxImg2ImgPipeline,
+    FluxPipeline,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
 from PIL import Image
 
-from predictor.builtin import build_tiny_inpaint
+from predictor.builtin import build_tiny_flux_dev, build_tiny_inpaint, build_tiny_sd3
 from predictor.errors import InvalidRequest
-from predictor.pipeline import SCHEDULERS, load_pipeline
+from predictor.pipeline import FLOW_SCHEDULERS, SCHEDULERS, load_pipeline
 from predictor.schemas import GenerationRequest, Limits, resolve
 from predictor.testing import (
     StepLog,
@@ -258,6 +266,61 @@ def test_image_modes_convert_and_exif_orientation_holds(tiny_model_dir: Path) ->
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
     rotated = _resolved(loaded, prompt="a", image=_png(picture, "JPEG", exif=exif))
     assert (rotated.width, rotated.height) == (64, 96)
+
+
+@pytest.mark.parametrize(
+    ("build", "cls"),
+    [(build_tiny_flux_dev, FluxImg2ImgPipeline), (build_tiny_sd3, StableDiffusion3Img2ImgPipeline)],
+    ids=["flux-dev", "sd3"],
+)
+def test_flow_matching_img2img_equals_diffusers_beside_text_jobs(build, cls, tmp_path: Path) -> None:
+    """FLUX and SD3 start an image job from the picture's latents noised by the scheduler's scale_noise, at their
+    own strength rounding (the start step rounded down) and default strength (0.6)."""
+    build().save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_pipeline(str(tmp_path), "not/used", None, "cpu", "float32")
+    traits = loaded.traits
+    assert traits.modes == {"text", "img2img"} and traits.default_strength["img2img"] == 0.6
+    reference = _reference(tmp_path, cls)
+    image = _png(_picture(96, 64))
+    cases = []
+    for i, scheduler in enumerate(traits.image_schedulers * 2):
+        body = {"prompt": f"p{i}", "seed": i, "num_inference_steps": 5 + i, "scheduler": scheduler, "image": image}
+        body["guidance_scale"] = [1.0, 4.0][i % 2]
+        if i % 2:
+            body["strength"] = 0.45
+        cases.append(_resolved(loaded, **body))
+        cases.append(_resolved(loaded, prompt=f"text {i}", seed=20 + i, num_inference_steps=4, width=96))
+    expected = []
+    for case in cases:
+        if case.image is None:
+            text_pipe = (FluxPipeline if traits.family == "flux" else StableDiffusion3Pipeline)(**reference.components)
+            text_pipe.set_progress_bar_config(disable=True)
+            expected.append(diffusers_image(text_pipe, case))
+            continue
+        original = reference.scheduler
+        flow_class, overrides = FLOW_SCHEDULERS[case.scheduler]
+        reference.scheduler = flow_class.from_config(original.config, **overrides(original.config))
+        arguments = {"height": case.height, "width": case.width, "guidance_scale": case.guidance_scale}
+        generator = torch.Generator("cpu").manual_seed(case.seed)
+        out = reference(
+            prompt=case.prompt,
+            image=case.image,
+            strength=case.strength,
+            num_inference_steps=case.num_inference_steps,
+            generator=generator,
+            **arguments,
+        )
+        reference.scheduler = original
+        expected.append(pixels(out.images[0]))
+    with running_engine(loaded, max_batch_size=8) as engine:
+        served = [pixels(future.result(timeout=120).image) for future in engine.submit(cases)]
+    for got, want in zip(served, expected, strict=True):
+        assert np.abs(got - want).max() <= TOLERANCE
+    unusable = [name for name in traits.schedulers if name not in traits.image_schedulers]
+    for name in unusable:  # DPM-Solver and UniPC have no scale_noise: diffusers' pipelines could not run them
+        with pytest.raises(InvalidRequest, match="cannot start from an image") as error:
+            _resolved(loaded, prompt="a", image=image, scheduler=name)
+        assert error.value.param == "scheduler"
 
 
 def test_image_inputs_are_refused_for_families_that_take_none() -> None:

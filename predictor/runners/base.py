@@ -27,7 +27,7 @@ from predictor.config import EngineConfig
 from predictor.errors import GenerationFailed, PredictorError
 from predictor.jobs import Job
 from predictor.pipeline import LoadedPipeline, set_timesteps
-from predictor.schemas import GenerationParams
+from predictor.schemas import GenerationParams, kept_steps
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +117,10 @@ def set_first_step_index(scheduler: Any) -> None:
     scheduler.set_begin_index(scheduler.index_for_timestep(timesteps[0], timesteps))
 
 
-def strength_schedule(scheduler: SchedulerMixin, steps: int, strength: float) -> torch.Tensor:
-    """The tail of a schedule an img2img or inpainting job runs, as diffusers' ``get_timesteps``: the last
-    ``int(steps * strength)`` steps, the scheduler's begin index set where they start."""
-    kept = min(int(steps * strength), steps)
-    start = max(steps - kept, 0) * scheduler.order
+def strength_schedule(scheduler: SchedulerMixin, steps: int, strength: float, kept: int) -> torch.Tensor:
+    """The tail of a schedule an img2img or inpainting job runs, as diffusers' ``get_timesteps``: its last ``kept``
+    steps (``schemas.kept_steps``), the scheduler's begin index set where they start."""
+    start = (steps - kept) * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     return scheduler.timesteps[start:]
@@ -297,7 +296,8 @@ class ModelRunner(ABC):
                 timesteps = scheduler.timesteps
                 latents = self.initial_latents(job, scheduler, generator)
             else:
-                timesteps = strength_schedule(scheduler, p.num_inference_steps, p.strength)
+                kept = kept_steps(p.num_inference_steps, p.strength, self.loaded.family.flow_matching)
+                timesteps = strength_schedule(scheduler, p.num_inference_steps, p.strength, kept)
                 latents, inputs = self.image_latents(job, scheduler, timesteps, generator, encoded[job])
             accepted = self._accepted_step_kwargs(scheduler)
             step_kwargs: dict[str, Any] = {}
@@ -307,7 +307,7 @@ class ModelRunner(ABC):
                 step_kwargs["eta"] = 0.0
             job.work = DenoiseWork(scheduler, timesteps, latents, cond, uncond, step_kwargs, inputs)
             job.steps_total = len(timesteps)
-            job.steps_asked = min(int(p.num_inference_steps * p.strength), p.num_inference_steps)
+            job.steps_asked = kept_steps(p.num_inference_steps, p.strength, self.loaded.family.flow_matching)
 
     def _accepted_step_kwargs(self, scheduler: SchedulerMixin) -> frozenset[str]:
         cls = type(scheduler)

@@ -8,9 +8,13 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
 
-from predictor.pipeline import make_scheduler
+from predictor.config import EngineConfig
+from predictor.jobs import Job
+from predictor.pipeline import LoadedPipeline, make_scheduler
 from predictor.runners.base import DenoiseWork
 from predictor.runners.latent import LatentRunner
 from predictor.schemas import GenerationParams
@@ -33,6 +37,48 @@ class FlowMatchingRunner(LatentRunner):
     # By reading FlowMatchEulerDiscreteScheduler.step: it indexes its sigmas with a host integer and never reads a
     # value back (bench/gpu_check.py measures it on a GPU).
     host_free_schedulers = frozenset({"euler"})
+    image_size_factor = 1  # the image processor's multiple of the VAE factor (FLUX: 2, its packed patches)
+
+    def __init__(self, loaded: LoadedPipeline, config: EngineConfig) -> None:
+        super().__init__(loaded, config)
+        # The processor FluxImg2ImgPipeline and StableDiffusion3Img2ImgPipeline make.
+        self.image_processor = VaeImageProcessor(
+            vae_scale_factor=self.pipe.vae_scale_factor * self.image_size_factor,
+            vae_latent_channels=self.pipe.vae.config.latent_channels,
+        )
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the transformer takes them (FLUX packs 2x2 patches)."""
+        return latents
+
+    # ---- img2img: diffusers' FluxImg2ImgPipeline and StableDiffusion3Img2ImgPipeline -----------------------
+
+    def encode_images(self, jobs: list[Job]) -> dict[Job, Any]:
+        """Each job's input through the VAE encoder, one call per output size; sampled per job in image_latents."""
+        encoded: dict[Job, Any] = {}
+        by_size: dict[tuple[int, int], list[Job]] = {}
+        for job in jobs:
+            by_size.setdefault((job.params.height, job.params.width), []).append(job)
+        for (height, width), group in by_size.items():
+            pixels = torch.cat(
+                [self.image_processor.preprocess(job.params.image, height=height, width=width) for job in group]
+            )
+            batch = pixels.to(torch.float32).to(device=self.device, dtype=self.latent_dtype)
+            posterior = self.vae.encode(batch.to(self.vae.dtype)).latent_dist
+            for row, job in enumerate(group):
+                encoded[job] = (posterior.mean[row : row + 1], posterior.std[row : row + 1])
+        return encoded
+
+    def image_latents(
+        self, job: Job, scheduler: SchedulerMixin, timesteps: torch.Tensor, generator: torch.Generator, encoded: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mean, std = encoded
+        draw = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        vae = self.vae.config
+        init = (mean + std * draw - vae.shift_factor) * vae.scaling_factor
+        noise = randn_tensor(init.shape, generator=generator, device=self.device, dtype=self.latent_dtype)
+        latents = scheduler.scale_noise(init, timesteps[:1], noise).to(self.latent_dtype)
+        return self.pack(latents), {}
 
     def batch_key(self, params: GenerationParams) -> Hashable:
         return (params.height, params.width)

@@ -44,6 +44,7 @@ def _call_flux(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor, 
 
 
 class FluxRunner(FlowMatchingRunner):
+    image_size_factor = 2  # the image processor works in multiples of 16: the VAE's 8 and the 2x2 patches
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._call = TransformerCall(self.pipe.transformer, _call_flux)
@@ -130,6 +131,10 @@ class FluxRunner(FlowMatchingRunner):
                 }
             rows.append(({**cond, **shared}, uncond))
         return rows
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        _, channels, height, width = latents.shape
+        return self.pipe._pack_latents(latents, latents.shape[0], channels, height, width)
 
     def initial_latents(self, job: Job, scheduler: SchedulerMixin, generator: torch.Generator) -> torch.Tensor:
         p = job.params
