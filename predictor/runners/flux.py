@@ -45,6 +45,7 @@ def _call_flux(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor, 
 
 class FluxRunner(FlowMatchingRunner):
     image_size_factor = 2  # the image processor works in multiples of 16: the VAE's 8 and the 2x2 patches
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._call = TransformerCall(self.pipe.transformer, _call_flux)

@@ -101,28 +101,7 @@ class UNetRunner(LatentRunner):
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.latent_dtype)
         return latents * scheduler.init_noise_sigma
 
-
-class StableDiffusionRunner(UNetRunner):
-    """SD 1.x and 2.x: one CLIP text encoder, whose last hidden state conditions the UNet."""
-
-    def encode(self, jobs: list[Job]) -> list[tuple[Conditioning, Conditioning | None]]:
-        pipe = self.pipe
-        guided = [job for job in jobs if self.guided(job.params)]
-        # An absent negative prompt is "" to SD's pipeline.
-        texts = [job.params.prompt for job in jobs] + [job.params.negative_prompt or "" for job in guided]
-        embeds, _ = pipe.encode_prompt(texts, self.device, 1, False)
-        uncond_row = {id(job): len(jobs) + index for index, job in enumerate(guided)}
-        rows: list[tuple[Conditioning, Conditioning | None]] = []
-        for index, job in enumerate(jobs):
-            job.prompt_truncated = truncated(pipe.tokenizer, job.params.prompt)
-            cond = {"encoder_hidden_states": embeds[index : index + 1]}
-            cond = self._with_guidance_embedding(cond, [job.params.guidance_scale])
-            other = uncond_row.get(id(job))
-            uncond = None if other is None else {"encoder_hidden_states": embeds[other : other + 1]}
-            rows.append((cond, uncond))
-        return rows
-
-    # ---- img2img and inpainting: diffusers' StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline ----
+    # ---- img2img and inpainting: diffusers' StableDiffusion(XL)Img2ImgPipeline, StableDiffusionInpaintPipeline ----
 
     def __init__(self, loaded: LoadedPipeline, config: EngineConfig) -> None:
         super().__init__(loaded, config)
@@ -171,7 +150,7 @@ class StableDiffusionRunner(UNetRunner):
         return encoded
 
     def _sample(self, posterior: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        """diffusers' ``latent_dist.sample(generator)`` for one row, times the VAE's scaling factor."""
+        """diffusers' ``latent_dist.sample(generator)`` for one row, in latent space (times the scaling factor)."""
         mean, std = posterior
         draw = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return self.vae.config.scaling_factor * (mean + std * draw)
@@ -223,6 +202,27 @@ class StableDiffusionRunner(UNetRunner):
             kept = work.scheduler.add_noise(kept, work.inputs["noise"], work.timesteps[step + 1 : step + 2])
         mask = work.inputs["mask"]
         work.latents = (1 - mask) * kept + mask * work.latents
+
+
+class StableDiffusionRunner(UNetRunner):
+    """SD 1.x and 2.x: one CLIP text encoder, whose last hidden state conditions the UNet."""
+
+    def encode(self, jobs: list[Job]) -> list[tuple[Conditioning, Conditioning | None]]:
+        pipe = self.pipe
+        guided = [job for job in jobs if self.guided(job.params)]
+        # An absent negative prompt is "" to SD's pipeline.
+        texts = [job.params.prompt for job in jobs] + [job.params.negative_prompt or "" for job in guided]
+        embeds, _ = pipe.encode_prompt(texts, self.device, 1, False)
+        uncond_row = {id(job): len(jobs) + index for index, job in enumerate(guided)}
+        rows: list[tuple[Conditioning, Conditioning | None]] = []
+        for index, job in enumerate(jobs):
+            job.prompt_truncated = truncated(pipe.tokenizer, job.params.prompt)
+            cond = {"encoder_hidden_states": embeds[index : index + 1]}
+            cond = self._with_guidance_embedding(cond, [job.params.guidance_scale])
+            other = uncond_row.get(id(job))
+            uncond = None if other is None else {"encoder_hidden_states": embeds[other : other + 1]}
+            rows.append((cond, uncond))
+        return rows
 
     @property
     def has_safety_checker(self) -> bool:

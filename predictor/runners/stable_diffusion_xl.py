@@ -21,6 +21,7 @@ import logging
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from predictor.config import EngineConfig
 from predictor.jobs import Job
@@ -132,6 +133,21 @@ class StableDiffusionXLRunner(UNetRunner):
             "time_ids": torch.full((rows, TIME_IDS), float(self.loaded.native_size), **zeros),
         }
         return example
+
+    def _sample(self, posterior: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """StableDiffusionXLImg2ImgPipeline's image latents: sampled in the VAE's dtype (float32 when it upcasts),
+        cast to the latents' dtype, then normalised (latents_mean and latents_std when the VAE has them)."""
+        mean, std = posterior
+        draw = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        latents = (mean + std * draw).to(self.latent_dtype)
+        config = self.vae.config
+        means, stds = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if means is None or stds is None:
+            return config.scaling_factor * latents
+        channels = latents.shape[1]
+        mean_t = torch.tensor(means).view(1, channels, 1, 1).to(latents.device, latents.dtype)
+        std_t = torch.tensor(stds).view(1, channels, 1, 1).to(latents.device, latents.dtype)
+        return (latents - mean_t) * config.scaling_factor / std_t
 
     def _scaled_for_vae(self, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         vae = self.vae
