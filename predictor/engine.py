@@ -340,11 +340,29 @@ class GenerationEngine:
             self._metrics.step_seconds.observe(time.perf_counter() - started)
         if self.config.compile:
             self._metrics.compiled_graphs.set(self.runner.compiled_graphs())
+        previews: list[Job] = []
         for job in batch:
             if job.on_progress is not None and not job.finished and not job.cancel_requested():
                 step, total = job.progress()
                 if step > 0:
                     job.on_progress("step", step, total)
+                if job.preview_due(step, total):
+                    previews.append(job)
+        if previews:
+            self._send_previews(previews)
+
+    def _send_previews(self, jobs: list[Job]) -> None:
+        """Partial images for the jobs that asked for one at this step: the runner's cheap latent-to-RGB preview
+        (one small copy to the host), never a VAE decode. A failure costs the preview, not the image."""
+        try:
+            pictures = self.runner.preview(jobs)
+        except Exception:
+            logger.exception("preview failed; the images go on without it")
+            return
+        for job, picture in zip(jobs, pictures, strict=True):
+            step, total = job.progress()
+            assert job.on_progress is not None
+            job.on_progress("preview", step, total, picture)
 
     def _start_decode(self, jobs: list[Job]) -> None:
         def launch(part: Sequence[Job]) -> None:

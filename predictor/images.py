@@ -11,13 +11,15 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import warnings
+import logging
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from predictor.errors import InvalidRequest
 
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_INPUT_SIDE = 16384
+logger = logging.getLogger(__name__)
 # 16-bit and float samples: converting them to 8 bits would clip (Pillow's conversion saturates), so refuse.
 _WIDE_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N")
 
@@ -40,13 +42,13 @@ def open_image(data: str | bytes, param: str, max_pixels: int) -> Image.Image:
     if not raw:
         raise InvalidRequest(f"'{param}' is empty", param=param)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InvalidRequest(f"'{param}' has more pixels than --max_input_pixels {max_pixels}", param=param) from None
-    except (UnidentifiedImageError, OSError):
+        image = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError:  # Pillow's own ceiling, past any --max_input_pixels that makes sense
+        raise InvalidRequest(f"'{param}' has far too many pixels", param=param) from None
+    except UnidentifiedImageError:
         raise InvalidRequest(f"'{param}' is not a PNG, JPEG or WebP image", param=param) from None
+    except Exception:  # a malformed header or metadata chunk (an oversized text or colour-profile chunk)
+        raise InvalidRequest(f"'{param}' is corrupt or has malformed metadata", param=param) from None
     if image.format == "MPO":  # a camera's JPEG with a second (stereo or preview) frame: the first is the photo
         image.seek(0)
     elif image.format not in INPUT_FORMATS:
@@ -58,18 +60,35 @@ def open_image(data: str | bytes, param: str, max_pixels: int) -> Image.Image:
         raise InvalidRequest(
             f"'{param}' has {width}x{height} pixels, more than --max_input_pixels {max_pixels}", param=param
         )
+    if max(width, height) > MAX_INPUT_SIDE:  # a thin sliver would cost seconds to resize for few pixels
+        raise InvalidRequest(f"'{param}' is {width}x{height}: a side is longer than {MAX_INPUT_SIDE}", param=param)
     if image.mode in _WIDE_MODES:
         raise InvalidRequest(f"'{param}' has 16-bit or floating-point samples; send 8 bits per channel", param=param)
     try:
         image.load()
-    except (OSError, ValueError, SyntaxError):
+    except Exception:
         raise InvalidRequest(f"'{param}' is truncated or corrupt", param=param) from None
-    return ImageOps.exif_transpose(image)
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # malformed EXIF: the pixels are fine, the orientation unknown
+        logger.info("'%s' has malformed EXIF data; its orientation is not applied", param)
+        return image
 
 
 def as_rgb(image: Image.Image) -> Image.Image:
     """RGB as diffusers' image processor makes it (``convert("RGB")``: alpha dropped)."""
-    return image if image.mode == "RGB" else image.convert("RGB")
+    try:
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except Exception:
+        raise InvalidRequest("an input image could not be converted to RGB", param="image") from None
+
+
+def fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The input at the output size, resized as diffusers' image processor resizes (Lanczos): done while the
+    request is parsed, so the generation worker never resizes, and only the resized picture is kept."""
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), resample=Image.Resampling.LANCZOS)
 
 
 def decode_image(data: str | bytes, param: str, max_pixels: int) -> Image.Image:
@@ -82,7 +101,7 @@ def decode_mask(data: str | bytes, param: str, max_pixels: int, transparent_edit
     image = open_image(data, param, max_pixels)
     if not transparent_edits:
         return image.convert("L")
-    if "A" not in image.getbands() and not (image.mode == "P" and "transparency" in image.info):
+    if "A" not in image.getbands() and "transparency" not in image.info:
         raise InvalidRequest(
             f"'{param}' has no alpha channel: its fully transparent pixels mark the area to edit", param=param
         )

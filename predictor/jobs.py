@@ -15,7 +15,8 @@ from typing import Any
 from predictor.schemas import GenerationParams
 
 # Called on the worker thread as (event, current, total): ("queued", position, 0) and ("step", i, n).
-ProgressCallback = Callable[[str, int, int], None]
+# (event, step, of steps[, preview]): "queued" (position, 0), "step", and "preview" with a uint8 HxWx3 array.
+ProgressCallback = Callable[..., None]
 
 
 class JobState(enum.Enum):
@@ -86,6 +87,13 @@ class Job:
 
     def overdue(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline
+
+    def preview_due(self, step: int, total: int) -> bool:
+        """Whether this step is one of the ``partial_images`` the request asked for: evenly spaced, before the end."""
+        wanted = self.params.partial_images
+        if wanted <= 0 or step >= total:
+            return False
+        return step in {round(total * (index + 1) / (wanted + 1)) for index in range(wanted)} - {0}
 
     def progress(self) -> tuple[int, int]:
         """(step, of steps) as the client asked for them. Some schedules make more denoiser calls than steps

@@ -8,6 +8,7 @@ postprocess  encode the images (off the event loop) and shape the protocol's res
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import logging
@@ -71,6 +72,7 @@ class RouteCall:
     protocol: Literal["generate", "openai", "openai_edit"]
     body: Any
     on_progress: ProgressCallback | None = None
+    streaming: bool = False  # the response is a stream, which can carry partial images
 
 
 @dataclass
@@ -226,7 +228,15 @@ class DiffusionModel(Model):
             raise ModelNotLoaded(f"model {self.name} is not ready")
         request_id = (headers or {}).get("x-request-id")
         # Off the event loop: input images are decoded here (a large PNG takes a fraction of a second).
-        return await asyncio.to_thread(self._preprocess, payload, request_id)
+        batch = await asyncio.to_thread(self._preprocess, payload, request_id)
+        streaming = isinstance(payload, RouteCall) and payload.streaming
+        if not streaming and any(p.partial_images for p in batch.params):
+            raise InvalidRequest(
+                "'partial_images' needs a streamed response: /generate with Accept: text/event-stream, or "
+                "stream: true on the OpenAI routes",
+                param="partial_images",
+            )
+        return batch
 
     def _preprocess(self, payload: Any, request_id: str | None) -> Batch:
         if isinstance(payload, RouteCall):
@@ -432,6 +442,8 @@ def _bytes_tensor_as_strings(name: str, datatype: str, shape: list[int], data: A
         raise InvalidRequest(f"input '{name}' must have shape [N] matching its {len(values)} elements", param=param)
     strings = []
     for value in values:
+        if isinstance(value, bytes) and name in ("image", "mask") and not value.isascii():
+            value = base64.b64encode(value).decode("ascii")  # a binary tensor holding the file itself
         if isinstance(value, bytes):
             try:
                 value = value.decode("utf-8")

@@ -15,9 +15,10 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from kserve.errors import ModelNotFound
+from PIL import Image
 from starlette.datastructures import UploadFile
 
-from predictor.codec import to_base64
+from predictor.codec import encode_image, to_base64
 from predictor.errors import InvalidRequest, LoadTimedOut, ModelNotLoaded, PredictorError
 from predictor.model import Batch, DiffusionModel, EncodedImage, RouteCall
 from predictor.schemas import (
@@ -48,10 +49,12 @@ def _error(description: str) -> dict[str, Any]:
 
 async def _edit_form(request: Request) -> dict[str, Any]:
     """OpenAI's edit form: its files (``image`` or ``image[]``, once or more; ``mask``) and its text fields."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise InvalidRequest("POST /v1/images/edits takes multipart/form-data (an image file and a prompt)", "body")
     try:
         form = await request.form(max_files=HARD_MAX_BATCH_INSTANCES + 1, max_fields=64)
+    except PredictorError:  # the body limit's 413
+        raise
     except Exception as exc:  # starlette's MultiPartException and malformed bodies
         raise InvalidRequest(f"the multipart body cannot be read: {str(exc)[:120]}", param="body") from None
     images: list[bytes] = []
@@ -61,7 +64,9 @@ async def _edit_form(request: Request) -> dict[str, Any]:
         if isinstance(value, UploadFile):
             if name in ("image", "image[]"):
                 images.append(await value.read())
-            elif name == "mask" and mask is None:
+            elif name == "mask":
+                if mask is not None:
+                    raise InvalidRequest("'mask' is given twice: one mask per request", param="mask")
                 mask = await value.read()
             else:
                 raise InvalidRequest(f"unexpected file '{name[:64]}'; files are 'image' and 'mask'", param=name[:64])
@@ -71,6 +76,7 @@ async def _edit_form(request: Request) -> dict[str, Any]:
             raise InvalidRequest(f"field '{name[:64]}' is given twice", param=name[:64])
         else:
             fields[name] = value
+    await form.close()
     return {"fields": fields, "images": images, "mask": mask}
 
 
@@ -173,8 +179,97 @@ def _image_event(image: EncodedImage) -> dict[str, Any]:
     }
 
 
+PIXELS = "pixels"  # a preview event's raw picture, before it is encoded
+
+
+def _preview_event(data: dict[str, Any], params: Any) -> dict[str, Any]:
+    """A partial image: the latent-resolution preview scaled to the output size, as PNG base64."""
+    picture = Image.fromarray(data.pop(PIXELS)).resize((params.width, params.height), Image.Resampling.BILINEAR)
+    return {
+        **data,
+        "b64": to_base64(encode_image(picture, "png")),
+        "format": "png",
+        "width": params.width,
+        "height": params.height,
+    }
+
+
 # While an image waits in the queue no event is due; a comment line this often keeps proxies from timing out.
 _HEARTBEAT_S = 15.0
+
+
+def _openai_stream_requested(body: bytes) -> bool:
+    """Whether a generations body asks for a stream (validation proper happens with the rest of it)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("stream") is True
+
+
+async def _openai_stream(model: DiffusionModel, call: RouteCall, kind: str) -> AsyncIterator[bytes]:
+    """OpenAI's streamed images (``stream: true``): ``{kind}.partial_image`` events for the previews asked for
+    (``partial_images``), then ``{kind}.completed`` with the image, as the openai SDK's stream iterator reads them.
+    ``kind`` is ``image_generation`` or ``image_edit``. Validated and queued before the stream starts."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+
+    def on_progress(event: str, current: int, total: int, *preview: Any) -> None:
+        if event == "preview":
+            loop.call_soon_threadsafe(events.put_nowait, ("preview", {PIXELS: preview[0]}))
+
+    call.on_progress, call.streaming = on_progress, True
+    batch = await model.preprocess(call)
+    model.submit(batch)
+    params = batch.params[0]
+
+    def shared() -> dict[str, Any]:
+        return {
+            "created_at": int(time.time()),
+            "size": f"{params.width}x{params.height}",
+            "quality": "auto",
+            "background": "opaque",
+            "output_format": params.output_format,
+        }
+
+    async def stream() -> AsyncIterator[bytes]:
+        async def run() -> list[EncodedImage]:
+            return await model.postprocess(await model.predict(batch))
+
+        task = asyncio.ensure_future(run())
+        index = 0
+        try:
+            while not task.done() or not events.empty():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, task}, timeout=_HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    if not task.done():
+                        yield b": waiting\n\n"
+                    continue
+                _, data = getter.result()
+                preview = await asyncio.to_thread(_preview_event, data, params)
+                event = {"type": f"{kind}.partial_image", "b64_json": preview["b64"], "partial_image_index": index}
+                index += 1
+                yield _sse(f"{kind}.partial_image", {**event, **shared(), "output_format": "png"})
+            try:
+                image = task.result()[0]
+            except PredictorError as exc:
+                error = {"message": exc.message, "type": "server_error", "param": exc.param, "code": exc.error_type}
+                yield _sse("error", {"type": "error", "error": error})
+                return
+            usage = {
+                "input_tokens": 0,
+                "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+                "output_tokens": 0,
+                "total_tokens": 0,
+            }
+            completed = {"type": f"{kind}.completed", "b64_json": to_base64(image.data), "usage": usage}
+            yield _sse(f"{kind}.completed", {**completed, **shared()})
+        finally:
+            task.cancel()
+
+    return stream()
 
 
 async def _start_stream(model: DiffusionModel, body: bytes) -> AsyncIterator[bytes]:
@@ -187,13 +282,16 @@ async def _start_stream(model: DiffusionModel, body: bytes) -> AsyncIterator[byt
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
 
-    def on_progress(kind: str, current: int, total: int) -> None:
-        event = (
-            ("queued", {"position": current}) if kind == "queued" else ("progress", {"step": current, "total": total})
-        )
+    def on_progress(kind: str, current: int, total: int, *preview: Any) -> None:
+        if kind == "queued":
+            event: tuple[str, dict[str, Any]] = ("queued", {"position": current})
+        elif kind == "preview":
+            event = ("preview", {"step": current, "total": total, PIXELS: preview[0]})
+        else:
+            event = ("progress", {"step": current, "total": total})
         loop.call_soon_threadsafe(events.put_nowait, event)
 
-    batch = await model.preprocess(RouteCall("generate", body, on_progress=on_progress))
+    batch = await model.preprocess(RouteCall("generate", body, on_progress=on_progress, streaming=True))
     model.submit(batch)
     return _stream(model, batch, events)
 
@@ -209,7 +307,10 @@ async def _stream(model: DiffusionModel, batch: Batch, events: asyncio.Queue) ->
             getter = asyncio.ensure_future(events.get())
             await asyncio.wait({getter, task}, timeout=_HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
             if getter.done():
-                yield _sse(*getter.result())
+                name, data = getter.result()
+                if PIXELS in data:  # a partial image: encoded here, off the worker thread
+                    data = await asyncio.to_thread(_preview_event, data, batch.params[0])
+                yield _sse(name, data)
             else:
                 getter.cancel()
                 if not task.done():
@@ -256,6 +357,9 @@ def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool 
             if not model.ready:
                 raise ModelNotLoaded(f"model {model.name} is not ready")
             body = await request.body()
+            if _openai_stream_requested(body):
+                stream = await _openai_stream(model, RouteCall("openai", body), "image_generation")
+                return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             encoded, _ = await model(RouteCall("openai", body), headers=dict(request.headers))
         except PredictorError as exc:
             return _openai_error(exc)
@@ -270,6 +374,9 @@ def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool 
             if not model.ready:
                 raise ModelNotLoaded(f"model {model.name} is not ready")
             edit = await _edit_form(request)
+            if edit["fields"].get("stream") == "true":
+                stream = await _openai_stream(model, RouteCall("openai_edit", edit), "image_edit")
+                return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             encoded, _ = await model(RouteCall("openai_edit", edit), headers=dict(request.headers))
         except PredictorError as exc:
             return _openai_error(exc)
@@ -304,6 +411,7 @@ def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool 
         }
         if traits.max_image_size is not None:
             limits["max_image_size"] = min(limits["max_image_size"], traits.max_image_size)
+        limits["max_image_bytes"] = model.settings.server.max_image_bytes
         return {"model": model.name, **described, "api_key_required": api_key_required, **limits}
 
     @router.get("/livez", tags=["Health"], responses={503: _error("The GPU or the worker failed; restart the pod")})

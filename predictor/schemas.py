@@ -74,6 +74,7 @@ class Limits:
             "max_guidance_scale": MAX_GUIDANCE,
             "max_seed": MAX_SEED,
             "max_batch_instances": self.max_batch_instances,
+            "max_input_pixels": self.max_input_pixels,
             "default_scheduler": self.default_scheduler,
             "default_guidance_scale": self.default_guidance_scale,
             "schedulers": list(SCHEDULER_NAMES),  # replaced by the model's own once it is loaded
@@ -88,6 +89,7 @@ Guidance = Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)]
 Prompt = Annotated[str, Field(min_length=1, max_length=HARD_MAX_PROMPT_CHARS)]
 InputImage = Annotated[str, Field(min_length=1)]  # base64 (or a data: URL); the body limit bounds its size
 Strength = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+PartialImages = Annotated[int, Field(ge=0, le=3)]  # OpenAI's bound for partial_images
 OptionalText = Annotated[str, Field(max_length=HARD_MAX_PROMPT_CHARS)] | None
 
 
@@ -179,6 +181,11 @@ class GenerationRequest(BaseModel):
     mask: InputImage | None = Field(
         default=None, description="Inpainting: white repaints, black keeps (binarised at half intensity); base64."
     )
+    partial_images: PartialImages = Field(
+        default=0,
+        description="Streaming only (Accept: text/event-stream): this many previews of the picture forming, evenly "
+        "spaced over the steps, as preview events before the image. Cheap: a linear map of the latents, not the VAE.",
+    )
     strength: Strength | None = Field(
         default=None,
         description="With an image: how much of the schedule runs, 0 < s <= 1 (default 0.8 for img2img, 1 for "
@@ -216,6 +223,7 @@ class GenerationParams:
     image: Any = field(default=None, compare=False, repr=False)
     mask: Any = field(default=None, compare=False, repr=False)
     strength: float = 1.0
+    partial_images: int = 0  # previews to stream while it runs
 
     @property
     def mode(self) -> str:
@@ -320,11 +328,13 @@ class OpenAIImageRequest(BaseModel):
 
     prompt: Prompt
     n: Annotated[int, Field(ge=1, le=HARD_MAX_BATCH_INSTANCES)] = 1
-    size: Annotated[str, Field(pattern=r"^[0-9]{2,4}x[0-9]{2,4}$")] | None = None
+    size: Annotated[str, Field(pattern=r"^([0-9]{2,4}x[0-9]{2,4}|auto)$")] | None = None
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: OutputFormat = "png"
     model: str | None = None
     user: str | None = None
+    stream: bool = False  # Server-Sent Events: partial images, then the image
+    partial_images: PartialImages | None = None
     # Extensions, as in GenerationRequest.
     negative_prompt: OptionalText = None
     prompt_2: OptionalText = None
@@ -357,6 +367,10 @@ def parse_openai_request(data: Any, limits: Limits, served_model: str) -> tuple[
         )
     if request.n > limits.max_batch_instances:
         raise InvalidRequest(f"'n' must be at most {limits.max_batch_instances}", param="n")
+    if request.stream and request.n != 1:
+        raise InvalidRequest("'n' must be 1 with stream: true (one image per stream)", param="n")
+    if request.partial_images and not request.stream:
+        raise InvalidRequest("'partial_images' needs stream: true", param="partial_images")
     body: dict[str, Any] = {"prompt": request.prompt, "output_format": request.output_format}
     extensions = (
         "negative_prompt",
@@ -367,11 +381,12 @@ def parse_openai_request(data: Any, limits: Limits, served_model: str) -> tuple[
         "true_cfg_scale",
         "num_inference_steps",
         "guidance_scale",
+        "partial_images",
     )
     for name in (*extensions, "seed", "scheduler"):
         if getattr(request, name) is not None:
             body[name] = getattr(request, name)
-    if request.size is not None:
+    if request.size is not None and request.size != "auto":  # auto: the model's size, or an edit's input's
         body["width"], body["height"] = (int(part) for part in request.size.split("x"))
     try:
         generation = parse_request(body, limits)
@@ -402,6 +417,8 @@ _EDIT_FIELDS: dict[str, type] = {
     "seed": int,
     "scheduler": str,
     "strength": float,
+    "stream": str,
+    "partial_images": int,
 }
 
 
@@ -429,6 +446,10 @@ def parse_openai_edit(
     if len(images) > limits.max_batch_instances:
         raise InvalidRequest(f"at most {limits.max_batch_instances} images per request", param="image")
     strength = typed.pop("strength", None)
+    if "stream" in typed:  # a form sends booleans as text
+        if typed["stream"] not in ("true", "false"):
+            raise InvalidRequest("'stream' must be true or false", param="stream")
+        typed["stream"] = typed["stream"] == "true"
     extra: dict[str, Any] = {}
     if mask is not None:
         extra["mask"] = encode_png(decode_mask(mask, "mask", limits.max_input_pixels, transparent_edits=True))
@@ -440,6 +461,8 @@ def parse_openai_edit(
         generation, n = parse_openai_request(dict(typed), limits, served_model)
         merged = {**generation.model_dump(exclude_none=True), **extra, "image": base64.b64encode(data).decode()}
         requests.append(parse_request(merged, limits))
+    if typed.get("stream") and len(requests) > 1:
+        raise InvalidRequest("one image per request with stream: true", param="image")
     if n * len(requests) > limits.max_batch_instances:
         raise InvalidRequest(
             f"{len(requests)} images x n {n} make more than {limits.max_batch_instances} (--max_batch_instances)",
@@ -499,6 +522,10 @@ def resolve(
                     f"makes a {name} of {size}, outside {MIN_IMAGE_SIZE}..{limits.max_image_size} "
                     f"(--max_image_size); pass width and height to resize it",
                 )
+        from predictor.images import fit
+
+        image = fit(image, width, height)
+        mask = None if mask is None else fit(mask, width, height)
     else:
         width = request.width or traits.native_size
         height = request.height or traits.native_size
@@ -575,6 +602,7 @@ def resolve(
         image=image,
         mask=mask,
         strength=strength,
+        partial_images=request.partial_images,
     )
 
 

@@ -224,7 +224,7 @@ class StepLog:
         self.lock = threading.Lock()
 
     def callback(self, name: str, on_step=None):
-        def record(event: str, current: int, total: int) -> None:
+        def record(event: str, current: int, total: int, *preview: Any) -> None:
             if event == "step":
                 with self.lock:
                     self.events.append((name, current))

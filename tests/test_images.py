@@ -146,7 +146,11 @@ def test_img2img_and_inpainting_equal_diffusers_beside_text_jobs(tiny_model_dir:
         if i == 3:
             body["negative_prompt"] = "fog"
         cases.append(_resolved(loaded, **body))
-        cases.append(_resolved(loaded, prompt=f"text {i}", seed=50 + i, num_inference_steps=4, scheduler=scheduler))
+        # Text jobs at the pictures' size share their UNet calls; the 64x64 ones form a group of their own.
+        size = {"width": 80} if i % 2 else {}
+        cases.append(
+            _resolved(loaded, prompt=f"text {i}", seed=50 + i, num_inference_steps=4, scheduler=scheduler, **size)
+        )
     assert {case.mode for case in cases} == {"text", "img2img", "inpaint"}
     assert {case.strength for case in cases if case.mode != "text"} == {0.6, 0.8, 1.0}
     _mixed(loaded, references, cases)
@@ -227,6 +231,18 @@ def _truncated_png() -> str:
     return base64.b64encode(data[: len(data) // 2]).decode()
 
 
+def _oversized_text_chunk_png() -> str:
+    """A small PNG whose compressed text chunk inflates past Pillow's limit: refused, not a 500."""
+    import struct
+    import zlib
+
+    data = base64.b64decode(_png(_picture(8, 8)))
+    payload = b"comment\x00\x00" + zlib.compress(b"x" * 3_000_000)
+    chunk = struct.pack(">I", len(payload)) + b"zTXt" + payload
+    chunk += struct.pack(">I", zlib.crc32(b"zTXt" + payload) & 0xFFFFFFFF)
+    return base64.b64encode(data[:33] + chunk + data[33:]).decode()
+
+
 def _sixteen_bit_png() -> str:
     return _png(Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16)))
 
@@ -246,6 +262,8 @@ def _sixteen_bit_png() -> str:
         ({"mask": _png(_mask())}, "mask", "needs an image"),
         ({"strength": 0.5}, "strength", "needs an image"),
         ({"image": _png(_picture()), "strength": 0.1, "num_inference_steps": 5}, "strength", "leaves no step"),
+        ({"image": _oversized_text_chunk_png()}, "image", "corrupt or has malformed metadata"),
+        ({"image": _png(Image.new("L", (16400, 1)))}, "image", "a side is longer than 16384"),
     ],
 )
 def test_bad_images_are_400s_that_say_why(tiny_model_dir: Path, body: dict, param: str, words: str) -> None:
@@ -255,6 +273,74 @@ def test_bad_images_are_400s_that_say_why(tiny_model_dir: Path, body: dict, para
         resolve(GenerationRequest(prompt="a", **body), limits, loaded.traits, prefix="instances[0].")
     assert error.value.param == f"instances[0].{param}"
     assert words in error.value.message
+
+
+def test_malformed_exif_keeps_the_picture_and_transparency_masks_count(tiny_model_dir: Path) -> None:
+    from predictor.images import decode_mask
+
+    loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
+    broken = _png(_picture(96, 64), exif=b"Exif\x00\x00garbage!!")
+    assert _resolved(loaded, prompt="a", image=broken).image.size == (96, 64)  # orientation unknown: as stored
+    grey = Image.new("L", (8, 8), 0)
+    grey.info["transparency"] = 0  # tRNS: the grey value 0 is transparent
+    mask = decode_mask(base64.b64decode(_png(grey, transparency=0)), "mask", 10_000, transparent_edits=True)
+    assert np.asarray(mask).min() == 255  # every pixel transparent: every pixel edited
+
+
+def test_half_precision_image_jobs_alone_equal_diffusers(tiny_model_dir: Path, inpaint_dir: Path) -> None:
+    """float16 (the GPU's dtype), on the CPU: each image alone equals diffusers' float16 pipeline within one grey
+    level (the VAE encodes image by image, the inpainting latents are contiguous as diffusers' are)."""
+    image, mask = _png(_picture(64, 64)), _png(_mask(64, 64))
+    for directory, kinds in ((tiny_model_dir, ("img2img", "inpaint")), (inpaint_dir, ("inpaint",))):
+        loaded = load_pipeline(str(directory), "not/used", None, "cpu", "float16")
+        references = {}
+        for kind in kinds:
+            cls = StableDiffusionImg2ImgPipeline if kind == "img2img" else StableDiffusionInpaintPipeline
+            references[kind] = cls.from_pretrained(directory, dtype=torch.float16, safety_checker=None)
+            references[kind].set_progress_bar_config(disable=True)
+        cases = []
+        for kind in kinds:
+            for strength, scheduler in ((0.6, "euler_a"), (1.0, "dpmpp_2m")):
+                body = {"prompt": "a", "seed": 4, "num_inference_steps": 5, "image": image, "strength": strength}
+                cases.append(
+                    _resolved(loaded, **body, scheduler=scheduler, **({"mask": mask} if kind == "inpaint" else {}))
+                )
+        with running_engine(loaded) as engine:
+            for case in cases:
+                served = pixels(engine.generate(case).image)
+                assert np.abs(served - _expected(references, case)).max() <= TOLERANCE, (directory, case.mode)
+
+
+def test_compiled_unet_takes_image_jobs_without_recompiling(tiny_model_dir: Path) -> None:
+    """Image jobs' latents can come channels-last from the VAE: the compiled UNet and decoder take them as they
+    take text jobs', with no graph compiled after warm-up."""
+    loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
+    image, mask = _png(_picture(64, 64)), _png(_mask(64, 64))
+    jobs = [
+        _resolved(loaded, prompt="t", seed=1, num_inference_steps=3),
+        _resolved(loaded, prompt="i", seed=2, num_inference_steps=4, image=image),
+        _resolved(loaded, prompt="m", seed=3, num_inference_steps=4, image=image, mask=mask, strength=0.5),
+    ]
+    with running_engine(loaded, max_batch_size=4, compile=True, compile_backend="eager") as engine:
+        after_warmup = engine.runner.compiled_graphs()
+        for future in engine.submit(jobs):  # together: their rows share calls
+            future.result(timeout=60)
+        for job in jobs:  # alone: an image job's own rows only
+            engine.generate(job, timeout=60)
+        assert engine.runner.compiled_graphs() == after_warmup, "an image job compiled a graph after warm-up"
+
+
+def test_four_channel_inpainting_steps_are_not_host_free(tiny_model_dir: Path) -> None:
+    from predictor.config import EngineConfig
+    from predictor.runners import make_runner
+
+    loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
+    runner = make_runner(loaded, EngineConfig())
+    runner.device_runs_ahead = True  # as on CUDA
+    image, mask = _png(_picture(64, 64)), _png(_mask(64, 64))
+    text = _resolved(loaded, prompt="a", scheduler="euler")
+    inpaint = _resolved(loaded, prompt="a", scheduler="euler", image=image, mask=mask)
+    assert runner.leaves_host_free([text]) and not runner.leaves_host_free([text, inpaint])
 
 
 def test_image_modes_convert_and_exif_orientation_holds(tiny_model_dir: Path) -> None:
@@ -404,5 +490,20 @@ def test_image_routes_on_a_server(tmp_path: Path) -> None:
         assert huge.status_code == 413 and "--max_image_bytes" in huge.json()["error"]
         form = httpx.post(f"{base}/v1/images/edits", json={"prompt": "a"})
         assert form.status_code == 400 and "multipart/form-data" in form.json()["error"]["message"]
+        boundary = "b0undary"
+
+        def chunks():  # a chunked body, so only the running count can stop it
+            yield f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\na\r\n'.encode()
+            for _ in range(30):
+                yield b"x" * 10_000
+
+        chunked = httpx.post(
+            f"{base}/v1/images/edits",
+            content=chunks(),
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        assert chunked.status_code == 413, chunked.text
+        auto = client.images.edit(image=files["image"], prompt="a boat", size="auto", extra_body={"seed": 1})
+        assert decode_image(base64.b64decode(auto.data[0].b64_json)).shape == (64, 96, 3)
     finally:
         assert stop_server(process) == 0

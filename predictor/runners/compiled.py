@@ -75,6 +75,12 @@ def _pad_rows(value: Any, rows: int) -> Any:
     return torch.cat([value, value.new_zeros((rows - value.shape[0], *value.shape[1:]))])
 
 
+def _contiguous(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _contiguous(item) for key, item in value.items()}
+    return value.contiguous() if isinstance(value, torch.Tensor) else value
+
+
 def _mark_batch_dynamic(value: Any) -> None:
     if isinstance(value, dict):
         for item in value.values():
@@ -107,8 +113,10 @@ class CompiledDenoiser:
         bucket = next((b for b in self.buckets if b >= rows), max(rows, 2))
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        padded = {key: _pad_rows(value, bucket) for key, value in inputs.items()}
-        noise = self._fn(_pad_rows(sample, bucket), _pad_rows(timesteps, bucket), **padded, return_dict=False)[0]
+        padded = {key: _contiguous(_pad_rows(value, bucket)) for key, value in inputs.items()}
+        # Contiguous: dynamo guards on strides, and an image job's latents can arrive channels-last.
+        sample = _contiguous(_pad_rows(sample, bucket))
+        noise = self._fn(sample, _pad_rows(timesteps, bucket), **padded, return_dict=False)[0]
         # A CUDA graph's output lives in memory the next replay overwrites: keep a copy.
         return noise[:rows].clone() if self.cuda_graphs else noise[:rows]
 
@@ -148,4 +156,5 @@ class CompiledDecoder:
         self._fn = torch.compile(decode, **compile_options(config, mode, False))
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.contiguous()  # dynamo guards on strides
         return torch.cat([self._fn(latents[i : i + 1], return_dict=False)[0] for i in range(len(latents))])

@@ -16,7 +16,7 @@ from predictor.config import EngineConfig
 from predictor.jobs import Job
 from predictor.pipeline import LoadedPipeline, make_scheduler
 from predictor.runners.base import DenoiseWork
-from predictor.runners.latent import LatentRunner
+from predictor.runners.latent import LatentRunner, posteriors
 from predictor.schemas import GenerationParams
 
 
@@ -64,9 +64,8 @@ class FlowMatchingRunner(LatentRunner):
                 [self.image_processor.preprocess(job.params.image, height=height, width=width) for job in group]
             )
             batch = pixels.to(torch.float32).to(device=self.device, dtype=self.latent_dtype)
-            posterior = self.vae.encode(batch.to(self.vae.dtype)).latent_dist
-            for row, job in enumerate(group):
-                encoded[job] = (posterior.mean[row : row + 1], posterior.std[row : row + 1])
+            for job, posterior in zip(group, posteriors(self.vae, batch.to(self.vae.dtype)), strict=True):
+                encoded[job] = posterior
         return encoded
 
     def image_latents(

@@ -14,9 +14,11 @@ import time
 from abc import abstractmethod
 from typing import Any
 
+import numpy as np
 import torch
 
 from predictor.config import EngineConfig
+from predictor.jobs import Job
 from predictor.pipeline import LoadedPipeline
 from predictor.runners.base import Conditioning, ModelRunner
 from predictor.runners.compiled import CompiledDecoder, CompiledDenoiser, compile_cache_counts, compile_phases
@@ -33,6 +35,15 @@ def _one_by_one(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     return torch.cat([vae.decode(latents[i : i + 1], return_dict=False)[0] for i in range(len(latents))])
 
 
+def posteriors(vae: Any, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(mean, std) of the VAE encoder's posterior for each image: one call in float32, image by image in half
+    precision, where a batched call sums in another order than diffusers' one-image call (as for the decode)."""
+    if images.dtype == torch.float32:
+        posterior = vae.encode(images).latent_dist
+        return [(posterior.mean[i : i + 1], posterior.std[i : i + 1]) for i in range(len(images))]
+    return [(p.mean, p.std) for p in (vae.encode(images[i : i + 1]).latent_dist for i in range(len(images)))]
+
+
 class LatentRunner(ModelRunner):
     def __init__(self, loaded: LoadedPipeline, config: EngineConfig) -> None:
         super().__init__(loaded, config)
@@ -40,6 +51,7 @@ class LatentRunner(ModelRunner):
         self._decoder: Any = None  # a CompiledDecoder once warmed up with --compile
         self._vae_float32: Any = None  # made on the first float16 overflow
         self.vae: Any = loaded.pipe.vae  # the VAE this runner decodes with (SDXL's may be a float32 copy)
+        self._preview_map: tuple[torch.Tensor, torch.Tensor] | None = None  # fitted on the first preview
 
     # ---- what a family defines ----------------------------------------------------------------
 
@@ -85,6 +97,35 @@ class LatentRunner(ModelRunner):
             logger.warning("the float16 VAE overflowed; decoding such images in float32 from now on")
             self._vae_float32 = copy.deepcopy(self.vae).to(torch.float32)
         return _one_by_one(self._vae_float32, self._scaled_for_vae(latents, torch.float32))
+
+    # ---- previews ----------------------------------------------------------------------------------
+
+    def preview(self, jobs: list[Job]) -> list[np.ndarray]:
+        """Each job's picture as it stands, at latent resolution (uint8, HxWx3, on the host): the latents through
+        a linear map to RGB fitted to this model's own VAE, so a preview costs a matrix product, not a decode."""
+        if self._preview_map is None:
+            self._preview_map = self._fit_preview_map()
+        weights, bias = self._preview_map
+        latents = self.final_latents(jobs).to(torch.float32)
+        rgb = torch.einsum("bchw,cd->bhwd", latents, weights) + bias
+        pixels = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return list(pixels)
+
+    def _fit_preview_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Least squares from latents to the VAE's pictures averaged over each latent's pixels, on a few random
+        latents (seeded): no extra weights, and the same for every family (FLUX's latents unpacked)."""
+        vae, scale = self.vae, self.pipe.vae_scale_factor
+        generator = torch.Generator("cpu").manual_seed(0)
+        channels = vae.config.latent_channels
+        latents = torch.randn((2, channels, 16, 16), generator=generator).to(self.device)
+        images = vae.decode(self._scaled_for_vae(latents, vae.dtype), return_dict=False)[0].float()
+        targets = torch.nn.functional.avg_pool2d((images / 2 + 0.5).clamp(0, 1), scale)  # (2, 3, 16, 16)
+        inputs = latents.float().permute(0, 2, 3, 1).reshape(-1, channels)
+        inputs = torch.cat([inputs, torch.ones(len(inputs), 1, device=inputs.device)], dim=1)
+        outputs = targets.permute(0, 2, 3, 1).reshape(-1, 3)
+        solution = torch.linalg.lstsq(inputs.cpu(), outputs.cpu()).solution.to(self.device)
+        logger.info("fitted the latent-to-RGB preview map to the VAE")
+        return solution[:channels], solution[channels]
 
     # ---- --compile ---------------------------------------------------------------------------------
 

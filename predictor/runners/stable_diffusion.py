@@ -14,7 +14,7 @@ what every family shares: the denoiser and decoder calls, the float32 VAE fallba
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from predictor.config import EngineConfig
 from predictor.jobs import Job
 from predictor.pipeline import LoadedPipeline, make_scheduler
 from predictor.runners.base import Conditioning, DenoiseWork
-from predictor.runners.latent import LatentRunner
+from predictor.runners.latent import LatentRunner, posteriors
 from predictor.schemas import GenerationParams
 
 logger = logging.getLogger(__name__)
@@ -143,10 +143,9 @@ class UNetRunner(LatentRunner):
                     owners.append((job, "image_posterior"))
                 encoded[job] = entry
             if pixels:
-                batch = torch.cat(pixels).to(device=self.device, dtype=dtype)
-                posterior = self.vae.encode(batch.to(self.vae.dtype)).latent_dist
-                for row, (job, name) in enumerate(owners):
-                    encoded[job][name] = (posterior.mean[row : row + 1], posterior.std[row : row + 1])
+                batch = torch.cat(pixels).to(device=self.device, dtype=dtype).to(self.vae.dtype)
+                for (job, name), posterior in zip(owners, posteriors(self.vae, batch), strict=True):
+                    encoded[job][name] = posterior
         return encoded
 
     def _sample(self, posterior: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
@@ -171,7 +170,8 @@ class UNetRunner(LatentRunner):
         from_noise = p.strength == 1.0
         image_latents = None
         if "image_posterior" in encoded:
-            image_latents = self._sample(encoded["image_posterior"], generator).to(dtype)
+            # Contiguous, as diffusers' repeat() leaves them: the UNet's kernels follow the memory layout.
+            image_latents = self._sample(encoded["image_posterior"], generator).to(dtype).contiguous()
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
         latents = noise * scheduler.init_noise_sigma
         if not from_noise:
@@ -183,6 +183,13 @@ class UNetRunner(LatentRunner):
         # A 4-channel UNet: the masked image's latents go unused, but their draw moves the generator on.
         randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
         return latents, {"mask": mask, "image_latents": image_latents, "noise": noise}
+
+    def leaves_host_free(self, params: Iterable[GenerationParams]) -> bool:
+        # A 4-channel UNet's inpainting step puts the noised picture back with add_noise, which copies the
+        # scheduler's host sigmas to the device: the step waits for the host.
+        listed = list(params)
+        blends = not self._inpainting_unet and any(p.mode == "inpaint" for p in listed)
+        return not blends and super().leaves_host_free(listed)
 
     def model_input(self, work: DenoiseWork, t: torch.Tensor) -> torch.Tensor:
         x = super().model_input(work, t)
