@@ -245,7 +245,9 @@ def test_playground_in_headless_chromium(server: str, tmp_path: Path) -> None:
             page.fill("#num_inference_steps", "3")
             page.fill("#seed", "21")
             page.click("#generate")
-            page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+            # Previews show the picture forming first; the seed comes with the final image.
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')", timeout=60_000)
+            assert not page.locator("#result").is_hidden()
             assert page.locator("#result-seed").inner_text() == "21"
             assert page.get_attribute("#image", "src").startswith("data:image/png;base64,")
             assert page.evaluate(

@@ -61,6 +61,7 @@ function requestBody() {
     if ($(field).value !== "") body[field] = parseInt($(field).value, 10);
   }
   body.guidance_scale = parseFloat($("guidance_scale").value);
+  if ($("previews").checked) body.partial_images = 3; // preview events: a cheap look at the latents
   return body;
 }
 
@@ -87,6 +88,9 @@ function handleEvent(name, data) {
     $("progress").max = data.total;
     $("progress").value = data.step;
     $("status").textContent = `Step ${data.step} of ${data.total}`;
+  } else if (name === "preview") {
+    $("image").src = `data:image/${data.format};base64,${data.b64}`;
+    $("result").hidden = false;
   } else if (name === "image") {
     $("image").src = `data:image/${data.format};base64,${data.b64}`;
     $("result-seed").textContent = data.seed;

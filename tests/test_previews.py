@@ -1,0 +1,144 @@
+"""Partial images while a picture forms: evenly spaced previews from a linear latent-to-RGB map fitted to the
+model's own VAE, streamed as /generate's preview events and as OpenAI's partial-image events (the openai SDK's
+stream iterator reads them); previews change nothing about the image."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from predictor.jobs import Job
+from predictor.pipeline import load_pipeline
+from predictor.testing import (
+    decode_image,
+    free_port,
+    params,
+    pixels,
+    running_engine,
+    start_server,
+    stop_server,
+    wait_ready,
+)
+
+
+@pytest.mark.parametrize(
+    ("wanted", "total", "steps"), [(2, 9, {3, 6}), (3, 4, {1, 2, 3}), (1, 10, {5}), (3, 2, {1}), (0, 9, set())]
+)
+def test_previews_are_evenly_spaced_before_the_end(wanted: int, total: int, steps: set[int]) -> None:
+    job = Job(params(partial_images=wanted), None, 0.0, None)
+    assert {step for step in range(total + 1) if job.preview_due(step, total)} == steps
+
+
+def test_engine_sends_previews_and_they_change_nothing(tiny_model_dir: Path) -> None:
+    loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
+    received: list[tuple[int, int, np.ndarray]] = []
+
+    def on_progress(kind: str, step: int, total: int, *preview) -> None:
+        if kind == "preview":
+            received.append((step, total, preview[0]))
+
+    plain = params(seed=5, num_inference_steps=9)
+    with running_engine(loaded) as engine:
+        without = pixels(engine.generate(plain).image)
+        watched = params(seed=5, num_inference_steps=9, partial_images=2)
+        with_previews = pixels(engine.submit([watched], on_progress=on_progress)[0].result(timeout=60).image)
+    assert np.array_equal(with_previews, without)
+    assert [(step, total) for step, total, _ in received] == [(3, 9), (6, 9)]
+    assert all(picture.shape == (8, 8, 3) and picture.dtype == np.uint8 for _, _, picture in received)
+
+
+def test_the_preview_map_follows_the_vae() -> None:
+    """At the last step the preview of the final latents resembles the decoded picture averaged over each
+    latent's pixels (a wrong channel order or a missing bias would not)."""
+    from predictor.config import EngineConfig
+    from predictor.runners import make_runner
+
+    loaded = load_pipeline(None, "builtin:tiny", None, "cpu", "float32")
+    runner = make_runner(loaded, EngineConfig())
+    with torch.inference_mode():
+        latents = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(5))
+        decoded = runner.decode(latents).float()
+        target = torch.nn.functional.avg_pool2d((decoded / 2 + 0.5).clamp(0, 1), 8)[0].permute(1, 2, 0) * 255
+        weights, bias = runner._fit_preview_map()
+        preview = ((torch.einsum("bchw,cd->bhwd", latents, weights) + bias).clamp(0, 1) * 255)[0]
+    assert np.corrcoef(target.numpy().ravel(), preview.numpy().ravel())[0, 1] > 0.5
+
+
+def _events(response: httpx.Response) -> list[tuple[str, dict]]:
+    events, name = [], None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line[len("event: ") :]
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line[len("data: ") :])))
+    return events
+
+
+def test_previews_stream_on_generate_and_the_openai_routes(tmp_path: Path) -> None:
+    import openai
+
+    port = free_port()
+    log = tmp_path / "server.log"
+    process = start_server("--model_id", "builtin:tiny", "--model_dir", str(tmp_path / "none"), port=port, log=log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(process, port, log)
+        body = {"prompt": "a fox", "num_inference_steps": 8, "seed": 3, "width": 96, "partial_images": 3}
+        headers = {"Accept": "text/event-stream"}
+        with httpx.stream("POST", f"{base}/generate", json=body, headers=headers, timeout=60) as response:
+            events = _events(response)
+        previews = [data for name, data in events if name == "preview"]
+        assert [data["step"] for data in previews] == [2, 4, 6]
+        for data in previews:
+            assert decode_image(base64.b64decode(data["b64"])).shape == (64, 96, 3)
+        assert events[-1][0] == "image"
+        final = decode_image(base64.b64decode(events[-1][1]["b64"]))
+
+        plain = httpx.post(f"{base}/generate", json={**body, "partial_images": 0}, timeout=60)
+        assert np.array_equal(decode_image(plain.content), final)
+        refused = httpx.post(f"{base}/generate", json=body, timeout=60)
+        assert refused.status_code == 400 and refused.json()["param"] == "partial_images"
+        v1 = httpx.post(f"{base}/v1/models/sd:predict", json={"instances": [body]}, timeout=60)
+        assert v1.status_code == 400 and v1.json()["param"] == "partial_images"
+
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        extra = {"seed": 3, "num_inference_steps": 8}
+        stream = client.images.generate(
+            model="sd", prompt="a fox", size="96x64", stream=True, partial_images=2, extra_body=extra
+        )
+        streamed = list(stream)
+        assert [event.type for event in streamed] == ["image_generation.partial_image"] * 2 + [
+            "image_generation.completed"
+        ]
+        assert [event.partial_image_index for event in streamed[:2]] == [0, 1]
+        assert streamed[-1].size == "96x64" and streamed[-1].output_format == "png"
+        completed = decode_image(base64.b64decode(streamed[-1].b64_json))
+        assert np.abs(completed - final).max() <= 1
+
+        picture = io.BytesIO()
+        from PIL import Image
+
+        Image.new("RGB", (64, 64), (30, 160, 90)).save(picture, format="PNG")
+        edits = list(
+            client.images.edit(
+                image=("in.png", picture.getvalue(), "image/png"),
+                prompt="a fox",
+                stream=True,
+                partial_images=1,
+                extra_body=extra,
+            )
+        )
+        assert [event.type for event in edits] == ["image_edit.partial_image", "image_edit.completed"]
+        with pytest.raises(openai.BadRequestError, match="'n' must be 1"):
+            client.images.generate(model="sd", prompt="a", stream=True, n=2)
+        with pytest.raises(openai.BadRequestError, match="needs stream: true"):
+            client.images.generate(model="sd", prompt="a", partial_images=2)
+    finally:
+        assert stop_server(process) == 0
