@@ -475,7 +475,7 @@ def build_tiny_sd3() -> StableDiffusion3Pipeline:
     tokenizer_3 = _t5_tokenizer(256)
     return StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG),
-        vae=_tiny_vae(**SD3_VAE),
+        vae=_tiny_vae(latent_channels=16, **SD3_VAE),  # SD3's 16 latent channels (its inpainting pipeline needs them)
         text_encoder=_tiny_text_encoder(tokenizer, CLIPTextModelWithProjection, projection_dim=32),
         tokenizer=tokenizer,
         text_encoder_2=_tiny_text_encoder(tokenizer_2, CLIPTextModelWithProjection, projection_dim=32),
@@ -485,8 +485,8 @@ def build_tiny_sd3() -> StableDiffusion3Pipeline:
         transformer=SD3Transformer2DModel(
             sample_size=8,  # 8 latents x 8: native 64 px
             patch_size=2,
-            in_channels=4,
-            out_channels=4,
+            in_channels=16,
+            out_channels=16,
             num_layers=2,
             attention_head_dim=8,
             num_attention_heads=4,

@@ -230,7 +230,7 @@ class LoadedPipeline:
         elif family.flow_matching:
             # FluxImg2ImgPipeline and StableDiffusion3Img2ImgPipeline: the image's latents noised by the
             # scheduler's scale_noise, which only the flow-matching Euler and Heun have.
-            modes = {"text", "img2img"}
+            modes = {"text", "img2img", "inpaint"}
             default_strength = {"img2img": 0.6, "inpaint": 0.6}
             image_schedulers = tuple(n for n in schedulers if hasattr(FLOW_SCHEDULERS[n][0], "scale_noise"))
         max_size = None

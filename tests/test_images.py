@@ -15,8 +15,10 @@ import pytest
 import torch
 from diffusers import (
     FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
     FluxPipeline,
     StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3InpaintPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -357,38 +359,48 @@ def test_image_modes_convert_and_exif_orientation_holds(tiny_model_dir: Path) ->
 
 
 @pytest.mark.parametrize(
-    ("build", "cls"),
-    [(build_tiny_flux_dev, FluxImg2ImgPipeline), (build_tiny_sd3, StableDiffusion3Img2ImgPipeline)],
+    ("build", "img2img", "inpaint"),
+    [
+        (build_tiny_flux_dev, FluxImg2ImgPipeline, FluxInpaintPipeline),
+        (build_tiny_sd3, StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline),
+    ],
     ids=["flux-dev", "sd3"],
 )
-def test_flow_matching_img2img_equals_diffusers_beside_text_jobs(build, cls, tmp_path: Path) -> None:
+def test_flow_matching_image_jobs_equal_diffusers_beside_text_jobs(build, img2img, inpaint, tmp_path: Path) -> None:
     """FLUX and SD3 start an image job from the picture's latents noised by the scheduler's scale_noise, at their
-    own strength rounding (the start step rounded down) and default strength (0.6)."""
+    own strength rounding (the start step rounded down) and default strength (0.6); inpainting puts the noised
+    picture back outside the mask after every step (and SD3's pipeline decodes its inpainting without the VAE's
+    shift, which the server reproduces)."""
     build().save_pretrained(tmp_path, safe_serialization=True)
     loaded = load_pipeline(str(tmp_path), "not/used", None, "cpu", "float32")
     traits = loaded.traits
-    assert traits.modes == {"text", "img2img"} and traits.default_strength["img2img"] == 0.6
-    reference = _reference(tmp_path, cls)
-    image = _png(_picture(96, 64))
+    assert traits.modes == {"text", "img2img", "inpaint"} and traits.default_strength["img2img"] == 0.6
+    pipes = {"img2img": _reference(tmp_path, img2img), "inpaint": _reference(tmp_path, inpaint)}
+    image, mask = _png(_picture(96, 64)), _png(_mask(96, 64))
     cases = []
-    for i, scheduler in enumerate(traits.image_schedulers * 2):
+    for i, scheduler in enumerate(traits.image_schedulers * 3):
         body = {"prompt": f"p{i}", "seed": i, "num_inference_steps": 5 + i, "scheduler": scheduler, "image": image}
         body["guidance_scale"] = [1.0, 4.0][i % 2]
+        body["strength"] = [0.45, 1.0, 0.6][i % 3]
         if i % 2:
-            body["strength"] = 0.45
+            body["mask"] = mask
         cases.append(_resolved(loaded, **body))
         cases.append(_resolved(loaded, prompt=f"text {i}", seed=20 + i, num_inference_steps=4, width=96))
     expected = []
     for case in cases:
         if case.image is None:
-            text_pipe = (FluxPipeline if traits.family == "flux" else StableDiffusion3Pipeline)(**reference.components)
+            text_class = FluxPipeline if traits.family == "flux" else StableDiffusion3Pipeline
+            text_pipe = text_class(**pipes["img2img"].components)
             text_pipe.set_progress_bar_config(disable=True)
             expected.append(diffusers_image(text_pipe, case))
             continue
+        reference = pipes[case.mode]
         original = reference.scheduler
         flow_class, overrides = FLOW_SCHEDULERS[case.scheduler]
         reference.scheduler = flow_class.from_config(original.config, **overrides(original.config))
         arguments = {"height": case.height, "width": case.width, "guidance_scale": case.guidance_scale}
+        if case.mask is not None:
+            arguments["mask_image"] = case.mask
         generator = torch.Generator("cpu").manual_seed(case.seed)
         out = reference(
             prompt=case.prompt,

@@ -4,7 +4,7 @@ pipelines call none), and an adapter that lets the engine call a transformer as 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import torch
@@ -42,42 +42,99 @@ class FlowMatchingRunner(LatentRunner):
     def __init__(self, loaded: LoadedPipeline, config: EngineConfig) -> None:
         super().__init__(loaded, config)
         # The processor FluxImg2ImgPipeline and StableDiffusion3Img2ImgPipeline make.
-        self.image_processor = VaeImageProcessor(
-            vae_scale_factor=self.pipe.vae_scale_factor * self.image_size_factor,
-            vae_latent_channels=self.pipe.vae.config.latent_channels,
+        scale, channels = self.pipe.vae_scale_factor * self.image_size_factor, self.pipe.vae.config.latent_channels
+        self.image_processor = VaeImageProcessor(vae_scale_factor=scale, vae_latent_channels=channels)
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=scale,
+            vae_latent_channels=channels,
+            do_normalize=False,
+            do_binarize=True,
+            do_convert_grayscale=True,
         )
 
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents as the transformer takes them (FLUX packs 2x2 patches)."""
         return latents
 
-    # ---- img2img: diffusers' FluxImg2ImgPipeline and StableDiffusion3Img2ImgPipeline -----------------------
+    # ---- img2img and inpainting: diffusers' Flux/StableDiffusion3 Img2Img and Inpaint pipelines ----------------
+
+    # FluxInpaintPipeline noises the picture even at strength 1; SD3's starts from pure noise there.
+    inpaint_noises_at_full_strength = False
 
     def encode_images(self, jobs: list[Job]) -> dict[Job, Any]:
-        """Each job's input through the VAE encoder, one call per output size; sampled per job in image_latents."""
+        """Each job's input (and, to inpaint, its masked input) through the VAE encoder, one pass per output size;
+        sampled per job in image_latents, in its pipeline's order."""
         encoded: dict[Job, Any] = {}
         by_size: dict[tuple[int, int], list[Job]] = {}
         for job in jobs:
             by_size.setdefault((job.params.height, job.params.width), []).append(job)
         for (height, width), group in by_size.items():
-            pixels = torch.cat(
-                [self.image_processor.preprocess(job.params.image, height=height, width=width) for job in group]
-            )
-            batch = pixels.to(torch.float32).to(device=self.device, dtype=self.latent_dtype)
-            for job, posterior in zip(group, posteriors(self.vae, batch.to(self.vae.dtype)), strict=True):
-                encoded[job] = posterior
+            pixels, owners = [], []
+            for job in group:
+                p = job.params
+                image = self.image_processor.preprocess(p.image, height=height, width=width).to(torch.float32)
+                encoded[job] = {}
+                pixels.append(image)
+                owners.append((job, "image"))
+                if p.mask is not None:
+                    mask = self.mask_processor.preprocess(p.mask, height=height, width=width)
+                    encoded[job]["mask"] = mask
+                    pixels.append(image * (mask < 0.5))
+                    owners.append((job, "masked"))
+            batch = torch.cat(pixels).to(device=self.device, dtype=self.latent_dtype).to(self.vae.dtype)
+            for (job, name), posterior in zip(owners, posteriors(self.vae, batch), strict=True):
+                encoded[job][name] = posterior
         return encoded
+
+    def _sample(self, posterior: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        mean, std = posterior
+        draw = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        vae = self.vae.config
+        return (mean + std * draw - vae.shift_factor) * vae.scaling_factor
 
     def image_latents(
         self, job: Job, scheduler: SchedulerMixin, timesteps: torch.Tensor, generator: torch.Generator, encoded: Any
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mean, std = encoded
-        draw = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        vae = self.vae.config
-        init = (mean + std * draw - vae.shift_factor) * vae.scaling_factor
-        noise = randn_tensor(init.shape, generator=generator, device=self.device, dtype=self.latent_dtype)
-        latents = scheduler.scale_noise(init, timesteps[:1], noise).to(self.latent_dtype)
-        return self.pack(latents), {}
+        p, dtype = job.params, self.latent_dtype
+        init = self._sample(encoded["image"], generator).to(dtype).contiguous()
+        noise = randn_tensor(init.shape, generator=generator, device=self.device, dtype=dtype)
+        if p.mask is None:  # img2img
+            return self.pack(scheduler.scale_noise(init, timesteps[:1], noise).to(dtype)), {}
+        if p.strength == 1.0 and not self.inpaint_noises_at_full_strength:
+            latents = noise
+        else:
+            latents = scheduler.scale_noise(init, timesteps[:1], noise)
+        mask = torch.nn.functional.interpolate(encoded["mask"], size=init.shape[-2:]).to(self.device, dtype)
+        self._sample(encoded["masked"], generator)  # unused by these transformers; its draw moves the generator on
+        inputs = {
+            "mask": self.pack_mask(mask, init.shape[1]),
+            "image_latents": self.pack(init),
+            "noise": self.pack(noise),
+        }
+        return self.pack(latents.to(dtype)), inputs
+
+    def pack_mask(self, mask: torch.Tensor, channels: int) -> torch.Tensor:
+        """The latent-size mask as the latents are laid out (FLUX packs it with the latents' channels)."""
+        return mask
+
+    def advance(self, job: Job, noise: torch.Tensor) -> None:
+        super().advance(job, noise)
+        work: DenoiseWork = job.work
+        if "image_latents" not in work.inputs:
+            return
+        # Inpainting: the picture, noised to the next step, goes back outside the mask after every step.
+        kept = work.inputs["image_latents"]
+        step = job.steps_done - 1
+        if step < len(work.timesteps) - 1:
+            next_t = work.timesteps[step + 1 : step + 2].cpu()  # the pipelines' torch.tensor([timesteps[i + 1]])
+            kept = work.scheduler.scale_noise(kept, next_t, work.inputs["noise"])
+        mask = work.inputs["mask"]
+        work.latents = (1 - mask) * kept + mask * work.latents
+
+    def leaves_host_free(self, params: Iterable[GenerationParams]) -> bool:
+        # Inpainting's scale_noise copies the scheduler's host sigmas to the device every step.
+        listed = list(params)
+        return not any(p.mode == "inpaint" for p in listed) and super().leaves_host_free(listed)
 
     def batch_key(self, params: GenerationParams) -> Hashable:
         return (params.height, params.width)

@@ -133,6 +133,11 @@ class FluxRunner(FlowMatchingRunner):
             rows.append(({**cond, **shared}, uncond))
         return rows
 
+    inpaint_noises_at_full_strength = True
+
+    def pack_mask(self, mask: torch.Tensor, channels: int) -> torch.Tensor:
+        return self.pack(mask.repeat(1, channels, 1, 1))
+
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         _, channels, height, width = latents.shape
         return self.pipe._pack_latents(latents, latents.shape[0], channels, height, width)

@@ -117,6 +117,16 @@ class StableDiffusion3Runner(FlowMatchingRunner):
             rows.append((cond, uncond))
         return rows
 
+    def final_latents(self, jobs: list[Job]) -> torch.Tensor:
+        """StableDiffusion3InpaintPipeline decodes ``latents / scaling_factor`` without adding the VAE's shift (its
+        text and img2img pipelines add it): inpainting jobs are offset so the shared decode gives its pixels."""
+        latents = super().final_latents(jobs)
+        vae = self.vae.config
+        offsets = [vae.shift_factor * vae.scaling_factor if job.params.mode == "inpaint" else 0.0 for job in jobs]
+        if not any(offsets):
+            return latents
+        return latents - torch.tensor(offsets, device=latents.device, dtype=latents.dtype).view(-1, 1, 1, 1)
+
     def initial_latents(self, job: Job, scheduler: SchedulerMixin, generator: torch.Generator) -> torch.Tensor:
         p, scale = job.params, self.pipe.vae_scale_factor
         shape = (1, self.pipe.transformer.config.in_channels, p.height // scale, p.width // scale)
