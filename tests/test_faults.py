@@ -74,6 +74,8 @@ def faulty_app(tiny_model_dir, *flags: str) -> tuple[TestClient, FaultyUNet, Dif
         str(REQUEST_TIMEOUT_S),
         "--max_body_bytes",
         "4096",
+        "--max_image_bytes",
+        "16384",
         *flags,
     )
 
@@ -199,13 +201,18 @@ def test_flagged_image_is_marked_nsfw(fault, monkeypatch) -> None:
 
 
 def test_body_over_limit_is_413_before_reading_it(fault) -> None:
+    """Routes that take input images have their own, larger limit (--max_image_bytes); the others keep
+    --max_body_bytes. Both are enforced before the body is read whole."""
     client, _, _ = fault
     big = {"prompt": "x" * 5000}
+    openai = client.post("/v1/images/generations", json=big)  # OpenAI's error shape on its routes
+    assert openai.status_code == 413 and openai.json()["error"]["code"] == "payload_too_large"
+    huge = {"prompt": "x" * 20000}
     for route in ("/generate", f"/v1/models/{MODEL_NAME}:predict", f"/v2/models/{MODEL_NAME}/infer"):
-        assert_error(client.post(route, json=big), 413, "payload_too_large")
+        assert_error(client.post(route, json=huge), 413, "payload_too_large")
 
     def chunks():  # no Content-Length: counted while streaming
-        for _ in range(10):
+        for _ in range(20):
             yield b" " * 1000
 
     for route in ("/generate", f"/v1/models/{MODEL_NAME}:predict", f"/v2/models/{MODEL_NAME}/infer"):
