@@ -30,7 +30,14 @@ from predictor.errors import (
 from predictor.jobs import GenerationResult, Job, JobState, ProgressCallback
 from predictor.pipeline import LoadedPipeline
 from predictor.runners import ModelRunner, make_runner
-from predictor.runners.base import Decoded, PendingDecode, is_device_error, is_device_failure, is_oom
+from predictor.runners.base import (
+    Decoded,
+    PendingDecode,
+    PendingPreview,
+    is_device_error,
+    is_device_failure,
+    is_oom,
+)
 from predictor.scheduler import BatchScheduler, QueueFull, Reaped
 
 logger = logging.getLogger(__name__)
@@ -59,6 +66,8 @@ class GenerationEngine:
         self._metrics = metrics.ModelMetrics(config.model_name)
         self._cond = threading.Condition()  # guards the scheduler, the decode list and the flags below
         self._decodes: list[PendingDecode] = []  # launched, not yet answered, in launch order
+        # Previews whose pixels are on their way to the host: (job, step, of steps) each, and the copy.
+        self._previews: list[tuple[list[tuple[Job, int, int]], PendingPreview]] = []
         self._accepting = True
         self._stop = False
         self._worker_stopped = False  # the worker thread ended on something other than close()
@@ -203,7 +212,7 @@ class GenerationEngine:
     def _iterate(self) -> bool:
         """One iteration of the loop; False once close() asked the worker to stop."""
         with self._cond:
-            while not self._stop and not self.scheduler.has_work and not self._decodes:
+            while not self._stop and not self.scheduler.has_work and not self._decodes and not self._previews:
                 self._cond.wait()
             if self._stop:
                 return False
@@ -244,6 +253,7 @@ class GenerationEngine:
             with self._cond:
                 due = [d for i, d in enumerate(self._decodes) if i < launched_before or not defer or d.copied is None]
             self._answer(due)
+        self._emit_previews()
 
     # ---- the loop's order: two named predicates ------------------------------------------------------
 
@@ -345,24 +355,41 @@ class GenerationEngine:
             if job.on_progress is not None and not job.finished and not job.cancel_requested():
                 step, total = job.progress()
                 if step > 0:
-                    job.on_progress("step", step, total)
+                    _notify(job, "step", step, total)
                 if job.preview_due(step, total):
                     previews.append(job)
         if previews:
             self._send_previews(previews)
 
     def _send_previews(self, jobs: list[Job]) -> None:
-        """Partial images for the jobs that asked for one at this step: the runner's cheap latent-to-RGB preview
-        (one small copy to the host), never a VAE decode. A failure costs the preview, not the image."""
+        """Queue partial images for the jobs that asked for one at this step: the runner's cheap latent-to-RGB
+        preview, copied to the host behind the step (never a VAE decode), sent once the copy is done
+        (``_emit_previews``). A failure costs the preview, not the image."""
         try:
-            pictures = self.runner.preview(jobs)
+            pending = self.runner.start_preview(jobs)
         except Exception:
             logger.exception("preview failed; the images go on without it")
             return
-        for job, picture in zip(jobs, pictures, strict=True):
-            step, total = job.progress()
-            assert job.on_progress is not None
-            job.on_progress("preview", step, total, picture)
+        with self._cond:
+            self._previews.append(([(job, *job.progress()) for job in jobs], pending))
+
+    def _emit_previews(self) -> None:
+        """Send the previews whose copies are done; on CUDA the ones still copying wait for the next iteration
+        (whose step is then already queued), unless nothing else runs."""
+        idle = not self.scheduler.running()
+        while self._previews:
+            shown, pending = self._previews[0]
+            if not (idle or pending.ready()):
+                return
+            self._previews.pop(0)
+            try:
+                pictures = self.runner.finish_preview(pending)
+            except Exception:
+                logger.exception("preview failed; the images go on without it")
+                continue
+            for (job, step, total), picture in zip(shown, pictures, strict=True):
+                if not job.finished and not job.cancel_requested():
+                    _notify(job, "preview", step, total, picture)
 
     def _start_decode(self, jobs: list[Job]) -> None:
         def launch(part: Sequence[Job]) -> None:
@@ -484,6 +511,15 @@ class GenerationEngine:
     def _publish_counts(self) -> None:
         self._metrics.queue_depth.set(self.scheduler.queue_depth)
         self._metrics.active_images.set(self.scheduler.active)
+
+
+def _notify(job: Job, *event: Any) -> None:
+    """A job's progress callback; one that raises (a closed event loop at shutdown) costs that job's events only."""
+    try:
+        if job.on_progress is not None:
+            job.on_progress(*event)
+    except Exception:
+        logger.exception("a progress callback failed; the generation goes on")
 
 
 def _timeout_text(job: Job) -> str:

@@ -238,6 +238,7 @@ async def _openai_stream(model: DiffusionModel, call: RouteCall, kind: str) -> A
 
         task = asyncio.ensure_future(run())
         index = 0
+        getter: asyncio.Future | None = None
         try:
             while not task.done() or not events.empty():
                 getter = asyncio.ensure_future(events.get())
@@ -258,6 +259,11 @@ async def _openai_stream(model: DiffusionModel, call: RouteCall, kind: str) -> A
                 error = {"message": exc.message, "type": "server_error", "param": exc.param, "code": exc.error_type}
                 yield _sse("error", {"type": "error", "error": error})
                 return
+            except Exception:
+                logger.exception("streamed generation failed")
+                error = {"message": "internal server error", "type": "server_error", "param": None, "code": None}
+                yield _sse("error", {"type": "error", "error": {**error, "code": "internal_error"}})
+                return
             usage = {
                 "input_tokens": 0,
                 "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
@@ -267,6 +273,8 @@ async def _openai_stream(model: DiffusionModel, call: RouteCall, kind: str) -> A
             completed = {"type": f"{kind}.completed", "b64_json": to_base64(image.data), "usage": usage}
             yield _sse(f"{kind}.completed", {**completed, **shared()})
         finally:
+            if getter is not None:
+                getter.cancel()
             task.cancel()
 
     return stream()

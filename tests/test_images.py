@@ -28,7 +28,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from predictor.builtin import build_tiny_flux_dev, build_tiny_inpaint, build_tiny_sd3
+from predictor.builtin import build_tiny_flux_dev, build_tiny_inpaint, build_tiny_sd3, build_tiny_sdxl
 from predictor.errors import InvalidRequest
 from predictor.pipeline import FLOW_SCHEDULERS, SCHEDULERS, load_pipeline
 from predictor.schemas import GenerationRequest, Limits, resolve
@@ -311,6 +311,53 @@ def test_half_precision_image_jobs_alone_equal_diffusers(tiny_model_dir: Path, i
             for case in cases:
                 served = pixels(engine.generate(case).image)
                 assert np.abs(served - _expected(references, case)).max() <= TOLERANCE, (directory, case.mode)
+
+
+@pytest.mark.parametrize(
+    ("build", "cls", "masked"),
+    [
+        (build_tiny_sdxl, StableDiffusionXLImg2ImgPipeline, False),
+        (build_tiny_sd3, StableDiffusion3InpaintPipeline, True),
+        (build_tiny_flux_dev, FluxInpaintPipeline, True),
+    ],
+    ids=["sdxl-img2img", "sd3-inpaint", "flux-inpaint"],
+)
+def test_bfloat16_image_jobs_alone_equal_diffusers(build, cls, masked: bool, tmp_path: Path) -> None:
+    """bfloat16, these families' dtype on CUDA, on the CPU: SDXL encodes in float32 whenever its VAE says
+    force_upcast (as its img2img pipeline does in any dtype), and SD3's inpainting rows decode without the
+    VAE's shift in one rounding, as its pipeline does."""
+    build().save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_pipeline(str(tmp_path), "not/used", None, "cpu", "bfloat16")
+    body = {"prompt": "p", "seed": 3, "num_inference_steps": 5, "image": _png(_picture(96, 64)), "scheduler": "euler"}
+    body["guidance_scale"] = 4.0
+    if masked:
+        body |= {"mask": _png(_mask(96, 64)), "strength": 0.6}
+    case = _resolved(loaded, **body)
+    pipe = cls.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    if loaded.family.flow_matching:
+        flow_class, overrides = FLOW_SCHEDULERS["euler"]
+        pipe.scheduler = flow_class.from_config(pipe.scheduler.config, **overrides(pipe.scheduler.config))
+    else:
+        scheduler_class, scheduler_overrides = SCHEDULERS["euler"]
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **scheduler_overrides)
+    arguments = {"height": case.height, "width": case.width} if masked else {}
+    if masked:
+        arguments["mask_image"] = case.mask
+    want = pixels(
+        pipe(
+            prompt=case.prompt,
+            image=case.image,
+            strength=case.strength,
+            num_inference_steps=case.num_inference_steps,
+            guidance_scale=case.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(case.seed),
+            **arguments,
+        ).images[0]
+    )
+    with running_engine(loaded) as engine:
+        got = pixels(engine.generate(case, timeout=120).image)
+    assert np.abs(got - want).max() <= TOLERANCE
 
 
 def test_compiled_unet_takes_image_jobs_without_recompiling(tiny_model_dir: Path) -> None:

@@ -54,6 +54,21 @@ def test_engine_sends_previews_and_they_change_nothing(tiny_model_dir: Path) -> 
     assert all(picture.shape == (8, 8, 3) and picture.dtype == np.uint8 for _, _, picture in received)
 
 
+def test_a_failing_progress_callback_costs_only_its_own_events(tiny_model_dir: Path) -> None:
+    """A callback that raises (a closed event loop at shutdown) must not fail the jobs batched with it."""
+    loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
+
+    def broken(kind: str, *args) -> None:
+        if kind != "queued":
+            raise RuntimeError("the event loop is closed")
+
+    with running_engine(loaded) as engine:
+        watched = engine.submit([params(seed=1, partial_images=2)], on_progress=broken)[0]
+        others = engine.submit([params(seed=2), params(seed=3)])
+        for future in [watched, *others]:
+            assert future.result(timeout=60).image.size == (64, 64)
+
+
 def test_the_preview_map_follows_the_vae() -> None:
     """At the last step the preview of the final latents resembles the decoded picture averaged over each
     latent's pixels (a wrong channel order or a missing bias would not)."""

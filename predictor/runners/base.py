@@ -88,6 +88,17 @@ class PendingDecode:
         )
 
 
+@dataclass(eq=False)
+class PendingPreview:
+    """Preview pictures (uint8, n x H x W x 3) on their way to the host."""
+
+    pixels: torch.Tensor  # on the host once ``copied`` has happened
+    copied: torch.cuda.Event | None  # None: nothing asynchronous (CPU)
+
+    def ready(self) -> bool:
+        return self.copied is None or self.copied.query()
+
+
 @dataclass(frozen=True)
 class Decoded:
     image: Image.Image
@@ -185,10 +196,10 @@ class ModelRunner(ABC):
         """One denoiser call over a batch of rows."""
 
     @abstractmethod
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, jobs: list[Job] | None = None) -> torch.Tensor:
         """Latents to images in [-1, 1] in the model's dtype."""
 
-    def decode_float32(self, latents: torch.Tensor) -> torch.Tensor | None:
+    def decode_float32(self, latents: torch.Tensor, jobs: list[Job] | None = None) -> torch.Tensor | None:
         """Decode again in float32 after a float16 overflow; None where the family has no such fallback."""
         return None
 
@@ -221,6 +232,26 @@ class ModelRunner(ABC):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """An image job's starting latents and the per-job state its steps need (families that take images)."""
         raise GenerationFailed(f"the {self.loaded.family.name} runner takes no input image")
+
+    def preview_pixels(self, jobs: list[Job]) -> torch.Tensor:
+        """Each job's picture as it stands, uint8 (n, H, W, 3) on the device (families that preview)."""
+        raise NotImplementedError(f"the {self.loaded.family.name} runner makes no previews")
+
+    def start_preview(self, jobs: list[Job]) -> PendingPreview:
+        """Queue the previews and their copy to the host behind the step; wait for neither."""
+        pixels = self.preview_pixels(jobs)
+        if not pixels.is_cuda:
+            return PendingPreview(pixels, None)
+        host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(pixels, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return PendingPreview(host, copied)
+
+    def finish_preview(self, pending: PendingPreview) -> list[Any]:
+        if pending.copied is not None:
+            pending.copied.synchronize()
+        return [picture.numpy().copy() for picture in pending.pixels]
 
     def set_first_step(self, scheduler: SchedulerMixin) -> None:
         """Where a job's schedule starts: found on the host as the scheduler itself would find it on the device."""
@@ -356,7 +387,7 @@ class ModelRunner(ABC):
     def start_decode(self, jobs: list[Job]) -> PendingDecode:
         """Queue the decode of finished jobs and the copy of their pixels to the host; wait for neither."""
         latents = self.final_latents(jobs)
-        images = self.decode(latents)
+        images = self.decode(latents, jobs)
         finite = torch.isfinite(images).flatten(1).all(dim=1)
         pixels = to_pixels(images)
         copied = None
@@ -379,7 +410,7 @@ class ModelRunner(ABC):
         finite = decode.finite.tolist()
         # NaN latents or a VAE overflow (fp16) would come out as a silent black image: refuse it instead.
         if not all(finite) and images.dtype == torch.float16:
-            redone = self._redecode_in_float32(decode.latents, images, finite)
+            redone = self._redecode_in_float32(decode.latents, images, finite, decode.jobs)
             if redone is not None:
                 images, finite = redone
                 pixels = to_pixels(images).cpu()
@@ -398,11 +429,11 @@ class ModelRunner(ABC):
         return outcomes
 
     def _redecode_in_float32(
-        self, latents: torch.Tensor, images: torch.Tensor, finite: list[bool]
+        self, latents: torch.Tensor, images: torch.Tensor, finite: list[bool], jobs: list[Job]
     ) -> tuple[torch.Tensor, list[bool]] | None:
         """fp16 VAEs can overflow on some latents; decode those again in float32."""
         bad = [index for index, ok in enumerate(finite) if not ok]
-        redone = self.decode_float32(latents[bad])
+        redone = self.decode_float32(latents[bad], [jobs[index] for index in bad])
         if redone is None:
             return None
         images = images.clone()

@@ -126,8 +126,9 @@ class FlowMatchingRunner(LatentRunner):
         kept = work.inputs["image_latents"]
         step = job.steps_done - 1
         if step < len(work.timesteps) - 1:
-            next_t = work.timesteps[step + 1 : step + 2].cpu()  # the pipelines' torch.tensor([timesteps[i + 1]])
-            kept = work.scheduler.scale_noise(kept, next_t, work.inputs["noise"])
+            # The pipelines pass torch.tensor([timesteps[i + 1]]); after a step scale_noise reads its step index,
+            # not the value, so the device slice does the same without a copy to the host.
+            kept = work.scheduler.scale_noise(kept, work.timesteps[step + 1 : step + 2], work.inputs["noise"])
         mask = work.inputs["mask"]
         work.latents = (1 - mask) * kept + mask * work.latents
 

@@ -14,7 +14,6 @@ import time
 from abc import abstractmethod
 from typing import Any
 
-import numpy as np
 import torch
 
 from predictor.config import EngineConfig
@@ -73,7 +72,7 @@ class LatentRunner(ModelRunner):
     def example_inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """(sample, timesteps, conditioning) of ``rows`` rows at the native size, to compile with before serving."""
 
-    def _scaled_for_vae(self, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _scaled_for_vae(self, latents: torch.Tensor, dtype: torch.dtype, jobs: list[Job] | None = None) -> torch.Tensor:
         """Latents as the VAE decoder takes them, in ``dtype`` (FLUX's and SD3's VAEs also shift them)."""
         latents = latents.to(dtype) / self.vae.config.scaling_factor
         shift = getattr(self.vae.config, "shift_factor", None)
@@ -86,30 +85,30 @@ class LatentRunner(ModelRunner):
             return self._compiled(sample, timesteps, **conditioning)
         return self.denoiser_module(sample, timesteps, **conditioning, return_dict=False)[0]
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        scaled = self._scaled_for_vae(latents, self.vae.dtype)
+    def decode(self, latents: torch.Tensor, jobs: list[Job] | None = None) -> torch.Tensor:
+        scaled = self._scaled_for_vae(latents, self.vae.dtype, jobs)
         if self._decoder is not None and self._at_native_latent_size(latents):
             return self._decoder(scaled)
         return _one_by_one(self.vae, scaled)
 
-    def decode_float32(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_float32(self, latents: torch.Tensor, jobs: list[Job] | None = None) -> torch.Tensor:
         if self._vae_float32 is None:
             logger.warning("the float16 VAE overflowed; decoding such images in float32 from now on")
             self._vae_float32 = copy.deepcopy(self.vae).to(torch.float32)
-        return _one_by_one(self._vae_float32, self._scaled_for_vae(latents, torch.float32))
+        return _one_by_one(self._vae_float32, self._scaled_for_vae(latents, torch.float32, jobs))
 
     # ---- previews ----------------------------------------------------------------------------------
 
-    def preview(self, jobs: list[Job]) -> list[np.ndarray]:
-        """Each job's picture as it stands, at latent resolution (uint8, HxWx3, on the host): the latents through
-        a linear map to RGB fitted to this model's own VAE, so a preview costs a matrix product, not a decode."""
+    def preview_pixels(self, jobs: list[Job]) -> torch.Tensor:
+        """Each job's picture as it stands, at latent resolution (uint8, n x H x W x 3, on the device): the latents
+        through a linear map to RGB fitted to this model's own VAE, so a preview costs a matrix product, not a
+        decode."""
         if self._preview_map is None:
             self._preview_map = self._fit_preview_map()
-        weights, bias = self._preview_map
+        weights, bias = self._preview_map  # a fit that raised is retried at the next preview
         latents = self.final_latents(jobs).to(torch.float32)
         rgb = torch.einsum("bchw,cd->bhwd", latents, weights) + bias
-        pixels = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        return list(pixels)
+        return (rgb.clamp(0, 1) * 255).round().to(torch.uint8)
 
     def _fit_preview_map(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Least squares from latents to the VAE's pictures averaged over each latent's pixels, on a few random

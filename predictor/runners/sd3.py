@@ -117,15 +117,15 @@ class StableDiffusion3Runner(FlowMatchingRunner):
             rows.append((cond, uncond))
         return rows
 
-    def final_latents(self, jobs: list[Job]) -> torch.Tensor:
+    def _scaled_for_vae(self, latents: torch.Tensor, dtype: torch.dtype, jobs: list[Job] | None = None) -> torch.Tensor:
         """StableDiffusion3InpaintPipeline decodes ``latents / scaling_factor`` without adding the VAE's shift (its
-        text and img2img pipelines add it): inpainting jobs are offset so the shared decode gives its pixels."""
-        latents = super().final_latents(jobs)
+        text and img2img pipelines add it): inpainting rows get no shift, each row as its own pipeline decodes."""
         vae = self.vae.config
-        offsets = [vae.shift_factor * vae.scaling_factor if job.params.mode == "inpaint" else 0.0 for job in jobs]
-        if not any(offsets):
-            return latents
-        return latents - torch.tensor(offsets, device=latents.device, dtype=latents.dtype).view(-1, 1, 1, 1)
+        scaled = latents.to(dtype) / vae.scaling_factor
+        if not jobs or not any(job.params.mode == "inpaint" for job in jobs):
+            return scaled + vae.shift_factor
+        shifts = [0.0 if job.params.mode == "inpaint" else vae.shift_factor for job in jobs]
+        return scaled + torch.tensor(shifts, dtype=dtype).view(-1, 1, 1, 1).to(scaled.device, non_blocking=True)
 
     def initial_latents(self, job: Job, scheduler: SchedulerMixin, generator: torch.Generator) -> torch.Tensor:
         p, scale = job.params, self.pipe.vae_scale_factor

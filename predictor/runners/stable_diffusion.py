@@ -84,7 +84,7 @@ class UNetRunner(LatentRunner):
         embedding = self.pipe.get_guidance_scale_embedding(scale, embedding_dim=dim)
         return {**cond, "timestep_cond": embedding.to(device=self.device, dtype=self.latent_dtype)}
 
-    def _scaled_for_vae(self, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _scaled_for_vae(self, latents: torch.Tensor, dtype: torch.dtype, jobs: list[Job] | None = None) -> torch.Tensor:
         return latents.to(dtype) / self.vae.config.scaling_factor
 
     # ---- the runner hooks ------------------------------------------------------------------------
@@ -143,10 +143,16 @@ class UNetRunner(LatentRunner):
                     owners.append((job, "image_posterior"))
                 encoded[job] = entry
             if pixels:
-                batch = torch.cat(pixels).to(device=self.device, dtype=dtype).to(self.vae.dtype)
-                for (job, name), posterior in zip(owners, posteriors(self.vae, batch), strict=True):
+                encoder = self.encoder_vae
+                batch = torch.cat(pixels).to(device=self.device, dtype=dtype).to(encoder.dtype)
+                for (job, name), posterior in zip(owners, posteriors(encoder, batch), strict=True):
                     encoded[job][name] = posterior
         return encoded
+
+    @property
+    def encoder_vae(self) -> Any:
+        """The VAE that encodes input pictures (SDXL's encodes in float32 when its config says force_upcast)."""
+        return self.vae
 
     def _sample(self, posterior: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """diffusers' ``latent_dist.sample(generator)`` for one row, in latent space (times the scaling factor)."""

@@ -51,6 +51,7 @@ class StableDiffusionXLRunner(UNetRunner):
                 f"the UNet's added embedding takes {expected} features, but the text encoder's projection and "
                 f"{TIME_IDS} time ids make {given}: the checkpoint's configs disagree"
             )
+        self._vae_encoder_float32: Any = None  # made on the first image job of a bfloat16 load
         if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
             # diffusers upcasts the VAE around each decode and casts it back; a float32 copy does that once (84M
             # parameters: 0.3 GB) and leaves the pipeline object as loaded, for anyone else calling it.
@@ -134,6 +135,16 @@ class StableDiffusionXLRunner(UNetRunner):
         }
         return example
 
+    @property
+    def encoder_vae(self) -> Any:
+        # StableDiffusionXLImg2ImgPipeline encodes in float32 whenever force_upcast is set, bfloat16 loads included
+        # (the decode upcasts for float16 only).
+        if not self.pipe.vae.config.force_upcast or self.vae.dtype == torch.float32:
+            return self.vae
+        if self._vae_encoder_float32 is None:
+            self._vae_encoder_float32 = copy.deepcopy(self.pipe.vae).to(torch.float32)
+        return self._vae_encoder_float32
+
     def _sample(self, posterior: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """StableDiffusionXLImg2ImgPipeline's image latents: sampled in the VAE's dtype (float32 when it upcasts),
         cast to the latents' dtype, then normalised (latents_mean and latents_std when the VAE has them)."""
@@ -149,7 +160,7 @@ class StableDiffusionXLRunner(UNetRunner):
         std_t = torch.tensor(stds).view(1, channels, 1, 1).to(latents.device, latents.dtype)
         return (latents - mean_t) * config.scaling_factor / std_t
 
-    def _scaled_for_vae(self, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _scaled_for_vae(self, latents: torch.Tensor, dtype: torch.dtype, jobs: list[Job] | None = None) -> torch.Tensor:
         vae = self.vae
         latents = latents.to(dtype)
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
