@@ -224,8 +224,9 @@ class LoadedPipeline:
             inpainting_unet = pipe.unet.config.in_channels != pipe.vae.config.latent_channels
             modes = {"inpaint"} if inpainting_unet else {"text", "img2img", "inpaint"}
         elif isinstance(pipe, StableDiffusionXLPipeline):
-            # StableDiffusionXLImg2ImgPipeline's defaults; SDXL inpainting is not served yet.
-            modes = {"text", "img2img"}
+            # StableDiffusionXLImg2ImgPipeline's and StableDiffusionXLInpaintPipeline's defaults (4-channel UNets:
+            # SDXL inpainting checkpoints are another pipeline class, not served yet).
+            modes = {"text", "img2img", "inpaint"}
             default_strength = {"img2img": 0.3, "inpaint": 0.9999}
         elif family.flow_matching:
             # FluxImg2ImgPipeline and StableDiffusion3Img2ImgPipeline: the image's latents noised by the

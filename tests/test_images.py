@@ -24,6 +24,7 @@ from diffusers import (
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
 from PIL import Image
@@ -470,29 +471,32 @@ def test_flow_matching_image_jobs_equal_diffusers_beside_text_jobs(build, img2im
         assert error.value.param == "scheduler"
 
 
-def test_sdxl_img2img_equals_diffusers_and_inpainting_is_refused(tiny_sdxl_dir: Path) -> None:
-    """SDXL's img2img (strength 0.3 by default, as StableDiffusionXLImg2ImgPipeline): the picture encoded by the
-    float32 VAE copy (force_upcast), cast, scaled, noised; inpainting is not served for SDXL yet: a 400."""
+def test_sdxl_img2img_and_inpainting_equal_diffusers(tiny_sdxl_dir: Path) -> None:
+    """SDXL's img2img (strength 0.3 by default) and inpainting (0.9999), as StableDiffusionXLImg2ImgPipeline and
+    StableDiffusionXLInpaintPipeline: the picture encoded by the float32 VAE copy (force_upcast), normalised for
+    img2img and only scaled for inpainting, beside a text job."""
     loaded = load_pipeline(str(tiny_sdxl_dir), "not/used", None, "cpu", "float32")
     traits = loaded.traits
-    assert traits.modes == {"text", "img2img"} and traits.default_strength["img2img"] == 0.3
+    assert traits.modes == {"text", "img2img", "inpaint"}
+    assert (traits.default_strength["img2img"], traits.default_strength["inpaint"]) == (0.3, 0.9999)
     references = {
         "img2img": _reference(tiny_sdxl_dir, StableDiffusionXLImg2ImgPipeline),
+        "inpaint": _reference(tiny_sdxl_dir, StableDiffusionXLInpaintPipeline),
         "text": _reference(tiny_sdxl_dir, StableDiffusionXLPipeline),
     }
-    image = _png(_picture(96, 64))
+    image, mask = _png(_picture(96, 64)), _png(_mask(96, 64))
     cases = []
     for i, scheduler in enumerate(SCHEDULER_NAMES):
         body = {"prompt": f"p{i}", "seed": i, "num_inference_steps": 6, "scheduler": scheduler, "image": image}
         body["guidance_scale"] = [1.0, 5.0][i % 2]
         if i % 3 == 1:
             body["strength"] = 0.7
+        if i % 2:
+            body["mask"] = mask
         cases.append(_resolved(loaded, **body))
     cases.append(_resolved(loaded, prompt="text", seed=30, num_inference_steps=4, width=96))
+    assert {case.mode for case in cases} == {"text", "img2img", "inpaint"}
     _mixed(loaded, references, cases)
-    with pytest.raises(InvalidRequest, match="inpaint is not available for this 'sdxl' model") as error:
-        _resolved(loaded, prompt="a", image=image, mask=_png(_mask(96, 64)))
-    assert error.value.param == "mask"
 
 
 def test_image_routes_on_a_server(tmp_path: Path) -> None:

@@ -154,7 +154,9 @@ class UNetRunner(LatentRunner):
         """The VAE that encodes input pictures (SDXL's encodes in float32 when its config says force_upcast)."""
         return self.vae
 
-    def _sample(self, posterior: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    def _sample(
+        self, posterior: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator, inpainting: bool = False
+    ) -> torch.Tensor:
         """diffusers' ``latent_dist.sample(generator)`` for one row, in latent space (times the scaling factor)."""
         mean, std = posterior
         draw = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
@@ -177,17 +179,18 @@ class UNetRunner(LatentRunner):
         image_latents = None
         if "image_posterior" in encoded:
             # Contiguous, as diffusers' repeat() leaves them: the UNet's kernels follow the memory layout.
-            image_latents = self._sample(encoded["image_posterior"], generator).to(dtype).contiguous()
+            image_latents = self._sample(encoded["image_posterior"], generator, True).to(dtype).contiguous()
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
         latents = noise * scheduler.init_noise_sigma
         if not from_noise:
             latents = scheduler.add_noise(image_latents, noise, first)
         mask = torch.nn.functional.interpolate(encoded["mask"], size=shape[-2:]).to(device=self.device, dtype=dtype)
         if self._inpainting_unet:
-            masked = self._sample(encoded["masked_posterior"], generator).to(dtype)
+            masked = self._sample(encoded["masked_posterior"], generator, True).to(dtype)
             return latents, {"mask": mask, "masked_image_latents": masked}
-        # A 4-channel UNet: the masked image's latents go unused, but their draw moves the generator on.
-        randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+        # A 4-channel UNet: the masked image's latents go unused, but their draw (in the encoder's dtype, as the
+        # pipeline samples them) moves the generator on.
+        randn_tensor(shape, generator=generator, device=self.device, dtype=self.encoder_vae.dtype)
         return latents, {"mask": mask, "image_latents": image_latents, "noise": noise}
 
     def leaves_host_free(self, params: Iterable[GenerationParams]) -> bool:

@@ -145,15 +145,18 @@ class StableDiffusionXLRunner(UNetRunner):
             self._vae_encoder_float32 = copy.deepcopy(self.pipe.vae).to(torch.float32)
         return self._vae_encoder_float32
 
-    def _sample(self, posterior: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    def _sample(
+        self, posterior: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator, inpainting: bool = False
+    ) -> torch.Tensor:
         """StableDiffusionXLImg2ImgPipeline's image latents: sampled in the VAE's dtype (float32 when it upcasts),
-        cast to the latents' dtype, then normalised (latents_mean and latents_std when the VAE has them)."""
+        cast to the latents' dtype, then normalised (latents_mean and latents_std when the VAE has them; its
+        inpainting pipeline only scales)."""
         mean, std = posterior
         draw = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         latents = (mean + std * draw).to(self.latent_dtype)
         config = self.vae.config
         means, stds = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if means is None or stds is None:
+        if inpainting or means is None or stds is None:
             return config.scaling_factor * latents
         channels = latents.shape[1]
         mean_t = torch.tensor(means).view(1, channels, 1, 1).to(latents.device, latents.dtype)
