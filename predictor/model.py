@@ -396,10 +396,21 @@ def _load_from_settings(settings: Settings) -> LoadedPipeline:
 
 
 def _encode_all(results: list[GenerationResult]) -> list[EncodedImage]:
-    return [
-        EncodedImage(encode_image(r.image, r.params.output_format), MEDIA_TYPES[r.params.output_format], r)
-        for r in results
-    ]
+    encoded = []
+    for r in results:
+        image = _pasted_back(r) if r.params.paste_back else r.image
+        encoded.append(
+            EncodedImage(encode_image(image, r.params.output_format), MEDIA_TYPES[r.params.output_format], r)
+        )
+    return encoded
+
+
+def _pasted_back(result: GenerationResult) -> Image.Image:
+    """The input over the kept area of an inpainted result, by diffusers' own ``apply_overlay``."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    params = result.params
+    return VaeImageProcessor().apply_overlay(params.mask, params.image, result.image)
 
 
 def _v1_prediction(item: EncodedImage) -> dict[str, Any]:

@@ -181,6 +181,11 @@ class GenerationRequest(BaseModel):
     mask: InputImage | None = Field(
         default=None, description="Inpainting: white repaints, black keeps (binarised at half intensity); base64."
     )
+    paste_back: bool = Field(
+        default=False,
+        description="Inpainting: paste the input back over the kept (black) area of the result, as diffusers' "
+        "apply_overlay does; by default the result is the pipeline's own output everywhere.",
+    )
     partial_images: PartialImages = Field(
         default=0,
         description="Streaming only (Accept: text/event-stream): this many previews of the picture forming, evenly "
@@ -224,6 +229,7 @@ class GenerationParams:
     mask: Any = field(default=None, compare=False, repr=False)
     strength: float = 1.0
     partial_images: int = 0  # previews to stream while it runs
+    paste_back: bool = False  # inpainting: the input pasted back over the kept area of the result
 
     @property
     def mode(self) -> str:
@@ -603,6 +609,7 @@ def resolve(
         mask=mask,
         strength=strength,
         partial_images=request.partial_images,
+        paste_back=request.paste_back,
     )
 
 
@@ -625,6 +632,8 @@ def _input_images(
         for name in ("mask", "strength"):
             if getattr(request, name) is not None:
                 raise InvalidRequest(f"'{prefix}{name}' needs an image", param=f"{prefix}{name}")
+    if request.paste_back and request.mask is None:
+        raise InvalidRequest(f"'{prefix}paste_back' needs an image and a mask", param=f"{prefix}paste_back")
     if mode not in traits.modes:
         param = f"{prefix}{'prompt' if mode == 'text' else 'image' if mode == 'img2img' else 'mask'}"
         if mode == "text" or (mode == "img2img" and "inpaint" in traits.modes):

@@ -176,6 +176,28 @@ def test_inpainting_checkpoint_equals_diffusers_and_takes_only_inpainting(inpain
         assert error.value.param == param
 
 
+def test_paste_back_keeps_the_input_outside_the_mask(tiny_model_dir: Path) -> None:
+    """By default the kept area is the pipeline's output; paste_back puts the input back there (diffusers'
+    apply_overlay), and is refused without a mask."""
+    from predictor.model import _encode_all
+
+    loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
+    picture, white = _picture(96, 64), _mask(96, 64)
+    body = {"prompt": "a", "seed": 2, "num_inference_steps": 3, "image": _png(picture), "mask": _png(white)}
+    plain, pasted = _resolved(loaded, **body), _resolved(loaded, **body, paste_back=True)
+    with running_engine(loaded) as engine:
+        results = [engine.generate(plain), engine.generate(pasted)]
+    outputs = [decode_image(item.data) for item in _encode_all(results)]
+    kept = np.asarray(white) == 0
+    source = pixels(picture)
+    assert not np.array_equal(outputs[0][kept], source[kept])  # the pipeline's own pixels there
+    assert np.array_equal(outputs[1][kept], source[kept])
+    assert np.array_equal(outputs[1][~kept], outputs[0][~kept])
+    with pytest.raises(InvalidRequest, match="needs an image and a mask") as error:
+        _resolved(loaded, prompt="a", image=_png(picture), paste_back=True)
+    assert error.value.param == "paste_back"
+
+
 def test_strength_runs_its_share_of_the_schedule(tiny_model_dir: Path) -> None:
     """An img2img job at strength 0.5 makes half the UNet calls of a full one, and its progress counts those."""
     loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
