@@ -376,6 +376,8 @@ class GenerationEngine:
     def _emit_previews(self) -> None:
         """Send the previews whose copies are done; on CUDA the ones still copying wait for the next iteration
         (whose step is then already queued), unless nothing else runs."""
+        if not self._previews:
+            return
         idle = not self.scheduler.running()
         while self._previews:
             shown, pending = self._previews[0]

@@ -200,6 +200,28 @@ def diffusers_image(pipe: Any, p: GenerationParams, max_sequence_length: int | N
     return pixels(image)
 
 
+def assert_alone_and_mixed_equal(
+    loaded: Any, cases: list[GenerationParams], expected: list[np.ndarray], join_at_step: int = 1, tolerance: int = 1
+) -> None:
+    """The first two cases alone, then every case at once with the second half joining once the first case has
+    made ``join_at_step`` steps: each image equals its ``expected`` one (diffusers' own) within ``tolerance``."""
+    with running_engine(loaded, max_batch_size=8) as engine:
+        alone = [pixels(engine.generate(case).image) for case in cases[:2]]
+        early = engine.submit(cases[: len(cases) // 2])
+        late: list = []
+
+        def join_later(step: int) -> None:
+            if step == join_at_step and not late:
+                late.extend(engine.submit(cases[len(cases) // 2 :]))
+
+        engine.submit([cases[0]], on_progress=StepLog().callback("t", join_later))[0].result(timeout=120)
+        mixed = [pixels(future.result(timeout=120).image) for future in early + late]
+    assert late, "the later jobs joined while others were running"
+    for got, want in zip(alone + mixed, expected[:2] + expected, strict=True):
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= tolerance
+
+
 @contextmanager
 def running_engine(loaded: Any, clock: Callable[[], float] | None = None, **config: Any) -> Iterator[Any]:
     """A started engine on ``loaded`` (a queue of 64 unless given), closed on exit."""

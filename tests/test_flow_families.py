@@ -21,7 +21,7 @@ from predictor.pipeline import FAMILIES, LoadedPipeline, LoadError, load_pipelin
 from predictor.runners import make_runner
 from predictor.schemas import GenerationRequest, Limits, resolve
 from predictor.testing import (
-    StepLog,
+    assert_alone_and_mixed_equal,
     decode_image,
     diffusers_image,
     free_port,
@@ -77,24 +77,9 @@ def _reference(directory: Path, cls, **components):
 
 
 def _mixed(loaded, reference, cases, max_sequence_length=None) -> None:
-    """Every case alone, then all of them at once with half joining after the first ones' second step; each image
-    equals diffusers' own for the same arguments."""
+    """Each image equals diffusers' own for the same arguments, alone and with jobs joining after step 2."""
     expected = [diffusers_image(reference, case, max_sequence_length) for case in cases]
-    with running_engine(loaded, max_batch_size=8) as engine:
-        alone = [pixels(engine.generate(case).image) for case in cases[:2]]
-        early = engine.submit(cases[: len(cases) // 2])
-        late: list = []
-
-        def join_later(step: int) -> None:
-            if step == 2 and not late:
-                late.extend(engine.submit(cases[len(cases) // 2 :]))
-
-        first = engine.submit([cases[0]], on_progress=StepLog().callback("t", join_later))[0]
-        first.result(timeout=120)
-        mixed = [pixels(f.result(timeout=120).image) for f in early + late]
-    assert late, "the later jobs joined while others were running"
-    for got, want in zip(alone + mixed, expected[:2] + expected, strict=True):
-        assert np.abs(got - want).max() <= TOLERANCE
+    assert_alone_and_mixed_equal(loaded, cases, expected, join_at_step=2, tolerance=TOLERANCE)
 
 
 def _cases(traits, **extra) -> list:

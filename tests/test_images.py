@@ -35,6 +35,7 @@ from predictor.pipeline import FLOW_SCHEDULERS, SCHEDULERS, load_pipeline
 from predictor.schemas import GenerationRequest, Limits, resolve
 from predictor.testing import (
     StepLog,
+    assert_alone_and_mixed_equal,
     decode_image,
     diffusers_image,
     free_port,
@@ -110,23 +111,9 @@ def _expected(references: dict, p) -> np.ndarray:
 
 
 def _mixed(loaded, references: dict, cases: list) -> None:
-    """The first two cases alone, then all at once with half joining mid-flight: each equals diffusers' image."""
+    """Each image equals diffusers' own pipeline's for its mode, alone and with jobs joining mid-flight."""
     expected = [_expected(references, case) for case in cases]
-    with running_engine(loaded, max_batch_size=8) as engine:
-        alone = [pixels(engine.generate(case).image) for case in cases[:2]]
-        early = engine.submit(cases[: len(cases) // 2])
-        late: list = []
-
-        def join_later(step: int) -> None:
-            if step == 1 and not late:
-                late.extend(engine.submit(cases[len(cases) // 2 :]))
-
-        engine.submit([cases[0]], on_progress=StepLog().callback("t", join_later))[0].result(timeout=120)
-        mixed = [pixels(f.result(timeout=120).image) for f in early + late]
-    assert late, "the later jobs joined while others were running"
-    for got, want in zip(alone + mixed, expected[:2] + expected, strict=True):
-        assert got.shape == want.shape
-        assert np.abs(got - want).max() <= TOLERANCE
+    assert_alone_and_mixed_equal(loaded, cases, expected, join_at_step=1, tolerance=TOLERANCE)
 
 
 def test_img2img_and_inpainting_equal_diffusers_beside_text_jobs(tiny_model_dir: Path) -> None:

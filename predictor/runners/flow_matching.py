@@ -4,7 +4,7 @@ pipelines call none), and an adapter that lets the engine call a transformer as 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -62,28 +62,21 @@ class FlowMatchingRunner(LatentRunner):
     inpaint_noises_at_full_strength = False
 
     def encode_images(self, jobs: list[Job]) -> dict[Job, Any]:
-        """Each job's input (and, to inpaint, its masked input) through the VAE encoder, one pass per output size;
-        sampled per job in image_latents, in its pipeline's order."""
+        """Each job's input through the VAE encoder, one pass per output size; sampled per job in image_latents, in
+        its pipeline's order. The masked input's latents are never read by these transformers (no mask channels),
+        so it is not encoded: only its draw is made."""
         encoded: dict[Job, Any] = {}
-        by_size: dict[tuple[int, int], list[Job]] = {}
-        for job in jobs:
-            by_size.setdefault((job.params.height, job.params.width), []).append(job)
-        for (height, width), group in by_size.items():
-            pixels, owners = [], []
+        for (height, width), group in self.by_output_size(jobs).items():
+            pixels = []
             for job in group:
                 p = job.params
-                image = self.image_processor.preprocess(p.image, height=height, width=width).to(torch.float32)
+                pixels.append(self.image_processor.preprocess(p.image, height=height, width=width).to(torch.float32))
                 encoded[job] = {}
-                pixels.append(image)
-                owners.append((job, "image"))
                 if p.mask is not None:
-                    mask = self.mask_processor.preprocess(p.mask, height=height, width=width)
-                    encoded[job]["mask"] = mask
-                    pixels.append(image * (mask < 0.5))
-                    owners.append((job, "masked"))
+                    encoded[job]["mask"] = self.mask_processor.preprocess(p.mask, height=height, width=width)
             batch = torch.cat(pixels).to(device=self.device, dtype=self.latent_dtype).to(self.vae.dtype)
-            for (job, name), posterior in zip(owners, posteriors(self.vae, batch), strict=True):
-                encoded[job][name] = posterior
+            for job, posterior in zip(group, posteriors(self.vae, batch), strict=True):
+                encoded[job]["image"] = posterior
         return encoded
 
     def _sample(self, posterior: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
@@ -99,13 +92,15 @@ class FlowMatchingRunner(LatentRunner):
         init = self._sample(encoded["image"], generator).to(dtype).contiguous()
         noise = randn_tensor(init.shape, generator=generator, device=self.device, dtype=dtype)
         if p.mask is None:  # img2img
-            return self.pack(scheduler.scale_noise(init, timesteps[:1], noise).to(dtype)), {}
+            return self.pack(self.renoise(scheduler, init, noise, timesteps[:1]).to(dtype)), {}
         if p.strength == 1.0 and not self.inpaint_noises_at_full_strength:
             latents = noise
         else:
-            latents = scheduler.scale_noise(init, timesteps[:1], noise)
+            latents = self.renoise(scheduler, init, noise, timesteps[:1])
         mask = torch.nn.functional.interpolate(encoded["mask"], size=init.shape[-2:]).to(self.device, dtype)
-        self._sample(encoded["masked"], generator)  # unused by these transformers; its draw moves the generator on
+        # The masked input's latents go unused here; their draw (in the VAE's dtype, as the pipelines sample them)
+        # moves the generator on.
+        randn_tensor(init.shape, generator=generator, device=self.device, dtype=self.vae.dtype)
         inputs = {
             "mask": self.pack_mask(mask, init.shape[1]),
             "image_latents": self.pack(init),
@@ -117,25 +112,10 @@ class FlowMatchingRunner(LatentRunner):
         """The latent-size mask as the latents are laid out (FLUX packs it with the latents' channels)."""
         return mask
 
-    def advance(self, job: Job, noise: torch.Tensor) -> None:
-        super().advance(job, noise)
-        work: DenoiseWork = job.work
-        if "image_latents" not in work.inputs:
-            return
-        # Inpainting: the picture, noised to the next step, goes back outside the mask after every step.
-        kept = work.inputs["image_latents"]
-        step = job.steps_done - 1
-        if step < len(work.timesteps) - 1:
-            # The pipelines pass torch.tensor([timesteps[i + 1]]); after a step scale_noise reads its step index,
-            # not the value, so the device slice does the same without a copy to the host.
-            kept = work.scheduler.scale_noise(kept, work.timesteps[step + 1 : step + 2], work.inputs["noise"])
-        mask = work.inputs["mask"]
-        work.latents = (1 - mask) * kept + mask * work.latents
-
-    def leaves_host_free(self, params: Iterable[GenerationParams]) -> bool:
-        # Inpainting's scale_noise copies the scheduler's host sigmas to the device every step.
-        listed = list(params)
-        return not any(p.mode == "inpaint" for p in listed) and super().leaves_host_free(listed)
+    def renoise(
+        self, scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor
+    ) -> torch.Tensor:
+        return scheduler.scale_noise(latents, timestep, noise)
 
     def batch_key(self, params: GenerationParams) -> Hashable:
         return (params.height, params.width)

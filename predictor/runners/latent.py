@@ -12,15 +12,18 @@ import copy
 import logging
 import time
 from abc import abstractmethod
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from predictor.config import EngineConfig
 from predictor.jobs import Job
 from predictor.pipeline import LoadedPipeline
 from predictor.runners.base import Conditioning, ModelRunner
 from predictor.runners.compiled import CompiledDecoder, CompiledDenoiser, compile_cache_counts, compile_phases
+from predictor.schemas import GenerationParams
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,49 @@ class LatentRunner(ModelRunner):
     @abstractmethod
     def example_inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """(sample, timesteps, conditioning) of ``rows`` rows at the native size, to compile with before serving."""
+
+    # ---- img2img and inpainting: what every family shares ------------------------------------------
+
+    @property
+    def blends_inpainting(self) -> bool:
+        """Whether this model inpaints by putting the noised picture back outside the mask after every step (any
+        denoiser without mask channels)."""
+        return True
+
+    def renoise(
+        self, scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor
+    ) -> torch.Tensor:
+        """A picture's latents noised to ``timestep``: ``add_noise`` (UNet families), ``scale_noise`` (FLUX, SD3)."""
+        return scheduler.add_noise(latents, noise, timestep)
+
+    @staticmethod
+    def by_output_size(jobs: list[Job]) -> dict[tuple[int, int], list[Job]]:
+        """Image jobs grouped by output size: one VAE encoder pass each."""
+        groups: dict[tuple[int, int], list[Job]] = {}
+        for job in jobs:
+            groups.setdefault((job.params.height, job.params.width), []).append(job)
+        return groups
+
+    def advance(self, job: Job, noise: torch.Tensor) -> None:
+        super().advance(job, noise)
+        work = job.work
+        if "image_latents" not in work.inputs:
+            return
+        # Inpainting without mask channels: the picture, noised to the next step, goes back outside the mask. After
+        # a step the schedulers read their step index, not the timestep's value, so the device slice serves (the
+        # pipelines pass torch.tensor([timesteps[i + 1]])) without a copy to the host.
+        kept = work.inputs["image_latents"]
+        step = job.steps_done - 1
+        if step < len(work.timesteps) - 1:
+            kept = self.renoise(work.scheduler, kept, work.inputs["noise"], work.timesteps[step + 1 : step + 2])
+        mask = work.inputs["mask"]
+        work.latents = (1 - mask) * kept + mask * work.latents
+
+    def leaves_host_free(self, params: Iterable[GenerationParams]) -> bool:
+        # Blending inpainting noises the picture every step with the scheduler's host sigmas: the step waits.
+        listed = list(params)
+        blends = self.blends_inpainting and any(p.mode == "inpaint" for p in listed)
+        return not blends and super().leaves_host_free(listed)
 
     def _scaled_for_vae(self, latents: torch.Tensor, dtype: torch.dtype, jobs: list[Job] | None = None) -> torch.Tensor:
         """Latents as the VAE decoder takes them, in ``dtype`` (FLUX's and SD3's VAEs also shift them)."""

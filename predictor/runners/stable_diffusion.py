@@ -14,7 +14,7 @@ what every family shares: the denoiser and decoder calls, the float32 VAE fallba
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable
 from typing import Any
 
 import torch
@@ -123,10 +123,7 @@ class UNetRunner(LatentRunner):
         each with its own generator, in the order its pipeline samples them."""
         dtype = self.latent_dtype
         encoded: dict[Job, Any] = {}
-        by_size: dict[tuple[int, int], list[Job]] = {}
-        for job in jobs:
-            by_size.setdefault((job.params.height, job.params.width), []).append(job)
-        for (height, width), group in by_size.items():
+        for (height, width), group in self.by_output_size(jobs).items():
             pixels, owners = [], []
             for job in group:
                 p = job.params
@@ -170,7 +167,7 @@ class UNetRunner(LatentRunner):
         if p.mask is None:  # img2img: the image's latents noised to where the kept schedule starts
             init = self._sample(encoded["image_posterior"], generator).to(dtype)
             noise = randn_tensor(init.shape, generator=generator, device=self.device, dtype=dtype)
-            return scheduler.add_noise(init, noise, first), {}
+            return self.renoise(scheduler, init, noise, first), {}
         # Inpainting, in the order StableDiffusionInpaintPipeline draws: the image's latents (when needed), the
         # noise, then the masked image's latents.
         scale = self.pipe.vae_scale_factor
@@ -183,7 +180,7 @@ class UNetRunner(LatentRunner):
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
         latents = noise * scheduler.init_noise_sigma
         if not from_noise:
-            latents = scheduler.add_noise(image_latents, noise, first)
+            latents = self.renoise(scheduler, image_latents, noise, first)
         mask = torch.nn.functional.interpolate(encoded["mask"], size=shape[-2:]).to(device=self.device, dtype=dtype)
         if self._inpainting_unet:
             masked = self._sample(encoded["masked_posterior"], generator, True).to(dtype)
@@ -193,31 +190,15 @@ class UNetRunner(LatentRunner):
         randn_tensor(shape, generator=generator, device=self.device, dtype=self.encoder_vae.dtype)
         return latents, {"mask": mask, "image_latents": image_latents, "noise": noise}
 
-    def leaves_host_free(self, params: Iterable[GenerationParams]) -> bool:
-        # A 4-channel UNet's inpainting step puts the noised picture back with add_noise, which copies the
-        # scheduler's host sigmas to the device: the step waits for the host.
-        listed = list(params)
-        blends = not self._inpainting_unet and any(p.mode == "inpaint" for p in listed)
-        return not blends and super().leaves_host_free(listed)
+    @property
+    def blends_inpainting(self) -> bool:
+        return not self._inpainting_unet
 
     def model_input(self, work: DenoiseWork, t: torch.Tensor) -> torch.Tensor:
         x = super().model_input(work, t)
         if "masked_image_latents" in work.inputs:  # an inpainting UNet reads the mask and masked image too
             return torch.cat([x, work.inputs["mask"], work.inputs["masked_image_latents"]], dim=1)
         return x
-
-    def advance(self, job: Job, noise: torch.Tensor) -> None:
-        super().advance(job, noise)
-        work: DenoiseWork = job.work
-        if "image_latents" not in work.inputs:
-            return
-        # A 4-channel UNet inpaints by putting the image back, noised to the next step, outside the mask.
-        kept = work.inputs["image_latents"]
-        step = job.steps_done - 1
-        if step < len(work.timesteps) - 1:
-            kept = work.scheduler.add_noise(kept, work.inputs["noise"], work.timesteps[step + 1 : step + 2])
-        mask = work.inputs["mask"]
-        work.latents = (1 - mask) * kept + mask * work.latents
 
 
 class StableDiffusionRunner(UNetRunner):
