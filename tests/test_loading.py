@@ -168,6 +168,8 @@ def test_workers_above_one_are_refused() -> None:
     [
         (["--default_guidance_scale", "31"], "--default_guidance_scale must be within 0..30"),
         (["--default_guidance_scale", "nan"], "--default_guidance_scale must be within 0..30"),
+        (["--max_sequence_length", "513"], "--max_sequence_length must be at most 512"),
+        (["--default_scheduler", "flow"], "invalid choice: 'flow'"),
     ],
 )
 def test_per_deployment_defaults_are_checked_at_start(flags: list[str], message: str, capsys) -> None:
