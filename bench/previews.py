@@ -1,8 +1,10 @@
 """What streamed previews cost a batch: the same jobs with and without ``partial_images``, side by side.
 
-Runs the engine in-process on a builtin (no HTTP: the cost measured is the engine's, the latent-to-RGB map and
-its copy to the host; the PNG of each preview is encoded off the worker by the route). Rounds alternate the two
-configurations, since this machine's speed drifts; prints the median wall time of each and the ratio.
+Runs the engine in-process on a builtin (no HTTP: the cost measured is the engine's, the preview and its copy to
+the host; the PNG of each preview is encoded off the worker by the route). Three configurations: no previews,
+previews from the linear latent-to-RGB map (the default), and previews from a tiny VAE (--preview_vae_dir; with
+``random``, an AutoencoderTiny of TAESD's architecture with random weights, whose cost is the real one's). Rounds
+alternate them, since this machine's speed drifts; prints the median wall time of each and the ratios.
 
     python bench/previews.py                                        # CPU: builtin:tiny, 8 jobs, 25 steps
     python bench/previews.py --model_id builtin:sdxl-arch --size 1024 --steps 30 --jobs 4   # on a GPU
@@ -11,11 +13,22 @@ configurations, since this machine's speed drifts; prints the median wall time o
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import tempfile
 import time
 from statistics import median
 
-from predictor.pipeline import load_pipeline
+from predictor.pipeline import load_pipeline, load_preview_vae
 from predictor.testing import params, running_engine
+
+
+def _random_taesd(directory: str, latent_channels: int) -> str:
+    """AutoencoderTiny's defaults are TAESD's architecture (taef1's and taesd3's with 16 latent channels)."""
+    from diffusers import AutoencoderTiny
+
+    AutoencoderTiny(latent_channels=latent_channels).save_pretrained(directory)
+    return directory
 
 
 def main() -> None:
@@ -26,10 +39,25 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--partial_images", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--preview_vae_dir", default="random", help="a tiny VAE's directory; random: TAESD's architecture; none: skip"
+    )
     options = parser.parse_args()
 
-    loaded = load_pipeline(None, options.model_id, None)
-    traits = loaded.traits
+    plain_loaded = load_pipeline(None, options.model_id, None)
+    traits = plain_loaded.traits
+    configurations = {"none": plain_loaded, "linear map": plain_loaded}
+    with tempfile.TemporaryDirectory() as scratch:
+        if options.preview_vae_dir != "none":
+            directory = options.preview_vae_dir
+            if directory == "random":
+                directory = _random_taesd(scratch, plain_loaded.pipe.vae.config.latent_channels)
+            tiny = load_preview_vae(directory, plain_loaded.pipe, plain_loaded.device, plain_loaded.dtype)
+            configurations["tiny VAE"] = dataclasses.replace(plain_loaded, preview_vae=tiny)
+        measure(options, traits, configurations)
+
+
+def measure(options: argparse.Namespace, traits, configurations: dict) -> None:
     sent = 0
 
     def on_progress(kind: str, *args) -> None:
@@ -54,18 +82,30 @@ def main() -> None:
             future.result(timeout=3600)
         return time.perf_counter() - started
 
-    times: dict[int, list[float]] = {0: [], options.partial_images: []}
-    with running_engine(loaded, max_batch_size=options.jobs) as engine:
-        run(engine, options.partial_images)  # warm-up, and the preview map's one-time fit
+    times: dict[str, list[float]] = {name: [] for name in configurations}
+    with contextlib.ExitStack() as stack:
+        # One engine a configuration, over the same weights; one runs at a time.
+        engines = {
+            name: stack.enter_context(running_engine(loaded, max_batch_size=options.jobs))
+            for name, loaded in configurations.items()
+        }
+        for engine in engines.values():
+            run(engine, options.partial_images)  # warm-up, and the preview map's one-time fit
         for _ in range(options.rounds):
-            for previews in times:
-                times[previews].append(run(engine, previews))
-    plain, watched = median(times[0]), median(times[options.partial_images])
+            for name, engine in engines.items():
+                times[name].append(run(engine, 0 if name == "none" else options.partial_images))
+    plain = median(times["none"])
     print(
         f"model {options.model_id}, {options.size}x{options.size}, {options.steps} steps, {options.jobs} jobs a batch"
     )
-    print(f"without previews: {plain:.3f} s; with {options.partial_images} each: {watched:.3f} s")
-    print(f"previews sent: {sent}; cost: {100 * (watched / plain - 1):+.1f}% ({watched / plain:.3f}x)")
+    print(f"without previews: {plain:.3f} s")
+    for name in list(configurations)[1:]:
+        watched = median(times[name])
+        print(
+            f"{options.partial_images} previews each from the {name}: {watched:.3f} s, "
+            f"cost {100 * (watched / plain - 1):+.1f}% ({watched / plain:.3f}x)"
+        )
+    print(f"previews sent: {sent}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Tiny ones, for tests and smoke runs (seconds on a CPU; they produce noise):
 ``builtin:tiny-inpaint`` an SD 1.x inpainting checkpoint's: the UNet also reads the mask and the masked image.
 ``builtin:tiny-sdxl``  SDXL's: two text encoders (the second with a projection, for the pooled embedding), a UNet
                        with the text-and-time added embedding, SDXL's scheduler and VAE config.
+``builtin:tiny-sdxl-inpaint`` an SDXL inpainting checkpoint's: the same with a UNet that reads the mask and the
+                       masked image (diffusers/stable-diffusion-xl-1.0-inpainting-0.1's structure).
 ``builtin:tiny-flux``  FLUX.1-schnell's: CLIP (pooled) and T5 encoders, a FLUX transformer over packed latents,
                        schnell's scheduler config (no resolution shift), no guidance embedding.
 ``builtin:tiny-flux-dev`` FLUX.1-dev's: the same with the guidance embedding and dev's resolution shift.
@@ -44,6 +46,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -242,13 +245,16 @@ def build_tiny_sd2() -> StableDiffusionPipeline:
     return _sd_pipeline(text_encoder, tokenizer, unet, _tiny_vae(), DDIMScheduler.from_config(SD2_SCHEDULER_CONFIG))
 
 
-def build_tiny_sdxl() -> StableDiffusionXLPipeline:
+def build_tiny_sdxl(
+    in_channels: int = 4, pipeline_class: type[DiffusionPipeline] = StableDiffusionXLPipeline
+) -> DiffusionPipeline:
     torch.manual_seed(_SEED)
     tokenizer = _byte_level_tokenizer()
     tokenizer_2 = _byte_level_tokenizer(pad_token="!")
     text_encoder = _tiny_text_encoder(tokenizer)
     text_encoder_2 = _tiny_text_encoder(tokenizer_2, CLIPTextModelWithProjection, projection_dim=32)
     unet = _tiny_unet(
+        in_channels=in_channels,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -257,7 +263,7 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
         projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids of 8 features, and the pooled text
         cross_attention_dim=64,  # the two encoders' hidden states side by side
     )
-    return StableDiffusionXLPipeline(
+    return pipeline_class(
         vae=_tiny_vae(scaling_factor=SDXL_VAE_SCALING_FACTOR, force_upcast=True),
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
@@ -268,6 +274,14 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
+
+
+def build_tiny_sdxl_inpaint() -> StableDiffusionXLInpaintPipeline:
+    """An SDXL inpainting checkpoint's structure: the UNet also reads the mask (1 channel) and the masked image's
+    latents (4); no aesthetic-score conditioning (``requires_aesthetics_score`` false), as the published one."""
+    pipe = build_tiny_sdxl(in_channels=9, pipeline_class=StableDiffusionXLInpaintPipeline)
+    assert isinstance(pipe, StableDiffusionXLInpaintPipeline)
+    return pipe
 
 
 def _vit_l_text_encoder(tokenizer: CLIPTokenizer, cls: type = CLIPTextModel) -> CLIPTextModel:
@@ -592,6 +606,7 @@ _TINY: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny-sd2": build_tiny_sd2,
     "tiny-inpaint": build_tiny_inpaint,
     "tiny-sdxl": build_tiny_sdxl,
+    "tiny-sdxl-inpaint": build_tiny_sdxl_inpaint,
     "tiny-flux": build_tiny_flux,
     "tiny-flux-dev": build_tiny_flux_dev,
     "tiny-sd3": build_tiny_sd3,
@@ -610,6 +625,7 @@ _CLASS_NAMES = {
     **dict.fromkeys(("tiny", "tiny-sd2", "sd-v1-arch", "sd2-arch"), StableDiffusionPipeline.__name__),
     "tiny-inpaint": StableDiffusionInpaintPipeline.__name__,
     **dict.fromkeys(("tiny-sdxl", "sdxl-arch"), StableDiffusionXLPipeline.__name__),
+    "tiny-sdxl-inpaint": StableDiffusionXLInpaintPipeline.__name__,
     **dict.fromkeys(("tiny-flux", "tiny-flux-dev", "flux-arch", "flux-schnell-arch"), FluxPipeline.__name__),
     **dict.fromkeys(("tiny-sd3", "sd35-arch", "sd35-medium-arch"), StableDiffusion3Pipeline.__name__),
 }

@@ -44,6 +44,7 @@ class ModelSource:
     dtype: Dtype = "auto"
     safety_checker: SafetyChecker = "checkpoint"
     max_sequence_length: int | None = None  # T5 tokens (FLUX, SD3); None: the family's default, as in diffusers
+    preview_vae_dir: str | None = None  # a tiny VAE (diffusers AutoencoderTiny, e.g. TAESD) that decodes previews
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model_id",
         default=default(ModelSource, "model_id"),
         help="Hugging Face repo id used when --model_dir holds no pipeline, or a builtin with random weights, made "
-        "offline: builtin:tiny, builtin:tiny-sd2, builtin:tiny-sdxl, builtin:tiny-flux, builtin:tiny-flux-dev, "
+        "offline: builtin:tiny, builtin:tiny-sd2, builtin:tiny-inpaint, builtin:tiny-sdxl, builtin:tiny-sdxl-inpaint, "
+        "builtin:tiny-flux, builtin:tiny-flux-dev, "
         "builtin:tiny-sd3 (tests); builtin:sd-v1-arch, builtin:sd2-arch, builtin:sdxl-arch, builtin:flux-arch, "
         "builtin:flux-schnell-arch, builtin:sd35-arch, builtin:sd35-medium-arch (full-size, for GPU benchmarks).",
     )
@@ -184,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=default(ModelSource, "max_sequence_length"),
         help="FLUX and SD3: the T5 encoder's prompt window in tokens, at most 512 (default: 512 for FLUX, 256 for "
         "SD3, as diffusers sets them). Longer prompts are cut and answered prompt_truncated: true.",
+    )
+    model.add_argument(
+        "--preview_vae_dir",
+        default=default(ModelSource, "preview_vae_dir"),
+        help="A directory holding a tiny VAE saved by diffusers (AutoencoderTiny: madebyollin/taesd for SD 1.x and "
+        "2.x, taesdxl for SDXL, taef1 for FLUX, taesd3 for SD3) that decodes partial images at full size. Without "
+        "it, previews come from a linear latent-to-RGB map fitted to the model's own VAE (no extra weights, 1/8 "
+        "the resolution, scaled up).",
     )
 
     limits = parser.add_argument_group("request limits")

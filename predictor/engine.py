@@ -362,9 +362,10 @@ class GenerationEngine:
             self._send_previews(previews)
 
     def _send_previews(self, jobs: list[Job]) -> None:
-        """Queue partial images for the jobs that asked for one at this step: the runner's cheap latent-to-RGB
-        preview, copied to the host behind the step (never a VAE decode), sent once the copy is done
-        (``_emit_previews``). A failure costs the preview, not the image."""
+        """Queue partial images for the jobs that asked for one at this step: the runner's cheap preview (a
+        latent-to-RGB map, or the tiny VAE of --preview_vae_dir; never the model's own VAE), copied to the host
+        behind the step, sent once the copy is done (``_emit_previews``). A failure costs the preview, not the
+        image."""
         try:
             pending = self.runner.start_preview(jobs)
         except Exception:

@@ -392,6 +392,7 @@ def _load_from_settings(settings: Settings) -> LoadedPipeline:
         source.safety_checker,
         source.variant,
         source.max_sequence_length,
+        source.preview_vae_dir,
     )
 
 

@@ -34,6 +34,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UniPCMultistepScheduler,
 )
@@ -116,6 +117,8 @@ FAMILIES: dict[str, Family] = {
         Family("sdxl", StableDiffusionXLPipeline, "Stable Diffusion XL (SDXL-Turbo included)", True, 5.0),
         # SD 1.x and 2.x inpainting checkpoints: a UNet with mask and masked-image channels (9 in).
         Family("sd", StableDiffusionInpaintPipeline, "Stable Diffusion 1.x and 2.x inpainting checkpoints"),
+        # SDXL inpainting checkpoints likewise (StableDiffusionXLInpaintPipeline's guidance default is 7.5).
+        Family("sdxl", StableDiffusionXLInpaintPipeline, "Stable Diffusion XL inpainting checkpoints", True),
         # An SD 1.x pipeline whose UNet embeds the guidance scale: the SD runner computes what it computes.
         Family("sd", LatentConsistencyModelPipeline, "Latent Consistency Models distilled from SD 1.x", False, 8.5),
         Family("flux", FluxPipeline, "FLUX.1 (schnell and dev)", True, 3.5, True, 512, frozenset({"true_cfg_scale"})),
@@ -151,6 +154,7 @@ class LoadedPipeline:
     random_weights: bool
     load_seconds: float
     max_sequence_length: int | None = field(default=None)  # the T5 window (FLUX, SD3); None: the family's
+    preview_vae: Any = field(default=None)  # an AutoencoderTiny that decodes previews (--preview_vae_dir)
 
     def __post_init__(self) -> None:
         if self.max_sequence_length is None:
@@ -220,15 +224,20 @@ class LoadedPipeline:
         modes = {"text"}
         default_strength = {"img2img": 0.8, "inpaint": 1.0}
         image_schedulers: tuple[str, ...] = ()
-        if isinstance(pipe, StableDiffusionPipeline | StableDiffusionInpaintPipeline):
+        unet_pipelines = (
+            StableDiffusionPipeline,
+            StableDiffusionInpaintPipeline,
+            StableDiffusionXLPipeline,
+            StableDiffusionXLInpaintPipeline,
+        )  # not LCM's: its img2img pipeline is another computation
+        if isinstance(pipe, unet_pipelines):
+            # A UNet with mask and masked-image channels (9 in) is an inpainting checkpoint: it inpaints only.
             inpainting_unet = pipe.unet.config.in_channels != pipe.vae.config.latent_channels
             modes = {"inpaint"} if inpainting_unet else {"text", "img2img", "inpaint"}
-        elif isinstance(pipe, StableDiffusionXLPipeline):
-            # StableDiffusionXLImg2ImgPipeline's and StableDiffusionXLInpaintPipeline's defaults (4-channel UNets:
-            # SDXL inpainting checkpoints are another pipeline class, not served yet).
-            modes = {"text", "img2img", "inpaint"}
+        if family.name == "sdxl":
+            # StableDiffusionXLImg2ImgPipeline's and StableDiffusionXLInpaintPipeline's defaults.
             default_strength = {"img2img": 0.3, "inpaint": 0.9999}
-        elif family.flow_matching:
+        if family.flow_matching:
             # FluxImg2ImgPipeline and StableDiffusion3Img2ImgPipeline: the image's latents noised by the
             # scheduler's scale_noise, which only the flow-matching Euler and Heun have.
             modes = {"text", "img2img", "inpaint"}
@@ -382,6 +391,7 @@ def load_pipeline(
     safety_checker: str = "checkpoint",
     variant: str = "auto",
     max_sequence_length: int | None = None,
+    preview_vae_dir: str | None = None,
 ) -> LoadedPipeline:
     device = resolve_device(device_flag)
     source = describe_source(model_dir, model_id)
@@ -420,8 +430,9 @@ def load_pipeline(
         if not family.flow_matching:
             pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
+    preview_vae = None if preview_vae_dir is None else load_preview_vae(preview_vae_dir, pipe, device, dtype)
     loaded = LoadedPipeline(
-        pipe, source, device, dtype, random_weights, time.perf_counter() - started, max_sequence_length
+        pipe, source, device, dtype, random_weights, time.perf_counter() - started, max_sequence_length, preview_vae
     )
     if random_weights:
         logger.warning("model %s has RANDOM weights: it produces noise, not pictures", source)
@@ -439,6 +450,38 @@ def load_pipeline(
         loaded.native_size,
     )
     return loaded
+
+
+def load_preview_vae(directory: str, pipe: DiffusionPipeline, device: torch.device, dtype: torch.dtype) -> Any:
+    """A tiny VAE for previews (``AutoencoderTiny``, TAESD and its kin) from a local directory, checked against the
+    pipeline: it must read as many latent channels as the model's VAE makes (taesd: 4, taef1 and taesd3: 16)."""
+    from diffusers import AutoencoderTiny
+
+    path = Path(directory)
+    if not (path / "config.json").is_file():
+        raise LoadError(
+            f"--preview_vae_dir '{directory}' holds no config.json (save a diffusers AutoencoderTiny there)"
+        )
+    try:
+        config = AutoencoderTiny.load_config(path)
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"--preview_vae_dir '{directory}': unreadable config.json: {exc}") from exc
+    if config.get("_class_name") != AutoencoderTiny.__name__:
+        raise LoadError(
+            f"--preview_vae_dir '{directory}' holds a {config.get('_class_name')}, not an AutoencoderTiny (TAESD)"
+        )
+    wanted = pipe.vae.config.latent_channels
+    if int(config.get("latent_channels", 4)) != wanted:
+        raise LoadError(
+            f"--preview_vae_dir '{directory}' decodes {config.get('latent_channels', 4)}-channel latents, but this "
+            f"model's have {wanted} (taesd and taesdxl: 4; taef1 and taesd3: 16)"
+        )
+    try:
+        tiny = AutoencoderTiny.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise LoadError(f"cannot load the preview VAE in '{directory}': {exc}") from exc
+    logger.info("previews decode with the tiny VAE in %s", directory)
+    return tiny.to(device).eval()
 
 
 def read_model_index(source: str, revision: str | None = None, local: bool = True) -> dict[str, Any]:

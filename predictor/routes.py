@@ -183,7 +183,7 @@ PIXELS = "pixels"  # a preview event's raw picture, before it is encoded
 
 
 def _preview_event(data: dict[str, Any], params: Any) -> dict[str, Any]:
-    """A partial image: the latent-resolution preview scaled to the output size, as PNG base64."""
+    """A partial image as PNG base64, at the output size (the linear map's latent-resolution preview scaled up)."""
     picture = Image.fromarray(data.pop(PIXELS)).resize((params.width, params.height), Image.Resampling.BILINEAR)
     return {
         **data,
@@ -207,7 +207,24 @@ def _openai_stream_requested(body: bytes) -> bool:
     return isinstance(data, dict) and data.get("stream") is True
 
 
-async def _openai_stream(model: DiffusionModel, call: RouteCall, kind: str) -> AsyncIterator[bytes]:
+class EventStream(StreamingResponse):
+    """Server-Sent Events for one queued batch, whose images are cancelled however the response ends. A stream's
+    own ``finally`` runs only once it has started; a client gone before the first event (the start of the response
+    failing to send) would otherwise leave its images running to the end."""
+
+    def __init__(self, content: AsyncIterator[bytes], batch: Batch) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.batch = batch
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for future in self.batch.futures:
+                future.cancel()  # a finished image's future is done: nothing happens to it
+
+
+async def _openai_stream(model: DiffusionModel, call: RouteCall, kind: str) -> EventStream:
     """OpenAI's streamed images (``stream: true``): ``{kind}.partial_image`` events for the previews asked for
     (``partial_images``), then ``{kind}.completed`` with the image, as the openai SDK's stream iterator reads them.
     ``kind`` is ``image_generation`` or ``image_edit``. Validated and queued before the stream starts."""
@@ -277,10 +294,10 @@ async def _openai_stream(model: DiffusionModel, call: RouteCall, kind: str) -> A
                 getter.cancel()
             task.cancel()
 
-    return stream()
+    return EventStream(stream(), batch)
 
 
-async def _start_stream(model: DiffusionModel, body: bytes) -> AsyncIterator[bytes]:
+async def _start_stream(model: DiffusionModel, body: bytes) -> EventStream:
     """Validate and queue first, so bad input (400) and a full queue (503) are plain responses, not streams;
     then stream Server-Sent Events: queued, progress per step, and the image (or an error).
 
@@ -301,7 +318,7 @@ async def _start_stream(model: DiffusionModel, body: bytes) -> AsyncIterator[byt
 
     batch = await model.preprocess(RouteCall("generate", body, on_progress=on_progress, streaming=True))
     model.submit(batch)
-    return _stream(model, batch, events)
+    return EventStream(_stream(model, batch, events), batch)
 
 
 async def _stream(model: DiffusionModel, batch: Batch, events: asyncio.Queue) -> AsyncIterator[bytes]:
@@ -350,8 +367,7 @@ def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool 
             raise ModelNotLoaded(f"model {model.name} is not ready")
         body = await request.body()
         if "text/event-stream" in request.headers.get("accept", ""):
-            stream = await _start_stream(model, body)
-            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return await _start_stream(model, body)
         encoded, headers = await model(RouteCall("generate", body), headers=dict(request.headers))
         image: EncodedImage = encoded[0]
         return Response(content=image.data, media_type=image.media_type, headers=headers)
@@ -366,8 +382,7 @@ def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool 
                 raise ModelNotLoaded(f"model {model.name} is not ready")
             body = await request.body()
             if _openai_stream_requested(body):
-                stream = await _openai_stream(model, RouteCall("openai", body), "image_generation")
-                return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                return await _openai_stream(model, RouteCall("openai", body), "image_generation")
             encoded, _ = await model(RouteCall("openai", body), headers=dict(request.headers))
         except PredictorError as exc:
             return _openai_error(exc)
@@ -383,8 +398,7 @@ def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool 
                 raise ModelNotLoaded(f"model {model.name} is not ready")
             edit = await _edit_form(request)
             if edit["fields"].get("stream") == "true":
-                stream = await _openai_stream(model, RouteCall("openai_edit", edit), "image_edit")
-                return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                return await _openai_stream(model, RouteCall("openai_edit", edit), "image_edit")
             encoded, _ = await model(RouteCall("openai_edit", edit), headers=dict(request.headers))
         except PredictorError as exc:
             return _openai_error(exc)

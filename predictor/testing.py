@@ -143,9 +143,10 @@ def decode_image(data: bytes) -> np.ndarray:
     return pixels(Image.open(io.BytesIO(data)))
 
 
-def diffusers_image(pipe: Any, p: GenerationParams, max_sequence_length: int | None = None) -> np.ndarray:
+def diffusers_image(pipe: Any, p: GenerationParams, max_sequence_length: int | None = None, **extra: Any) -> np.ndarray:
     """What diffusers' own ``pipe(...)`` makes for ``p``: the same arguments, the named scheduler made by diffusers'
-    ``from_config`` from the pipeline's config, ``generator=torch.Generator("cpu").manual_seed(seed)``."""
+    ``from_config`` from the pipeline's config, ``generator=torch.Generator("cpu").manual_seed(seed)``; ``extra``
+    goes to the call as it is (a step callback)."""
     import torch
     from diffusers import (
         DPMSolverMultistepScheduler,
@@ -194,6 +195,7 @@ def diffusers_image(pipe: Any, p: GenerationParams, max_sequence_length: int | N
             width=p.width,
             height=p.height,
             generator=torch.Generator("cpu").manual_seed(p.seed),
+            **extra,
         ).images[0]
     finally:
         pipe.scheduler = original

@@ -29,7 +29,13 @@ from diffusers import (
 )
 from PIL import Image
 
-from predictor.builtin import build_tiny_flux_dev, build_tiny_inpaint, build_tiny_sd3, build_tiny_sdxl
+from predictor.builtin import (
+    build_tiny_flux_dev,
+    build_tiny_inpaint,
+    build_tiny_sd3,
+    build_tiny_sdxl,
+    build_tiny_sdxl_inpaint,
+)
 from predictor.errors import InvalidRequest
 from predictor.pipeline import FLOW_SCHEDULERS, SCHEDULERS, load_pipeline
 from predictor.schemas import GenerationRequest, Limits, resolve
@@ -579,3 +585,37 @@ def test_image_routes_on_a_server(tmp_path: Path) -> None:
         assert decode_image(base64.b64decode(auto.data[0].b64_json)).shape == (64, 96, 3)
     finally:
         assert stop_server(process) == 0
+
+
+def test_sdxl_inpainting_checkpoint_equals_diffusers(tmp_path: Path) -> None:
+    """An SDXL inpainting checkpoint (a 9-channel UNet, StableDiffusionXLInpaintPipeline) inpaints only, equal to
+    diffusers' pipeline at its default strength and a partial one, in one batch."""
+    build_tiny_sdxl_inpaint().save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_pipeline(str(tmp_path), "not/used", None, "cpu", "float32")
+    traits = loaded.traits
+    assert (traits.family, traits.modes, traits.default_strength["inpaint"]) == ("sdxl", {"inpaint"}, 0.9999)
+    assert traits.default_guidance_scale == 7.5  # the inpainting pipeline's default
+    references = {"inpaint": _reference(tmp_path, StableDiffusionXLInpaintPipeline)}
+    image, mask = _png(_picture(96, 64, seed=2)), _png(_mask(96, 64))
+    cases = [
+        _resolved(loaded, prompt=f"p{i}", seed=i, num_inference_steps=4, scheduler=name, image=image, mask=mask)
+        for i, name in enumerate(SCHEDULER_NAMES[:3])
+    ]
+    cases.append(_resolved(loaded, prompt="half", seed=9, strength=0.5, image=image, mask=mask, scheduler="euler"))
+    cases.append(_resolved(loaded, prompt="plain", seed=4, guidance_scale=1.0, image=image, mask=mask))
+    _mixed(loaded, references, cases)
+    with pytest.raises(InvalidRequest, match="inpainting checkpoint"):
+        _resolved(loaded, prompt="no picture")
+
+
+def test_sdxl_checkpoint_with_aesthetic_conditioning_is_refused_at_load(tmp_path: Path) -> None:
+    pipe = build_tiny_sdxl_inpaint()
+    pipe.register_to_config(requires_aesthetics_score=True)
+    pipe.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_pipeline(str(tmp_path), "not/used", None, "cpu", "float32")
+    from predictor.config import EngineConfig
+    from predictor.pipeline import LoadError
+    from predictor.runners import make_runner
+
+    with pytest.raises(LoadError, match="aesthetic score"):
+        make_runner(loaded, EngineConfig())

@@ -18,6 +18,7 @@ from predictor.jobs import Job
 from predictor.pipeline import load_pipeline
 from predictor.testing import (
     decode_image,
+    diffusers_image,
     free_port,
     params,
     pixels,
@@ -157,3 +158,140 @@ def test_previews_stream_on_generate_and_the_openai_routes(tmp_path: Path) -> No
             client.images.generate(model="sd", prompt="a", partial_images=2)
     finally:
         assert stop_server(process) == 0
+
+
+def _tiny_autoencoder(directory: Path, latent_channels: int = 4) -> Path:
+    """A TAESD-shaped AutoencoderTiny (three 2x upsamplings: the VAE's factor of 8), random weights, on disk."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    blocks = {"encoder_block_out_channels": (8, 8, 8, 8), "decoder_block_out_channels": (8, 8, 8, 8)}
+    counts = {"num_encoder_blocks": (1, 1, 1, 1), "num_decoder_blocks": (1, 1, 1, 1)}
+    AutoencoderTiny(latent_channels=latent_channels, **blocks, **counts).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize(("model", "size"), [("tiny", (64, 80)), ("tiny-flux", (64, 64))])
+def test_a_tiny_vae_decodes_full_size_previews_of_the_pipelines_own_latents(
+    model: str, size: tuple[int, int], tmp_path: Path
+) -> None:
+    """With --preview_vae_dir, a preview is the tiny VAE's decode of the latents diffusers' own pipeline holds after
+    that many steps (FLUX's unpacked), at the output's full size."""
+    from diffusers import AutoencoderTiny
+    from diffusers.image_processor import VaeImageProcessor
+
+    from predictor.builtin import build_builtin
+
+    tiny_dir = _tiny_autoencoder(tmp_path / "taesd")
+    loaded = load_pipeline(None, f"builtin:{model}", None, "cpu", "float32", preview_vae_dir=str(tiny_dir))
+    height, width = size
+    traits = loaded.traits
+    job = params(
+        seed=4,
+        num_inference_steps=6,
+        height=height,
+        width=width,
+        scheduler=traits.default_scheduler,
+        guidance_scale=traits.default_guidance_scale,
+        partial_images=2,
+    )
+    received: dict[int, np.ndarray] = {}
+
+    def on_progress(kind: str, step: int, total: int, *preview) -> None:
+        if kind == "preview":
+            received[step] = preview[0]
+
+    with running_engine(loaded) as engine:
+        engine.submit([job], on_progress=on_progress)[0].result(timeout=60)
+    assert sorted(received) == [2, 4]
+
+    reference = build_builtin(model, torch.device("cpu"), torch.float32)  # the same seeded weights
+    reference.set_progress_bar_config(disable=True)
+    latents_after: dict[int, torch.Tensor] = {}
+
+    def keep(pipe, index: int, timestep, kwargs: dict) -> dict:
+        latents_after[index + 1] = kwargs["latents"].clone()
+        return kwargs
+
+    with torch.inference_mode():
+        diffusers_image(reference, job, callback_on_step_end=keep)
+        tiny = AutoencoderTiny.from_pretrained(tiny_dir)
+        processor = VaeImageProcessor(vae_scale_factor=8)
+        for step, preview in received.items():
+            latents = latents_after[step]
+            if model == "tiny-flux":
+                latents = reference._unpack_latents(latents, height, width, reference.vae_scale_factor)
+            decoded = processor.postprocess(tiny.decode(latents).sample, output_type="np")[0]
+            expected = (decoded * 255).round().astype(np.uint8)
+            assert preview.shape == (height, width, 3)
+            assert np.abs(preview.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_a_preview_vae_that_does_not_fit_stops_the_load_with_why(tmp_path: Path) -> None:
+    from diffusers import AutoencoderKL
+
+    from predictor.pipeline import LoadError
+
+    wide = _tiny_autoencoder(tmp_path / "taef1", latent_channels=16)
+    with pytest.raises(LoadError, match="16-channel latents, but this model's have 4"):
+        load_pipeline(None, "builtin:tiny", None, "cpu", "float32", preview_vae_dir=str(wide))
+    with pytest.raises(LoadError, match=r"holds no config\.json"):
+        load_pipeline(None, "builtin:tiny", None, "cpu", "float32", preview_vae_dir=str(tmp_path / "missing"))
+    AutoencoderKL(block_out_channels=(8,), norm_num_groups=4).save_pretrained(tmp_path / "kl")
+    with pytest.raises(LoadError, match="holds a AutoencoderKL, not an AutoencoderTiny"):
+        load_pipeline(None, "builtin:tiny", None, "cpu", "float32", preview_vae_dir=str(tmp_path / "kl"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"_class_name": "AutoencoderTiny"}')
+    with pytest.raises(LoadError, match="cannot load the preview VAE"):
+        load_pipeline(None, "builtin:tiny", None, "cpu", "float32", preview_vae_dir=str(tmp_path / "broken"))
+
+
+def test_the_preview_vae_flag_reaches_the_loader(tmp_path: Path) -> None:
+    from predictor.config import parse_settings
+    from predictor.model import _load_from_settings
+
+    tiny_dir = _tiny_autoencoder(tmp_path / "taesd")
+    flags = ["--model_id", "builtin:tiny", "--model_dir", str(tmp_path / "none"), "--device", "cpu"]
+    _, settings = parse_settings([*flags, "--preview_vae_dir", str(tiny_dir)])
+    assert type(_load_from_settings(settings).preview_vae).__name__ == "AutoencoderTiny"
+    _, settings = parse_settings(flags)
+    assert _load_from_settings(settings).preview_vae is None
+
+
+def test_a_stream_whose_client_left_before_its_first_event_cancels_its_images(tiny_model_dir: Path) -> None:
+    """The response's start fails to send (the client went between the request and the first event, as ASGI 2.4
+    reports it): the stream never ran, and its queued images must still stop."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    from predictor.model import Batch
+    from predictor.routes import EventStream
+
+    loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
+
+    async def never_started():
+        raise AssertionError("the stream must not run")
+        yield b""
+
+    async def gone(message: dict) -> None:
+        raise OSError("connection reset by peer")
+
+    async def receive() -> dict:
+        return {"type": "http.disconnect"}
+
+    steps: list[int] = []
+
+    def count(kind: str, step: int, *args) -> None:
+        if kind == "step":
+            steps.append(step)
+
+    with running_engine(loaded) as engine:
+        batch = Batch("generate", [params(num_inference_steps=500, seed=i) for i in range(2)])
+        batch.futures = engine.submit(batch.params, on_progress=count)
+        scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "extensions": {}}
+        with pytest.raises(ClientDisconnect):
+            asyncio.run(EventStream(never_started(), batch)(scope, receive, gone))
+        assert all(future.cancelled() for future in batch.futures)
+        assert engine.wait_idle(timeout=60)
+    assert max(steps, default=0) < 500, "the abandoned images ran to the end"

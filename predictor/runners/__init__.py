@@ -8,6 +8,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
 
@@ -24,6 +25,7 @@ RUNNERS: dict[type, type[ModelRunner]] = {
     StableDiffusionPipeline: StableDiffusionRunner,
     StableDiffusionXLPipeline: StableDiffusionXLRunner,
     StableDiffusionInpaintPipeline: StableDiffusionRunner,  # inpainting checkpoints: mask channels in the UNet
+    StableDiffusionXLInpaintPipeline: StableDiffusionXLRunner,  # SDXL inpainting checkpoints, likewise
     LatentConsistencyModelPipeline: StableDiffusionRunner,  # its __call__ is SD's with the guidance embedded
     FluxPipeline: FluxRunner,
     StableDiffusion3Pipeline: StableDiffusion3Runner,

@@ -146,9 +146,16 @@ class LatentRunner(ModelRunner):
     # ---- previews ----------------------------------------------------------------------------------
 
     def preview_pixels(self, jobs: list[Job]) -> torch.Tensor:
-        """Each job's picture as it stands, at latent resolution (uint8, n x H x W x 3, on the device): the latents
-        through a linear map to RGB fitted to this model's own VAE, so a preview costs a matrix product, not a
-        decode."""
+        """Each job's picture as it stands (uint8, n x H x W x 3, on the device): decoded by the tiny VAE when
+        --preview_vae_dir names one (full size), else the latents through a linear map to RGB fitted to this
+        model's own VAE (latent resolution), so a preview costs a matrix product, not a decode."""
+        tiny = self.loaded.preview_vae
+        if tiny is not None:
+            # As diffusers decodes with a tiny VAE in the pipeline's place: its own scaling and shift (1 and 0 for
+            # TAESD and its kin, whose decoders take the denoiser's latents as they are).
+            latents = self.final_latents(jobs).to(tiny.dtype) / tiny.config.scaling_factor
+            images = tiny.decode(latents + tiny.config.shift_factor, return_dict=False)[0]
+            return ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
         if self._preview_map is None:
             self._preview_map = self._fit_preview_map()
         weights, bias = self._preview_map  # a fit that raised is retried at the next preview

@@ -43,6 +43,11 @@ class StableDiffusionXLRunner(UNetRunner):
             raise LoadError(
                 "an SDXL text-to-image checkpoint needs text_encoder_2 with a projection (the pooled embedding)"
             )
+        if pipe.config.get("requires_aesthetics_score"):
+            raise LoadError(
+                "this SDXL checkpoint is conditioned on an aesthetic score (requires_aesthetics_score, as the "
+                "refiner is), which this server does not serve; base and inpainting checkpoints are served"
+            )
         # diffusers' _get_add_time_ids makes the same check per call; a checkpoint that fails it fails every request.
         expected = pipe.unet.add_embedding.linear_1.in_features
         given = unet_config.addition_time_embed_dim * TIME_IDS + self._pooled_dim
