@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask", help="Inpainting: a mask file, white = repaint, black = keep (needs --image).")
     parser.add_argument("--strength", type=float, help="With --image: how much of the schedule runs (0 < s <= 1).")
     parser.add_argument(
+        "--lora",
+        action="append",
+        type=lora_choice,
+        metavar="NAME[:SCALE]",
+        help="A LoRA adapter of the server's --lora_dir, with its scale (default 1); repeat for several "
+        "(see GET /v1/models/NAME/loras).",
+    )
+    parser.add_argument(
         "--format", choices=OUTPUT_FORMATS, help="Image format (default: from -o's extension, else png)."
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="Seconds to wait (default: 600).")
@@ -55,6 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"API key, for a server started with keys (default: ${API_KEY_ENV}).",
     )
     return parser
+
+
+def lora_choice(text: str) -> dict:
+    """NAME or NAME:SCALE, as the request's 'loras' entries."""
+    name, _, scale = text.partition(":")
+    if not name:
+        raise argparse.ArgumentTypeError(f"'{text}': give NAME or NAME:SCALE")
+    if not scale:
+        return {"name": name}
+    try:
+        return {"name": name, "scale": float(scale)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': the scale must be a number") from None
 
 
 # File name extensions and the output format each means.
@@ -91,6 +112,8 @@ def request_body(args: argparse.Namespace, output_format: str) -> dict:
         value = getattr(args, option)
         if value is not None:
             body[field] = value
+    if args.lora:
+        body["loras"] = args.lora
     body["output_format"] = output_format
     return body
 

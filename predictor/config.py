@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 from predictor.schemas import (
     HARD_MAX_BATCH_INSTANCES,
     HARD_MAX_IMAGE_SIZE,
+    HARD_MAX_LORAS,
     HARD_MAX_PROMPT_CHARS,
     HARD_MAX_STEPS,
     MAX_GUIDANCE,
@@ -30,6 +31,7 @@ Device = Literal["auto", "cuda", "cpu"]
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
 SafetyChecker = Literal["checkpoint", "on", "off"]
 CompileMode = Literal["reduce-overhead", "default", "max-autotune-no-cudagraphs"]
+LoraBatching = Literal["mixed", "grouped"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class ModelSource:
     safety_checker: SafetyChecker = "checkpoint"
     max_sequence_length: int | None = None  # T5 tokens (FLUX, SD3); None: the family's default, as in diffusers
     preview_vae_dir: str | None = None  # a tiny VAE (diffusers AutoencoderTiny, e.g. TAESD) that decodes previews
+    lora_dir: str | None = None  # LoRA adapters requests may name (one .safetensors file each)
+    max_lora_bytes: int = 1024**3
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,9 @@ class EngineConfig:
     compile: bool = False
     compile_mode: CompileMode = "reduce-overhead"
     compile_backend: str = "inductor"
+    max_loaded_loras: int = 8  # LoRA adapters kept in the model at once (least recently used out first)
+    # mixed: rows with different adapter sets share one denoiser call; grouped: one call per set
+    lora_batching: LoraBatching = "mixed"
 
 
 @dataclass(frozen=True)
@@ -194,6 +201,41 @@ def build_parser() -> argparse.ArgumentParser:
         "2.x, taesdxl for SDXL, taef1 for FLUX, taesd3 for SD3) that decodes partial images at full size. Without "
         "it, previews come from a linear latent-to-RGB map fitted to the model's own VAE (no extra weights, 1/8 "
         "the resolution, scaled up).",
+    )
+
+    loras = parser.add_argument_group("LoRA adapters")
+    loras.add_argument(
+        "--lora_dir",
+        default=default(ModelSource, "lora_dir"),
+        help="A directory of LoRA adapters (.safetensors, in any format diffusers' load_lora_weights reads: "
+        "diffusers/PEFT, kohya) that requests name in 'loras' by file name without the suffix. Read at start; files "
+        "that cannot be used are listed with the reason (GET /v1/models/NAME/loras).",
+    )
+    loras.add_argument(
+        "--max_lora_bytes",
+        type=_positive(),
+        default=default(ModelSource, "max_lora_bytes"),
+        help="Largest adapter file served; larger ones are refused at start.",
+    )
+    loras.add_argument(
+        "--max_loras_per_request",
+        type=_positive(),
+        default=default(Limits, "max_loras_per_request"),
+        help="Most adapters one request may name.",
+    )
+    loras.add_argument(
+        "--max_loaded_loras",
+        type=_positive(),
+        default=default(EngineConfig, "max_loaded_loras"),
+        help="Adapters kept in the model at once; past it the least recently used one no running image needs is "
+        "taken out (a file is read again when next named).",
+    )
+    loras.add_argument(
+        "--lora_batching",
+        choices=get_args(LoraBatching),
+        default=default(EngineConfig, "lora_batching"),
+        help="mixed: images with different adapters (and none) share every denoiser call, each row with its own "
+        "adapters; grouped: images share a call only with the same adapters and scales.",
     )
 
     limits = parser.add_argument_group("request limits")
@@ -394,6 +436,13 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
         parser.error(str(exc))
     if keys and args.enable_grpc:
         parser.error("--enable_grpc cannot be used with API keys: gRPC requests would not be checked for one")
+    if args.max_loras_per_request > HARD_MAX_LORAS:
+        parser.error(f"--max_loras_per_request must be at most {HARD_MAX_LORAS}")
+    if args.lora_dir is not None and args.compile:
+        parser.error(
+            "--lora_dir cannot be used with --compile yet: adding an adapter changes the denoiser's layers, which "
+            "would recompile it; serve adapters eagerly"
+        )
     if args.max_queue < args.max_batch_instances:
         parser.error("--max_queue must be at least --max_batch_instances, or large requests could never queue")
     return args, Settings.from_args(args)

@@ -161,7 +161,7 @@ class GenerationEngine:
         now = self._clock()
         timeout_s = self.config.request_timeout_s if timeout_s is None else timeout_s
         deadline = now + timeout_s if timeout_s else None
-        jobs = [Job(p, self.runner.batch_key(p), now, deadline, on_progress, counted) for p in params]
+        jobs = [Job(p, self.runner.job_key(p), now, deadline, on_progress, counted) for p in params]
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down; retry on another replica")
@@ -321,6 +321,10 @@ class GenerationEngine:
     def _prepare_alone(self, job: Job) -> None:
         try:
             self.runner.prepare([job])
+        except PredictorError as exc:  # the request's own fault (a LoRA that does not fit the model): its 4xx
+            logger.warning("could not start a generation: %s", exc.message)
+            self._fail(job, exc)
+            return
         except Exception as exc:
             if is_oom(exc) or is_device_error(exc):
                 raise

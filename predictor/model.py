@@ -238,7 +238,18 @@ class DiffusionModel(Model):
             )
         return batch
 
+    @property
+    def adapters(self) -> Any:
+        """The LoRA adapters requests may name (lora.LoraLibrary); None without --lora_dir."""
+        return None if self.loaded is None else self.loaded.loras
+
     def _preprocess(self, payload: Any, request_id: str | None) -> Batch:
+        batch = self._parsed(payload, request_id)
+        if self.adapters is not None:  # read the adapters' files here, off the worker thread
+            self.adapters.prefetch(dict.fromkeys(name for p in batch.params for name, _ in p.loras))
+        return batch
+
+    def _parsed(self, payload: Any, request_id: str | None) -> Batch:
         if isinstance(payload, RouteCall):
             if payload.protocol == "openai_edit":
                 edit = payload.body
@@ -254,7 +265,7 @@ class DiffusionModel(Model):
                 requests = [request]
             params = []
             for request in requests:
-                first = resolve(request, self.limits, self.traits)
+                first = resolve(request, self.limits, self.traits, adapters=self.adapters)
                 # The images of one request: seeds seed, seed+1, ... so each can be reproduced alone.
                 params += [first] + [
                     dataclasses.replace(first, seed=(first.seed + k) % (MAX_SEED + 1)) for k in range(1, images)
@@ -281,7 +292,7 @@ class DiffusionModel(Model):
         prefixes = [f"instances[{i}]." for i in range(len(instances))]
         requests = [parse_request(item, self.limits, prefix) for item, prefix in zip(instances, prefixes, strict=True)]
         return [
-            resolve(request, self.limits, self.traits, prefix=prefix)
+            resolve(request, self.limits, self.traits, prefix=prefix, adapters=self.adapters)
             for request, prefix in zip(requests, prefixes, strict=True)
         ]
 
@@ -311,7 +322,7 @@ class DiffusionModel(Model):
             body = {**parameters, **{name: values[index] for name, values in tensors.items()}}
             generation = parse_request(body, self.limits)
             try:
-                params.append(resolve(generation, self.limits, self.traits))
+                params.append(resolve(generation, self.limits, self.traits, adapters=self.adapters))
             except InvalidRequest as exc:
                 if exc.param in _V2_TEXT_INPUTS:  # a family check on a text: it came as an input tensor
                     raise InvalidRequest(exc.message, param=f"inputs.{exc.param}") from None
@@ -393,6 +404,8 @@ def _load_from_settings(settings: Settings) -> LoadedPipeline:
         source.variant,
         source.max_sequence_length,
         source.preview_vae_dir,
+        source.lora_dir,
+        source.max_lora_bytes,
     )
 
 

@@ -155,6 +155,7 @@ class LoadedPipeline:
     load_seconds: float
     max_sequence_length: int | None = field(default=None)  # the T5 window (FLUX, SD3); None: the family's
     preview_vae: Any = field(default=None)  # an AutoencoderTiny that decodes previews (--preview_vae_dir)
+    loras: Any = field(default=None)  # the LoRA adapters requests may name (lora.LoraLibrary), None: no --lora_dir
 
     def __post_init__(self) -> None:
         if self.max_sequence_length is None:
@@ -392,6 +393,8 @@ def load_pipeline(
     variant: str = "auto",
     max_sequence_length: int | None = None,
     preview_vae_dir: str | None = None,
+    lora_dir: str | None = None,
+    max_lora_bytes: int = 1024**3,
 ) -> LoadedPipeline:
     device = resolve_device(device_flag)
     source = describe_source(model_dir, model_id)
@@ -431,8 +434,23 @@ def load_pipeline(
             pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     preview_vae = None if preview_vae_dir is None else load_preview_vae(preview_vae_dir, pipe, device, dtype)
+    loras = None
+    if lora_dir is not None:
+        if not hasattr(pipe, "load_lora_weights"):
+            raise LoadError(f"--lora_dir: diffusers loads no LoRA adapters into a {type(pipe).__name__}")
+        from predictor.lora import LoraLibrary
+
+        loras = LoraLibrary(lora_dir, max_lora_bytes)
     loaded = LoadedPipeline(
-        pipe, source, device, dtype, random_weights, time.perf_counter() - started, max_sequence_length, preview_vae
+        pipe,
+        source,
+        device,
+        dtype,
+        random_weights,
+        time.perf_counter() - started,
+        max_sequence_length,
+        preview_vae,
+        loras,
     )
     if random_weights:
         logger.warning("model %s has RANDOM weights: it produces noise, not pictures", source)

@@ -24,6 +24,7 @@ from predictor.model import Batch, DiffusionModel, EncodedImage, RouteCall
 from predictor.schemas import (
     FAMILY_FIELDS,
     HARD_MAX_BATCH_INSTANCES,
+    MAX_LORA_SCALE,
     Limits,
     openai_request_json_schema,
     request_json_schema,
@@ -435,6 +436,22 @@ def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool 
             limits["max_image_size"] = min(limits["max_image_size"], traits.max_image_size)
         limits["max_image_bytes"] = model.settings.server.max_image_bytes
         return {"model": model.name, **described, "api_key_required": api_key_required, **limits}
+
+    @router.get("/v1/models/{model_name}/loras", tags=["Discovery"], responses={404: _error("Unknown model")})
+    async def loras(model_name: str) -> dict[str, Any]:
+        """The LoRA adapters a request may name in 'loras' (the server's --lora_dir): each with its size and
+        whether it can be used (the reason when not), those in the model now, and the limits."""
+        if model_name != model.name:
+            raise ModelNotFound(model_name)
+        library = model.adapters
+        return {
+            "model": model.name,
+            "loras": [] if library is None else library.describe(),
+            "loaded": [] if library is None else sorted(library.loaded),
+            "max_loras_per_request": model.limits.max_loras_per_request,
+            "max_lora_scale": MAX_LORA_SCALE,
+            "batching": model.settings.engine.lora_batching,
+        }
 
     @router.get("/livez", tags=["Health"], responses={503: _error("The GPU or the worker failed; restart the pod")})
     async def live() -> dict[str, bool]:

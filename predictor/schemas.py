@@ -10,6 +10,7 @@ failure into ``InvalidRequest`` with the offending parameter, without echoing th
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal, get_args
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from predictor.errors import InvalidRequest
+from predictor.lora import NAME_PATTERN as LORA_NAME_PATTERN
 
 # The schedulers a request may ask for; pipeline.py maps each name to a diffusers class.
 # Each family accepts a subset (ModelTraits.schedulers): "heun" is for flow-matching models only, and "euler",
@@ -38,6 +40,8 @@ MIN_IMAGE_SIZE = 64
 SIZE_MULTIPLE = 8  # every family's; FLUX and SD3 need 16 (ModelTraits.size_multiple)
 MAX_GUIDANCE = 30.0
 MAX_T5_TOKENS = 512  # FLUX's and SD3's T5 prompt window at most (diffusers refuses more)
+MAX_LORA_SCALE = 4.0  # |scale| of one adapter; far beyond any adapter's useful range
+HARD_MAX_LORAS = 16  # adapters in one request at most; --max_loras_per_request lowers it
 # Longest parameter name echoed back in an error body.
 _MAX_PARAM_CHARS = 64
 
@@ -52,6 +56,7 @@ class Limits:
     default_scheduler: str = "auto"  # auto: the family's (ModelTraits.default_scheduler)
     default_guidance_scale: float | None = None  # None: the family's (ModelTraits.default_guidance_scale)
     max_input_pixels: int = 4096 * 4096  # an input image or mask with more is refused from its header
+    max_loras_per_request: int = 4
 
     def for_model(self, traits: ModelTraits) -> Limits:
         """These limits with the family's defaults in place of "auto", once the model is known."""
@@ -75,6 +80,8 @@ class Limits:
             "max_seed": MAX_SEED,
             "max_batch_instances": self.max_batch_instances,
             "max_input_pixels": self.max_input_pixels,
+            "max_loras_per_request": self.max_loras_per_request,
+            "max_lora_scale": MAX_LORA_SCALE,
             "default_scheduler": self.default_scheduler,
             "default_guidance_scale": self.default_guidance_scale,
             "schedulers": list(SCHEDULER_NAMES),  # replaced by the model's own once it is loaded
@@ -91,6 +98,32 @@ InputImage = Annotated[str, Field(min_length=1)]  # base64 (or a data: URL); the
 Strength = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 PartialImages = Annotated[int, Field(ge=0, le=3)]  # OpenAI's bound for partial_images
 OptionalText = Annotated[str, Field(max_length=HARD_MAX_PROMPT_CHARS)] | None
+
+
+class LoraChoice(BaseModel):
+    """One LoRA adapter of --lora_dir for this request, and how strongly it applies."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: Annotated[str, Field(min_length=1, max_length=128, pattern=LORA_NAME_PATTERN)] = Field(
+        description="The adapter's file name without .safetensors (GET /v1/models/{name}/loras lists them)."
+    )
+    scale: Annotated[float, Field(ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False)] = Field(
+        default=1.0, description="The adapter's weight, as diffusers' set_adapters takes it (default 1)."
+    )
+
+
+LoraChoices = Annotated[list[LoraChoice], Field(max_length=HARD_MAX_LORAS)] | None
+
+
+def _loras_from_text(value: Any) -> Any:
+    """Form fields and v2 parameters carry the list as JSON text."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValueError('must be a list like [{"name": "style", "scale": 0.8}] (JSON)') from None
+    return value
 
 
 # Request fields only some families take, each with the families that take it.
@@ -196,6 +229,13 @@ class GenerationRequest(BaseModel):
         description="With an image: how much of the schedule runs, 0 < s <= 1 (default 0.8 for img2img, 1 for "
         "inpainting, as diffusers): the job starts that far from the end and makes that share of the steps.",
     )
+    loras: LoraChoices = Field(
+        default=None,
+        description="LoRA adapters of the server's --lora_dir to apply, in order, each with a scale: "
+        '[{"name": "style", "scale": 0.8}]. At most --max_loras_per_request.',
+    )
+
+    _parse_loras = field_validator("loras", mode="before")(_loras_from_text)
 
     @field_validator("prompt")
     @classmethod
@@ -230,6 +270,7 @@ class GenerationParams:
     strength: float = 1.0
     partial_images: int = 0  # previews to stream while it runs
     paste_back: bool = False  # inpainting: the input pasted back over the kept area of the result
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale), in the order given
 
     @property
     def mode(self) -> str:
@@ -295,6 +336,8 @@ def invalid_from_validation_error(
         message = f"is longer than {limit if limit is not None else context.get('max_length')} characters"
     elif kind == "string_too_short":
         message = "must not be empty"
+    elif kind == "string_pattern_mismatch" and loc and loc[-1] == "name":
+        message = "must be an adapter's name: letters, digits, '.', '_' and '-', starting with a letter or digit"
     elif kind == "multiple_of":
         message = f"must be a multiple of {_bound(context.get('multiple_of'))}"
     elif kind == "value_error" and "error" in context:
@@ -352,6 +395,9 @@ class OpenAIImageRequest(BaseModel):
     guidance_scale: Guidance | None = None
     seed: Seed | None = None
     scheduler: SchedulerName | None = None
+    loras: LoraChoices = None
+
+    _parse_loras = field_validator("loras", mode="before")(_loras_from_text)
 
 
 def parse_openai_request(data: Any, limits: Limits, served_model: str) -> tuple[GenerationRequest, int]:
@@ -392,6 +438,8 @@ def parse_openai_request(data: Any, limits: Limits, served_model: str) -> tuple[
     for name in (*extensions, "seed", "scheduler"):
         if getattr(request, name) is not None:
             body[name] = getattr(request, name)
+    if request.loras is not None:
+        body["loras"] = [choice.model_dump() for choice in request.loras]
     if request.size is not None and request.size != "auto":  # auto: the model's size, or an edit's input's
         body["width"], body["height"] = (int(part) for part in request.size.split("x"))
     try:
@@ -425,6 +473,7 @@ _EDIT_FIELDS: dict[str, type] = {
     "strength": float,
     "stream": str,
     "partial_images": int,
+    "loras": str,  # JSON text, as in the JSON routes
 }
 
 
@@ -500,13 +549,21 @@ def openai_request_json_schema(limits: Limits) -> dict[str, Any]:
 
 
 def resolve(
-    request: GenerationRequest, limits: Limits, traits: ModelTraits, seed_offset: int = 0, prefix: str = ""
+    request: GenerationRequest,
+    limits: Limits,
+    traits: ModelTraits,
+    seed_offset: int = 0,
+    prefix: str = "",
+    adapters: Any = None,
 ) -> GenerationParams:
     """Fill the defaults and check what depends on the served model. ``seed_offset`` numbers the images of one
-    multi-image request (seed, seed+1, ...); ``prefix`` names where the request sits in its body."""
+    multi-image request (seed, seed+1, ...); ``prefix`` names where the request sits in its body; ``adapters`` is
+    the server's LoRA library (``lora.LoraLibrary``), None without --lora_dir."""
 
     def refuse(name: str, message: str) -> InvalidRequest:
         return InvalidRequest(f"'{prefix}{name}' {message}", param=f"{prefix}{name}")
+
+    loras = _checked_loras(request, limits, adapters, prefix)
 
     for name in FAMILY_FIELDS:
         if getattr(request, name) is not None and not traits.takes(name):
@@ -610,7 +667,30 @@ def resolve(
         strength=strength,
         partial_images=request.partial_images,
         paste_back=request.paste_back,
+        loras=loras,
     )
+
+
+def _checked_loras(request: GenerationRequest, limits: Limits, adapters: Any, prefix: str) -> tuple:
+    """The request's adapters as (name, scale) pairs, each one in the library and usable, at most the limit."""
+    param = f"{prefix}loras"
+    if not request.loras:
+        return ()
+    if adapters is None:
+        raise InvalidRequest(f"'{param}': this server serves no LoRA adapters (no --lora_dir)", param=param)
+    if len(request.loras) > limits.max_loras_per_request:
+        raise InvalidRequest(
+            f"'{param}' holds {len(request.loras)} adapters; at most {limits.max_loras_per_request} "
+            "(--max_loras_per_request)",
+            param=param,
+        )
+    names = [choice.name for choice in request.loras]
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated is not None:
+        raise InvalidRequest(f"'{param}' names '{repeated}' twice; give it once, with one scale", param=param)
+    loras = tuple((choice.name, float(choice.scale)) for choice in request.loras)
+    adapters.check(loras, param)
+    return loras
 
 
 def kept_steps(steps: int, strength: float, start_rounded: bool = False) -> int:

@@ -203,11 +203,16 @@ def diffusers_image(pipe: Any, p: GenerationParams, max_sequence_length: int | N
 
 
 def assert_alone_and_mixed_equal(
-    loaded: Any, cases: list[GenerationParams], expected: list[np.ndarray], join_at_step: int = 1, tolerance: int = 1
+    loaded: Any,
+    cases: list[GenerationParams],
+    expected: list[np.ndarray],
+    join_at_step: int = 1,
+    tolerance: int = 1,
+    **engine_config: Any,
 ) -> None:
     """The first two cases alone, then every case at once with the second half joining once the first case has
     made ``join_at_step`` steps: each image equals its ``expected`` one (diffusers' own) within ``tolerance``."""
-    with running_engine(loaded, max_batch_size=8) as engine:
+    with running_engine(loaded, **{"max_batch_size": 8, **engine_config}) as engine:
         alone = [pixels(engine.generate(case).image) for case in cases[:2]]
         early = engine.submit(cases[: len(cases) // 2])
         late: list = []
@@ -285,3 +290,38 @@ def make_settings(model_dir: Path | str, *flags: str) -> Any:
 
     argv = ["--model_name", MODEL_NAME, "--model_dir", str(model_dir), "--model_id", "not/used", *flags]
     return parse_settings(argv)[1]
+
+
+def save_random_lora(
+    pipe: Any, directory: Any, name: str, seed: int, rank: int = 4, alpha: int = 8, text_encoders: bool = False
+) -> Any:
+    """A LoRA adapter with random weights for ``pipe``'s denoiser (attention projections; SD's convolutional
+    proj_in too) and, with ``text_encoders``, its CLIP encoders, made with PEFT and saved by the pipeline class's own
+    ``save_lora_weights`` (diffusers' format) as ``directory/name.safetensors``. Returns the file's path."""
+    import copy
+    from pathlib import Path
+
+    import torch
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    flow = hasattr(pipe, "transformer") and getattr(pipe, "transformer", None) is not None
+    denoiser = copy.deepcopy(pipe.transformer if flow else pipe.unet)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"] + ([] if flow else ["proj_in"])
+    # init_lora_weights=False: B is random too, so the adapter changes the output from the first step.
+    denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False))
+    layers = {("transformer" if flow else "unet") + "_lora_layers": get_peft_model_state_dict(denoiser)}
+    if text_encoders:
+        for component in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(pipe, component, None)
+            if encoder is None or (component == "text_encoder_2" and flow):  # FLUX's second encoder is T5
+                continue
+            encoder = copy.deepcopy(encoder)
+            config = LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+            encoder.add_adapter(config)
+            layers[f"{component}_lora_layers"] = get_peft_model_state_dict(encoder)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    type(pipe).save_lora_weights(directory, weight_name=f"{name}.safetensors", **layers)
+    return directory / f"{name}.safetensors"

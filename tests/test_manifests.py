@@ -32,6 +32,7 @@ KUSTOMIZE_DIRS = [
     "manifests/kserve/overlays/modelcar",
     "manifests/kserve/overlays/hf-allow-patterns",
     "manifests/kserve/overlays/kserve-0.15",
+    "manifests/kserve/overlays/loras",
     "manifests/kubernetes/base",
 ]
 STORAGE_DIR = "manifests/kserve/storage"
@@ -728,3 +729,14 @@ def test_checkov_passes_plain_manifests_and_dockerfile(rendered, tmp_path: Path,
         check=False,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_lora_overlay_mounts_the_adapters_beside_the_weights(rendered) -> None:
+    (isvc,) = rendered["manifests/kserve/overlays/loras"]
+    predictor = isvc["spec"]["predictor"]
+    mounts = {storage["mountPath"] for storage in predictor["storageUris"]}
+    (container,) = predictor["containers"]
+    settings = parse_manifest_args(container["args"])[1]
+    assert mounts == {settings.source.model_dir, settings.source.lora_dir}
+    assert not settings.engine.compile  # the server refuses adapters with --compile
+    assert isvc["metadata"]["name"] == "stable-diffusion-loras"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from PIL import Image
 from predictor.config import EngineConfig
 from predictor.errors import GenerationFailed, PredictorError
 from predictor.jobs import Job
+from predictor.lora import LoraAdapters
 from predictor.pipeline import LoadedPipeline, set_timesteps
 from predictor.schemas import GenerationParams, kept_steps
 
@@ -171,6 +173,10 @@ class ModelRunner(ABC):
         self.device_runs_ahead = loaded.device.type == "cuda"
         self._prepare_stream: torch.cuda.Stream | None = None  # made on first use, on CUDA only
         self._step_kwarg_names: dict[type, frozenset[str]] = {}
+        self.adapters: LoraAdapters | None = None  # per-request LoRA adapters (--lora_dir)
+        if loaded.loras is not None:
+            self.adapters = LoraAdapters(loaded.pipe, loaded.loras, config.max_loaded_loras)
+        self._adapter_jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # jobs whose adapters must stay loaded
 
     # ---- what a family defines ----------------------------------------------------------------
 
@@ -312,8 +318,42 @@ class ModelRunner(ABC):
             for tensor in _cuda_tensors(held):
                 tensor.record_stream(main)
 
+    def job_key(self, params: GenerationParams) -> Hashable:
+        """The engine's batch key: the family's, and with --lora_batching grouped the adapters and their scales."""
+        key = self.batch_key(params)
+        if self.adapters is not None and self.config.lora_batching == "grouped":
+            return (key, params.loras)
+        return key
+
+    def _load_adapters(self, jobs: list[Job]) -> None:
+        """Put the adapters new jobs name into the model (evicting unused ones past --max_loaded_loras); a job
+        whose adapter does not fit the model raises its 400 (the engine then prepares the others one by one)."""
+        if self.adapters is None:
+            return
+        live = [job.params.loras for job in self._adapter_jobs if not job.finished]
+        failed = self.adapters.ensure([job.params.loras for job in jobs], in_use=live)
+        for job in jobs:
+            for name, _ in job.params.loras:
+                if name in failed:
+                    raise failed[name]
+        self._adapter_jobs.update(job for job in jobs if job.params.loras)
+
+    def _encode_with_adapters(self, jobs: list[Job]) -> list[tuple[Conditioning, Conditioning | None]]:
+        """``encode`` with each job's adapters in its text encoders: one encoding call per adapter set."""
+        if self.adapters is None or not any(job.params.loras for job in jobs):
+            return self.encode(jobs)
+        groups: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            groups.setdefault(job.params.loras, []).append(job)
+        conditioning: dict[Job, tuple[Conditioning, Conditioning | None]] = {}
+        for loras, group in groups.items():
+            with self.adapters.rows([loras], self.device):
+                conditioning.update(zip(group, self.encode(group), strict=True))
+        return [conditioning[job] for job in jobs]
+
     def _prepare(self, jobs: list[Job]) -> None:
-        conditioning = self.encode(jobs)
+        self._load_adapters(jobs)
+        conditioning = self._encode_with_adapters(jobs)
         encoded = self.encode_images([job for job in jobs if job.params.image is not None])
         for job, (cond, uncond) in zip(jobs, conditioning, strict=True):
             p = job.params
@@ -352,11 +392,13 @@ class ModelRunner(ABC):
         inputs: list[torch.Tensor] = []
         timesteps: list[torch.Tensor] = []
         rows: list[Conditioning] = []
+        adapters: list[tuple] = []  # each row's LoRA adapters
         for job in jobs:
             work: DenoiseWork = job.work
             t = work.timesteps[job.steps_done]
             x = self.model_input(work, t)
             t_row = self.timestep_row(t)
+            copies = 2 if work.uncond is not None else 1
             if work.uncond is not None:
                 inputs += [x, x]
                 rows += [work.uncond, work.cond]
@@ -365,7 +407,11 @@ class ModelRunner(ABC):
                 inputs.append(x)
                 rows.append(work.cond)
                 timesteps.append(t_row)
-        noise = self.denoise(torch.cat(inputs), torch.cat(timesteps), concat_rows(rows))
+            adapters += [job.params.loras] * copies  # diffusers applies them to the unconditional row too
+        with contextlib.ExitStack() as stack:
+            if self.adapters is not None:
+                stack.enter_context(self.adapters.rows(adapters, self.device))
+            noise = self.denoise(torch.cat(inputs), torch.cat(timesteps), concat_rows(rows))
         predictions, row = {}, 0
         for job in jobs:
             if job.work.uncond is not None:

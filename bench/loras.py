@@ -1,0 +1,92 @@
+"""Per-request LoRA adapters under concurrent load: what adapters cost, and the two ways to batch them.
+
+Makes --adapters random LoRA adapters (rank --rank) for the model, starts the real server with them in --lora_dir
+(one process per configuration, the same flags otherwise) and drives POST /generate with N concurrent clients,
+measuring side by side in one run:
+
+- no adapters: the same load with no 'loras' in the requests;
+- adapters, mixed: each client's requests name one of the adapters, rows with different adapters share a denoiser
+  call (--lora_batching mixed, the default);
+- adapters, grouped: the same requests, a call per adapter set (--lora_batching grouped);
+- adapters, serial: the same requests one at a time (--max_batch_size 1).
+
+    python bench/loras.py                                        # CPU: builtin:tiny, 64x64, 8 clients, 4 adapters
+    python bench/loras.py --model_id builtin:sdxl-arch --size 1024 --steps 30 --clients 16 --requests 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from load import measure_server
+
+
+def make_adapters(model_id: str, directory: Path, count: int, rank: int) -> list[str]:
+    import torch
+
+    from predictor.builtin import BUILTIN_PREFIX, build_builtin
+    from predictor.pipeline import resolve_device
+    from predictor.testing import save_random_lora
+
+    device = resolve_device("auto")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe = build_builtin(model_id.removeprefix(BUILTIN_PREFIX), device, dtype)
+    names = [f"adapter-{index}" for index in range(count)]
+    for index, name in enumerate(names):
+        save_random_lora(pipe, directory, name, seed=index, rank=rank, alpha=rank)
+    del pipe
+    return names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_id", default="builtin:tiny", help="a builtin (its adapters are made here)")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--adapters", type=int, default=4)
+    parser.add_argument("--rank", type=int, help="default: 2 for the tiny builtins (their layers are 32-64 wide), 16")
+    parser.add_argument("--batch", type=int, default=8, help="--max_batch_size of the batching configurations")
+    parser.add_argument("--log", help="write each server's log to LOG.bsN.log")
+    parser.add_argument("server_args", nargs="*", help="more server flags, after --")
+    options = parser.parse_args()
+    rank = options.rank or (2 if "tiny" in options.model_id else 16)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        names = make_adapters(options.model_id, Path(scratch), options.adapters, rank)
+        plain = {"prompt": "a lighthouse at dusk", "num_inference_steps": options.steps}
+        plain |= {"width": options.size, "height": options.size, "seed": 1}
+        adapted = [{**plain, "seed": index, "loras": [{"name": name}]} for index, name in enumerate(names)]
+        server_args = list(options.server_args)
+        configurations = {
+            "no adapters": (options.batch, plain, ["--lora_dir", scratch]),
+            "adapters, mixed": (options.batch, adapted, ["--lora_dir", scratch, "--lora_batching", "mixed"]),
+            "adapters, grouped": (options.batch, adapted, ["--lora_dir", scratch, "--lora_batching", "grouped"]),
+            "adapters, serial": (1, adapted, ["--lora_dir", scratch]),
+        }
+        results = {}
+        for label, (batch, body, flags) in configurations.items():
+            options.server_args = [*server_args, *flags]
+            results[label] = measure_server(options, batch, body)
+            found = results[label]
+            print(
+                f"{label:18s} {found['images_per_s']:7.2f} images/s  p50 {found['p50']:.2f} s  p95 {found['p95']:.2f} s"
+                f"  lone {found['lone']:.3f} s  CPU {found['cpu_ms_per_image']:.1f} ms/image",
+                flush=True,
+            )
+    base = results["no adapters"]["images_per_s"]
+    print(
+        f"model {options.model_id}, {options.size}x{options.size}, {options.steps} steps, {options.clients} clients, "
+        f"{options.requests} requests, {options.adapters} adapters of rank {rank}"
+    )
+    for label in ("adapters, mixed", "adapters, grouped"):
+        rate = results[label]["images_per_s"]
+        serial = results["adapters, serial"]["images_per_s"]
+        print(f"{label}: {rate / base:.2f}x the throughput without adapters, {rate / serial:.2f}x serial")
+
+
+if __name__ == "__main__":
+    main()

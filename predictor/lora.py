@@ -1,0 +1,307 @@
+"""Per-request LoRA adapters: the directory they come from, and the rows they apply to.
+
+``LoraLibrary`` is the operator's ``--lora_dir``: one adapter per ``.safetensors`` file, named by its stem, checked
+at start (name, no link out of the directory, size, a readable safetensors header with LoRA weights). A file that
+fails is listed with the reason and refused by name; one that turns out not to fit the model at first use (another
+family's, another architecture's) is refused from then on. Files are read off the worker thread, when a request
+naming them is parsed (``prefetch``).
+
+``LoraAdapters`` (the worker thread's) loads adapters into the pipeline with diffusers' own ``load_lora_weights``
+(every format it reads: diffusers/PEFT, kohya), keeps at most ``--max_loaded_loras`` of them (least recently used
+out first), and applies them row by row: PEFT's own LoRA path stays off, and a forward hook on each LoRA layer adds
+``lora_B(lora_A(x)) * scaling`` to the rows that asked for that adapter at that scale, exactly the term PEFT adds
+after ``set_adapters`` (``scaling = scale * lora_alpha / r``). So one denoiser call serves rows with different
+adapter sets, and a row without adapters gets the base layer's output untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from predictor.errors import InvalidRequest
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".safetensors"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a file stem: no separators, nothing hidden
+_NAME = re.compile(NAME_PATTERN)
+
+# A request's adapters: (name, scale) in the order given (PEFT adds active adapters in that order).
+LoraSet = tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    name: str
+    path: Path
+    bytes: int
+    refused: str | None = None  # why it cannot be used; None: usable
+
+    def describe(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"name": self.name, "bytes": self.bytes, "available": self.refused is None}
+        if self.refused is not None:
+            entry["reason"] = self.refused
+        return entry
+
+
+class LoraLibrary:
+    """The adapters of ``--lora_dir``, read once at start."""
+
+    def __init__(self, directory: str | Path, max_bytes: int) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._files: dict[str, LoraFile] = {}
+        self._prefetched: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.loaded: set[str] = set()  # in the model now (the worker's view, read by prefetch)
+        self._scan()
+
+    def _scan(self) -> None:
+        from predictor.pipeline import LoadError
+
+        if not self.directory.is_dir():
+            raise LoadError(f"--lora_dir '{self.directory}' is not a directory")
+        root = self.directory.resolve()
+        for path in sorted(self.directory.iterdir()):
+            if path.suffix != SUFFIX or path.name.startswith("."):
+                continue
+            name = path.stem
+            lora = LoraFile(name, path, 0, self._why_refused(path, root))
+            if lora.refused is None:
+                lora = LoraFile(name, path, path.stat().st_size)
+            self._files[name] = lora
+        usable = [lora.name for lora in self._files.values() if lora.refused is None]
+        logger.info("LoRA adapters in %s: %s", self.directory, ", ".join(usable) or "none")
+        for lora in self._files.values():
+            if lora.refused is not None:
+                logger.warning("LoRA file %s refused: %s", lora.path.name, lora.refused)
+
+    def _why_refused(self, path: Path, root: Path) -> str | None:
+        if not _NAME.match(path.stem):
+            return "its name must be letters, digits, '.', '_' and '-' (at most 128), starting with a letter or digit"
+        real = path.resolve()
+        if not real.is_relative_to(root):
+            return "a link to a file outside --lora_dir"
+        if not real.is_file():
+            return "not a regular file"
+        size = real.stat().st_size
+        if size > self.max_bytes:
+            return f"{size} bytes, over --max_lora_bytes ({self.max_bytes})"
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(real), framework="pt") as handle:
+                keys = list(handle.keys())
+        except Exception as exc:  # safetensors raises its own error types for a bad header
+            return f"not a readable safetensors file ({type(exc).__name__})"
+        if not any("lora" in key for key in keys):
+            return "holds no LoRA weights (no key names 'lora')"
+        return None
+
+    # ---- what requests see -------------------------------------------------------------------------
+
+    def describe(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [lora.describe() for lora in self._files.values()]
+
+    def check(self, loras: LoraSet, param: str) -> None:
+        """A 400 for a name that is not here or cannot be used, listing the usable ones."""
+        with self._lock:
+            for name, _ in loras:
+                lora = self._files.get(name)
+                if lora is None:
+                    usable = ", ".join(n for n, f in self._files.items() if f.refused is None) or "none"
+                    raise InvalidRequest(f"unknown LoRA '{name}'; available: {usable}", param=param)
+                if lora.refused is not None:
+                    raise InvalidRequest(f"LoRA '{name}' cannot be used: {lora.refused}", param=param)
+
+    def refusal(self, name: str) -> str | None:
+        with self._lock:
+            lora = self._files.get(name)
+            return None if lora is None else lora.refused
+
+    def refuse(self, name: str, reason: str) -> None:
+        """Refuse a file from now on (it did not fit the model at first use)."""
+        with self._lock:
+            lora = self._files[name]
+            self._files[name] = LoraFile(lora.name, lora.path, lora.bytes, reason)
+            self._prefetched.pop(name, None)
+        logger.warning("LoRA %s refused: %s", name, reason)
+
+    # ---- reading files (off the worker) ---------------------------------------------------------
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Read the files of adapters not in the model yet, so the worker only has to put them in."""
+        for name in names:
+            with self._lock:
+                if name in self.loaded or name in self._prefetched:
+                    continue
+            weights = self._read(name)
+            with self._lock:
+                self._prefetched[name] = weights
+                while len(self._prefetched) > 16:  # bounded: files of requests that never ran are dropped
+                    self._prefetched.popitem(last=False)
+
+    def weights(self, name: str) -> dict[str, Any]:
+        """The adapter's tensors (CPU), prefetched or read now."""
+        with self._lock:
+            weights = self._prefetched.pop(name, None)
+        return weights if weights is not None else self._read(name)
+
+    def _read(self, name: str) -> dict[str, Any]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self._files[name].path.resolve()))
+
+
+class LoraAdapters:
+    """Adapters in the pipeline's denoiser and text encoders, applied per row (the worker thread's)."""
+
+    def __init__(self, pipe: Any, library: LoraLibrary, max_loaded: int) -> None:
+        self.pipe = pipe
+        self.library = library
+        self.max_loaded = max_loaded
+        self._loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self._hooked: set[int] = set()
+        self._layers: list[Any] = []
+        # The current call's adapters: (name, scale, rows) where rows is a device index tensor, or None for all.
+        self._plan: list[tuple[str, float, Any]] = []
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(self._loaded)
+
+    def _modules(self) -> list[Any]:
+        """The pipeline's modules an adapter may change: denoiser and text encoders, not the VAE."""
+        import torch
+
+        names = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+        modules = [getattr(self.pipe, name, None) for name in names]
+        return [module for module in modules if isinstance(module, torch.nn.Module)]
+
+    def ensure(self, sets: Iterable[LoraSet], in_use: Iterable[LoraSet] = ()) -> dict[str, InvalidRequest]:
+        """Load the adapters these sets name that are not in the model yet; evict the least recently used beyond
+        --max_loaded_loras that no running job uses. Returns the adapters that failed to load, with a 400 each."""
+        failed: dict[str, InvalidRequest] = {}
+        wanted = [name for loras in sets for name, _ in loras]
+        for name in dict.fromkeys(wanted):
+            if name in self._loaded:
+                self._loaded.move_to_end(name)
+                continue
+            refused = self.library.refusal(name)
+            if refused is not None:  # found not to fit while this request waited
+                failed[name] = InvalidRequest(f"LoRA '{name}' cannot be used: {refused}", param="loras")
+                continue
+            error = self._load(name)
+            if error is not None:
+                failed[name] = error
+        busy = {name for loras in in_use for name, _ in loras} | set(wanted)
+        for name in list(self._loaded):
+            if len(self._loaded) <= self.max_loaded:
+                break
+            if name not in busy:
+                self._unload(name)
+        return failed
+
+    def _load(self, name: str) -> InvalidRequest | None:
+        from peft.tuners.lora import LoraLayer
+
+        try:
+            weights = self.library.weights(name)
+            with warnings.catch_warnings():  # PEFT warns at each adapter after the first: several are the point
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                self.pipe.load_lora_weights(weights, adapter_name=name)
+            layers = [m for module in self._modules() for m in module.modules() if isinstance(m, LoraLayer)]
+            holding = [layer for layer in layers if name in layer.lora_A]
+            if not holding:
+                raise ValueError("no layer of this model matches its weights (made for another model family?)")
+            if any(name in layer.lora_variant for layer in holding) or any(
+                name in getattr(layer, "lora_embedding_A", {}) for layer in layers
+            ):
+                raise ValueError("DoRA and embedding adapters are not served, only plain LoRA")
+        except Exception as exc:  # diffusers and PEFT raise ValueError, KeyError, RuntimeError (shapes) and more
+            self._forget(name)
+            reason = f"it does not fit this model: {_first_cause(exc)}"
+            self.library.refuse(name, reason)
+            return InvalidRequest(f"LoRA '{name}' cannot be used: {reason}", param="loras")
+        self._loaded[name] = None
+        self.library.loaded.add(name)
+        self._layers = layers
+        for layer in layers:
+            # PEFT's own path stays off (the base layer's output as it is); the hook adds each row's adapters.
+            layer.enable_adapters(False)
+            if id(layer) not in self._hooked:
+                layer.register_forward_hook(self._add_rows)
+                self._hooked.add(id(layer))
+        logger.info("loaded LoRA %s into %d layers", name, len(holding))
+        return None
+
+    def _forget(self, name: str) -> None:
+        """Take out whatever a failed load left behind."""
+        with contextlib.suppress(Exception):  # nothing of it was loaded
+            self.pipe.delete_adapters([name])
+
+    def _unload(self, name: str) -> None:
+        self.pipe.delete_adapters([name])
+        del self._loaded[name]
+        self.library.loaded.discard(name)
+        for layer in self._layers:
+            layer.enable_adapters(False)
+        logger.info("unloaded LoRA %s (--max_loaded_loras %d)", name, self.max_loaded)
+
+    @contextmanager
+    def rows(self, sets: list[LoraSet], device: Any) -> Iterator[None]:
+        """Apply ``sets[i]`` to row i of the calls made inside (each row's adapters in its own order)."""
+        import torch
+
+        plan: list[tuple[str, float, Any]] = []
+        if any(sets):
+            for position in range(max(len(loras) for loras in sets)):
+                groups: dict[tuple[str, float], list[int]] = {}
+                for row, loras in enumerate(sets):
+                    if position < len(loras):
+                        groups.setdefault(loras[position], []).append(row)
+                for (name, scale), members in groups.items():
+                    every = len(members) == len(sets)
+                    index = None if every else torch.tensor(members, device=device)
+                    plan.append((name, scale, index))
+        self._plan = plan
+        try:
+            yield
+        finally:
+            self._plan = []
+
+    def _add_rows(self, layer: Any, args: tuple[Any, ...], output: Any) -> Any:
+        """PEFT's LoRA term for the rows of each (adapter, scale) of the plan, as its forward adds it."""
+        if not self._plan:
+            return output
+        x = args[0]
+        for name, scale, rows in self._plan:
+            if name not in layer.lora_A:
+                continue
+            lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+            rank = math.sqrt(layer.r[name]) if layer.use_rslora.get(name, False) else layer.r[name]
+            scaling = scale * layer.lora_alpha[name] / rank  # PEFT's set_scale
+            part = x if rows is None else x.index_select(0, rows)
+            part = part.to(lora_a.weight.dtype)
+            delta = lora_b(lora_a(layer.lora_dropout[name](part))) * scaling
+            # All rows: PEFT's own sum; some: added to those rows only (the others keep the base output as it is).
+            output = output + delta if rows is None else output.index_add(0, rows, delta.to(output.dtype))
+        return output
+
+
+def _first_cause(exc: Exception) -> str:
+    """One line of a load error: the first shape mismatch of torch's list (another architecture's adapter)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    return next((line for line in lines if line.startswith("size mismatch")), lines[0])[:300]

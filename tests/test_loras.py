@@ -1,0 +1,310 @@
+"""Per-request LoRA adapters: each image equals diffusers' pipeline after ``load_lora_weights`` + ``set_adapters``
+with the same names and scales (an image without adapters equals plain ``pipe(...)``), alone and in batches that
+mix adapter sets, in both batching modes; adapters in diffusers' format and kohya's, with and without text-encoder
+weights; the least recently used adapter out past --max_loaded_loras; and every bad adapter or request a 400 that
+says why, the server serving everyone else."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from safetensors.torch import load_file, save_file
+
+from predictor.builtin import build_tiny, build_tiny_flux_dev, build_tiny_sdxl
+from predictor.errors import InvalidRequest
+from predictor.pipeline import LoadError, load_pipeline
+from predictor.schemas import GenerationRequest, Limits, resolve
+from predictor.testing import (
+    assert_alone_and_mixed_equal,
+    diffusers_image,
+    pixels,
+    running_engine,
+    save_random_lora,
+)
+
+TOLERANCE = 1  # grey levels
+
+
+@pytest.fixture(scope="module")
+def sd_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """builtin:tiny on disk, and a LoRA directory for it: style (UNet only), ink (UNet and text encoder)."""
+    model = tmp_path_factory.mktemp("tiny")
+    pipe = build_tiny()
+    pipe.save_pretrained(model, safe_serialization=True)
+    loras = tmp_path_factory.mktemp("loras")
+    save_random_lora(pipe, loras, "style", seed=1)
+    save_random_lora(pipe, loras, "ink", seed=2, rank=2, alpha=4, text_encoders=True)
+    return model, loras
+
+
+def _resolved(loaded, **body):
+    traits = loaded.traits
+    return resolve(GenerationRequest(**body), Limits().for_model(traits), traits, adapters=loaded.loras)
+
+
+def _references(model: Path, loras: Path, cls, names: list[str]):
+    """diffusers' own pipelines: a plain one, and one with every adapter loaded under its file's name."""
+    plain = cls.from_pretrained(model, use_safetensors=True, dtype=torch.float32, safety_checker=None)
+    adapted = cls.from_pretrained(model, use_safetensors=True, dtype=torch.float32, safety_checker=None)
+    for name in names:
+        adapted.load_lora_weights(str(loras / f"{name}.safetensors"), adapter_name=name)
+    for pipe in (plain, adapted):
+        pipe.set_progress_bar_config(disable=True)
+    return plain, adapted
+
+
+def _expected(plain, adapted, p) -> np.ndarray:
+    if not p.loras:
+        return diffusers_image(plain, p)
+    adapted.set_adapters([name for name, _ in p.loras], adapter_weights=[scale for _, scale in p.loras])
+    return diffusers_image(adapted, p)
+
+
+@pytest.mark.parametrize("batching", ["mixed", "grouped"])
+def test_adapters_equal_diffusers_alone_and_in_mixed_batches(sd_dirs: tuple[Path, Path], batching: str) -> None:
+    model, loras = sd_dirs
+    loaded = load_pipeline(str(model), "not/used", None, "cpu", "float32", lora_dir=str(loras))
+    plain, adapted = _references(model, loras, StableDiffusionPipeline, ["style", "ink"])
+    sets = [
+        [{"name": "style"}],
+        [],
+        [{"name": "ink", "scale": 0.8}],
+        [{"name": "style", "scale": 0.5}, {"name": "ink", "scale": 1.5}],
+        [{"name": "style", "scale": -0.7}],
+        [],
+        [{"name": "ink", "scale": 1.5}, {"name": "style", "scale": 0.5}],
+        [{"name": "style"}],
+    ]
+    cases = []
+    for i, chosen in enumerate(sets):
+        body = {"prompt": f"a boat {i}", "seed": i, "num_inference_steps": 4, "guidance_scale": [6.0, 1.0][i % 3 == 2]}
+        if chosen:
+            body["loras"] = chosen
+        cases.append(_resolved(loaded, **body))
+    expected = [_expected(plain, adapted, case) for case in cases]
+    # The adapters change the picture: the test would not pass with them ignored.
+    assert np.abs(expected[0] - diffusers_image(plain, cases[0])).max() > 10
+    assert_alone_and_mixed_equal(loaded, cases, expected, join_at_step=1, tolerance=TOLERANCE, lora_batching=batching)
+
+
+def _as_kohya(source: Path, target: Path) -> None:
+    """The same adapter in kohya's naming (lora_unet_*/lora_te_*, lora_down/lora_up, an alpha per layer)."""
+    weights, converted = load_file(str(source)), {}
+    for key, tensor in weights.items():
+        component, rest = key.split(".", 1)
+        module, kind = rest.rsplit(".lora_", 1)
+        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"}[component]
+        stem = prefix + module.replace(".", "_")
+        converted[f"{stem}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor
+        if kind.startswith("A"):
+            rank = tensor.shape[0]
+            converted[f"{stem}.alpha"] = torch.tensor(float(rank * 2))  # alpha/r 2, as the diffusers file's 8/4
+    save_file(converted, str(target))
+
+
+def test_kohya_files_load_as_diffusers_loads_them(sd_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    model, loras = sd_dirs
+    _as_kohya(loras / "style.safetensors", tmp_path / "style-kohya.safetensors")
+    loaded = load_pipeline(str(model), "not/used", None, "cpu", "float32", lora_dir=str(tmp_path))
+    plain, adapted = _references(model, tmp_path, StableDiffusionPipeline, ["style-kohya"])
+    cases = [
+        _resolved(loaded, prompt="kohya", seed=3, num_inference_steps=3, loras=[{"name": "style-kohya", "scale": 0.9}]),
+        _resolved(loaded, prompt="none", seed=4, num_inference_steps=3),
+    ]
+    expected = [_expected(plain, adapted, case) for case in cases]
+    with running_engine(loaded) as engine:
+        for case, want in zip(cases, expected, strict=True):
+            assert np.abs(pixels(engine.generate(case, timeout=60).image) - want).max() <= TOLERANCE
+
+
+def test_least_recently_used_adapter_goes_out_and_comes_back(sd_dirs: tuple[Path, Path]) -> None:
+    model, loras = sd_dirs
+    loaded = load_pipeline(str(model), "not/used", None, "cpu", "float32", lora_dir=str(loras))
+    plain, adapted = _references(model, loras, StableDiffusionPipeline, ["style", "ink"])
+    cases = [
+        _resolved(loaded, prompt=f"turn {i}", seed=i, num_inference_steps=3, loras=[{"name": name}])
+        for i, name in enumerate(["style", "ink", "style", "ink"])
+    ]
+    with running_engine(loaded, max_loaded_loras=1) as engine:
+        for case in cases:
+            got = pixels(engine.generate(case, timeout=60).image)
+            assert np.abs(got - _expected(plain, adapted, case)).max() <= TOLERANCE
+            assert engine.runner.adapters.loaded == [case.loras[0][0]]
+        assert sorted(loaded.loras.loaded) == ["ink"]
+
+
+@pytest.mark.parametrize(
+    ("build", "cls"), [(build_tiny_sdxl, StableDiffusionXLPipeline), (build_tiny_flux_dev, FluxPipeline)]
+)
+def test_sdxl_and_flux_adapters_equal_diffusers(build, cls, tmp_path: Path) -> None:
+    pipe = build()
+    model, loras = tmp_path / "model", tmp_path / "loras"
+    pipe.save_pretrained(model, safe_serialization=True)
+    save_random_lora(pipe, loras, "style", seed=5, text_encoders=True)
+    save_random_lora(pipe, loras, "light", seed=6, rank=2, alpha=2)
+    loaded = load_pipeline(str(model), "not/used", None, "cpu", "float32", lora_dir=str(loras))
+    plain, adapted = _references(model, loras, cls, ["style", "light"])
+    traits = loaded.traits
+    common = {"num_inference_steps": 3, "guidance_scale": traits.default_guidance_scale}
+    cases = [
+        _resolved(loaded, prompt="a", seed=1, loras=[{"name": "style", "scale": 0.7}], **common),
+        _resolved(loaded, prompt="b", seed=2, **common),
+        _resolved(loaded, prompt="c", seed=3, loras=[{"name": "light"}, {"name": "style", "scale": 1.2}], **common),
+        _resolved(loaded, prompt="d", seed=4, loras=[{"name": "light", "scale": 0.5}], **common),
+    ]
+    expected = [_expected(plain, adapted, case) for case in cases]
+    assert_alone_and_mixed_equal(loaded, cases, expected, join_at_step=1, tolerance=TOLERANCE)
+
+
+def test_bad_files_are_listed_with_the_reason_and_refused_by_name(sd_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    model, good = sd_dirs
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    (loras / "style.safetensors").write_bytes((good / "style.safetensors").read_bytes())
+    (loras / "broken.safetensors").write_bytes(b"not a safetensors file")
+    save_file({"weight": torch.zeros(2)}, str(loras / "plain.safetensors"))
+    save_random_lora(build_tiny(), loras, "big", seed=8, rank=16)
+    (loras / "bad name.safetensors").write_bytes((good / "style.safetensors").read_bytes())
+    (tmp_path / "outside.safetensors").write_bytes((good / "style.safetensors").read_bytes())
+    os.symlink(tmp_path / "outside.safetensors", loras / "escape.safetensors")
+    os.symlink(loras / "style.safetensors", loras / "alias.safetensors")  # a link inside the directory is fine
+    (loras / "notes.txt").write_text("not an adapter")
+    save_random_lora(build_tiny_sdxl(), loras, "xl", seed=7, rank=1)  # another architecture: found at first use
+    limit = (loras / "style.safetensors").stat().st_size
+    assert (loras / "xl.safetensors").stat().st_size <= limit < (loras / "big.safetensors").stat().st_size
+    loaded = load_pipeline(str(model), "not/used", None, "cpu", "float32", lora_dir=str(loras), max_lora_bytes=limit)
+    listed = {entry["name"]: entry for entry in loaded.loras.describe()}
+    assert sorted(listed) == ["alias", "bad name", "big", "broken", "escape", "plain", "style", "xl"]
+    assert [name for name, entry in listed.items() if entry["available"]] == ["alias", "style", "xl"]
+    reasons = {name: entry.get("reason", "") for name, entry in listed.items()}
+    assert "not a readable safetensors file" in reasons["broken"]
+    assert "no LoRA weights" in reasons["plain"]
+    assert "over --max_lora_bytes" in reasons["big"]
+    assert "outside --lora_dir" in reasons["escape"]
+    assert "letters, digits" in reasons["bad name"]
+
+    for chosen, words in (
+        ([{"name": "nothere"}], "unknown LoRA 'nothere'; available: alias, style, xl"),
+        ([{"name": "broken"}], "LoRA 'broken' cannot be used: not a readable safetensors file"),
+        ([{"name": "style"}, {"name": "style"}], "names 'style' twice"),
+        ([{"name": c} for c in ["style", "alias", "xl", "style", "alias"]], "at most 4 (--max_loras_per_request)"),
+    ):
+        with pytest.raises(InvalidRequest, match=words.replace("(", r"\(").replace(")", r"\)")) as error:
+            _resolved(loaded, prompt="a", loras=chosen)
+        assert error.value.param == "loras"
+
+    xl = _resolved(loaded, prompt="a", seed=1, num_inference_steps=2, loras=[{"name": "xl"}])
+    fine = _resolved(loaded, prompt="b", seed=2, num_inference_steps=2, loras=[{"name": "alias"}])
+    with running_engine(loaded) as engine:
+        wrong, right = engine.submit([xl, fine])
+        with pytest.raises(InvalidRequest, match="LoRA 'xl' cannot be used: it does not fit this model") as error:
+            wrong.result(timeout=60)
+        assert error.value.status_code == 400
+        assert right.result(timeout=60).image.size == (64, 64)  # the image beside it is made
+        assert engine.generate(_resolved(loaded, prompt="c", seed=3, num_inference_steps=2), timeout=60)
+    with pytest.raises(InvalidRequest, match="LoRA 'xl' cannot be used: it does not fit"):  # refused from now on
+        _resolved(loaded, prompt="a", loras=[{"name": "xl"}])
+
+
+def test_requests_naming_adapters_without_a_lora_dir_are_refused(sd_dirs: tuple[Path, Path]) -> None:
+    loaded = load_pipeline(str(sd_dirs[0]), "not/used", None, "cpu", "float32")
+    with pytest.raises(InvalidRequest, match="serves no LoRA adapters"):
+        _resolved(loaded, prompt="a", loras=[{"name": "style"}])
+    assert _resolved(loaded, prompt="a", loras=[]).loras == ()
+
+
+def test_a_missing_lora_dir_stops_the_start(tmp_path: Path) -> None:
+    with pytest.raises(LoadError, match="is not a directory"):
+        load_pipeline(None, "builtin:tiny", None, "cpu", "float32", lora_dir=str(tmp_path / "missing"))
+
+
+def test_every_protocol_takes_loras_on_a_server(sd_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    """/generate, v1, v2 (parameters, as JSON text), the OpenAI SDK (extra_body), OpenAI edits (a form field) and
+    the command-line client name adapters the same way and get the same image; GET .../loras lists them; an
+    unknown name is a 400 everywhere, and the server goes on."""
+    import base64
+    import io
+    import json
+    import subprocess
+    import sys
+
+    import httpx
+    import openai
+    from PIL import Image
+
+    from predictor.testing import decode_image, free_port, start_server, stop_server, wait_ready
+
+    loras = sd_dirs[1]
+    port = free_port()
+    log = tmp_path / "server.log"
+    flags = ("--model_id", "builtin:tiny", "--model_dir", str(tmp_path / "none"), "--lora_dir", str(loras))
+    process = start_server(*flags, "--default_steps", "3", port=port, log=log)
+    base = f"http://127.0.0.1:{port}"
+    chosen = [{"name": "ink", "scale": 0.8}, {"name": "style", "scale": 0.5}]
+    body = {"prompt": "a fox", "seed": 11, "loras": chosen}
+    try:
+        wait_ready(process, port, log)
+        listed = httpx.get(f"{base}/v1/models/sd/loras", timeout=30).json()
+        assert [entry["name"] for entry in listed["loras"]] == ["ink", "style"]
+        assert all(entry["available"] for entry in listed["loras"])
+        assert (listed["max_loras_per_request"], listed["batching"]) == (4, "mixed")
+
+        generated = httpx.post(f"{base}/generate", json=body, timeout=60)
+        assert generated.status_code == 200, generated.text
+        image = decode_image(generated.content)
+        plain = decode_image(httpx.post(f"{base}/generate", json={**body, "loras": []}, timeout=60).content)
+        assert np.abs(image - plain).max() > 10  # the adapters took effect
+        assert sorted(httpx.get(f"{base}/v1/models/sd/loras", timeout=30).json()["loaded"]) == ["ink", "style"]
+
+        v1 = httpx.post(f"{base}/v1/models/sd:predict", json={"instances": [body]}, timeout=60).json()
+        assert np.array_equal(decode_image(base64.b64decode(v1["predictions"][0]["image"]["b64"])), image)
+        v2_body = {
+            "inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a fox"]}],
+            "parameters": {"seed": 11, "loras": json.dumps(chosen)},
+        }
+        v2 = httpx.post(f"{base}/v2/models/sd/infer", json=v2_body, timeout=60).json()
+        assert np.array_equal(decode_image(base64.b64decode(v2["outputs"][0]["data"][0])), image)
+
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        result = client.images.generate(model="sd", prompt="a fox", extra_body={"seed": 11, "loras": chosen})
+        assert np.array_equal(decode_image(base64.b64decode(result.data[0].b64_json)), image)
+        picture = io.BytesIO()
+        Image.new("RGB", (64, 64), (30, 160, 90)).save(picture, format="PNG")
+        edit = {"seed": 11, "loras": json.dumps(chosen)}
+        edited = client.images.edit(image=("in.png", picture.getvalue(), "image/png"), prompt="a fox", extra_body=edit)
+        assert decode_image(base64.b64decode(edited.data[0].b64_json)).shape == (64, 64, 3)
+
+        output = tmp_path / "cli.png"
+        command = [sys.executable, "-m", "predictor.client", "a fox", "-o", str(output), "--url", base, "--seed", "11"]
+        cli = subprocess.run([*command, "--lora", "ink:0.8", "--lora", "style:0.5"], capture_output=True, text=True)
+        assert cli.returncode == 0, cli.stderr
+        assert np.array_equal(decode_image(output.read_bytes()), image)
+
+        unknown = {**body, "loras": [{"name": "nothere"}]}
+        refused = httpx.post(f"{base}/generate", json=unknown, timeout=30)
+        assert refused.status_code == 400
+        assert refused.json()["error"] == "unknown LoRA 'nothere'; available: ink, style"
+        assert refused.json()["param"] == "loras"
+        with pytest.raises(openai.BadRequestError, match="unknown LoRA 'nothere'"):
+            client.images.generate(model="sd", prompt="a fox", extra_body={"loras": [{"name": "nothere"}]})
+        v2_body["parameters"]["loras"] = '[{"name": "nothere"}]'
+        assert httpx.post(f"{base}/v2/models/sd/infer", json=v2_body, timeout=30).status_code == 400
+        bad_scale = httpx.post(f"{base}/generate", json={**body, "loras": [{"name": "ink", "scale": 5}]}, timeout=30)
+        assert bad_scale.status_code == 400 and bad_scale.json()["param"] == "loras.0.scale"
+        assert httpx.post(f"{base}/generate", json=body, timeout=60).status_code == 200
+    finally:
+        assert stop_server(process) == 0
+
+
+def test_adapters_with_compile_stop_the_start_with_why(capsys) -> None:
+    from predictor.config import parse_settings
+
+    with pytest.raises(SystemExit) as exited:
+        parse_settings(["--lora_dir", "/tmp", "--compile"])
+    assert exited.value.code == 2
+    assert "--lora_dir cannot be used with --compile yet" in capsys.readouterr().err
