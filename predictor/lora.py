@@ -3,15 +3,16 @@
 ``LoraLibrary`` is the operator's ``--lora_dir``: one adapter per ``.safetensors`` file, named by its stem, checked
 at start (name, no link out of the directory, size, a readable safetensors header with LoRA weights). A file that
 fails is listed with the reason and refused by name; one that turns out not to fit the model at first use (another
-family's, another architecture's) is refused from then on. Files are read off the worker thread, when a request
-naming them is parsed (``prefetch``).
+family's, another architecture's) is refused from then on. When a request naming an adapter not in the model is
+parsed, the kernel is asked to read its file ahead (``prefetch``), so the worker's read comes from memory.
 
 ``LoraAdapters`` (the worker thread's) loads adapters into the pipeline with diffusers' own ``load_lora_weights``
-(every format it reads: diffusers/PEFT, kohya), keeps at most ``--max_loaded_loras`` of them (least recently used
-out first), and applies them row by row: PEFT's own LoRA path stays off, and a forward hook on each LoRA layer adds
-``lora_B(lora_A(x)) * scaling`` to the rows that asked for that adapter at that scale, exactly the term PEFT adds
-after ``set_adapters`` (``scaling = scale * lora_alpha / r``). So one denoiser call serves rows with different
-adapter sets, and a row without adapters gets the base layer's output untouched.
+(every format it reads: diffusers/PEFT with its metadata, kohya), keeps at most ``--max_loaded_loras`` of them
+(least recently used out first), and applies them row by row: PEFT's own LoRA path stays off, and a forward hook on
+each LoRA layer adds ``lora_B(lora_A(x)) * scaling`` to the rows that asked for that adapter at that scale, exactly
+the term PEFT adds after ``set_adapters`` (``scaling = scale * lora_alpha / r``). Rows with the same adapters sit
+side by side, so each block is a slice. So one denoiser call serves rows with different adapter sets, and a row
+without adapters gets the base layer's output untouched.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 import threading
 import warnings
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from predictor.errors import InvalidRequest
+from predictor.errors import GenerationFailed, InvalidRequest, PredictorError
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +65,7 @@ class LoraLibrary:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._files: dict[str, LoraFile] = {}
-        self._prefetched: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self.loaded: set[str] = set()  # in the model now (the worker's view, read by prefetch)
+        self._loaded: set[str] = set()  # in the model now (the worker's, read by prefetch and the listing)
         self._scan()
 
     def _scan(self) -> None:
@@ -136,47 +137,71 @@ class LoraLibrary:
         with self._lock:
             lora = self._files[name]
             self._files[name] = LoraFile(lora.name, lora.path, lora.bytes, reason)
-            self._prefetched.pop(name, None)
         logger.warning("LoRA %s refused: %s", name, reason)
 
-    # ---- reading files (off the worker) ---------------------------------------------------------
+    # ---- reading files ------------------------------------------------------------------------------
+
+    def mark_loaded(self, name: str, loaded: bool) -> None:
+        with self._lock:
+            (self._loaded.add if loaded else self._loaded.discard)(name)
+
+    def loaded_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._loaded)
 
     def prefetch(self, names: Iterable[str]) -> None:
-        """Read the files of adapters not in the model yet, so the worker only has to put them in."""
+        """Ask the kernel to read the files of adapters not in the model yet into its page cache, off the worker
+        thread and without holding them in this process: the worker's read is then a copy from memory."""
         for name in names:
             with self._lock:
-                if name in self.loaded or name in self._prefetched:
+                if name in self._loaded or name not in self._files:
                     continue
-            weights = self._read(name)
-            with self._lock:
-                self._prefetched[name] = weights
-                while len(self._prefetched) > 16:  # bounded: files of requests that never ran are dropped
-                    self._prefetched.popitem(last=False)
+                path = self._files[name].path
+            try:
+                descriptor = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue  # the worker's load reports it
+            try:
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(descriptor)
 
-    def weights(self, name: str) -> dict[str, Any]:
-        """The adapter's tensors (CPU), prefetched or read now."""
+    def location(self, name: str) -> tuple[str, str]:
+        """(directory, file name) of the adapter's file as checked at start, for diffusers' loader (which reads the
+        file's own metadata: lora_alpha, rslora, per-layer ranks). Raises OSError when it changed since."""
         with self._lock:
-            weights = self._prefetched.pop(name, None)
-        return weights if weights is not None else self._read(name)
+            lora = self._files[name]
+        real = lora.path.resolve()
+        size = real.stat().st_size
+        if not real.is_relative_to(self.directory.resolve()) or size > self.max_bytes:
+            raise OSError(f"{lora.path.name} changed since the start: no longer a file within --lora_dir and limits")
+        return str(real.parent), real.name
 
-    def _read(self, name: str) -> dict[str, Any]:
-        from safetensors.torch import load_file
 
-        return load_file(str(self._files[name].path.resolve()))
+class _NoEmptyComponentWarning(logging.Filter):
+    """diffusers warns about every component an adapter leaves alone (most adapters touch no text encoder)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to")
 
 
 class LoraAdapters:
     """Adapters in the pipeline's denoiser and text encoders, applied per row (the worker thread's)."""
 
     def __init__(self, pipe: Any, library: LoraLibrary, max_loaded: int) -> None:
+        for name in ("diffusers.loaders.peft", "diffusers.loaders.lora_base"):
+            quiet = logging.getLogger(name)
+            if not any(isinstance(f, _NoEmptyComponentWarning) for f in quiet.filters):
+                quiet.addFilter(_NoEmptyComponentWarning())
         self.pipe = pipe
         self.library = library
         self.max_loaded = max_loaded
         self._loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self._hooked: set[int] = set()
         self._layers: list[Any] = []
-        # The current call's adapters: (name, scale, rows) where rows is a device index tensor, or None for all.
-        self._plan: list[tuple[str, float, Any]] = []
+        # The current call's adapters: blocks of consecutive rows (start, stop, adapters), stop None: every row.
+        self._plan: list[tuple[int, int | None, LoraSet]] = []
 
     @property
     def loaded(self) -> list[str]:
@@ -190,10 +215,11 @@ class LoraAdapters:
         modules = [getattr(self.pipe, name, None) for name in names]
         return [module for module in modules if isinstance(module, torch.nn.Module)]
 
-    def ensure(self, sets: Iterable[LoraSet], in_use: Iterable[LoraSet] = ()) -> dict[str, InvalidRequest]:
-        """Load the adapters these sets name that are not in the model yet; evict the least recently used beyond
-        --max_loaded_loras that no running job uses. Returns the adapters that failed to load, with a 400 each."""
-        failed: dict[str, InvalidRequest] = {}
+    def ensure(self, sets: Iterable[LoraSet], in_use: Iterable[LoraSet] = ()) -> dict[str, PredictorError]:
+        """Load the adapters these sets name that are not in the model yet, then take out the least recently used
+        past --max_loaded_loras that no live job names (so the bound is soft: running images keep theirs). Returns
+        the adapters that could not be loaded, each with its error (400: it does not fit the model)."""
+        failed: dict[str, PredictorError] = {}
         wanted = [name for loras in sets for name, _ in loras]
         for name in dict.fromkeys(wanted):
             if name in self._loaded:
@@ -214,14 +240,21 @@ class LoraAdapters:
                 self._unload(name)
         return failed
 
-    def _load(self, name: str) -> InvalidRequest | None:
+    def _load(self, name: str) -> PredictorError | None:
         from peft.tuners.lora import LoraLayer
 
+        from predictor.runners.base import is_device_error, is_oom
+
         try:
-            weights = self.library.weights(name)
+            directory, file_name = self.library.location(name)
+        except OSError as exc:  # the file went or changed: not the adapter's fault, and maybe back later
+            logger.error("LoRA %s could not be read: %s", name, exc)
+            return GenerationFailed(f"LoRA '{name}' could not be read on the server")
+        try:
             with warnings.catch_warnings():  # PEFT warns at each adapter after the first: several are the point
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                self.pipe.load_lora_weights(weights, adapter_name=name)
+                # By path, so diffusers reads the file's own metadata (lora_alpha, rslora, per-layer ranks).
+                self.pipe.load_lora_weights(directory, weight_name=file_name, adapter_name=name, local_files_only=True)
             layers = [m for module in self._modules() for m in module.modules() if isinstance(m, LoraLayer)]
             holding = [layer for layer in layers if name in layer.lora_A]
             if not holding:
@@ -232,17 +265,19 @@ class LoraAdapters:
                 raise ValueError("DoRA and embedding adapters are not served, only plain LoRA")
         except Exception as exc:  # diffusers and PEFT raise ValueError, KeyError, RuntimeError (shapes) and more
             self._forget(name)
+            if is_oom(exc) or is_device_error(exc):
+                raise  # the engine's to handle (halves, restart); the adapter itself may be fine
             reason = f"it does not fit this model: {_first_cause(exc)}"
             self.library.refuse(name, reason)
             return InvalidRequest(f"LoRA '{name}' cannot be used: {reason}", param="loras")
         self._loaded[name] = None
-        self.library.loaded.add(name)
+        self.library.mark_loaded(name, True)
         self._layers = layers
         for layer in layers:
             # PEFT's own path stays off (the base layer's output as it is); the hook adds each row's adapters.
             layer.enable_adapters(False)
             if id(layer) not in self._hooked:
-                layer.register_forward_hook(self._add_rows)
+                layer.register_forward_hook(self._add_rows, with_kwargs=True)
                 self._hooked.add(id(layer))
         logger.info("loaded LoRA %s into %d layers", name, len(holding))
         return None
@@ -255,49 +290,49 @@ class LoraAdapters:
     def _unload(self, name: str) -> None:
         self.pipe.delete_adapters([name])
         del self._loaded[name]
-        self.library.loaded.discard(name)
+        self.library.mark_loaded(name, False)
         for layer in self._layers:
             layer.enable_adapters(False)
         logger.info("unloaded LoRA %s (--max_loaded_loras %d)", name, self.max_loaded)
 
     @contextmanager
-    def rows(self, sets: list[LoraSet], device: Any) -> Iterator[None]:
-        """Apply ``sets[i]`` to row i of the calls made inside (each row's adapters in its own order)."""
-        import torch
-
-        plan: list[tuple[str, float, Any]] = []
-        if any(sets):
-            for position in range(max(len(loras) for loras in sets)):
-                groups: dict[tuple[str, float], list[int]] = {}
-                for row, loras in enumerate(sets):
-                    if position < len(loras):
-                        groups.setdefault(loras[position], []).append(row)
-                for (name, scale), members in groups.items():
-                    every = len(members) == len(sets)
-                    index = None if every else torch.tensor(members, device=device)
-                    plan.append((name, scale, index))
+    def rows(self, sets: list[LoraSet]) -> Iterator[None]:
+        """Apply ``sets[i]`` to row i of the calls made inside, each row's adapters in its own order. Rows with the
+        same adapters should be next to each other: each run of them is one slice of every LoRA layer's input."""
+        plan: list[tuple[int, int | None, LoraSet]] = []
+        start = 0
+        for index in range(1, len(sets) + 1):
+            if index == len(sets) or sets[index] != sets[start]:
+                if sets[start]:
+                    plan.append((start, None if (start, index) == (0, len(sets)) else index, sets[start]))
+                start = index
         self._plan = plan
         try:
             yield
         finally:
             self._plan = []
 
-    def _add_rows(self, layer: Any, args: tuple[Any, ...], output: Any) -> Any:
-        """PEFT's LoRA term for the rows of each (adapter, scale) of the plan, as its forward adds it."""
+    def _add_rows(self, layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        """PEFT's LoRA term for each block of rows and each of its adapters, as PEFT's forward adds it after
+        ``set_adapters``: ``lora_B(lora_A(x)) * scale * lora_alpha / r`` (sqrt(r) with rslora), summed in order."""
         if not self._plan:
             return output
-        x = args[0]
-        for name, scale, rows in self._plan:
-            if name not in layer.lora_A:
-                continue
-            lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-            rank = math.sqrt(layer.r[name]) if layer.use_rslora.get(name, False) else layer.r[name]
-            scaling = scale * layer.lora_alpha[name] / rank  # PEFT's set_scale
-            part = x if rows is None else x.index_select(0, rows)
-            part = part.to(lora_a.weight.dtype)
-            delta = lora_b(lora_a(layer.lora_dropout[name](part))) * scaling
-            # All rows: PEFT's own sum; some: added to those rows only (the others keep the base output as it is).
-            output = output + delta if rows is None else output.index_add(0, rows, delta.to(output.dtype))
+        x = args[0] if args else kwargs["x"]
+        for start, stop, loras in self._plan:
+            part = x if stop is None else x[start:stop]
+            block = output if stop is None else output[start:stop]
+            for name, scale in loras:
+                if name not in layer.lora_A:
+                    continue
+                lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+                rank = math.sqrt(layer.r[name]) if layer.use_rslora.get(name, False) else layer.r[name]
+                scaling = scale * layer.lora_alpha[name] / rank  # PEFT's set_scale
+                delta = lora_b(lora_a(layer.lora_dropout[name](part.to(lora_a.weight.dtype)))) * scaling
+                block = (block + delta).to(output.dtype)
+            if stop is None:
+                output = block
+            else:
+                output[start:stop] = block  # the other rows keep the base layer's output as it is
         return output
 
 

@@ -447,7 +447,7 @@ def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool 
         return {
             "model": model.name,
             "loras": [] if library is None else library.describe(),
-            "loaded": [] if library is None else sorted(library.loaded),
+            "loaded": [] if library is None else library.loaded_names(),
             "max_loras_per_request": model.limits.max_loras_per_request,
             "max_lora_scale": MAX_LORA_SCALE,
             "batching": model.settings.engine.lora_batching,

@@ -311,7 +311,13 @@ def save_random_lora(
     targets = ["to_q", "to_k", "to_v", "to_out.0"] + ([] if flow else ["proj_in"])
     # init_lora_weights=False: B is random too, so the adapter changes the output from the first step.
     denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False))
-    layers = {("transformer" if flow else "unet") + "_lora_layers": get_peft_model_state_dict(denoiser)}
+    component = "transformer" if flow else "unet"
+    # The adapter's config goes into the file's metadata, as diffusers' training scripts write it: lora_alpha lives
+    # nowhere else in a file of diffusers' format.
+    layers = {
+        f"{component}_lora_layers": get_peft_model_state_dict(denoiser),
+        f"{component}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict(),
+    }
     if text_encoders:
         for component in ("text_encoder", "text_encoder_2"):
             encoder = getattr(pipe, component, None)
@@ -321,6 +327,7 @@ def save_random_lora(
             config = LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
             encoder.add_adapter(config)
             layers[f"{component}_lora_layers"] = get_peft_model_state_dict(encoder)
+            layers[f"{component}_lora_adapter_metadata"] = config.to_dict()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     type(pipe).save_lora_weights(directory, weight_name=f"{name}.safetensors", **layers)

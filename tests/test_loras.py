@@ -123,6 +123,8 @@ def test_kohya_files_load_as_diffusers_loads_them(sd_dirs: tuple[Path, Path], tm
 
 
 def test_least_recently_used_adapter_goes_out_and_comes_back(sd_dirs: tuple[Path, Path]) -> None:
+    """With room for one adapter: each request's adapter goes in, the other out; two running at once both stay in
+    (a running image's adapter is never taken out), and every image is still diffusers'."""
     model, loras = sd_dirs
     loaded = load_pipeline(str(model), "not/used", None, "cpu", "float32", lora_dir=str(loras))
     plain, adapted = _references(model, loras, StableDiffusionPipeline, ["style", "ink"])
@@ -135,7 +137,37 @@ def test_least_recently_used_adapter_goes_out_and_comes_back(sd_dirs: tuple[Path
             got = pixels(engine.generate(case, timeout=60).image)
             assert np.abs(got - _expected(plain, adapted, case)).max() <= TOLERANCE
             assert engine.runner.adapters.loaded == [case.loras[0][0]]
-        assert sorted(loaded.loras.loaded) == ["ink"]
+        assert loaded.loras.loaded_names() == ["ink"]
+        together = engine.submit(cases[:2])
+        for case, future in zip(cases[:2], together, strict=True):
+            assert np.abs(pixels(future.result(timeout=60).image) - _expected(plain, adapted, case)).max() <= TOLERANCE
+        assert sorted(engine.runner.adapters.loaded) == ["ink", "style"]  # past the bound while both ran
+        engine.generate(cases[1], timeout=60)
+        assert engine.runner.adapters.loaded == ["ink"]  # back to the bound once nothing needs style
+
+
+@pytest.mark.parametrize(("batching", "calls"), [("mixed", 3), ("grouped", 9)])
+def test_batching_modes_share_calls_as_they_say(sd_dirs: tuple[Path, Path], batching: str, calls: int) -> None:
+    """Three adapter sets at once, 3 steps: mixed makes one UNet call a step, grouped one per set."""
+    model, loras = sd_dirs
+    loaded = load_pipeline(str(model), "not/used", None, "cpu", "float32", lora_dir=str(loras))
+    sets = [[{"name": "style"}], [{"name": "ink"}], []]
+    cases = [
+        _resolved(loaded, prompt=f"p{i}", seed=i, num_inference_steps=3, **({"loras": chosen} if chosen else {}))
+        for i, chosen in enumerate(sets)
+    ]
+    counted: list[int] = []
+    hook = loaded.pipe.unet.register_forward_hook(lambda module, args, output: counted.append(len(args[0])))
+    try:
+        with running_engine(loaded, lora_batching=batching) as engine:
+            engine.generate(cases[0], timeout=60)  # loads style; then count a batch of all three
+            counted.clear()
+            for future in engine.submit(cases):
+                future.result(timeout=60)
+    finally:
+        hook.remove()
+    assert len(counted) == calls, counted
+    assert sum(counted) == 3 * 2 * 3  # three guided images (two rows each), three steps
 
 
 @pytest.mark.parametrize(
@@ -206,7 +238,10 @@ def test_bad_files_are_listed_with_the_reason_and_refused_by_name(sd_dirs: tuple
             wrong.result(timeout=60)
         assert error.value.status_code == 400
         assert right.result(timeout=60).image.size == (64, 64)  # the image beside it is made
-        assert engine.generate(_resolved(loaded, prompt="c", seed=3, num_inference_steps=2), timeout=60)
+        after = _resolved(loaded, prompt="c", seed=3, num_inference_steps=2)
+        plain, _ = _references(model, good, StableDiffusionPipeline, [])
+        # The failed load left nothing behind: a plain image is still plain diffusers'.
+        assert np.abs(pixels(engine.generate(after, timeout=60).image) - diffusers_image(plain, after)).max() <= 1
     with pytest.raises(InvalidRequest, match="LoRA 'xl' cannot be used: it does not fit"):  # refused from now on
         _resolved(loaded, prompt="a", loras=[{"name": "xl"}])
 
@@ -277,7 +312,9 @@ def test_every_protocol_takes_loras_on_a_server(sd_dirs: tuple[Path, Path], tmp_
         Image.new("RGB", (64, 64), (30, 160, 90)).save(picture, format="PNG")
         edit = {"seed": 11, "loras": json.dumps(chosen)}
         edited = client.images.edit(image=("in.png", picture.getvalue(), "image/png"), prompt="a fox", extra_body=edit)
-        assert decode_image(base64.b64decode(edited.data[0].b64_json)).shape == (64, 64, 3)
+        same = {**body, "image": base64.b64encode(picture.getvalue()).decode()}
+        expected = decode_image(httpx.post(f"{base}/generate", json=same, timeout=60).content)
+        assert np.array_equal(decode_image(base64.b64decode(edited.data[0].b64_json)), expected)
 
         output = tmp_path / "cli.png"
         command = [sys.executable, "-m", "predictor.client", "a fox", "-o", str(output), "--url", base, "--seed", "11"]

@@ -347,7 +347,7 @@ class ModelRunner(ABC):
             groups.setdefault(job.params.loras, []).append(job)
         conditioning: dict[Job, tuple[Conditioning, Conditioning | None]] = {}
         for loras, group in groups.items():
-            with self.adapters.rows([loras], self.device):
+            with self.adapters.rows([loras]):
                 conditioning.update(zip(group, self.encode(group), strict=True))
         return [conditioning[job] for job in jobs]
 
@@ -393,6 +393,8 @@ class ModelRunner(ABC):
         timesteps: list[torch.Tensor] = []
         rows: list[Conditioning] = []
         adapters: list[tuple] = []  # each row's LoRA adapters
+        if self.adapters is not None:  # rows with the same adapters side by side: one slice each in every LoRA layer
+            jobs = sorted(jobs, key=lambda job: job.params.loras)
         for job in jobs:
             work: DenoiseWork = job.work
             t = work.timesteps[job.steps_done]
@@ -410,7 +412,7 @@ class ModelRunner(ABC):
             adapters += [job.params.loras] * copies  # diffusers applies them to the unconditional row too
         with contextlib.ExitStack() as stack:
             if self.adapters is not None:
-                stack.enter_context(self.adapters.rows(adapters, self.device))
+                stack.enter_context(self.adapters.rows(adapters))
             noise = self.denoise(torch.cat(inputs), torch.cat(timesteps), concat_rows(rows))
         predictions, row = {}, 0
         for job in jobs:
