@@ -22,9 +22,10 @@ from common import free_port, median, percentile, start_server, stop_server, wai
 
 
 async def drive(
-    port: int, body: dict | list[dict], clients: int, requests: int
+    port: int, body: dict | list[dict], clients: int, requests: int, by_body: dict[int, list[float]] | None = None
 ) -> tuple[float, list[float], dict[int, int]]:
-    """``requests`` POSTs from ``clients`` concurrent clients; a list of bodies is sent in turn."""
+    """``requests`` POSTs from ``clients`` concurrent clients; a list of bodies is sent in turn (``by_body``
+    collects each body's latencies by its index)."""
     bodies = body if isinstance(body, list) else [body]
     latencies: list[float] = []
     statuses: dict[int, int] = {}
@@ -34,9 +35,12 @@ async def drive(
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
+            index = remaining % len(bodies)
             started = time.perf_counter()
-            response = await client.post("/generate", json=bodies[remaining % len(bodies)])
+            response = await client.post("/generate", json=bodies[index])
             latencies.append(time.perf_counter() - started)
+            if by_body is not None:
+                by_body.setdefault(index, []).append(latencies[-1])
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
 
     limits = httpx.Limits(max_connections=clients)
@@ -68,7 +72,9 @@ def lone_latency(port: int, body: dict, repeats: int = 3) -> float:
     return median(times)
 
 
-def measure_server(options: argparse.Namespace, batch_size: int, body: dict | list[dict]) -> dict[str, float]:
+def measure_server(
+    options: argparse.Namespace, batch_size: int, body: dict | list[dict], by_body: dict[int, list[float]] | None = None
+) -> dict[str, float]:
     port = free_port()
     args = [
         "--model_id",
@@ -87,7 +93,7 @@ def measure_server(options: argparse.Namespace, batch_size: int, body: dict | li
         lone = lone_latency(port, body[0] if isinstance(body, list) else body)  # a text-to-image request
         asyncio.run(drive(port, body, options.clients, options.clients))  # warm every batch size on the way
         cpu_before = cpu_seconds(process.pid)
-        wall, latencies, statuses = asyncio.run(drive(port, body, options.clients, options.requests))
+        wall, latencies, statuses = asyncio.run(drive(port, body, options.clients, options.requests, by_body))
         cpu_after = cpu_seconds(process.pid)
     finally:
         stop_server(process)

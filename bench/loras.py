@@ -8,7 +8,9 @@ measuring side by side in one run:
 - adapters, mixed: each client's requests name one of the adapters, rows with different adapters share a denoiser
   call (--lora_batching mixed, the default);
 - adapters, grouped: the same requests, a call per adapter set (--lora_batching grouped);
-- adapters, serial: the same requests one at a time (--max_batch_size 1).
+- adapters, serial: the same requests one at a time (--max_batch_size 1);
+- half with adapters: every other request names none, the others one each (mixed): the latency of the requests
+  without adapters, against the first configuration's, is what sharing calls with adapted rows costs them.
 
     python bench/loras.py                                        # CPU: builtin:tiny, 64x64, 8 clients, 4 adapters
     python bench/loras.py --model_id builtin:sdxl-arch --size 1024 --steps 30 --clients 16 --requests 64
@@ -20,6 +22,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from common import median
 from load import measure_server
 
 
@@ -66,11 +69,17 @@ def main() -> None:
             "adapters, mixed": (options.batch, adapted, ["--lora_dir", scratch, "--lora_batching", "mixed"]),
             "adapters, grouped": (options.batch, adapted, ["--lora_dir", scratch, "--lora_batching", "grouped"]),
             "adapters, serial": (1, adapted, ["--lora_dir", scratch]),
+            "half with adapters": (
+                options.batch,
+                [item for other in adapted for item in (plain, other)],
+                ["--lora_dir", scratch],
+            ),
         }
         results = {}
+        by_body: dict[int, list[float]] = {}
         for label, (batch, body, flags) in configurations.items():
             options.server_args = [*server_args, *flags]
-            results[label] = measure_server(options, batch, body)
+            results[label] = measure_server(options, batch, body, by_body if label == "half with adapters" else None)
             found = results[label]
             print(
                 f"{label:18s} {found['images_per_s']:7.2f} images/s  p50 {found['p50']:.2f} s  p95 {found['p95']:.2f} s"
@@ -86,6 +95,12 @@ def main() -> None:
         rate = results[label]["images_per_s"]
         serial = results["adapters, serial"]["images_per_s"]
         print(f"{label}: {rate / base:.2f}x the throughput without adapters, {rate / serial:.2f}x serial")
+    plain_in_mix = median([latency for index, found in by_body.items() if index % 2 == 0 for latency in found])
+    alone = results["no adapters"]["p50"]
+    print(
+        f"requests without adapters, half the load naming one: p50 {plain_in_mix:.2f} s against {alone:.2f} s "
+        f"with no adapters anywhere ({plain_in_mix / alone:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -288,7 +288,9 @@ class LoraAdapters:
             self.pipe.delete_adapters([name])
 
     def _unload(self, name: str) -> None:
-        self.pipe.delete_adapters([name])
+        with warnings.catch_warnings():  # PEFT says which adapter it makes active instead: none is, here
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            self.pipe.delete_adapters([name])
         del self._loaded[name]
         self.library.mark_loaded(name, False)
         for layer in self._layers:

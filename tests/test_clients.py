@@ -28,10 +28,14 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from predictor.builtin import build_tiny
+    from predictor.testing import save_random_lora
+
     tmp = tmp_path_factory.mktemp("clients")
     port = free_port()
     log = tmp / "server.log"
-    flags = ("--default_steps", "3", "--max_batch_instances", "4")
+    save_random_lora(build_tiny(), tmp / "loras", "style", seed=1)  # the playground offers it
+    flags = ("--default_steps", "3", "--max_batch_instances", "4", "--lora_dir", str(tmp / "loras"))
     process = start_server("--model_id", "builtin:tiny", "--model_dir", str(tmp / "none"), *flags, port=port, log=log)
     try:
         wait_ready(process, port, log)
@@ -244,12 +248,23 @@ def test_playground_in_headless_chromium(server: str, tmp_path: Path) -> None:
             page.fill("#prompt", "a lighthouse in the playground")
             page.fill("#num_inference_steps", "3")
             page.fill("#seed", "21")
+            assert page.locator("#loras-available").inner_text() == "style"
+            page.fill("#loras", "style:0.5")
             page.click("#generate")
             # Previews show the picture forming first; the seed comes with the final image.
             page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')", timeout=60_000)
             assert not page.locator("#result").is_hidden()
             assert page.locator("#result-seed").inner_text() == "21"
-            assert page.get_attribute("#image", "src").startswith("data:image/png;base64,")
+            source = page.get_attribute("#image", "src")
+            assert source.startswith("data:image/png;base64,")
+            # The adapter went with the request: the image is the one /generate makes with it.
+            body = {"prompt": "a lighthouse in the playground", "num_inference_steps": 3, "seed": 21}
+            scheduler = page.input_value("#scheduler")
+            guidance = float(page.input_value("#guidance_scale"))
+            body |= {"scheduler": scheduler, "guidance_scale": guidance, "loras": [{"name": "style", "scale": 0.5}]}
+            expected = httpx.post(f"{server}/generate", json=body, timeout=60).content
+            shown = decode_image(base64.b64decode(source.split(",", 1)[1]))
+            assert np.array_equal(shown, decode_image(expected))
             assert page.evaluate(
                 "[document.getElementById('progress').value, document.getElementById('progress').max]"
             ) == [3, 3]

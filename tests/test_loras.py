@@ -345,3 +345,54 @@ def test_adapters_with_compile_stop_the_start_with_why(capsys) -> None:
         parse_settings(["--lora_dir", "/tmp", "--compile"])
     assert exited.value.code == 2
     assert "--lora_dir cannot be used with --compile yet" in capsys.readouterr().err
+
+
+def test_image_jobs_take_adapters_as_diffusers_image_pipelines_do(sd_dirs: tuple[Path, Path]) -> None:
+    """img2img and inpainting with an adapter, batched together, equal diffusers' img2img and inpainting pipelines
+    after load_lora_weights + set_adapters."""
+    import base64
+    import io
+
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    from predictor.pipeline import SCHEDULERS
+
+    model, loras = sd_dirs
+    loaded = load_pipeline(str(model), "not/used", None, "cpu", "float32", lora_dir=str(loras))
+
+    def png(image: Image.Image) -> str:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    common = {"prompt": "a", "seed": 3, "num_inference_steps": 4, "image": png(picture)}
+    img2img = _resolved(loaded, **common, loras=[{"name": "ink", "scale": 0.7}])
+    inpaint = _resolved(loaded, **common, mask=png(Image.fromarray(mask)), loras=[{"name": "style"}])
+    with running_engine(loaded) as engine:
+        got = [pixels(future.result(timeout=60).image) for future in engine.submit([img2img, inpaint])]
+    for cls, p, image in (
+        (StableDiffusionImg2ImgPipeline, img2img, got[0]),
+        (StableDiffusionInpaintPipeline, inpaint, got[1]),
+    ):
+        reference = cls.from_pretrained(model, use_safetensors=True, dtype=torch.float32, safety_checker=None)
+        reference.set_progress_bar_config(disable=True)
+        scheduler_class, overrides = SCHEDULERS[p.scheduler]
+        reference.scheduler = scheduler_class.from_config(reference.scheduler.config, **overrides)
+        ((name, scale),) = p.loras
+        reference.load_lora_weights(str(loras / f"{name}.safetensors"), adapter_name=name)
+        reference.set_adapters([name], adapter_weights=[scale])
+        extra = {} if p.mask is None else {"mask_image": p.mask}
+        want = reference(
+            p.prompt,
+            image=p.image,
+            strength=p.strength,
+            num_inference_steps=p.num_inference_steps,
+            guidance_scale=p.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(p.seed),
+            **extra,
+        ).images[0]
+        assert np.abs(image - pixels(want)).max() <= TOLERANCE

@@ -19,6 +19,10 @@ async function loadLimits() {
     $(`${field}-label`).hidden = !(info.request_fields && info.request_fields[field]);
   }
   $("api_key-label").hidden = !info.api_key_required;
+  const adapters = await (await fetch(`/v1/models/${encodeURIComponent(modelName)}/loras`)).json();
+  const usable = (adapters.loras || []).filter((entry) => entry.available).map((entry) => entry.name);
+  $("loras-label").hidden = usable.length === 0;
+  $("loras-available").textContent = usable.join(", ");
   $("inputs").hidden = !(info.modes || []).some((mode) => mode !== "text");
   $("api_key").value = sessionStorage.getItem("api_key") || "";
   for (const field of ["width", "height"]) {
@@ -48,6 +52,14 @@ async function addInputs(body) {
   return body;
 }
 
+// "style:0.8, other" -> [{name: "style", scale: 0.8}, {name: "other"}]; the server checks names and scales.
+function parseLoras(text) {
+  return text.split(",").map((item) => item.trim()).filter(Boolean).map((item) => {
+    const [name, scale] = item.split(":");
+    return scale === undefined ? { name: name.trim() } : { name: name.trim(), scale: parseFloat(scale) };
+  });
+}
+
 function requestBody() {
   const body = { prompt: $("prompt").value, output_format: $("output_format").value, scheduler: $("scheduler").value };
   if ($("negative_prompt").value) body.negative_prompt = $("negative_prompt").value;
@@ -62,6 +74,7 @@ function requestBody() {
   }
   body.guidance_scale = parseFloat($("guidance_scale").value);
   if ($("previews").checked) body.partial_images = 3; // preview events: a cheap look at the latents
+  if (!$("loras-label").hidden && $("loras").value.trim()) body.loras = parseLoras($("loras").value);
   return body;
 }
 
