@@ -202,6 +202,34 @@ def diffusers_image(pipe: Any, p: GenerationParams, max_sequence_length: int | N
     return pixels(image)
 
 
+def diffusers_image_job(pipe: Any, p: GenerationParams) -> np.ndarray:
+    """What diffusers' own img2img or inpainting ``pipe(...)`` makes for the image job ``p``: the same arguments, the
+    named scheduler from the pipeline's config (the UNet families' registry), the request's CPU generator."""
+    import torch
+
+    from predictor.pipeline import SCHEDULERS
+
+    original = pipe.scheduler
+    scheduler_class, overrides = SCHEDULERS[p.scheduler]
+    pipe.scheduler = scheduler_class.from_config(original.config, **overrides)
+    arguments: dict[str, Any] = {
+        "prompt": p.prompt,
+        "image": p.image,
+        "strength": p.strength,
+        "num_inference_steps": p.num_inference_steps,
+        "guidance_scale": p.guidance_scale,
+        "generator": torch.Generator("cpu").manual_seed(p.seed),
+    }
+    if p.negative_prompt is not None:
+        arguments["negative_prompt"] = p.negative_prompt
+    if p.mask is not None:
+        arguments.update(mask_image=p.mask, height=p.height, width=p.width)
+    try:
+        return pixels(pipe(**arguments).images[0])
+    finally:
+        pipe.scheduler = original
+
+
 def assert_alone_and_mixed_equal(
     loaded: Any,
     cases: list[GenerationParams],

@@ -44,6 +44,7 @@ from predictor.testing import (
     assert_alone_and_mixed_equal,
     decode_image,
     diffusers_image,
+    diffusers_image_job,
     free_port,
     pixels,
     running_engine,
@@ -91,29 +92,10 @@ def _reference(directory: Path, cls):
 
 
 def _expected(references: dict, p) -> np.ndarray:
-    """diffusers' own img2img or inpainting pipeline for ``p``, with the same arguments and scheduler."""
+    """diffusers' own text-to-image, img2img or inpainting pipeline for ``p``."""
     if p.image is None:
         return diffusers_image(references["text"], p)
-    pipe = references["inpaint" if p.mask is not None else "img2img"]
-    original = pipe.scheduler
-    scheduler_class, overrides = SCHEDULERS[p.scheduler]
-    pipe.scheduler = scheduler_class.from_config(original.config, **overrides)
-    arguments = {
-        "prompt": p.prompt,
-        "image": p.image,
-        "strength": p.strength,
-        "num_inference_steps": p.num_inference_steps,
-        "guidance_scale": p.guidance_scale,
-        "generator": torch.Generator("cpu").manual_seed(p.seed),
-    }
-    if p.negative_prompt is not None:
-        arguments["negative_prompt"] = p.negative_prompt
-    if p.mask is not None:
-        arguments.update(mask_image=p.mask, height=p.height, width=p.width)
-    try:
-        return pixels(pipe(**arguments).images[0])
-    finally:
-        pipe.scheduler = original
+    return diffusers_image_job(references["inpaint" if p.mask is not None else "img2img"], p)
 
 
 def _mixed(loaded, references: dict, cases: list) -> None:
@@ -152,16 +134,31 @@ def test_img2img_and_inpainting_equal_diffusers_beside_text_jobs(tiny_model_dir:
     _mixed(loaded, references, cases)
 
 
-def test_inpainting_checkpoint_equals_diffusers_and_takes_only_inpainting(inpaint_dir: Path) -> None:
-    loaded = load_pipeline(str(inpaint_dir), "not/used", None, "cpu", "float32")
-    assert loaded.traits.modes == {"inpaint"}
-    references = {"inpaint": _reference(inpaint_dir, StableDiffusionInpaintPipeline)}
+@pytest.mark.parametrize(
+    ("build", "cls", "family", "strength"),
+    [
+        (build_tiny_inpaint, StableDiffusionInpaintPipeline, "sd", 1.0),
+        (build_tiny_sdxl_inpaint, StableDiffusionXLInpaintPipeline, "sdxl", 0.9999),
+    ],
+)
+def test_inpainting_checkpoint_equals_diffusers_and_takes_only_inpainting(
+    build, cls, family: str, strength: float, tmp_path: Path
+) -> None:
+    """An inpainting checkpoint (a 9-channel UNet: SD's and SDXL's own pipeline classes) inpaints only, equal to
+    diffusers' pipeline at its default strength and a partial one, guided and not, in one batch."""
+    build().save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_pipeline(str(tmp_path), "not/used", None, "cpu", "float32")
+    traits = loaded.traits
+    assert (traits.family, traits.modes, traits.default_strength["inpaint"]) == (family, {"inpaint"}, strength)
+    assert traits.default_guidance_scale == 7.5  # both inpainting pipelines' default
+    references = {"inpaint": _reference(tmp_path, cls)}
     image, mask = _png(_picture(96, 64, seed=1)), _png(_mask(96, 64))
     cases = [
         _resolved(loaded, prompt=f"p{i}", seed=i, num_inference_steps=4, scheduler=name, image=image, mask=mask)
-        for i, name in enumerate(SCHEDULER_NAMES[:4])
+        for i, name in enumerate(SCHEDULER_NAMES[:3])
     ]
     cases.append(_resolved(loaded, prompt="half", seed=9, strength=0.5, image=image, mask=mask, scheduler="euler"))
+    cases.append(_resolved(loaded, prompt="plain", seed=4, guidance_scale=1.0, image=image, mask=mask))
     _mixed(loaded, references, cases)
     for body, param in (({"prompt": "a"}, "prompt"), ({"prompt": "a", "image": image}, "image")):
         with pytest.raises(InvalidRequest, match="inpainting checkpoint") as error:
@@ -585,27 +582,6 @@ def test_image_routes_on_a_server(tmp_path: Path) -> None:
         assert decode_image(base64.b64decode(auto.data[0].b64_json)).shape == (64, 96, 3)
     finally:
         assert stop_server(process) == 0
-
-
-def test_sdxl_inpainting_checkpoint_equals_diffusers(tmp_path: Path) -> None:
-    """An SDXL inpainting checkpoint (a 9-channel UNet, StableDiffusionXLInpaintPipeline) inpaints only, equal to
-    diffusers' pipeline at its default strength and a partial one, in one batch."""
-    build_tiny_sdxl_inpaint().save_pretrained(tmp_path, safe_serialization=True)
-    loaded = load_pipeline(str(tmp_path), "not/used", None, "cpu", "float32")
-    traits = loaded.traits
-    assert (traits.family, traits.modes, traits.default_strength["inpaint"]) == ("sdxl", {"inpaint"}, 0.9999)
-    assert traits.default_guidance_scale == 7.5  # the inpainting pipeline's default
-    references = {"inpaint": _reference(tmp_path, StableDiffusionXLInpaintPipeline)}
-    image, mask = _png(_picture(96, 64, seed=2)), _png(_mask(96, 64))
-    cases = [
-        _resolved(loaded, prompt=f"p{i}", seed=i, num_inference_steps=4, scheduler=name, image=image, mask=mask)
-        for i, name in enumerate(SCHEDULER_NAMES[:3])
-    ]
-    cases.append(_resolved(loaded, prompt="half", seed=9, strength=0.5, image=image, mask=mask, scheduler="euler"))
-    cases.append(_resolved(loaded, prompt="plain", seed=4, guidance_scale=1.0, image=image, mask=mask))
-    _mixed(loaded, references, cases)
-    with pytest.raises(InvalidRequest, match="inpainting checkpoint"):
-        _resolved(loaded, prompt="no picture")
 
 
 def test_sdxl_checkpoint_with_aesthetic_conditioning_is_refused_at_load(tmp_path: Path) -> None:

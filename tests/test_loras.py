@@ -22,6 +22,7 @@ from predictor.schemas import GenerationRequest, Limits, resolve
 from predictor.testing import (
     assert_alone_and_mixed_equal,
     diffusers_image,
+    diffusers_image_job,
     pixels,
     running_engine,
     save_random_lora,
@@ -356,8 +357,6 @@ def test_image_jobs_take_adapters_as_diffusers_image_pipelines_do(sd_dirs: tuple
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
     from PIL import Image
 
-    from predictor.pipeline import SCHEDULERS
-
     model, loras = sd_dirs
     loaded = load_pipeline(str(model), "not/used", None, "cpu", "float32", lora_dir=str(loras))
 
@@ -374,25 +373,11 @@ def test_image_jobs_take_adapters_as_diffusers_image_pipelines_do(sd_dirs: tuple
     inpaint = _resolved(loaded, **common, mask=png(Image.fromarray(mask)), loras=[{"name": "style"}])
     with running_engine(loaded) as engine:
         got = [pixels(future.result(timeout=60).image) for future in engine.submit([img2img, inpaint])]
-    for cls, p, image in (
-        (StableDiffusionImg2ImgPipeline, img2img, got[0]),
-        (StableDiffusionInpaintPipeline, inpaint, got[1]),
-    ):
+    pipelines = [StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline]
+    for cls, p, image in zip(pipelines, [img2img, inpaint], got, strict=True):
         reference = cls.from_pretrained(model, use_safetensors=True, dtype=torch.float32, safety_checker=None)
         reference.set_progress_bar_config(disable=True)
-        scheduler_class, overrides = SCHEDULERS[p.scheduler]
-        reference.scheduler = scheduler_class.from_config(reference.scheduler.config, **overrides)
         ((name, scale),) = p.loras
         reference.load_lora_weights(str(loras / f"{name}.safetensors"), adapter_name=name)
         reference.set_adapters([name], adapter_weights=[scale])
-        extra = {} if p.mask is None else {"mask_image": p.mask}
-        want = reference(
-            p.prompt,
-            image=p.image,
-            strength=p.strength,
-            num_inference_steps=p.num_inference_steps,
-            guidance_scale=p.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(p.seed),
-            **extra,
-        ).images[0]
-        assert np.abs(image - pixels(want)).max() <= TOLERANCE
+        assert np.abs(image - diffusers_image_job(reference, p)).max() <= TOLERANCE
