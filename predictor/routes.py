@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -354,6 +354,24 @@ async def _stream(model: DiffusionModel, batch: Batch, events: asyncio.Queue) ->
         task.cancel()
 
 
+async def _openai_images(
+    model: DiffusionModel, request: Request, read: Callable[[], Awaitable[tuple[RouteCall, bool]]], kind: str
+) -> Response:
+    """An OpenAI images route: ``read`` gives the call and whether it asks for a stream; the answer is OpenAI's
+    JSON (or its event stream), and every error has OpenAI's shape."""
+    try:
+        if not model.ready:
+            raise ModelNotLoaded(f"model {model.name} is not ready")
+        call, streamed = await read()
+        if streamed:
+            return await _openai_stream(model, call, kind)
+        encoded, _ = await model(call, headers=dict(request.headers))
+    except PredictorError as exc:
+        return _openai_error(exc)
+    data = [{"b64_json": to_base64(image.data), "seed": image.result.params.seed} for image in encoded]
+    return JSONResponse({"created": int(time.time()), "data": data})
+
+
 def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool = False) -> None:
     router = APIRouter(tags=["Images"])
 
@@ -378,33 +396,23 @@ def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool 
     )
     async def openai_images(request: Request) -> Response:
         """OpenAI-compatible image generation: ``client.images.generate(...)`` works against this route."""
-        try:
-            if not model.ready:
-                raise ModelNotLoaded(f"model {model.name} is not ready")
+
+        async def call() -> tuple[RouteCall, bool]:
             body = await request.body()
-            if _openai_stream_requested(body):
-                return await _openai_stream(model, RouteCall("openai", body), "image_generation")
-            encoded, _ = await model(RouteCall("openai", body), headers=dict(request.headers))
-        except PredictorError as exc:
-            return _openai_error(exc)
-        data = [{"b64_json": to_base64(image.data), "seed": image.result.params.seed} for image in encoded]
-        return JSONResponse({"created": int(time.time()), "data": data})
+            return RouteCall("openai", body), _openai_stream_requested(body)
+
+        return await _openai_images(model, request, call, "image_generation")
 
     @router.post("/v1/images/edits", tags=["OpenAI"], response_model=None, openapi_extra=openai_edit_openapi())
     async def openai_edits(request: Request) -> Response:
         """OpenAI-compatible image edits: ``client.images.edit(image=..., mask=..., prompt=...)`` works against this
         route. Without a mask the image is reworked whole (img2img); with one, its transparent part is repainted."""
-        try:
-            if not model.ready:
-                raise ModelNotLoaded(f"model {model.name} is not ready")
+
+        async def call() -> tuple[RouteCall, bool]:
             edit = await _edit_form(request)
-            if edit["fields"].get("stream") == "true":
-                return await _openai_stream(model, RouteCall("openai_edit", edit), "image_edit")
-            encoded, _ = await model(RouteCall("openai_edit", edit), headers=dict(request.headers))
-        except PredictorError as exc:
-            return _openai_error(exc)
-        data = [{"b64_json": to_base64(image.data), "seed": image.result.params.seed} for image in encoded]
-        return JSONResponse({"created": int(time.time()), "data": data})
+            return RouteCall("openai_edit", edit), edit["fields"].get("stream") == "true"
+
+        return await _openai_images(model, request, call, "image_edit")
 
     @router.get("/v1/models/{model_name}/schedulers", tags=["Discovery"], responses={404: _error("Unknown model")})
     async def schedulers(model_name: str) -> dict[str, Any]:

@@ -204,14 +204,20 @@ def diffusers_image(pipe: Any, p: GenerationParams, max_sequence_length: int | N
 
 def diffusers_image_job(pipe: Any, p: GenerationParams) -> np.ndarray:
     """What diffusers' own img2img or inpainting ``pipe(...)`` makes for the image job ``p``: the same arguments, the
-    named scheduler from the pipeline's config (the UNet families' registry), the request's CPU generator."""
+    named scheduler from the pipeline's config (the flow-matching registry for FLUX and SD3), the request's CPU
+    generator."""
     import torch
 
-    from predictor.pipeline import SCHEDULERS
+    from predictor.pipeline import FLOW_SCHEDULERS, SCHEDULERS
 
     original = pipe.scheduler
-    scheduler_class, overrides = SCHEDULERS[p.scheduler]
-    pipe.scheduler = scheduler_class.from_config(original.config, **overrides)
+    flow = getattr(pipe, "transformer", None) is not None
+    if flow:
+        flow_class, flow_overrides = FLOW_SCHEDULERS[p.scheduler]
+        pipe.scheduler = flow_class.from_config(original.config, **flow_overrides(original.config))
+    else:
+        scheduler_class, overrides = SCHEDULERS[p.scheduler]
+        pipe.scheduler = scheduler_class.from_config(original.config, **overrides)
     arguments: dict[str, Any] = {
         "prompt": p.prompt,
         "image": p.image,
@@ -222,8 +228,10 @@ def diffusers_image_job(pipe: Any, p: GenerationParams) -> np.ndarray:
     }
     if p.negative_prompt is not None:
         arguments["negative_prompt"] = p.negative_prompt
+    if p.mask is not None or flow:  # SD's and SDXL's img2img pipelines take no size
+        arguments.update(height=p.height, width=p.width)
     if p.mask is not None:
-        arguments.update(mask_image=p.mask, height=p.height, width=p.width)
+        arguments["mask_image"] = p.mask
     try:
         return pixels(pipe(**arguments).images[0])
     finally:

@@ -37,7 +37,7 @@ from predictor.builtin import (
     build_tiny_sdxl_inpaint,
 )
 from predictor.errors import InvalidRequest
-from predictor.pipeline import FLOW_SCHEDULERS, SCHEDULERS, load_pipeline
+from predictor.pipeline import SCHEDULERS, load_pipeline
 from predictor.schemas import GenerationRequest, Limits, resolve
 from predictor.testing import (
     StepLog,
@@ -348,26 +348,7 @@ def test_bfloat16_image_jobs_alone_equal_diffusers(build, cls, masked: bool, tmp
     case = _resolved(loaded, **body)
     pipe = cls.from_pretrained(tmp_path, dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
-    if loaded.family.flow_matching:
-        flow_class, overrides = FLOW_SCHEDULERS["euler"]
-        pipe.scheduler = flow_class.from_config(pipe.scheduler.config, **overrides(pipe.scheduler.config))
-    else:
-        scheduler_class, scheduler_overrides = SCHEDULERS["euler"]
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **scheduler_overrides)
-    arguments = {"height": case.height, "width": case.width} if masked else {}
-    if masked:
-        arguments["mask_image"] = case.mask
-    want = pixels(
-        pipe(
-            prompt=case.prompt,
-            image=case.image,
-            strength=case.strength,
-            num_inference_steps=case.num_inference_steps,
-            guidance_scale=case.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(case.seed),
-            **arguments,
-        ).images[0]
-    )
+    want = diffusers_image_job(pipe, case)
     with running_engine(loaded) as engine:
         got = pixels(engine.generate(case, timeout=120).image)
     assert np.abs(got - want).max() <= TOLERANCE
@@ -454,24 +435,7 @@ def test_flow_matching_image_jobs_equal_diffusers_beside_text_jobs(build, img2im
             text_pipe.set_progress_bar_config(disable=True)
             expected.append(diffusers_image(text_pipe, case))
             continue
-        reference = pipes[case.mode]
-        original = reference.scheduler
-        flow_class, overrides = FLOW_SCHEDULERS[case.scheduler]
-        reference.scheduler = flow_class.from_config(original.config, **overrides(original.config))
-        arguments = {"height": case.height, "width": case.width, "guidance_scale": case.guidance_scale}
-        if case.mask is not None:
-            arguments["mask_image"] = case.mask
-        generator = torch.Generator("cpu").manual_seed(case.seed)
-        out = reference(
-            prompt=case.prompt,
-            image=case.image,
-            strength=case.strength,
-            num_inference_steps=case.num_inference_steps,
-            generator=generator,
-            **arguments,
-        )
-        reference.scheduler = original
-        expected.append(pixels(out.images[0]))
+        expected.append(diffusers_image_job(pipes[case.mode], case))
     with running_engine(loaded, max_batch_size=8) as engine:
         served = [pixels(future.result(timeout=120).image) for future in engine.submit(cases)]
     for got, want in zip(served, expected, strict=True):

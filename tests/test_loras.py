@@ -381,3 +381,23 @@ def test_image_jobs_take_adapters_as_diffusers_image_pipelines_do(sd_dirs: tuple
         reference.load_lora_weights(str(loras / f"{name}.safetensors"), adapter_name=name)
         reference.set_adapters([name], adapter_weights=[scale])
         assert np.abs(image - diffusers_image_job(reference, p)).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("loras", "param", "words"),
+    [
+        ("not json", "loras", "must be a list like"),
+        ([{"name": "../escape"}], "loras.0.name", "must be an adapter's name"),
+        ([{"name": "style", "scale": 4.5}], "loras.0.scale", "must be at most 4"),
+        ([{"name": "style", "scale": -4.5}], "loras.0.scale", "must be at least -4"),
+        ([{"name": "style", "scale": float("nan")}], "loras.0.scale", "finite"),
+        ([{"name": "style", "weight": 1}], "loras.0.weight", "unknown field"),
+        ([{"name": f"a{i}"} for i in range(17)], "loras", "at most 16"),
+    ],
+)
+def test_malformed_loras_are_400s_naming_the_field(loras, param: str, words: str) -> None:
+    from predictor.schemas import parse_request
+
+    with pytest.raises(InvalidRequest, match=words) as error:
+        parse_request({"prompt": "a", "loras": loras}, Limits())
+    assert error.value.param == param and error.value.status_code == 400
