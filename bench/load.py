@@ -61,6 +61,13 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def compiled_graphs(port: int) -> float:
+    """The server's diffusion_compiled_graphs gauge (0 without --compile)."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    samples = [line.split()[-1] for line in text.splitlines() if line.startswith("diffusion_compiled_graphs{")]
+    return float(samples[0]) if samples else 0.0
+
+
 def lone_latency(port: int, body: dict, repeats: int = 3) -> float:
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
         client.post("/generate", json=body).raise_for_status()
@@ -90,11 +97,13 @@ def measure_server(
     process = start_server(*args, port=port, log=options.log and f"{options.log}.bs{batch_size}.log")
     try:
         ready_s = wait_ready(process, port, timeout_s=600)
+        graphs_ready = compiled_graphs(port)
         lone = lone_latency(port, body[0] if isinstance(body, list) else body)  # a text-to-image request
         asyncio.run(drive(port, body, options.clients, options.clients))  # warm every batch size on the way
         cpu_before = cpu_seconds(process.pid)
         wall, latencies, statuses = asyncio.run(drive(port, body, options.clients, options.requests, by_body))
         cpu_after = cpu_seconds(process.pid)
+        graphs_after = compiled_graphs(port)
     finally:
         stop_server(process)
     ok = statuses.get(200, 0)
@@ -107,6 +116,8 @@ def measure_server(
         "lone": lone,
         "ready_s": ready_s,
         "cpu_ms_per_image": float("nan") if cpu_before is None else (cpu_after - cpu_before) / ok * 1000,
+        "graphs_ready": graphs_ready,  # torch.compile's graphs when the server said ready, and after the load
+        "graphs_after": graphs_after,
     }
 
 

@@ -12,14 +12,25 @@ measuring side by side in one run:
 - half with adapters: every other request names none, the others one each (mixed): the latency of the requests
   without adapters, against the first configuration's, is what sharing calls with adapted rows costs them.
 
+With --compile, three more (each server compiles before it is ready; the compiled-graphs gauge is read when it
+says ready and after the load, and must not have moved):
+
+- compiled, no adapters / compiled, adapters: the first two above under --compile (adapters in fixed slots);
+- compiled, swapping: two slots for the four adapters, one adapter a request: adapters swap in and out all along.
+
+Last, the time to put an adapter into the model (a swap: the least recently used one out, the file read, the
+weights in), in this process: eager (PEFT's layers) and into --compile's slots.
+
     python bench/loras.py                                        # CPU: builtin:tiny, 64x64, 8 clients, 4 adapters
-    python bench/loras.py --model_id builtin:sdxl-arch --size 1024 --steps 30 --clients 16 --requests 64
+    python bench/loras.py --compile                              # and the compiled configurations
+    python bench/loras.py --model_id builtin:sdxl-arch --size 1024 --steps 30 --clients 16 --requests 64 --compile
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 from common import median
@@ -43,6 +54,43 @@ def make_adapters(model_id: str, directory: Path, count: int, rank: int) -> list
     return names
 
 
+def measure_swaps(model_id: str, directory: Path, names: list[str], rounds: int) -> dict[str, float]:
+    """Median seconds to bring an adapter into the model, one slot (or one loaded adapter) for all of them, so every
+    call swaps: into --compile's slots, then eagerly into PEFT's layers. Also how much memory the slots take."""
+    import torch
+
+    from predictor.lora import LoraAdapters
+    from predictor.pipeline import LoadedPipeline, load_pipeline
+
+    def fresh() -> LoadedPipeline:
+        return load_pipeline(None, model_id, None, lora_dir=str(directory))
+
+    loaded = fresh()
+    sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
+
+    def swaps(adapters: LoraAdapters) -> list[float]:
+        times = []
+        for turn in range(rounds * len(names)):
+            sync()
+            started = time.perf_counter()
+            failed = adapters.ensure([((names[turn % len(names)], 1.0),)])
+            sync()
+            times.append(time.perf_counter() - started)
+            assert not failed, failed
+        return times[len(names) :]  # the first round reads files from disk; the rest from the page cache
+
+    with torch.inference_mode():
+        slotted = LoraAdapters(loaded.pipe, loaded.loras, max_loaded=1)
+        started = time.perf_counter()
+        slotted.install_slots(loaded.denoiser, max_rows=16)
+        install_s = time.perf_counter() - started
+        slot_s, slot_bytes = median(swaps(slotted)), slotted.slots.bytes
+        del slotted, loaded
+        eager = fresh()
+        eager_s = median(swaps(LoraAdapters(eager.pipe, eager.loras, max_loaded=1)))
+    return {"slots": slot_s, "eager": eager_s, "install": install_s, "slot_mib": slot_bytes / 2**20}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_id", default="builtin:tiny", help="a builtin (its adapters are made here)")
@@ -53,6 +101,8 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--rank", type=int, help="default: 2 for the tiny builtins (their layers are 32-64 wide), 16")
     parser.add_argument("--batch", type=int, default=8, help="--max_batch_size of the batching configurations")
+    parser.add_argument("--compile", action="store_true", help="also the compiled configurations (slow to start)")
+    parser.add_argument("--swap_rounds", type=int, default=3, help="adapter swaps timed: this many per adapter")
     parser.add_argument("--log", help="write each server's log to LOG.bsN.log")
     parser.add_argument("server_args", nargs="*", help="more server flags, after --")
     options = parser.parse_args()
@@ -75,17 +125,31 @@ def main() -> None:
                 ["--lora_dir", scratch],
             ),
         }
+        if options.compile:
+            compiled = ["--lora_dir", scratch, "--compile"]
+            configurations |= {
+                "compiled, no adapters": (options.batch, plain, compiled),
+                "compiled, adapters": (options.batch, adapted, compiled),
+                "compiled, swapping": (
+                    options.batch,
+                    adapted,
+                    [*compiled, "--max_loaded_loras", "2", "--max_loras_per_request", "1"],
+                ),
+            }
         results = {}
         by_body: dict[int, list[float]] = {}
         for label, (batch, body, flags) in configurations.items():
             options.server_args = [*server_args, *flags]
             results[label] = measure_server(options, batch, body, by_body if label == "half with adapters" else None)
             found = results[label]
+            graphs = f"  graphs {found['graphs_ready']:.0f} -> {found['graphs_after']:.0f}"
             print(
-                f"{label:18s} {found['images_per_s']:7.2f} images/s  p50 {found['p50']:.2f} s  p95 {found['p95']:.2f} s"
-                f"  lone {found['lone']:.3f} s  CPU {found['cpu_ms_per_image']:.1f} ms/image",
+                f"{label:21s} {found['images_per_s']:7.2f} images/s  p50 {found['p50']:.2f} s  p95 {found['p95']:.2f} s"
+                f"  lone {found['lone']:.3f} s  CPU {found['cpu_ms_per_image']:.1f} ms/image"
+                + (graphs if "compiled" in label else ""),
                 flush=True,
             )
+        swaps = measure_swaps(options.model_id, Path(scratch), names, options.swap_rounds)
     base = results["no adapters"]["images_per_s"]
     print(
         f"model {options.model_id}, {options.size}x{options.size}, {options.steps} steps, {options.clients} clients, "
@@ -95,6 +159,17 @@ def main() -> None:
         rate = results[label]["images_per_s"]
         serial = results["adapters, serial"]["images_per_s"]
         print(f"{label}: {rate / base:.2f}x the throughput without adapters, {rate / serial:.2f}x serial")
+    if options.compile:
+        compiled_base = results["compiled, no adapters"]["images_per_s"]
+        for label in ("compiled, adapters", "compiled, swapping"):
+            rate = results[label]["images_per_s"]
+            print(f"{label}: {rate / compiled_base:.2f}x compiled without adapters, {rate / base:.2f}x eager without")
+        print(f"compiled, no adapters: {compiled_base / base:.2f}x eager without adapters")
+    print(
+        f"adapter swap (one out, one in): {swaps['slots'] * 1000:.1f} ms into --compile's slots, "
+        f"{swaps['eager'] * 1000:.1f} ms eager; reading all {options.adapters} to make the slots: "
+        f"{swaps['install']:.2f} s, slots of 1 adapter: {swaps['slot_mib']:.1f} MiB"
+    )
     plain_in_mix = median([latency for index, found in by_body.items() if index % 2 == 0 for latency in found])
     alone = results["no adapters"]["p50"]
     print(

@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(),
         default=default(EngineConfig, "max_loaded_loras"),
         help="Adapters kept in the model at once; past it the least recently used one no running image needs is "
-        "taken out (a file is read again when next named).",
+        "taken out (a file is read again when next named). With --compile, the number of fixed slots each changed "
+        "layer holds (an image whose adapters find no free slot waits for one).",
     )
     loras.add_argument(
         "--lora_batching",
@@ -438,10 +439,10 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
         parser.error("--enable_grpc cannot be used with API keys: gRPC requests would not be checked for one")
     if args.max_loras_per_request > HARD_MAX_LORAS:
         parser.error(f"--max_loras_per_request must be at most {HARD_MAX_LORAS}")
-    if args.lora_dir is not None and args.compile:
+    if args.lora_dir is not None and args.compile and args.max_loras_per_request > args.max_loaded_loras:
         parser.error(
-            "--lora_dir cannot be used with --compile yet: adding an adapter changes the denoiser's layers, which "
-            "would recompile it; serve adapters eagerly"
+            "with --compile, adapters live in --max_loaded_loras fixed slots: --max_loras_per_request "
+            f"({args.max_loras_per_request}) must not exceed it ({args.max_loaded_loras})"
         )
     if args.max_queue < args.max_batch_instances:
         parser.error("--max_queue must be at least --max_batch_instances, or large requests could never queue")

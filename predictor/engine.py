@@ -62,7 +62,7 @@ class GenerationEngine:
         self.runner = runner
         self.config = config
         self._clock = clock  # for deadlines and image times (tests pass their own)
-        self.scheduler = BatchScheduler(config.max_batch_size, config.max_queue)
+        self.scheduler = BatchScheduler(config.max_batch_size, config.max_queue, runner.adapter_limit())
         self._metrics = metrics.ModelMetrics(config.model_name)
         self._cond = threading.Condition()  # guards the scheduler, the decode list and the flags below
         self._decodes: list[PendingDecode] = []  # launched, not yet answered, in launch order
@@ -192,6 +192,8 @@ class GenerationEngine:
         with self.runner.worker_context():
             try:
                 self.runner.warm_up()  # on this thread: CUDA graphs belong to the thread that records them
+                if self.config.compile:  # from ready on: a later rise is a recompile under requests
+                    self._metrics.compiled_graphs.set(self.runner.compiled_graphs())
             except BaseException as exc:
                 self._startup_error = exc
                 self._worker_stopped = True  # nothing would ever run what is submitted

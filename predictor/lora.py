@@ -23,15 +23,19 @@ import math
 import os
 import re
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from predictor.errors import GenerationFailed, InvalidRequest, PredictorError
+
+if TYPE_CHECKING:
+    from predictor.lora_slots import DenoiserSlots
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +191,8 @@ class _NoEmptyComponentWarning(logging.Filter):
 
 
 class LoraAdapters:
-    """Adapters in the pipeline's denoiser and text encoders, applied per row (the worker thread's)."""
+    """Adapters in the pipeline's denoiser and text encoders, applied per row (the worker thread's). With
+    ``install_slots`` (--compile) the denoiser's adapters live in fixed slots instead (``predictor.lora_slots``)."""
 
     def __init__(self, pipe: Any, library: LoraLibrary, max_loaded: int) -> None:
         for name in ("diffusers.loaders.peft", "diffusers.loaders.lora_base"):
@@ -202,6 +207,9 @@ class LoraAdapters:
         self._layers: list[Any] = []
         # The current call's adapters: blocks of consecutive rows (start, stop, adapters), stop None: every row.
         self._plan: list[tuple[int, int | None, LoraSet]] = []
+        self.slots: DenoiserSlots | None = None  # the denoiser's adapters under --compile
+        self._denoiser: Any = None
+        self._slot_of: dict[str, int] = {}  # loaded adapter -> its slot
 
     @property
     def loaded(self) -> list[str]:
@@ -213,14 +221,52 @@ class LoraAdapters:
 
         names = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
         modules = [getattr(self.pipe, name, None) for name in names]
-        return [module for module in modules if isinstance(module, torch.nn.Module)]
+        # With slots the denoiser keeps no PEFT layer: only the text encoders' are applied row by row here.
+        return [m for m in modules if isinstance(m, torch.nn.Module) and m is not self._denoiser]
+
+    def install_slots(self, denoiser: Any, max_rows: int) -> None:
+        """Before --compile: read every usable adapter of the library once (refusing, with the reason, those that
+        do not fit the model), then give each layer any of them changes --max_loaded_loras slots of the largest rank
+        it has there. Adapters then load into slots, and the denoiser's modules never change."""
+        from predictor.lora_slots import DenoiserSlots
+
+        started = time.perf_counter()
+        self._denoiser = denoiser
+        ranks: dict[str, int] = {}
+        usable = [entry["name"] for entry in self.library.describe() if entry["available"]]
+        for name in usable:
+            try:
+                weights = self._read(name)
+            except OSError as exc:
+                self.library.refuse(name, f"could not be read: {exc}")
+                continue
+            except _DoesNotFit as exc:
+                self.library.refuse(name, str(exc))
+                continue
+            finally:
+                self._forget(name)
+            for layer_name, layer_weights in weights.items():
+                ranks[layer_name] = max(ranks.get(layer_name, 0), layer_weights.down.shape[0])
+        self.slots = DenoiserSlots(denoiser, ranks, self.max_loaded, max_rows)
+        logger.info(
+            "LoRA slots for --compile: %d adapters read in %.1f s; %d layers x %d slots, rank up to %d (%.1f MiB)",
+            len(usable),
+            time.perf_counter() - started,
+            len(ranks),
+            self.max_loaded,
+            max(ranks.values(), default=0),
+            self.slots.bytes / 2**20,
+        )
 
     def ensure(self, sets: Iterable[LoraSet], in_use: Iterable[LoraSet] = ()) -> dict[str, PredictorError]:
         """Load the adapters these sets name that are not in the model yet, then take out the least recently used
-        past --max_loaded_loras that no live job names (so the bound is soft: running images keep theirs). Returns
-        the adapters that could not be loaded, each with its error (400: it does not fit the model)."""
+        past --max_loaded_loras that no live job names (so the bound is soft: running images keep theirs). With
+        slots the bound is hard: an adapter no live job names makes room before a load (the engine admits no more
+        adapters at once than there are slots). Returns the adapters that could not be loaded, each with its error
+        (400: it does not fit the model)."""
         failed: dict[str, PredictorError] = {}
         wanted = [name for loras in sets for name, _ in loras]
+        busy = {name for loras in in_use for name, _ in loras} | set(wanted)
         for name in dict.fromkeys(wanted):
             if name in self._loaded:
                 self._loaded.move_to_end(name)
@@ -229,10 +275,15 @@ class LoraAdapters:
             if refused is not None:  # found not to fit while this request waited
                 failed[name] = InvalidRequest(f"LoRA '{name}' cannot be used: {refused}", param="loras")
                 continue
+            if self.slots is not None and len(self._loaded) >= self.slots.capacity:
+                idle = next((loaded for loaded in self._loaded if loaded not in busy), None)
+                if idle is None:  # admission keeps this from happening; never overwrite a running image's adapter
+                    failed[name] = GenerationFailed(f"no free slot for LoRA '{name}' (--max_loaded_loras)")
+                    continue
+                self._unload(idle)
             error = self._load(name)
             if error is not None:
                 failed[name] = error
-        busy = {name for loras in in_use for name, _ in loras} | set(wanted)
         for name in list(self._loaded):
             if len(self._loaded) <= self.max_loaded:
                 break
@@ -240,67 +291,95 @@ class LoraAdapters:
                 self._unload(name)
         return failed
 
-    def _load(self, name: str) -> PredictorError | None:
+    def _read(self, name: str) -> dict[str, Any]:
+        """Load adapter ``name`` with diffusers into the pipeline (text encoders, and the denoiser unless it has
+        slots) and check it. With slots, returns its denoiser weights, PEFT's layers taken out of the denoiser
+        again. Raises OSError (the file), _DoesNotFit (the model), or the out-of-memory and device errors as they
+        are; the caller takes out what a failed load left behind (``_forget``)."""
         from peft.tuners.lora import LoraLayer
 
+        from predictor.lora_slots import take_weights
         from predictor.runners.base import is_device_error, is_oom
 
-        try:
-            directory, file_name = self.library.location(name)
-        except OSError as exc:  # the file went or changed: not the adapter's fault, and maybe back later
-            logger.error("LoRA %s could not be read: %s", name, exc)
-            return GenerationFailed(f"LoRA '{name}' could not be read on the server")
+        directory, file_name = self.library.location(name)
         try:
             with warnings.catch_warnings():  # PEFT warns at each adapter after the first: several are the point
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 # By path, so diffusers reads the file's own metadata (lora_alpha, rslora, per-layer ranks).
                 self.pipe.load_lora_weights(directory, weight_name=file_name, adapter_name=name, local_files_only=True)
+            weights = take_weights(self._denoiser, name) if self._denoiser is not None else {}
             layers = [m for module in self._modules() for m in module.modules() if isinstance(m, LoraLayer)]
             holding = [layer for layer in layers if name in layer.lora_A]
-            if not holding:
+            if not holding and not weights:
                 raise ValueError("no layer of this model matches its weights (made for another model family?)")
             if any(name in layer.lora_variant for layer in holding) or any(
                 name in getattr(layer, "lora_embedding_A", {}) for layer in layers
             ):
                 raise ValueError("DoRA and embedding adapters are not served, only plain LoRA")
+            if self.slots is not None:
+                self.slots.check(weights)
         except Exception as exc:  # diffusers and PEFT raise ValueError, KeyError, RuntimeError (shapes) and more
-            self._forget(name)
             if is_oom(exc) or is_device_error(exc):
                 raise  # the engine's to handle (halves, restart); the adapter itself may be fine
-            reason = f"it does not fit this model: {_first_cause(exc)}"
-            self.library.refuse(name, reason)
-            return InvalidRequest(f"LoRA '{name}' cannot be used: {reason}", param="loras")
+            raise _DoesNotFit(f"it does not fit this model: {_first_cause(exc)}") from exc
+        self._layers = layers
+        logger.debug("read LoRA %s: %d text-encoder layers, %d denoiser layers", name, len(holding), len(weights))
+        return weights
+
+    def _load(self, name: str) -> PredictorError | None:
+        try:
+            weights = self._read(name)
+            if self.slots is not None:
+                slot = min(set(range(self.slots.capacity)) - set(self._slot_of.values()))
+                self.slots.write(slot, weights)
+                self._slot_of[name] = slot
+        except OSError as exc:  # the file went or changed: not the adapter's fault, and maybe back later
+            self._forget(name)
+            logger.error("LoRA %s could not be read: %s", name, exc)
+            return GenerationFailed(f"LoRA '{name}' could not be read on the server")
+        except _DoesNotFit as exc:
+            self._forget(name)
+            self.library.refuse(name, str(exc))
+            return InvalidRequest(f"LoRA '{name}' cannot be used: {exc}", param="loras")
+        except BaseException:
+            self._forget(name)
+            raise
         self._loaded[name] = None
         self.library.mark_loaded(name, True)
-        self._layers = layers
-        for layer in layers:
+        for layer in self._layers:
             # PEFT's own path stays off (the base layer's output as it is); the hook adds each row's adapters.
             layer.enable_adapters(False)
             if id(layer) not in self._hooked:
                 layer.register_forward_hook(self._add_rows, with_kwargs=True)
                 self._hooked.add(id(layer))
-        logger.info("loaded LoRA %s into %d layers", name, len(holding))
+        where = f"slot {self._slot_of[name]}" if name in self._slot_of else "the model"
+        logger.info("loaded LoRA %s into %s", name, where)
         return None
 
     def _forget(self, name: str) -> None:
-        """Take out whatever a failed load left behind."""
+        """Take out whatever a load left behind (all of it after a failure; the text encoders' part after a probe)."""
         with contextlib.suppress(Exception):  # nothing of it was loaded
             self.pipe.delete_adapters([name])
+        if self._denoiser is not None:
+            self._denoiser.unload_lora()  # no PEFT layer stays in a denoiser with slots: its compiled modules back
 
     def _unload(self, name: str) -> None:
         with warnings.catch_warnings():  # PEFT says which adapter it makes active instead: none is, here
             warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
             self.pipe.delete_adapters([name])
         del self._loaded[name]
+        self._slot_of.pop(name, None)  # the next adapter in the slot overwrites all of it
         self.library.mark_loaded(name, False)
         for layer in self._layers:
             layer.enable_adapters(False)
         logger.info("unloaded LoRA %s (--max_loaded_loras %d)", name, self.max_loaded)
 
     @contextmanager
-    def rows(self, sets: list[LoraSet]) -> Iterator[None]:
+    def rows(self, sets: list[LoraSet], denoiser: bool = True) -> Iterator[None]:
         """Apply ``sets[i]`` to row i of the calls made inside, each row's adapters in its own order. Rows with the
-        same adapters should be next to each other: each run of them is one slice of every LoRA layer's input."""
+        same adapters should be next to each other: each run of them is one slice of every LoRA layer's input.
+        ``denoiser=False`` around text encoding leaves the denoiser's slots as they are (on CUDA a step may be
+        reading them)."""
         plan: list[tuple[int, int | None, LoraSet]] = []
         start = 0
         for index in range(1, len(sets) + 1):
@@ -309,10 +388,15 @@ class LoraAdapters:
                     plan.append((start, None if (start, index) == (0, len(sets)) else index, sets[start]))
                 start = index
         self._plan = plan
+        slots = self.slots if denoiser else None
+        if slots is not None:
+            slots.set_rows([[(self._slot_of[name], scale) for name, scale in loras] for loras in sets])
         try:
             yield
         finally:
             self._plan = []
+            if slots is not None:
+                slots.active = False
 
     def _add_rows(self, layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         """PEFT's LoRA term for each block of rows and each of its adapters, as PEFT's forward adds it after
@@ -338,7 +422,11 @@ class LoraAdapters:
         return output
 
 
-def _first_cause(exc: Exception) -> str:
+class _DoesNotFit(Exception):
+    """An adapter that does not fit the model (another family's or architecture's, or a kind not served)."""
+
+
+def _first_cause(exc: BaseException) -> str:
     """One line of a load error: the first shape mismatch of torch's list (another architecture's adapter)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
     return next((line for line in lines if line.startswith("size mismatch")), lines[0])[:300]

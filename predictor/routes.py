@@ -448,7 +448,8 @@ def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool 
     @router.get("/v1/models/{model_name}/loras", tags=["Discovery"], responses={404: _error("Unknown model")})
     async def loras(model_name: str) -> dict[str, Any]:
         """The LoRA adapters a request may name in 'loras' (the server's --lora_dir): each with its size and
-        whether it can be used (the reason when not), those in the model now, and the limits."""
+        whether it can be used (the reason when not), those in the model now, and the limits; ``slots`` says the
+        model holds them in --compile's fixed slots (an image waits for a free one)."""
         if model_name != model.name:
             raise ModelNotFound(model_name)
         library = model.adapters
@@ -459,6 +460,9 @@ def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool 
             "max_loras_per_request": model.limits.max_loras_per_request,
             "max_lora_scale": MAX_LORA_SCALE,
             "batching": model.settings.engine.lora_batching,
+            # How many adapters the model holds at once; with --compile a hard bound (fixed slots).
+            "max_loaded": model.settings.engine.max_loaded_loras,
+            "slots": model.settings.engine.compile,
         }
 
     @router.get("/livez", tags=["Health"], responses={503: _error("The GPU or the worker failed; restart the pod")})

@@ -4,6 +4,9 @@
 - Admission: first come, first served within a batch key, while the key holds fewer than ``max_batch_size``
   jobs that are admitted or running. A job therefore waits only for the jobs ahead of it with its own key.
 - Batches: keys take turns step by step (round-robin), so no key can starve another.
+- An ``AdapterLimit`` (--compile with LoRA adapters: a fixed number of slots) admits a job only while the jobs
+  holding batch slots name no more distinct adapters than there are. A job that must wait for one holds back the
+  adapter jobs behind it, so a busy adapter cannot starve it; jobs without adapters go on.
 - Deadlines and cancellations are reaped once per engine iteration; ``drain`` empties everything on shutdown.
 
 Only the engine's worker thread changes what the scheduler holds, except ``add``, which any thread may call; so
@@ -13,7 +16,7 @@ Only the engine's worker thread changes what the scheduler holds, except ``add``
 from __future__ import annotations
 
 import collections
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from predictor.jobs import Job, JobState
@@ -41,10 +44,17 @@ class Reaped:
         return bool(self.cancelled or self.expired_waiting or self.expired_running)
 
 
+@dataclass(frozen=True)
+class AdapterLimit:
+    names: Callable[[Job], frozenset[Hashable]]  # the adapters a job needs while it denoises
+    capacity: int  # distinct adapters that can be in use at once
+
+
 class BatchScheduler:
-    def __init__(self, max_batch_size: int, max_queue: int) -> None:
+    def __init__(self, max_batch_size: int, max_queue: int, adapter_limit: AdapterLimit | None = None) -> None:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        self.adapter_limit = adapter_limit
         self.waiting: collections.deque[Job] = collections.deque()
         self.in_flight: list[Job] = []  # admitted, running or decoding, in admission order
         self._turns: collections.deque[Hashable] = collections.deque()
@@ -80,18 +90,28 @@ class BatchScheduler:
 
     def admit(self) -> list[Job]:
         """Move waiting jobs into free batch slots, in arrival order within each batch key."""
-        slots = collections.Counter(job.batch_key for job in self.in_flight if job.state in _HOLDS_SLOT)
+        holding = [job for job in self.in_flight if job.state in _HOLDS_SLOT]
+        slots = collections.Counter(job.batch_key for job in holding)
+        limit = self.adapter_limit
+        in_use: set[Hashable] = {name for job in holding for name in limit.names(job)} if limit is not None else set()
+        held_back = False  # a job waits for adapter room: adapter jobs behind it wait too
         admitted: list[Job] = []
         kept: collections.deque[Job] = collections.deque()
         for job in self.waiting:
-            if slots[job.batch_key] < self.max_batch_size:
-                slots[job.batch_key] += 1
-                job.move_to(JobState.ADMITTED)
-                admitted.append(job)
-                if job.batch_key not in self._turns:
-                    self._turns.append(job.batch_key)
-            else:
+            if slots[job.batch_key] >= self.max_batch_size:
                 kept.append(job)
+                continue
+            if limit is not None and (names := limit.names(job)):
+                if held_back or len(in_use | names) > limit.capacity:
+                    held_back = True
+                    kept.append(job)
+                    continue
+                in_use |= names
+            slots[job.batch_key] += 1
+            job.move_to(JobState.ADMITTED)
+            admitted.append(job)
+            if job.batch_key not in self._turns:
+                self._turns.append(job.batch_key)
         self.waiting = kept
         self.in_flight.extend(admitted)
         return admitted

@@ -171,17 +171,22 @@ def test_batching_modes_share_calls_as_they_say(sd_dirs: tuple[Path, Path], batc
     assert sum(counted) == 3 * 2 * 3  # three guided images (two rows each), three steps
 
 
-@pytest.mark.parametrize(
-    ("build", "cls"), [(build_tiny_sdxl, StableDiffusionXLPipeline), (build_tiny_flux_dev, FluxPipeline)]
-)
-def test_sdxl_and_flux_adapters_equal_diffusers(build, cls, tmp_path: Path) -> None:
-    pipe = build()
+def _with_two_adapters(pipe, tmp_path: Path, cls):
+    """``pipe`` on disk with two adapters (style: rank 4 with text-encoder weights; light: rank 2), loaded with them
+    in --lora_dir; and diffusers' own pipelines (plain, adapted)."""
     model, loras = tmp_path / "model", tmp_path / "loras"
     pipe.save_pretrained(model, safe_serialization=True)
     save_random_lora(pipe, loras, "style", seed=5, text_encoders=True)
     save_random_lora(pipe, loras, "light", seed=6, rank=2, alpha=2)
     loaded = load_pipeline(str(model), "not/used", None, "cpu", "float32", lora_dir=str(loras))
-    plain, adapted = _references(model, loras, cls, ["style", "light"])
+    return loaded, *_references(model, loras, cls, ["style", "light"])
+
+
+@pytest.mark.parametrize(
+    ("build", "cls"), [(build_tiny_sdxl, StableDiffusionXLPipeline), (build_tiny_flux_dev, FluxPipeline)]
+)
+def test_sdxl_and_flux_adapters_equal_diffusers(build, cls, tmp_path: Path) -> None:
+    loaded, plain, adapted = _with_two_adapters(build(), tmp_path, cls)
     traits = loaded.traits
     common = {"num_inference_steps": 3, "guidance_scale": traits.default_guidance_scale}
     cases = [
@@ -289,6 +294,7 @@ def test_every_protocol_takes_loras_on_a_server(sd_dirs: tuple[Path, Path], tmp_
         assert [entry["name"] for entry in listed["loras"]] == ["ink", "style"]
         assert all(entry["available"] for entry in listed["loras"])
         assert (listed["max_loras_per_request"], listed["batching"]) == (4, "mixed")
+        assert (listed["max_loaded"], listed["slots"]) == (8, False)
 
         generated = httpx.post(f"{base}/generate", json=body, timeout=60)
         assert generated.status_code == 200, generated.text
@@ -339,13 +345,93 @@ def test_every_protocol_takes_loras_on_a_server(sd_dirs: tuple[Path, Path], tmp_
         assert stop_server(process) == 0
 
 
-def test_adapters_with_compile_stop_the_start_with_why(capsys) -> None:
+def test_compile_needs_a_slot_for_every_adapter_a_request_may_name(capsys) -> None:
     from predictor.config import parse_settings
 
     with pytest.raises(SystemExit) as exited:
-        parse_settings(["--lora_dir", "/tmp", "--compile"])
+        parse_settings(["--lora_dir", "/tmp", "--compile", "--max_loaded_loras", "2"])
     assert exited.value.code == 2
-    assert "--lora_dir cannot be used with --compile yet" in capsys.readouterr().err
+    assert "--max_loras_per_request (4) must not exceed it (2)" in capsys.readouterr().err
+    flags = ["--lora_dir", "/tmp", "--compile", "--max_loaded_loras", "2", "--max_loras_per_request", "2"]
+    _, settings = parse_settings(flags)
+    assert settings.engine.compile and settings.engine.max_loaded_loras == 2
+
+
+def _save_with_nan(source: Path, target: Path) -> None:
+    """``source``'s adapter with one weight NaN (and its metadata kept)."""
+    from safetensors import safe_open
+
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = handle.metadata()
+    weights = load_file(str(source))
+    first = next(key for key in weights if key.startswith("unet."))
+    weights[first][0, 0] = float("nan")
+    save_file(weights, str(target), metadata=metadata)
+
+
+def test_compiled_denoiser_swaps_adapters_in_its_slots_without_recompiling(
+    sd_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--compile: three adapters (ranks 4, 2 and 8; one with text-encoder weights) through two slots. Every image,
+    alone and in batches that mix adapters, equals diffusers'; loading and swapping adapters compiles nothing after
+    warm-up; the UNet keeps the very modules it was compiled with. Adapters that do not fit, or hold a NaN (which
+    would reach every row of a slotted call), are refused at start with the reason."""
+    from peft.tuners.lora import LoraLayer
+
+    model, good = sd_dirs
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    for name in ("style", "ink"):
+        (loras / f"{name}.safetensors").write_bytes((good / f"{name}.safetensors").read_bytes())
+    save_random_lora(build_tiny(), loras, "wide", seed=9, rank=8, alpha=4)
+    save_random_lora(build_tiny_sdxl(), loras, "xl", seed=7, rank=1)
+    _save_with_nan(good / "style.safetensors", loras / "spoilt.safetensors")
+    loaded = load_pipeline(str(model), "not/used", None, "cpu", "float32", lora_dir=str(loras))
+    plain, adapted = _references(model, loras, StableDiffusionPipeline, ["style", "ink", "wide"])
+    sets = [
+        [{"name": "style"}],
+        [],
+        [{"name": "ink", "scale": 0.8}],
+        [{"name": "wide", "scale": -0.7}],
+        [{"name": "style", "scale": 0.5}, {"name": "ink", "scale": 1.5}],
+        [{"name": "wide"}],
+    ]
+    cases = [
+        _resolved(loaded, prompt=f"p{i}", seed=i, num_inference_steps=3, **({"loras": chosen} if chosen else {}))
+        for i, chosen in enumerate(sets)
+    ]
+    modules = dict(loaded.pipe.unet.named_modules())
+    config = {"compile": True, "compile_backend": "eager", "max_loaded_loras": 2, "max_batch_size": 4}
+    with running_engine(loaded, **config) as engine:
+        after_warmup = engine.runner.compiled_graphs()
+        reasons = {entry["name"]: entry.get("reason", "") for entry in loaded.loras.describe()}
+        assert "does not fit this model" in reasons["xl"] and "not all finite" in reasons["spoilt"]
+        alone = [pixels(engine.generate(case, timeout=120).image) for case in cases]
+        together = [pixels(future.result(timeout=120).image) for future in engine.submit(cases)]
+        assert engine.runner.compiled_graphs() == after_warmup, "an adapter load or swap compiled a graph"
+        assert len(engine.runner.adapters.loaded) == 2
+    assert dict(loaded.pipe.unet.named_modules()) == modules
+    assert not any(isinstance(module, LoraLayer) for module in loaded.pipe.unet.modules())
+    for case, one, batched in zip(cases, alone, together, strict=True):
+        want = _expected(plain, adapted, case)
+        assert np.abs(one - want).max() <= TOLERANCE and np.abs(batched - want).max() <= TOLERANCE
+
+
+def test_compiled_flux_transformer_takes_adapters_in_slots(tmp_path: Path) -> None:
+    loaded, plain, adapted = _with_two_adapters(build_tiny_flux_dev(), tmp_path, FluxPipeline)
+    loaded.pipe.default_sample_size = 8  # saved to disk, FLUX's native size is its pipeline's 1024: compile at 64
+    common = {"num_inference_steps": 2, "guidance_scale": loaded.traits.default_guidance_scale}
+    cases = [
+        _resolved(loaded, prompt="a", seed=1, loras=[{"name": "style", "scale": 0.7}], **common),
+        _resolved(loaded, prompt="b", seed=2, **common),
+        _resolved(loaded, prompt="c", seed=3, loras=[{"name": "light"}, {"name": "style", "scale": 1.2}], **common),
+    ]
+    with running_engine(loaded, compile=True, compile_backend="eager", max_batch_size=4) as engine:
+        after_warmup = engine.runner.compiled_graphs()
+        got = [pixels(future.result(timeout=120).image) for future in engine.submit(cases)]
+        assert engine.runner.compiled_graphs() == after_warmup
+    for case, image in zip(cases, got, strict=True):
+        assert np.abs(image - _expected(plain, adapted, case)).max() <= TOLERANCE
 
 
 def test_image_jobs_take_adapters_as_diffusers_image_pipelines_do(sd_dirs: tuple[Path, Path]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from predictor.jobs import IllegalTransition, Job, JobState
-from predictor.scheduler import BatchScheduler, QueueFull
+from predictor.scheduler import AdapterLimit, BatchScheduler, QueueFull
 from predictor.testing import params
 
 SMALL, LARGE = (64, 64), (128, 128)
@@ -51,6 +51,27 @@ def test_admission_is_first_come_first_served_up_to_the_batch_size_per_key() -> 
     admitted[0].move_to(JobState.FINISHED)
     scheduler.retire()
     assert names(start(scheduler)) == ["s3"], "the next in arrival order takes the freed slot"
+
+
+def test_adapter_slots_admit_no_more_adapters_than_they_hold_and_starve_nobody() -> None:
+    """Two slots (--compile): a job whose adapter finds no slot waits, and adapter jobs behind it wait too, even
+    for an adapter in use (else a busy adapter could keep it out for ever); jobs without adapters go on."""
+    adapters = {"a1": "a", "b1": "b", "c1": "c", "plain": "", "a2": "a", "a3": "a"}
+
+    def needs(each: Job) -> frozenset:
+        return frozenset(filter(None, [adapters[each.params.prompt]]))
+
+    scheduler = BatchScheduler(max_batch_size=8, max_queue=10, adapter_limit=AdapterLimit(needs, capacity=2))
+    scheduler.add([job("a1"), job("b1"), job("c1"), job("plain"), job("a2")])
+    a1, b1, plain = start(scheduler)
+    assert names([a1, b1, plain]) == ["a1", "b1", "plain"]
+    assert names(list(scheduler.waiting)) == ["c1", "a2"], "a2 waits behind c1 though a is in use"
+    a1.move_to(JobState.DECODING)  # a decoding job needs its adapter no more
+    scheduler.add([job("a3")])
+    assert names(start(scheduler)) == ["c1"], "b and c now: the a jobs wait for a slot"
+    b1.move_to(JobState.FINISHED)
+    scheduler.retire()
+    assert names(start(scheduler)) == ["a2", "a3"]
 
 
 def test_decoding_jobs_free_their_batch_slot() -> None:

@@ -26,9 +26,10 @@ from PIL import Image
 
 from predictor.config import EngineConfig
 from predictor.errors import GenerationFailed, PredictorError
-from predictor.jobs import Job
+from predictor.jobs import Job, JobState
 from predictor.lora import LoraAdapters
 from predictor.pipeline import LoadedPipeline, set_timesteps
+from predictor.scheduler import AdapterLimit
 from predictor.schemas import GenerationParams, kept_steps
 
 logger = logging.getLogger(__name__)
@@ -318,6 +319,13 @@ class ModelRunner(ABC):
             for tensor in _cuda_tensors(held):
                 tensor.record_stream(main)
 
+    def adapter_limit(self) -> AdapterLimit | None:
+        """With --compile, adapters live in --max_loaded_loras fixed slots: the scheduler admits no more distinct
+        adapters at once (the others wait their turn in the queue)."""
+        if self.adapters is None or not self.config.compile:
+            return None
+        return AdapterLimit(lambda job: frozenset(name for name, _ in job.params.loras), self.config.max_loaded_loras)
+
     def job_key(self, params: GenerationParams) -> Hashable:
         """The engine's batch key: the family's, and with --lora_batching grouped the adapters and their scales."""
         key = self.batch_key(params)
@@ -330,7 +338,8 @@ class ModelRunner(ABC):
         whose adapter does not fit the model raises its 400 (the engine then prepares the others one by one)."""
         if self.adapters is None:
             return
-        live = [job.params.loras for job in self._adapter_jobs if not job.finished]
+        # Jobs that will still call the denoiser; a decoding job needs its adapters no more.
+        live = [job.params.loras for job in self._adapter_jobs if job.state in (JobState.ADMITTED, JobState.RUNNING)]
         failed = self.adapters.ensure([job.params.loras for job in jobs], in_use=live)
         for job in jobs:
             for name, _ in job.params.loras:
@@ -347,7 +356,7 @@ class ModelRunner(ABC):
             groups.setdefault(job.params.loras, []).append(job)
         conditioning: dict[Job, tuple[Conditioning, Conditioning | None]] = {}
         for loras, group in groups.items():
-            with self.adapters.rows([loras]):
+            with self.adapters.rows([loras], denoiser=False):
                 conditioning.update(zip(group, self.encode(group), strict=True))
         return [conditioning[job] for job in jobs]
 

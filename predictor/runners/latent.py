@@ -204,9 +204,22 @@ class LatentRunner(ModelRunner):
             config.compile_mode == "reduce-overhead" or config.compile_backend == "cudagraphs"
         )
         max_rows = self.guided_rows() * config.max_batch_size
+        # Dynamo guards on requires_grad, and PEFT turns it off when it adds layers: off from the start.
+        self.loaded.denoiser.requires_grad_(False)
+        slots = None
+        if self.adapters is not None:  # adapters in fixed slots, so loading one never changes a compiled module
+            self.adapters.install_slots(self.loaded.denoiser, max_rows)
+            slots = self.adapters.slots
         denoiser = CompiledDenoiser(self.denoiser_module, config, max_rows=max_rows, cuda_graphs=cuda_graphs)
         decoder = CompiledDecoder(self.vae.decode, config)
-        denoiser_compile_s, denoiser_sizes_s = denoiser.warm_up(self.example_inputs, self._synchronize)
+        denoiser_compile_s = denoiser_sizes_s = 0.0
+        for active in slots.variants() if slots is not None else (False,):
+            if slots is not None:
+                slots.active = active  # with and without adapter rows: both graphs before the first request
+            compile_s, sizes_s = denoiser.warm_up(self.example_inputs, self._synchronize)
+            denoiser_compile_s, denoiser_sizes_s = denoiser_compile_s + compile_s, denoiser_sizes_s + sizes_s
+        if slots is not None:
+            slots.active = False
         decoder_started = time.perf_counter()
         vae = self.vae
         size = self.loaded.native_size // self.pipe.vae_scale_factor
