@@ -49,6 +49,8 @@ def take_weights(denoiser: torch.nn.Module, name: str) -> dict[str, LayerWeights
         for layer_name, layer in denoiser.named_modules():
             if not isinstance(layer, LoraLayer) or name not in layer.lora_A:
                 continue
+            if name in getattr(layer, "lora_embedding_A", {}):
+                raise ValueError(f"{layer_name}: embedding adapters are not served, only plain LoRA")
             if name in getattr(layer, "lora_variant", {}):
                 raise ValueError(f"{layer_name}: DoRA adapters are not served, only plain LoRA")
             base = layer.get_base_layer()

@@ -4,8 +4,8 @@
 - Admission: first come, first served within a batch key, while the key holds fewer than ``max_batch_size``
   jobs that are admitted or running. A job therefore waits only for the jobs ahead of it with its own key.
 - Batches: keys take turns step by step (round-robin), so no key can starve another.
-- An ``AdapterLimit`` (--compile with LoRA adapters: a fixed number of slots) admits a job only while the jobs
-  holding batch slots name no more distinct adapters than there are. A job that must wait for one holds back the
+- An ``AdapterLimit`` (--compile with LoRA adapters: a fixed number of slots) admits a job only while the unfinished
+  jobs name no more distinct adapters than there are. A job that must wait for one holds back the
   adapter jobs behind it, so a busy adapter cannot starve it; jobs without adapters go on.
 - Deadlines and cancellations are reaped once per engine iteration; ``drain`` empties everything on shutdown.
 
@@ -93,7 +93,9 @@ class BatchScheduler:
         holding = [job for job in self.in_flight if job.state in _HOLDS_SLOT]
         slots = collections.Counter(job.batch_key for job in holding)
         limit = self.adapter_limit
-        in_use: set[Hashable] = {name for job in holding for name in limit.names(job)} if limit is not None else set()
+        # Adapters of every unfinished job, decoding ones too (the runner keeps those until they are answered).
+        in_flight = [job for job in self.in_flight if not job.finished]
+        in_use: set[Hashable] = {name for job in in_flight for name in limit.names(job)} if limit is not None else set()
         held_back = False  # a job waits for adapter room: adapter jobs behind it wait too
         admitted: list[Job] = []
         kept: collections.deque[Job] = collections.deque()

@@ -66,7 +66,10 @@ def test_adapter_slots_admit_no_more_adapters_than_they_hold_and_starve_nobody()
     a1, b1, plain = start(scheduler)
     assert names([a1, b1, plain]) == ["a1", "b1", "plain"]
     assert names(list(scheduler.waiting)) == ["c1", "a2"], "a2 waits behind c1 though a is in use"
-    a1.move_to(JobState.DECODING)  # a decoding job needs its adapter no more
+    a1.move_to(JobState.DECODING)  # its last step may still be reading its slot: a stays in use until answered
+    assert start(scheduler) == []
+    a1.move_to(JobState.FINISHED)
+    scheduler.retire()
     scheduler.add([job("a3")])
     assert names(start(scheduler)) == ["c1"], "b and c now: the a jobs wait for a slot"
     b1.move_to(JobState.FINISHED)

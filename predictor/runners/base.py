@@ -26,7 +26,7 @@ from PIL import Image
 
 from predictor.config import EngineConfig
 from predictor.errors import GenerationFailed, PredictorError
-from predictor.jobs import Job, JobState
+from predictor.jobs import Job
 from predictor.lora import LoraAdapters
 from predictor.pipeline import LoadedPipeline, set_timesteps
 from predictor.scheduler import AdapterLimit
@@ -338,8 +338,8 @@ class ModelRunner(ABC):
         whose adapter does not fit the model raises its 400 (the engine then prepares the others one by one)."""
         if self.adapters is None:
             return
-        # Jobs that will still call the denoiser; a decoding job needs its adapters no more.
-        live = [job.params.loras for job in self._adapter_jobs if job.state in (JobState.ADMITTED, JobState.RUNNING)]
+        # Unfinished jobs, decoding ones included: on CUDA a decoding job's last step may still be reading its slot.
+        live = [job.params.loras for job in self._adapter_jobs if not job.finished]
         failed = self.adapters.ensure([job.params.loras for job in jobs], in_use=live)
         for job in jobs:
             for name, _ in job.params.loras:
