@@ -426,7 +426,7 @@ class _DoesNotFit(Exception):
     """An adapter that does not fit the model (another family's or architecture's, or a kind not served)."""
 
 
-def _first_cause(exc: BaseException) -> str:
+def _first_cause(exc: Exception) -> str:
     """One line of a load error: the first shape mismatch of torch's list (another architecture's adapter)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
     return next((line for line in lines if line.startswith("size mismatch")), lines[0])[:300]

@@ -137,8 +137,8 @@ class DenoiserSlots:
                 raise ValueError(f"its {layer_name} weights are not the shape checked at start (file changed?)")
 
     def write(self, slot: int, weights: dict[str, LayerWeights]) -> None:
-        """Put an adapter's weights in slot ``slot``, zeros in its layers the adapter leaves alone."""
-        self.check(weights)
+        """Put an adapter's weights, already passed by ``check``, in slot ``slot``; zeros in the layers it leaves
+        alone."""
         for layer_name, layer in self._layers.items():
             rank = layer.slot_down.shape[0] // self.capacity
             start = slot * rank
@@ -154,13 +154,11 @@ class DenoiserSlots:
         """Each row's (slot, scale) pairs for the calls that follow; rows past the list get none."""
         if len(slots_per_row) > self.max_rows:
             raise ValueError(f"{len(slots_per_row)} rows, more than the {self.max_rows} the slots were made for")
+        self.active = any(slots_per_row)
+        if not self.active:  # the graph without adapter terms reads no scale: no copy to the device
+            return
         host = self._host_scales.zero_()
         for row, pairs in enumerate(slots_per_row):
             for slot, scale in pairs:
                 host[row, slot] += scale
         self.scales.copy_(host)
-        self.active = any(slots_per_row)
-
-    def variants(self) -> tuple[bool, bool]:
-        """The values of ``active`` the compiled graphs must be warmed up with."""
-        return (False, True)

@@ -90,12 +90,11 @@ class BatchScheduler:
 
     def admit(self) -> list[Job]:
         """Move waiting jobs into free batch slots, in arrival order within each batch key."""
-        holding = [job for job in self.in_flight if job.state in _HOLDS_SLOT]
-        slots = collections.Counter(job.batch_key for job in holding)
+        slots = collections.Counter(job.batch_key for job in self.in_flight if job.state in _HOLDS_SLOT)
         limit = self.adapter_limit
         # Adapters of every unfinished job, decoding ones too (the runner keeps those until they are answered).
-        in_flight = [job for job in self.in_flight if not job.finished]
-        in_use: set[Hashable] = {name for job in in_flight for name in limit.names(job)} if limit is not None else set()
+        unfinished = [job for job in self.in_flight if not job.finished]
+        in_use: set[Hashable] = {n for job in unfinished for n in limit.names(job)} if limit is not None else set()
         held_back = False  # a job waits for adapter room: adapter jobs behind it wait too
         admitted: list[Job] = []
         kept: collections.deque[Job] = collections.deque()

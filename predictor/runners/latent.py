@@ -213,9 +213,10 @@ class LatentRunner(ModelRunner):
         denoiser = CompiledDenoiser(self.denoiser_module, config, max_rows=max_rows, cuda_graphs=cuda_graphs)
         decoder = CompiledDecoder(self.vae.decode, config)
         denoiser_compile_s = denoiser_sizes_s = 0.0
-        for active in slots.variants() if slots is not None else (False,):
+        # With slots, the graphs with and without adapter rows (dynamo guards on ``active``), both before serving.
+        for active in (False, True) if slots is not None else (False,):
             if slots is not None:
-                slots.active = active  # with and without adapter rows: both graphs before the first request
+                slots.active = active
             compile_s, sizes_s = denoiser.warm_up(self.example_inputs, self._synchronize)
             denoiser_compile_s, denoiser_sizes_s = denoiser_compile_s + compile_s, denoiser_sizes_s + sizes_s
         if slots is not None:
