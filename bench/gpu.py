@@ -72,7 +72,7 @@ class Bare:
     def __init__(self, options: argparse.Namespace):
         import torch
 
-        from predictor.pipeline import load_pipeline, make_scheduler
+        from predictor.loading import load_pipeline, make_scheduler
 
         self.options = options
         self.torch = torch

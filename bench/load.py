@@ -124,7 +124,7 @@ def measure_server(
 def measure_diffusers(options: argparse.Namespace) -> dict[str, float]:
     import torch
 
-    from predictor.pipeline import load_pipeline
+    from predictor.loading import load_pipeline
 
     loaded = load_pipeline(None, options.model_id, None)
     pipe = loaded.pipe

@@ -40,8 +40,8 @@ from load import measure_server
 def make_adapters(model_id: str, directory: Path, count: int, rank: int) -> list[str]:
     import torch
 
-    from predictor.builtin import BUILTIN_PREFIX, build_builtin
-    from predictor.pipeline import resolve_device
+    from predictor.families import BUILTIN_PREFIX, build_builtin
+    from predictor.loading import resolve_device
     from predictor.testing import save_random_lora
 
     device = resolve_device("auto")
@@ -59,8 +59,8 @@ def measure_swaps(model_id: str, directory: Path, names: list[str], rounds: int)
     call swaps: into --compile's slots, then eagerly into PEFT's layers. Also how much memory the slots take."""
     import torch
 
+    from predictor.loading import LoadedPipeline, load_pipeline
     from predictor.lora import LoraAdapters
-    from predictor.pipeline import LoadedPipeline, load_pipeline
 
     def fresh() -> LoadedPipeline:
         return load_pipeline(None, model_id, None, lora_dir=str(directory))

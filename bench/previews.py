@@ -19,7 +19,7 @@ import tempfile
 import time
 from statistics import median
 
-from predictor.pipeline import load_pipeline, load_preview_vae
+from predictor.loading import load_pipeline, load_preview_vae
 from predictor.testing import params, running_engine
 
 

@@ -16,7 +16,7 @@ import statistics
 
 import torch
 
-from predictor.pipeline import load_pipeline
+from predictor.loading import load_pipeline
 
 
 def main() -> None:

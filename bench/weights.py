@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from predictor.pipeline import load_pipeline
+from predictor.loading import load_pipeline
 from predictor.weights import plan, stage
 
 # The pickle each component's loader would write (what older repositories hold beside the safetensors).

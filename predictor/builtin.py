@@ -29,7 +29,6 @@ All are seeded, so the same builtin is the same pipeline in every process.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,7 +59,6 @@ from transformers import (
     T5TokenizerFast,
 )
 
-BUILTIN_PREFIX = "builtin:"
 _SEED = 0
 
 # The scheduler config CompVis/stable-diffusion-v1-4 ships. DDIM and friends read these fields:
@@ -599,63 +597,3 @@ def build_sd35_medium_arch(device: torch.device, dtype: torch.dtype) -> StableDi
         pos_embed_max_size=384,
         dual_attention_layers=tuple(range(13)),
     )
-
-
-_TINY: dict[str, Callable[[], DiffusionPipeline]] = {
-    "tiny": build_tiny,
-    "tiny-sd2": build_tiny_sd2,
-    "tiny-inpaint": build_tiny_inpaint,
-    "tiny-sdxl": build_tiny_sdxl,
-    "tiny-sdxl-inpaint": build_tiny_sdxl_inpaint,
-    "tiny-flux": build_tiny_flux,
-    "tiny-flux-dev": build_tiny_flux_dev,
-    "tiny-sd3": build_tiny_sd3,
-}
-_FULL_SIZE: dict[str, Callable[[torch.device, torch.dtype], DiffusionPipeline]] = {
-    "sd-v1-arch": build_sd_v1_arch,
-    "sd2-arch": build_sd2_arch,
-    "sdxl-arch": build_sdxl_arch,
-    "flux-arch": build_flux_arch,
-    "flux-schnell-arch": build_flux_schnell_arch,
-    "sd35-arch": build_sd35_arch,
-    "sd35-medium-arch": build_sd35_medium_arch,
-}
-BUILTINS = (*_TINY, *_FULL_SIZE)
-_CLASS_NAMES = {
-    **dict.fromkeys(("tiny", "tiny-sd2", "sd-v1-arch", "sd2-arch"), StableDiffusionPipeline.__name__),
-    "tiny-inpaint": StableDiffusionInpaintPipeline.__name__,
-    **dict.fromkeys(("tiny-sdxl", "sdxl-arch"), StableDiffusionXLPipeline.__name__),
-    "tiny-sdxl-inpaint": StableDiffusionXLInpaintPipeline.__name__,
-    **dict.fromkeys(("tiny-flux", "tiny-flux-dev", "flux-arch", "flux-schnell-arch"), FluxPipeline.__name__),
-    **dict.fromkeys(("tiny-sd3", "sd35-arch", "sd35-medium-arch"), StableDiffusion3Pipeline.__name__),
-}
-assert set(_CLASS_NAMES) == set(BUILTINS)
-
-
-def builtin_class_name(name: str) -> str:
-    """The pipeline class a builtin builds (its family), known before building it."""
-    if name not in _CLASS_NAMES:
-        choices = ", ".join(BUILTIN_PREFIX + known for known in BUILTINS)
-        raise ValueError(f"unknown builtin model '{BUILTIN_PREFIX}{name}'; choose one of {choices}")
-    return _CLASS_NAMES[name]
-
-
-def _in_eval_mode(pipe: DiffusionPipeline) -> DiffusionPipeline:
-    """Models made from a config start in training mode, where T5's dropout makes every call differ; loaded ones
-    start in eval mode, as these must."""
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    return pipe
-
-
-def build_builtin(name: str, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
-    if name in _TINY:
-        pipe = _TINY[name]()
-        if dtype != torch.float32:  # built in float32; cast only when asked to
-            pipe.to(dtype=dtype)
-        return _in_eval_mode(pipe.to(device))
-    if name in _FULL_SIZE:
-        return _in_eval_mode(_FULL_SIZE[name](device, dtype))
-    choices = ", ".join(BUILTIN_PREFIX + known for known in BUILTINS)
-    raise ValueError(f"unknown builtin model '{BUILTIN_PREFIX}{name}'; choose one of {choices}")

@@ -17,6 +17,7 @@ from typing import Any
 
 from predictor import metrics
 from predictor.config import EngineConfig
+from predictor.device import is_device_error, is_device_failure, is_oom
 from predictor.errors import (
     DeadlineExceeded,
     DeviceFailed,
@@ -28,16 +29,8 @@ from predictor.errors import (
     WorkerStopped,
 )
 from predictor.jobs import GenerationResult, Job, JobState, ProgressCallback
-from predictor.pipeline import LoadedPipeline
-from predictor.runners import ModelRunner, make_runner
-from predictor.runners.base import (
-    Decoded,
-    PendingDecode,
-    PendingPreview,
-    is_device_error,
-    is_device_failure,
-    is_oom,
-)
+from predictor.loading import LoadedPipeline
+from predictor.runner import Decoded, DiffusionRunner, PendingDecode, PendingPreview
 from predictor.scheduler import BatchScheduler, QueueFull, Reaped
 
 logger = logging.getLogger(__name__)
@@ -54,11 +47,13 @@ def create_engine(
     loaded: LoadedPipeline, config: EngineConfig, clock: Callable[[], float] = time.monotonic
 ) -> GenerationEngine:
     """An engine with the runner of the loaded pipeline's family."""
-    return GenerationEngine(make_runner(loaded, config), config, clock)
+    return GenerationEngine(DiffusionRunner(loaded, config), config, clock)
 
 
 class GenerationEngine:
-    def __init__(self, runner: ModelRunner, config: EngineConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, runner: DiffusionRunner, config: EngineConfig, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.runner = runner
         self.config = config
         self._clock = clock  # for deadlines and image times (tests pass their own)
@@ -161,7 +156,7 @@ class GenerationEngine:
         now = self._clock()
         timeout_s = self.config.request_timeout_s if timeout_s is None else timeout_s
         deadline = now + timeout_s if timeout_s else None
-        jobs = [Job(p, self.runner.job_key(p), now, deadline, on_progress, counted) for p in params]
+        jobs = [Job(p, self.runner.batch_key(p), now, deadline, on_progress, counted) for p in params]
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down; retry on another replica")

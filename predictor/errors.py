@@ -102,3 +102,7 @@ class WorkerStopped(PredictorError):
 
     status_code = 503
     error_type = "worker_stopped"
+
+
+class LoadError(RuntimeError):
+    """The model could not be loaded; the message says why and what to do."""

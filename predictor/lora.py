@@ -73,7 +73,7 @@ class LoraLibrary:
         self._scan()
 
     def _scan(self) -> None:
-        from predictor.pipeline import LoadError
+        from predictor.errors import LoadError
 
         if not self.directory.is_dir():
             raise LoadError(f"--lora_dir '{self.directory}' is not a directory")
@@ -183,22 +183,11 @@ class LoraLibrary:
         return str(real.parent), real.name
 
 
-class _NoEmptyComponentWarning(logging.Filter):
-    """diffusers warns about every component an adapter leaves alone (most adapters touch no text encoder)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No LoRA keys associated to")
-
-
 class LoraAdapters:
     """Adapters in the pipeline's denoiser and text encoders, applied per row (the worker thread's). With
     ``install_slots`` (--compile) the denoiser's adapters live in fixed slots instead (``predictor.lora_slots``)."""
 
     def __init__(self, pipe: Any, library: LoraLibrary, max_loaded: int) -> None:
-        for name in ("diffusers.loaders.peft", "diffusers.loaders.lora_base"):
-            quiet = logging.getLogger(name)
-            if not any(isinstance(f, _NoEmptyComponentWarning) for f in quiet.filters):
-                quiet.addFilter(_NoEmptyComponentWarning())
         self.pipe = pipe
         self.library = library
         self.max_loaded = max_loaded
@@ -298,8 +287,8 @@ class LoraAdapters:
         are; the caller takes out what a failed load left behind (``_forget``)."""
         from peft.tuners.lora import LoraLayer
 
+        from predictor.device import is_device_error, is_oom
         from predictor.lora_slots import take_weights
-        from predictor.runners.base import is_device_error, is_oom
 
         directory, file_name = self.library.location(name)
         try:

@@ -41,7 +41,7 @@ from predictor.schemas import (
 
 if TYPE_CHECKING:  # torch and diffusers are imported by load(), so the HTTP listener can come up before them
     from predictor.engine import GenerationEngine
-    from predictor.pipeline import LoadedPipeline
+    from predictor.loading import LoadedPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class DiffusionModel(Model):
 
     def _load(self) -> bool:
         from predictor.engine import create_engine
-        from predictor.pipeline import LoadError
+        from predictor.errors import LoadError
 
         started = time.perf_counter()
         self._load_started_at = time.monotonic()
@@ -391,7 +391,7 @@ def _json_object(body: bytes) -> Any:
 
 
 def _load_from_settings(settings: Settings) -> LoadedPipeline:
-    from predictor.pipeline import load_pipeline
+    from predictor.loading import load_pipeline
 
     source = settings.source
     return load_pipeline(

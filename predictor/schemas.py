@@ -154,6 +154,9 @@ class ModelTraits:
     # img2img and inpainting defaults as diffusers' pipelines for the family set them (SD 0.8 and 1, FLUX and SD3 0.6)
     default_strength: dict[str, float] = field(default_factory=lambda: {"img2img": 0.8, "inpaint": 1.0})
     image_schedulers: tuple[str, ...] = ()  # those that can start from an image (FLUX and SD3: scale_noise)
+    # img2img strength rounding: SD's keeps int(steps * strength) steps, the flow pipelines start at
+    # int(steps - steps * strength) (kept_steps)
+    strength_rounded_from_start: bool = False
 
     def takes(self, name: str) -> bool:
         return name in self.fields or (name in ("prompt_2", "negative_prompt_2") and self.second_text_encoder)
@@ -608,7 +611,7 @@ def resolve(
         if traits.max_image_size is not None and size > traits.max_image_size:
             raise refuse(name, f"must be at most {traits.max_image_size}: the model's position embedding ends there")
     steps = request.num_inference_steps or limits.default_steps
-    if image is not None and kept_steps(steps, strength, traits.family in ("flux", "sd3")) < 1:
+    if image is not None and kept_steps(steps, strength, traits.strength_rounded_from_start) < 1:
         raise refuse("strength", f"leaves no step of {steps}: strength x num_inference_steps must be at least 1")
     scheduler = request.scheduler or limits.default_scheduler
     if scheduler == "auto":

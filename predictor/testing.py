@@ -143,26 +143,25 @@ def decode_image(data: bytes) -> np.ndarray:
     return pixels(Image.open(io.BytesIO(data)))
 
 
-def diffusers_image(pipe: Any, p: GenerationParams, max_sequence_length: int | None = None, **extra: Any) -> np.ndarray:
-    """What diffusers' own ``pipe(...)`` makes for ``p``: the same arguments, the named scheduler made by diffusers'
-    ``from_config`` from the pipeline's config, ``generator=torch.Generator("cpu").manual_seed(seed)``; ``extra``
-    goes to the call as it is (a step callback)."""
-    import torch
+def reference_scheduler(pipe: Any, name: str) -> Any:
+    """The scheduler a user would set on diffusers' own pipeline for the server's scheduler ``name``, from the
+    pipeline's own scheduler config. Spelled out here, not taken from the server's registries, so a wrong override
+    there shows in the equivalence tests."""
     from diffusers import (
+        DDIMScheduler,
         DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
         FlowMatchEulerDiscreteScheduler,
         FlowMatchHeunDiscreteScheduler,
-        FluxPipeline,
-        StableDiffusion3Pipeline,
+        LCMScheduler,
+        LMSDiscreteScheduler,
+        PNDMScheduler,
         UniPCMultistepScheduler,
     )
 
-    from predictor.pipeline import SCHEDULERS
-
-    original = pipe.scheduler
-    if isinstance(pipe, FluxPipeline | StableDiffusion3Pipeline):
-        # Spelled out here, not taken from the server's registry, so a wrong override there shows.
-        config = original.config
+    config = pipe.scheduler.config
+    if getattr(pipe, "transformer", None) is not None:  # the flow-matching pipelines
         flow = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": config.get("shift", 1.0)}
         made = {
             "euler": lambda: FlowMatchEulerDiscreteScheduler.from_config(config),
@@ -172,17 +171,39 @@ def diffusers_image(pipe: Any, p: GenerationParams, max_sequence_length: int | N
             ),
             "unipc": lambda: UniPCMultistepScheduler.from_config(config, **flow),
         }
-        pipe.scheduler = made[p.scheduler]()
-    else:
-        scheduler_class, overrides = SCHEDULERS[p.scheduler]
-        pipe.scheduler = scheduler_class.from_config(original.config, **overrides)
+        return made[name]()
+    dpm = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+    made = {
+        "dpmpp_2m": lambda: DPMSolverMultistepScheduler.from_config(config, **dpm),
+        "dpmpp_2m_karras": lambda: DPMSolverMultistepScheduler.from_config(config, **dpm, use_karras_sigmas=True),
+        "euler": lambda: EulerDiscreteScheduler.from_config(config),
+        "euler_a": lambda: EulerAncestralDiscreteScheduler.from_config(config),
+        "ddim": lambda: DDIMScheduler.from_config(config),
+        "pndm": lambda: PNDMScheduler.from_config(config, skip_prk_steps=True),
+        "lms": lambda: LMSDiscreteScheduler.from_config(config),
+        "unipc": lambda: UniPCMultistepScheduler.from_config(config),
+        "lcm": lambda: LCMScheduler.from_config(config),
+    }
+    return made[name]()
+
+
+def diffusers_image(pipe: Any, p: GenerationParams, max_sequence_length: int | None = None, **extra: Any) -> np.ndarray:
+    """What diffusers' own ``pipe(...)`` makes for ``p``: the same arguments, the named scheduler made by diffusers'
+    ``from_config`` from the pipeline's config, ``generator=torch.Generator("cpu").manual_seed(seed)``; ``extra``
+    goes to the call as it is (a step callback)."""
+    import inspect
+
+    import torch
+
+    original = pipe.scheduler
+    pipe.scheduler = reference_scheduler(pipe, p.scheduler)
     # Only the texts given: SDXL's second prompts exist on SDXL alone, and LCM's pipeline takes no negative prompt.
     texts: dict[str, Any] = {
         name: getattr(p, name)
         for name in ("negative_prompt", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3")
         if getattr(p, name) is not None
     }
-    if isinstance(pipe, FluxPipeline):
+    if "true_cfg_scale" in inspect.signature(pipe.__call__).parameters:  # FLUX's: 1 (off) unless asked
         texts["true_cfg_scale"] = p.true_cfg_scale
     if max_sequence_length is not None:
         texts["max_sequence_length"] = max_sequence_length
@@ -208,16 +229,8 @@ def diffusers_image_job(pipe: Any, p: GenerationParams) -> np.ndarray:
     generator."""
     import torch
 
-    from predictor.pipeline import FLOW_SCHEDULERS, SCHEDULERS
-
     original = pipe.scheduler
-    flow = getattr(pipe, "transformer", None) is not None
-    if flow:
-        flow_class, flow_overrides = FLOW_SCHEDULERS[p.scheduler]
-        pipe.scheduler = flow_class.from_config(original.config, **flow_overrides(original.config))
-    else:
-        scheduler_class, overrides = SCHEDULERS[p.scheduler]
-        pipe.scheduler = scheduler_class.from_config(original.config, **overrides)
+    pipe.scheduler = reference_scheduler(pipe, p.scheduler)
     arguments: dict[str, Any] = {
         "prompt": p.prompt,
         "image": p.image,
@@ -228,6 +241,7 @@ def diffusers_image_job(pipe: Any, p: GenerationParams) -> np.ndarray:
     }
     if p.negative_prompt is not None:
         arguments["negative_prompt"] = p.negative_prompt
+    flow = getattr(pipe, "transformer", None) is not None
     if p.mask is not None or flow:  # SD's and SDXL's img2img pipelines take no size
         arguments.update(height=p.height, width=p.width)
     if p.mask is not None:

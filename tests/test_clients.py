@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from predictor.pipeline import SCHEDULERS
+from predictor.families.sd import UNET_SCHEDULERS as SCHEDULERS
 from predictor.schemas import FAMILY_FIELDS
 from predictor.testing import decode_image, free_port, metric, start_server, stop_server, wait_ready, wait_until
 

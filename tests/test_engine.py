@@ -16,11 +16,12 @@ import torch
 from torch._dynamo.utils import counters
 
 from predictor import metrics
+from predictor.compiled import CompiledDenoiser, batch_buckets
 from predictor.config import EngineConfig
 from predictor.errors import DeadlineExceeded, OutOfMemory, Overloaded, WorkerStopped
-from predictor.pipeline import SCHEDULERS, LoadedPipeline, load_pipeline
-from predictor.runners.base import ModelRunner
-from predictor.runners.compiled import CompiledDenoiser, batch_buckets
+from predictor.families.sd import UNET_SCHEDULERS as SCHEDULERS
+from predictor.loading import LoadedPipeline, load_pipeline
+from predictor.runner import DiffusionRunner
 from predictor.testing import StepLog, diffusers_image, params, pixels, running_engine, wait_until
 
 TOLERANCE = 1
@@ -328,7 +329,7 @@ def test_compiled_engine_never_recompiles_after_warmup(tiny_model_dir, mode: str
         expected = [pixels(f.result(timeout=60).image) for f in engine.submit(jobs)]
     # dynamo's caches and counts are per process: start from a clean cache, count from here.
     torch._dynamo.reset()
-    before = ModelRunner.compiled_graphs()
+    before = DiffusionRunner.compiled_graphs()
     with (
         caplog.at_level("INFO"),
         running_engine(loaded, max_batch_size=4, compile=True, compile_backend="eager", compile_mode=mode) as engine,

@@ -29,13 +29,15 @@ from fastapi.testclient import TestClient
 from predictor.builtin import (
     SD_V1_SCHEDULER_CONFIG,
     SDXL_SCHEDULER_CONFIG,
-    build_builtin,
     build_tiny,
     build_tiny_sdxl,
 )
-from predictor.errors import InvalidRequest
+from predictor.errors import InvalidRequest, LoadError
+from predictor.families import FAMILIES, build_builtin
+from predictor.families.base import make_scheduler
+from predictor.families.sd import UNET_SCHEDULERS as SCHEDULERS
+from predictor.loading import LoadedPipeline, load_pipeline
 from predictor.model import DiffusionModel
-from predictor.pipeline import FAMILIES, SCHEDULERS, LoadedPipeline, LoadError, load_pipeline, make_scheduler
 from predictor.schemas import FAMILY_FIELDS, GenerationRequest, Limits, ModelTraits, resolve
 from predictor.server import PredictorServer
 from predictor.testing import (
@@ -211,7 +213,7 @@ def test_sdxl_float16_vae_decodes_in_float32_like_diffusers(tiny_sdxl_dir) -> No
     loaded = load_pipeline(str(tiny_sdxl_dir), "not/used", None, "cpu", "float16")
     p = params(seed=11, num_inference_steps=3)
     with running_engine(loaded) as engine:
-        assert engine.runner.vae.dtype == torch.float32 and loaded.pipe.unet.dtype == torch.float16
+        assert engine.runner.model.vae.dtype == torch.float32 and loaded.pipe.unet.dtype == torch.float16
         assert loaded.pipe.vae.dtype == torch.float16, "the pipeline object stays as loaded"
         served = pixels(engine.generate(p).image)
     reference = _reference(tiny_sdxl_dir, StableDiffusionXLPipeline, torch.float16)
@@ -284,13 +286,14 @@ def test_schedulers_are_made_as_diffusers_makes_them_without_a_warning_per_reque
     base = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG, sigma_min=0.0292, sigma_max=14.6146)
     with caplog.at_level("WARNING"):
         for name, (cls, overrides) in SCHEDULERS.items():
-            ours, theirs = make_scheduler(name, base.config), cls.from_config(base.config, **overrides)
+            ours = make_scheduler(SCHEDULERS, name, base.config)
+            theirs = cls.from_config(base.config, **overrides(base.config))
             assert dict(ours.config) == dict(theirs.config), name
             ours.set_timesteps(10), theirs.set_timesteps(10)
             assert torch.equal(ours.timesteps, theirs.timesteps), name
             if hasattr(theirs, "sigmas"):
                 assert torch.equal(ours.sigmas, theirs.sigmas), name
-    assert make_scheduler("dpmpp_2m_karras", base.config).sigmas[0] < 15, "the checkpoint's sigma_max holds"
+    assert make_scheduler(SCHEDULERS, "dpmpp_2m_karras", base.config).sigmas[0] < 15, "the checkpoint's sigma_max holds"
     assert not [r for r in caplog.records if "not expected" in r.getMessage()]
 
 
@@ -312,8 +315,9 @@ def test_unsupported_pipeline_class_is_refused_by_name(tmp_path: Path) -> None:
         load_pipeline(str(tmp_path), "not/used", None, "cpu", "float32")
     message = str(error.value)
     assert "PixArtAlphaPipeline" in message
-    for class_name in FAMILIES:
-        assert class_name in message
+    for family in FAMILIES:
+        for served in family.pipelines:
+            assert served.pipeline_class.__name__ in message
 
 
 def test_checkpoint_scheduler_config_carries_over_to_every_scheduler(tmp_path: Path) -> None:
@@ -322,24 +326,21 @@ def test_checkpoint_scheduler_config_carries_over_to_every_scheduler(tmp_path: P
     turbo = {**pipe.scheduler.config, "timestep_spacing": "trailing"}
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(turbo)
     for name in SCHEDULER_NAMES:
-        scheduler = make_scheduler(name, pipe.scheduler.config)
+        scheduler = make_scheduler(SCHEDULERS, name, pipe.scheduler.config)
         if "timestep_spacing" in scheduler.config:
             assert scheduler.config.timestep_spacing == "trailing", name
-    one_step = make_scheduler("euler_a", pipe.scheduler.config)
+    one_step = make_scheduler(SCHEDULERS, "euler_a", pipe.scheduler.config)
     one_step.set_timesteps(1)
     assert one_step.timesteps.tolist() == [999]  # trailing: a single step starts from pure noise
 
 
 def test_second_prompt_is_refused_for_a_family_without_a_second_encoder() -> None:
     request = GenerationRequest(prompt="a cat", prompt_2="a dog")
-    sd = FAMILIES["StableDiffusionPipeline"]
-
     with pytest.raises(InvalidRequest) as error:
-        resolve(request, Limits(), ModelTraits(sd.name, 512, sd.second_text_encoder), prefix="instances[0].")
+        resolve(request, Limits(), ModelTraits("sd", 512, second_text_encoder=False), prefix="instances[0].")
     assert error.value.param == "instances[0].prompt_2"
     assert "second text encoder" in error.value.message
-    sdxl = FAMILIES["StableDiffusionXLPipeline"]
-    resolved = resolve(request, Limits(), ModelTraits(sdxl.name, 1024, sdxl.second_text_encoder))
+    resolved = resolve(request, Limits(), ModelTraits("sdxl", 1024, second_text_encoder=True))
     assert (resolved.prompt_2, resolved.width) == ("a dog", 1024)
 
 

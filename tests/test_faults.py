@@ -15,8 +15,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from predictor.loading import load_pipeline
 from predictor.model import DiffusionModel
-from predictor.pipeline import load_pipeline
 from predictor.server import PredictorServer
 from predictor.testing import MODEL_NAME, make_settings, wait_until
 

@@ -14,11 +14,10 @@ import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
-from predictor.builtin import build_builtin, build_tiny_flux, build_tiny_flux_dev, build_tiny_sd3
-from predictor.config import EngineConfig
-from predictor.errors import InvalidRequest
-from predictor.pipeline import FAMILIES, LoadedPipeline, LoadError, load_pipeline, resolve_dtype, set_timesteps
-from predictor.runners import make_runner
+from predictor.builtin import build_tiny_flux, build_tiny_flux_dev, build_tiny_sd3
+from predictor.errors import InvalidRequest, LoadError
+from predictor.families import FAMILIES, build_builtin
+from predictor.loading import LoadedPipeline, load_pipeline, resolve_dtype
 from predictor.schemas import GenerationRequest, Limits, resolve
 from predictor.testing import (
     assert_alone_and_mixed_equal,
@@ -227,7 +226,7 @@ def test_flux_dev_takes_guidance_and_defaults_come_from_the_family() -> None:
 
 def test_flow_matching_families_default_to_bfloat16_on_cuda() -> None:
     cuda = torch.device("cuda")  # resolve_dtype only reads the device type: no GPU needed
-    families = {family.name: family for family in FAMILIES.values()}
+    families = {family.name: family for family in FAMILIES}
     assert resolve_dtype("auto", cuda, families["flux"]) == torch.bfloat16
     assert resolve_dtype("auto", cuda, families["sd3"]) == torch.bfloat16
     assert resolve_dtype("auto", cuda, families["sdxl"]) == torch.float16
@@ -337,12 +336,12 @@ def test_flux_schedule_starts_at_its_first_step_when_a_strong_shift_repeats_it(f
     """FLUX.1-dev's shift at 2048 px squeezes DPM-Solver's first integer timesteps together; the pipeline starts
     at index 0 (set_begin_index(0)), and so must each job, or it fails at its last step."""
     loaded = _load(flux_dev_dir)
-    runner = make_runner(loaded, EngineConfig())
+    model = loaded.model
     for name in ("dpmpp_2m", "unipc"):
-        scheduler = runner.make_scheduler(name)
-        set_timesteps(loaded, scheduler, 60, 2048, 2048, torch.device("cpu"))
+        scheduler = model.make_scheduler(name)
+        model.set_timesteps(scheduler, 60, 2048, 2048)
         assert scheduler.timesteps[0] == scheduler.timesteps[1], "the case this test is about"
-        runner.set_first_step(scheduler)
+        model.set_first_step(scheduler)
         sample = torch.zeros(1, 4, 16)
         for t in scheduler.timesteps:  # every step, as the engine takes them
             sample = scheduler.step(torch.zeros_like(sample), t, sample, return_dict=False)[0]

@@ -37,7 +37,8 @@ from predictor.builtin import (
     build_tiny_sdxl_inpaint,
 )
 from predictor.errors import InvalidRequest
-from predictor.pipeline import SCHEDULERS, load_pipeline
+from predictor.families.sd import UNET_SCHEDULERS as SCHEDULERS
+from predictor.loading import load_pipeline
 from predictor.schemas import GenerationRequest, Limits, resolve
 from predictor.testing import (
     StepLog,
@@ -375,10 +376,10 @@ def test_compiled_unet_takes_image_jobs_without_recompiling(tiny_model_dir: Path
 
 def test_four_channel_inpainting_steps_are_not_host_free(tiny_model_dir: Path) -> None:
     from predictor.config import EngineConfig
-    from predictor.runners import make_runner
+    from predictor.runner import DiffusionRunner
 
     loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
-    runner = make_runner(loaded, EngineConfig())
+    runner = DiffusionRunner(loaded, EngineConfig())
     runner.device_runs_ahead = True  # as on CUDA
     image, mask = _png(_picture(64, 64)), _png(_mask(64, 64))
     text = _resolved(loaded, prompt="a", scheduler="euler")
@@ -552,10 +553,7 @@ def test_sdxl_checkpoint_with_aesthetic_conditioning_is_refused_at_load(tmp_path
     pipe = build_tiny_sdxl_inpaint()
     pipe.register_to_config(requires_aesthetics_score=True)
     pipe.save_pretrained(tmp_path, safe_serialization=True)
-    loaded = load_pipeline(str(tmp_path), "not/used", None, "cpu", "float32")
-    from predictor.config import EngineConfig
-    from predictor.pipeline import LoadError
-    from predictor.runners import make_runner
+    from predictor.errors import LoadError
 
     with pytest.raises(LoadError, match="aesthetic score"):
-        make_runner(loaded, EngineConfig())
+        load_pipeline(str(tmp_path), "not/used", None, "cpu", "float32")

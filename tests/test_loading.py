@@ -14,8 +14,9 @@ import torch
 from fastapi.testclient import TestClient
 
 from predictor.config import parse_settings
+from predictor.errors import LoadError
+from predictor.loading import describe_source, load_pipeline, resolve_dtype
 from predictor.model import DiffusionModel
-from predictor.pipeline import LoadError, describe_source, load_pipeline, resolve_dtype
 from predictor.server import PredictorServer
 from predictor.testing import MODEL_NAME, make_settings
 

@@ -16,8 +16,8 @@ from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPi
 from safetensors.torch import load_file, save_file
 
 from predictor.builtin import build_tiny, build_tiny_flux_dev, build_tiny_sdxl
-from predictor.errors import InvalidRequest
-from predictor.pipeline import LoadError, load_pipeline
+from predictor.errors import InvalidRequest, LoadError
+from predictor.loading import load_pipeline
 from predictor.schemas import GenerationRequest, Limits, resolve
 from predictor.testing import (
     assert_alone_and_mixed_equal,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from predictor.jobs import Job
-from predictor.pipeline import load_pipeline
+from predictor.loading import load_pipeline
 from predictor.testing import (
     decode_image,
     diffusers_image,
@@ -74,10 +74,10 @@ def test_the_preview_map_follows_the_vae() -> None:
     """At the last step the preview of the final latents resembles the decoded picture averaged over each
     latent's pixels (a wrong channel order or a missing bias would not)."""
     from predictor.config import EngineConfig
-    from predictor.runners import make_runner
+    from predictor.runner import DiffusionRunner
 
     loaded = load_pipeline(None, "builtin:tiny", None, "cpu", "float32")
-    runner = make_runner(loaded, EngineConfig())
+    runner = DiffusionRunner(loaded, EngineConfig())
     with torch.inference_mode():
         latents = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(5))
         decoded = runner.decode(latents).float()
@@ -180,7 +180,7 @@ def test_a_tiny_vae_decodes_full_size_previews_of_the_pipelines_own_latents(
     from diffusers import AutoencoderTiny
     from diffusers.image_processor import VaeImageProcessor
 
-    from predictor.builtin import build_builtin
+    from predictor.families import build_builtin
 
     tiny_dir = _tiny_autoencoder(tmp_path / "taesd")
     loaded = load_pipeline(None, f"builtin:{model}", None, "cpu", "float32", preview_vae_dir=str(tiny_dir))
@@ -230,7 +230,7 @@ def test_a_tiny_vae_decodes_full_size_previews_of_the_pipelines_own_latents(
 def test_a_preview_vae_that_does_not_fit_stops_the_load_with_why(tmp_path: Path) -> None:
     from diffusers import AutoencoderKL
 
-    from predictor.pipeline import LoadError
+    from predictor.errors import LoadError
 
     wide = _tiny_autoencoder(tmp_path / "taef1", latent_channels=16)
     with pytest.raises(LoadError, match="16-channel latents, but this model's have 4"):

@@ -85,7 +85,7 @@ setattr(owner, name, held)
 
 
 def start_held_server(
-    tmp_path: Path, port: int, *flags: str, hold: str = "predictor.pipeline.load_pipeline"
+    tmp_path: Path, port: int, *flags: str, hold: str = "predictor.loading.load_pipeline"
 ) -> tuple[subprocess.Popen, Path, Path]:
     """A server whose ``hold`` (``module.function`` or ``module.Class:method``) waits until the returned release
     file exists; returned once /livez answers."""
@@ -145,7 +145,7 @@ def test_listener_is_live_but_not_ready_while_the_model_loads(tmp_path: Path) ->
 
 @pytest.mark.parametrize(
     "hold",
-    ["predictor.pipeline.load_pipeline", "predictor.runners.base.ModelRunner:predict_noise"],
+    ["predictor.loading.load_pipeline", "predictor.runner.DiffusionRunner:predict_noise"],
     ids=["loading-weights", "warming-up"],
 )
 def test_sigterm_while_loading_exits_cleanly(tmp_path: Path, hold: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from predictor.pipeline import load_pipeline
+from predictor.loading import load_pipeline
 from predictor.testing import params, pixels, running_engine, save_hub_like_repository
 from predictor.weights import choose_variant, needed_files, plan, stage
 

@@ -1,4 +1,5 @@
-"""Stable Diffusion XL (base 1.0, SDXL-Turbo and fine-tunes): two CLIP text encoders and size conditioning.
+"""Stable Diffusion XL (base 1.0, SDXL-Turbo and fine-tunes, inpainting checkpoints): two CLIP text encoders and
+size conditioning.
 
 The specification it matches row for row is diffusers' ``StableDiffusionXLPipeline.__call__``:
 
@@ -12,6 +13,8 @@ The specification it matches row for row is diffusers' ``StableDiffusionXLPipeli
   in different batch groups);
 - a float16 VAE with ``force_upcast`` (SDXL's own VAE overflows in float16) decodes in float32; the fp16-fixed
   VAE some checkpoints ship has ``force_upcast: false`` and stays in float16.
+
+Image jobs follow ``StableDiffusionXLImg2ImgPipeline`` and ``StableDiffusionXLInpaintPipeline``.
 """
 
 from __future__ import annotations
@@ -21,24 +24,39 @@ import logging
 from typing import Any
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers import StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
 
-from predictor.config import EngineConfig
+from predictor import builtin
+from predictor.errors import LoadError
+from predictor.families.base import Builtin, Encoded, Family, Loaded, ServedPipeline, truncated, vae_posterior_sample
+from predictor.families.sd import UNetModel
 from predictor.jobs import Job
-from predictor.pipeline import LoadedPipeline, LoadError
-from predictor.runners.base import Conditioning
-from predictor.runners.stable_diffusion import UNetRunner, truncated
 
 logger = logging.getLogger(__name__)
 
 TIME_IDS = 6  # original size (2), crop coordinates (2), target size (2)
 
 
-class StableDiffusionXLRunner(UNetRunner):
-    def __init__(self, loaded: LoadedPipeline, config: EngineConfig) -> None:
-        super().__init__(loaded, config)
+def _per_channel(values: Any, latents: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values).view(1, latents.shape[1], 1, 1).to(latents.device, latents.dtype)
+
+
+class StableDiffusionXLModel(UNetModel):
+    # StableDiffusionXLImg2ImgPipeline's and StableDiffusionXLInpaintPipeline's defaults.
+    default_strength = {"img2img": 0.3, "inpaint": 0.9999}
+
+    def __init__(self, loaded: Loaded) -> None:
+        super().__init__(loaded)
         pipe = self.pipe
-        unet_config = pipe.unet.config
+        self._vae_encoder_float32: Any = None  # made on the first image job of a bfloat16 load
+        if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
+            # diffusers upcasts the VAE around each decode and casts it back; a float32 copy does that once (84M
+            # parameters: 0.3 GB) and leaves the pipeline object as loaded, for anyone else calling it.
+            self.vae = copy.deepcopy(pipe.vae).to(torch.float32)
+            logger.info("the VAE decodes in float32 (force_upcast: its float16 activations overflow)")
+
+    def check(self) -> None:
+        pipe = self.pipe
         if pipe.text_encoder_2 is None or not hasattr(pipe.text_encoder_2, "text_projection"):
             raise LoadError(
                 "an SDXL text-to-image checkpoint needs text_encoder_2 with a projection (the pooled embedding)"
@@ -50,18 +68,12 @@ class StableDiffusionXLRunner(UNetRunner):
             )
         # diffusers' _get_add_time_ids makes the same check per call; a checkpoint that fails it fails every request.
         expected = pipe.unet.add_embedding.linear_1.in_features
-        given = unet_config.addition_time_embed_dim * TIME_IDS + self._pooled_dim
+        given = pipe.unet.config.addition_time_embed_dim * TIME_IDS + self._pooled_dim
         if expected != given:
             raise LoadError(
                 f"the UNet's added embedding takes {expected} features, but the text encoder's projection and "
                 f"{TIME_IDS} time ids make {given}: the checkpoint's configs disagree"
             )
-        self._vae_encoder_float32: Any = None  # made on the first image job of a bfloat16 load
-        if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
-            # diffusers upcasts the VAE around each decode and casts it back; a float32 copy does that once (84M
-            # parameters: 0.3 GB) and leaves the pipeline object as loaded, for anyone else calling it.
-            self.vae = copy.deepcopy(pipe.vae).to(torch.float32)
-            logger.info("the VAE decodes in float32 (force_upcast: its float16 activations overflow)")
 
     @property
     def _pooled_dim(self) -> int:
@@ -70,6 +82,9 @@ class StableDiffusionXLRunner(UNetRunner):
     @property
     def latent_dtype(self) -> torch.dtype:
         return self.pipe.text_encoder_2.dtype
+
+    def prompt_windows(self) -> dict[str, int]:
+        return {"prompt": self.pipe.tokenizer.model_max_length, "prompt_2": self.pipe.tokenizer_2.model_max_length}
 
     def _encoders(self) -> list[tuple[Any, Any]]:
         pipe = self.pipe
@@ -91,10 +106,9 @@ class StableDiffusionXLRunner(UNetRunner):
             hidden.append(output.hidden_states[-2])
         return torch.cat(hidden, dim=-1).to(self.latent_dtype), pooled
 
-    def encode(self, jobs: list[Job]) -> list[tuple[Conditioning, Conditioning | None]]:
-        pipe = self.pipe
+    def encode_prompts(self, jobs: list[Job]) -> list[Encoded]:
         guided = [job for job in jobs if self.guided(job.params)]
-        zero_absent = bool(pipe.config.force_zeros_for_empty_prompt)
+        zero_absent = bool(self.pipe.config.force_zeros_for_empty_prompt)
         encoded_negative = [job for job in guided if not (zero_absent and job.params.negative_prompt is None)]
         firsts = [job.params.prompt for job in jobs]
         seconds = [job.params.prompt_2 or job.params.prompt for job in jobs]
@@ -104,7 +118,7 @@ class StableDiffusionXLRunner(UNetRunner):
             seconds.append(job.params.negative_prompt_2 or negative)
         embeds, pooled = self._encode_texts(firsts, seconds)
         negative_row = {id(job): len(jobs) + index for index, job in enumerate(encoded_negative)}
-        rows: list[tuple[Conditioning, Conditioning | None]] = []
+        rows: list[Encoded] = []
         for index, job in enumerate(jobs):
             p = job.params
             job.prompt_truncated = any(
@@ -114,7 +128,7 @@ class StableDiffusionXLRunner(UNetRunner):
             size = [p.height, p.width]
             time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=embeds.dtype, device=self.device)
             cond = self._row(embeds[index : index + 1], pooled[index : index + 1], time_ids)
-            cond = self._with_guidance_embedding(cond, [p.guidance_scale])
+            cond = self.with_guidance_embedding(cond, [p.guidance_scale])
             uncond = None
             if self.guided(p):
                 other = negative_row.get(id(job))
@@ -128,7 +142,7 @@ class StableDiffusionXLRunner(UNetRunner):
         return rows
 
     @staticmethod
-    def _row(hidden: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor) -> Conditioning:
+    def _row(hidden: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor) -> dict[str, Any]:
         return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
     def example_conditioning(self, rows: int) -> dict[str, Any]:
@@ -136,7 +150,7 @@ class StableDiffusionXLRunner(UNetRunner):
         zeros = {"device": self.device, "dtype": self.latent_dtype}
         example["added_cond_kwargs"] = {
             "text_embeds": torch.zeros((rows, self._pooled_dim), **zeros),
-            "time_ids": torch.full((rows, TIME_IDS), float(self.loaded.native_size), **zeros),
+            "time_ids": torch.full((rows, TIME_IDS), float(self.native_size), **zeros),
         }
         return example
 
@@ -150,32 +164,47 @@ class StableDiffusionXLRunner(UNetRunner):
             self._vae_encoder_float32 = copy.deepcopy(self.pipe.vae).to(torch.float32)
         return self._vae_encoder_float32
 
-    def _sample(
-        self, posterior: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator, inpainting: bool = False
+    def image_latents_from(
+        self, posterior: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator, *, inpainting: bool
     ) -> torch.Tensor:
         """StableDiffusionXLImg2ImgPipeline's image latents: sampled in the VAE's dtype (float32 when it upcasts),
         cast to the latents' dtype, then normalised (latents_mean and latents_std when the VAE has them; its
         inpainting pipeline only scales)."""
-        mean, std = posterior
-        draw = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        latents = (mean + std * draw).to(self.latent_dtype)
+        latents = vae_posterior_sample(posterior, generator).to(self.latent_dtype)
         config = self.vae.config
         means, stds = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
         if inpainting or means is None or stds is None:
             return config.scaling_factor * latents
-        channels = latents.shape[1]
-        mean_t = torch.tensor(means).view(1, channels, 1, 1).to(latents.device, latents.dtype)
-        std_t = torch.tensor(stds).view(1, channels, 1, 1).to(latents.device, latents.dtype)
-        return (latents - mean_t) * config.scaling_factor / std_t
+        return (latents - _per_channel(means, latents)) * config.scaling_factor / _per_channel(stds, latents)
 
-    def _scaled_for_vae(self, latents: torch.Tensor, dtype: torch.dtype, jobs: list[Job] | None = None) -> torch.Tensor:
-        vae = self.vae
+    def latents_for_vae(self, latents: torch.Tensor, dtype: torch.dtype, jobs: list[Job] | None = None) -> torch.Tensor:
+        config = self.vae.config
         latents = latents.to(dtype)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
         if mean is None or std is None:
-            return latents / vae.config.scaling_factor
+            return latents / config.scaling_factor
         # Checkpoints whose VAE latents are normalised (Playground v2.5's, for one).
-        channels = latents.shape[1]
-        mean_t = torch.tensor(mean).view(1, channels, 1, 1).to(latents.device, latents.dtype)
-        std_t = torch.tensor(std).view(1, channels, 1, 1).to(latents.device, latents.dtype)
-        return latents * std_t / vae.config.scaling_factor + mean_t
+        return latents * _per_channel(std, latents) / config.scaling_factor + _per_channel(mean, latents)
+
+
+FAMILY = Family(
+    name="sdxl",
+    model=StableDiffusionXLModel,
+    pipelines=(
+        ServedPipeline(
+            pipeline_class=StableDiffusionXLPipeline,
+            description="Stable Diffusion XL (SDXL-Turbo included)",
+            default_guidance_scale=5.0,
+        ),
+        ServedPipeline(
+            pipeline_class=StableDiffusionXLInpaintPipeline,
+            description="Stable Diffusion XL inpainting checkpoints",
+            default_guidance_scale=7.5,
+        ),
+    ),
+    builtins={
+        "tiny-sdxl": Builtin(StableDiffusionXLPipeline, builtin.build_tiny_sdxl),
+        "tiny-sdxl-inpaint": Builtin(StableDiffusionXLInpaintPipeline, builtin.build_tiny_sdxl_inpaint),
+        "sdxl-arch": Builtin(StableDiffusionXLPipeline, builtin.build_sdxl_arch, full_size=True),
+    },
+)

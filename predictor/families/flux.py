@@ -18,15 +18,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux import pipeline_flux
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from predictor import builtin
+from predictor.families.base import Builtin, Encoded, Family, Loaded, ServedPipeline, truncated
+from predictor.families.flow import FlowMatchingModel, TransformerCall
 from predictor.jobs import Job
-from predictor.runners.base import Conditioning
-from predictor.runners.flow_matching import FlowMatchingRunner, TransformerCall
-from predictor.runners.stable_diffusion import truncated
 from predictor.schemas import GenerationParams
+
+T5_TOKENS = 512  # FluxPipeline's default max_sequence_length
 
 
 def _call_flux(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor, **inputs: Any) -> Any:
@@ -43,13 +48,15 @@ def _call_flux(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor, 
     )
 
 
-class FluxRunner(FlowMatchingRunner):
+class FluxModel(FlowMatchingModel):
     image_size_factor = 2  # the image processor works in multiples of 16: the VAE's 8 and the 2x2 patches
+    inpaint_noises_at_full_strength = True
+    family_fields = frozenset({"true_cfg_scale"})
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, loaded: Loaded) -> None:
+        super().__init__(loaded)
         self._call = TransformerCall(self.pipe.transformer, _call_flux)
-        self._max_tokens = int(self.loaded.max_sequence_length or 512)
+        self._max_tokens = int(loaded.max_sequence_length or T5_TOKENS)
 
     @property
     def denoiser_module(self) -> torch.nn.Module:
@@ -60,8 +67,38 @@ class FluxRunner(FlowMatchingRunner):
         return self.pipe.text_encoder_2.dtype
 
     @property
+    def native_size(self) -> int:
+        # FluxPipeline fixes its default size (the builtins set a smaller one) rather than reading the transformer.
+        return int(self.pipe.default_sample_size) * self.pipe.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        return self.pipe.vae_scale_factor * 2  # latents packed in 2x2 patches
+
+    @property
     def _guidance_embedded(self) -> bool:
         return bool(self.pipe.transformer.config.guidance_embeds)
+
+    def guidance_kind(self) -> str:
+        # FLUX.1-dev takes the scale as an input of the transformer; FLUX.1-schnell takes none at all.
+        return "embedded" if self._guidance_embedded else "none"
+
+    def prompt_windows(self) -> dict[str, int]:
+        return {"prompt": self.pipe.tokenizer.model_max_length, "prompt_2": self._max_tokens}
+
+    def set_timesteps(self, scheduler: SchedulerMixin, steps: int, height: int, width: int) -> None:
+        """FluxPipeline's schedule: its own sigmas and a shift ``mu`` from the image's token count."""
+        config = scheduler.config
+        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+        tokens = (height // (self.pipe.vae_scale_factor * 2)) * (width // (self.pipe.vae_scale_factor * 2))
+        mu = pipeline_flux.calculate_shift(
+            tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        pipeline_flux.retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
 
     def guidance_scale(self, params: GenerationParams) -> float:
         return params.true_cfg_scale
@@ -81,7 +118,7 @@ class FluxRunner(FlowMatchingRunner):
         return torch.zeros(rows, self._max_tokens, 3, device=self.device, dtype=self.pipe.text_encoder.dtype)
 
     def native_row_shape(self) -> tuple[int, ...]:
-        size = self._latent_size(self.loaded.native_size) // 2
+        size = self._latent_size(self.native_size) // 2
         return (size * size, self.pipe.transformer.config.in_channels)
 
     def _encode_texts(self, clip_texts: list[str], t5_texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +134,7 @@ class FluxRunner(FlowMatchingRunner):
         sequences = pipe.text_encoder_2(ids_2.to(self.device), output_hidden_states=False)[0]
         return sequences.to(pipe.text_encoder_2.dtype), pooled.to(pipe.text_encoder.dtype)
 
-    def encode(self, jobs: list[Job]) -> list[tuple[Conditioning, Conditioning | None]]:
+    def encode_prompts(self, jobs: list[Job]) -> list[Encoded]:
         pipe = self.pipe
         # diffusers' rule: guidance against a negative prompt only with true_cfg_scale > 1 and a negative prompt.
         guided = [job for job in jobs if job.params.true_cfg_scale > 1 and job.params.negative_prompt is not None]
@@ -109,13 +146,13 @@ class FluxRunner(FlowMatchingRunner):
             t5_texts.append(job.params.negative_prompt_2 or negative)
         sequences, pooled = self._encode_texts(clip_texts, t5_texts)
         negative_row = {id(job): len(jobs) + index for index, job in enumerate(guided)}
-        rows: list[tuple[Conditioning, Conditioning | None]] = []
+        rows: list[Encoded] = []
         for index, job in enumerate(jobs):
             p = job.params
             job.prompt_truncated = truncated(pipe.tokenizer, p.prompt) or truncated(
                 pipe.tokenizer_2, p.prompt_2 or p.prompt, self._max_tokens
             )
-            shared: Conditioning = {"img_ids": self._image_ids(p.height, p.width), "txt_ids": self._text_ids()}
+            shared: dict[str, Any] = {"img_ids": self._image_ids(p.height, p.width), "txt_ids": self._text_ids()}
             if self._guidance_embedded:
                 shared["guidance"] = torch.full([1], p.guidance_scale, device=self.device, dtype=torch.float32)
             cond = {
@@ -132,8 +169,6 @@ class FluxRunner(FlowMatchingRunner):
                 }
             rows.append(({**cond, **shared}, uncond))
         return rows
-
-    inpaint_noises_at_full_strength = True
 
     def pack_mask(self, mask: torch.Tensor, channels: int) -> torch.Tensor:
         return self.pack(mask.repeat(1, channels, 1, 1))
@@ -157,7 +192,7 @@ class FluxRunner(FlowMatchingRunner):
         return self.pipe._unpack_latents(packed, p.height, p.width, self.pipe.vae_scale_factor)
 
     def example_inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        config, size = self.pipe.transformer.config, self.loaded.native_size
+        config, size = self.pipe.transformer.config, self.native_size
         zeros = {"device": self.device, "dtype": self.latent_dtype}
         sample = torch.zeros((rows, *self.native_row_shape()), **zeros)
         timesteps = torch.full((rows,), 500.0, **zeros)
@@ -170,3 +205,20 @@ class FluxRunner(FlowMatchingRunner):
         if self._guidance_embedded:
             inputs["guidance"] = torch.full((rows,), 3.5, device=self.device, dtype=torch.float32)
         return sample, timesteps, inputs
+
+
+FAMILY = Family(
+    name="flux",
+    model=FluxModel,
+    pipelines=(
+        ServedPipeline(pipeline_class=FluxPipeline, description="FLUX.1 (schnell and dev)", default_guidance_scale=3.5),
+    ),
+    cuda_dtype=torch.bfloat16,  # FLUX's activations overflow float16
+    long_text_tokens=T5_TOKENS,
+    builtins={
+        "tiny-flux": Builtin(FluxPipeline, builtin.build_tiny_flux),
+        "tiny-flux-dev": Builtin(FluxPipeline, builtin.build_tiny_flux_dev),
+        "flux-arch": Builtin(FluxPipeline, builtin.build_flux_arch, full_size=True),
+        "flux-schnell-arch": Builtin(FluxPipeline, builtin.build_flux_schnell_arch, full_size=True),
+    },
+)

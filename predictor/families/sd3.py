@@ -14,16 +14,24 @@ The specification it matches row for row is diffusers' ``StableDiffusion3Pipelin
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import StableDiffusion3Pipeline
+from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from predictor import builtin
+from predictor.families.base import Builtin, Encoded, Family, Loaded, ServedPipeline, truncated, with_negatives
+from predictor.families.flow import FlowMatchingModel, TransformerCall
 from predictor.jobs import Job
-from predictor.runners.base import Conditioning
-from predictor.runners.flow_matching import FlowMatchingRunner, TransformerCall
-from predictor.runners.stable_diffusion import truncated
+
+logger = logging.getLogger(__name__)
+
+T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
 
 
 def _call_sd3(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor, **inputs: Any) -> Any:
@@ -36,22 +44,70 @@ def _call_sd3(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor, *
     )
 
 
-class StableDiffusion3Runner(FlowMatchingRunner):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+class StableDiffusion3Model(FlowMatchingModel):
+    family_fields = frozenset({"prompt_3", "negative_prompt_3"})
+
+    def __init__(self, loaded: Loaded) -> None:
+        super().__init__(loaded)
         self._call = TransformerCall(self.pipe.transformer, _call_sd3)
-        self._max_tokens = int(self.loaded.max_sequence_length or 256)
+        self._max_tokens = int(loaded.max_sequence_length or T5_TOKENS)
+        if self.pipe.text_encoder_3 is None:
+            logger.info("%s has no T5 encoder (text_encoder_3): prompts condition it through CLIP only", loaded.source)
 
     @property
     def denoiser_module(self) -> torch.nn.Module:
         return self._call
 
     @property
-    def latent_dtype(self) -> torch.dtype:
-        return self.pipe.text_encoder.dtype
+    def size_multiple(self) -> int:
+        return self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size
+
+    @property
+    def max_image_size(self) -> int | None:
+        """SD3's position embedding ends at ``pos_embed_max_size`` patches a side."""
+        pos_embed = getattr(self.denoiser.config, "pos_embed_max_size", None)
+        return int(pos_embed) * self.size_multiple if pos_embed else None
+
+    def prompt_windows(self) -> dict[str, int]:
+        windows = {"prompt": self.pipe.tokenizer.model_max_length, "prompt_2": self.pipe.tokenizer_2.model_max_length}
+        if self.pipe.text_encoder_3 is not None:
+            windows["prompt_3"] = self._max_tokens
+        return windows
+
+    def taken_fields(self, windows: dict[str, int]) -> frozenset[str]:
+        return self.family_fields if "prompt_3" in windows else frozenset()
+
+    @classmethod
+    def absent_components(cls, index: dict[str, Any], source: str, local: bool) -> dict[str, None]:
+        """The T5 encoder when model_index.json has it null or the directory lacks its folder (left out to save
+        9.5 GB): diffusers runs without it when it is passed as None; any other missing component stays an error."""
+        if not local:
+            return {}
+        listed = index.get("text_encoder_3")
+        named = isinstance(listed, list | tuple) and bool(listed) and listed[0] is not None
+        if named and (Path(source) / "text_encoder_3" / "config.json").is_file():
+            return {}
+        logger.info("'%s' has no text_encoder_3: loading SD3 without its T5 encoder", source)
+        return {"text_encoder_3": None, "tokenizer_3": None}
+
+    def set_timesteps(self, scheduler: SchedulerMixin, steps: int, height: int, width: int) -> None:
+        """StableDiffusion3Pipeline's schedule: the checkpoint's shift, ``mu`` only with dynamic shifting."""
+        config, pipe = scheduler.config, self.pipe
+        kwargs = {}
+        if config.get("use_dynamic_shifting", None):
+            patch = pipe.transformer.config.patch_size
+            tokens = (height // pipe.vae_scale_factor // patch) * (width // pipe.vae_scale_factor // patch)
+            kwargs["mu"] = pipeline_stable_diffusion_3.calculate_shift(
+                tokens,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.16),
+            )
+        pipeline_stable_diffusion_3.retrieve_timesteps(scheduler, steps, self.device, sigmas=None, **kwargs)
 
     def native_row_shape(self) -> tuple[int, ...]:
-        size = self.loaded.native_size // self.pipe.vae_scale_factor
+        size = self.native_size // self.pipe.vae_scale_factor
         return (self.pipe.transformer.config.in_channels, size, size)
 
     def _clip(self, index: int, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,17 +129,19 @@ class StableDiffusion3Runner(FlowMatchingRunner):
         ).input_ids
         return pipe.text_encoder_3(ids.to(self.device))[0].to(pipe.text_encoder_3.dtype)
 
-    def encode(self, jobs: list[Job]) -> list[tuple[Conditioning, Conditioning | None]]:
+    def encode_prompts(self, jobs: list[Job]) -> list[Encoded]:
         pipe = self.pipe
         guided = [job for job in jobs if job.params.uses_guidance]
-        firsts = [job.params.prompt for job in jobs]
-        seconds = [job.params.prompt_2 or job.params.prompt for job in jobs]
-        thirds = [job.params.prompt_3 or job.params.prompt for job in jobs]
-        for job in guided:
-            negative = job.params.negative_prompt or ""
-            firsts.append(negative)
-            seconds.append(job.params.negative_prompt_2 or negative)
-            thirds.append(job.params.negative_prompt_3 or negative)
+        (firsts, seconds, thirds), negative_row = with_negatives(
+            jobs,
+            guided,
+            lambda p: (p.prompt, p.prompt_2 or p.prompt, p.prompt_3 or p.prompt),
+            lambda p: (
+                p.negative_prompt or "",
+                p.negative_prompt_2 or p.negative_prompt or "",
+                p.negative_prompt_3 or p.negative_prompt or "",
+            ),
+        )
         hidden_1, pooled_1 = self._clip(0, firsts)
         hidden_2, pooled_2 = self._clip(1, seconds)
         t5 = self._t5(thirds)
@@ -91,8 +149,7 @@ class StableDiffusion3Runner(FlowMatchingRunner):
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         sequences = torch.cat([clip, t5], dim=-2)
         pooled = torch.cat([pooled_1, pooled_2], dim=-1)
-        negative_row = {id(job): len(jobs) + index for index, job in enumerate(guided)}
-        rows: list[tuple[Conditioning, Conditioning | None]] = []
+        rows: list[Encoded] = []
         for index, job in enumerate(jobs):
             p = job.params
             job.prompt_truncated = (
@@ -117,7 +174,7 @@ class StableDiffusion3Runner(FlowMatchingRunner):
             rows.append((cond, uncond))
         return rows
 
-    def _scaled_for_vae(self, latents: torch.Tensor, dtype: torch.dtype, jobs: list[Job] | None = None) -> torch.Tensor:
+    def latents_for_vae(self, latents: torch.Tensor, dtype: torch.dtype, jobs: list[Job] | None = None) -> torch.Tensor:
         """StableDiffusion3InpaintPipeline decodes ``latents / scaling_factor`` without adding the VAE's shift (its
         text and img2img pipelines add it): inpainting rows get no shift, each row as its own pipeline decodes."""
         vae = self.vae.config
@@ -143,3 +200,23 @@ class StableDiffusion3Runner(FlowMatchingRunner):
             "pooled_projections": torch.zeros((rows, config.pooled_projection_dim), **zeros),
         }
         return sample, timesteps, inputs
+
+
+FAMILY = Family(
+    name="sd3",
+    model=StableDiffusion3Model,
+    pipelines=(
+        ServedPipeline(
+            pipeline_class=StableDiffusion3Pipeline,
+            description="Stable Diffusion 3 and 3.5 (medium, large, large-turbo)",
+            default_guidance_scale=7.0,
+        ),
+    ),
+    cuda_dtype=torch.bfloat16,  # trained and shipped in bfloat16
+    long_text_tokens=T5_TOKENS,
+    builtins={
+        "tiny-sd3": Builtin(StableDiffusion3Pipeline, builtin.build_tiny_sd3),
+        "sd35-arch": Builtin(StableDiffusion3Pipeline, builtin.build_sd35_arch, full_size=True),
+        "sd35-medium-arch": Builtin(StableDiffusion3Pipeline, builtin.build_sd35_medium_arch, full_size=True),
+    },
+)
