@@ -72,7 +72,7 @@ class Bare:
     def __init__(self, options: argparse.Namespace):
         import torch
 
-        from predictor.loading import load_pipeline, make_scheduler
+        from predictor.loading import load_pipeline
 
         self.options = options
         self.torch = torch
@@ -82,8 +82,7 @@ class Bare:
         # checkpoint's own flow-matching Euler and 3.5 for FLUX.1-dev, 7 for SD3.
         traits = self.loaded.traits
         options.scheduler, options.guidance = traits.default_scheduler, traits.default_guidance_scale
-        flow = self.loaded.family.flow_matching
-        self.pipe.scheduler = make_scheduler(options.scheduler, self.pipe.scheduler.config, flow_matching=flow)
+        self.pipe.scheduler = self.loaded.model.make_scheduler(options.scheduler)
         self.cuda = self.loaded.device.type == "cuda"
 
     def run(self, batch: int, steps: int) -> float:

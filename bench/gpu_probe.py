@@ -47,7 +47,7 @@ sys.argv = _argv
 mark("import kserve.model_server")
 from predictor.config import EngineConfig  # noqa: E402
 from predictor.engine import create_engine  # noqa: E402
-from predictor.loading import load_pipeline, make_scheduler  # noqa: E402
+from predictor.loading import load_pipeline  # noqa: E402
 from predictor.schemas import GenerationParams  # noqa: E402
 
 mark("import predictor")
@@ -107,7 +107,7 @@ def main() -> None:
     loaded = load_pipeline(options.model_dir, "unused", None)
     mark("load_pipeline from disk (device_map)")
     pipe = loaded.pipe
-    pipe.scheduler = make_scheduler("dpmpp_2m", pipe.scheduler.config)
+    pipe.scheduler = loaded.model.make_scheduler("dpmpp_2m")
 
     def bare(steps: int) -> float:
         sync()
