@@ -17,6 +17,7 @@ from typing import Any
 
 from predictor import metrics
 from predictor.config import EngineConfig
+from predictor.device import is_device_error, is_device_failure, is_oom
 from predictor.errors import (
     DeadlineExceeded,
     DeviceFailed,
@@ -30,14 +31,7 @@ from predictor.errors import (
 from predictor.jobs import GenerationResult, Job, JobState, ProgressCallback
 from predictor.pipeline import LoadedPipeline
 from predictor.runners import ModelRunner, make_runner
-from predictor.runners.base import (
-    Decoded,
-    PendingDecode,
-    PendingPreview,
-    is_device_error,
-    is_device_failure,
-    is_oom,
-)
+from predictor.runners.base import Decoded, PendingDecode, PendingPreview
 from predictor.scheduler import BatchScheduler, QueueFull, Reaped
 
 logger = logging.getLogger(__name__)

@@ -102,3 +102,8 @@ class WorkerStopped(PredictorError):
 
     status_code = 503
     error_type = "worker_stopped"
+
+
+class LoadError(RuntimeError):
+    """The model could not be loaded; the message says why and what to do. Not a request's error: the server
+    reports it at start and exits (or stays not ready)."""

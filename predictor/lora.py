@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from predictor.errors import GenerationFailed, InvalidRequest, PredictorError
+from predictor.errors import GenerationFailed, InvalidRequest, LoadError, PredictorError
 
 if TYPE_CHECKING:
     from predictor.lora_slots import DenoiserSlots
@@ -73,8 +73,6 @@ class LoraLibrary:
         self._scan()
 
     def _scan(self) -> None:
-        from predictor.pipeline import LoadError
-
         if not self.directory.is_dir():
             raise LoadError(f"--lora_dir '{self.directory}' is not a directory")
         root = self.directory.resolve()
@@ -298,8 +296,8 @@ class LoraAdapters:
         are; the caller takes out what a failed load left behind (``_forget``)."""
         from peft.tuners.lora import LoraLayer
 
+        from predictor.device import is_device_error, is_oom
         from predictor.lora_slots import take_weights
-        from predictor.runners.base import is_device_error, is_oom
 
         directory, file_name = self.library.location(name)
         try:

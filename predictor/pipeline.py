@@ -44,6 +44,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from predictor import weights
 from predictor.builtin import BUILTIN_PREFIX, build_builtin, builtin_class_name
+from predictor.errors import LoadError  # importable from here too, as before
 from predictor.schemas import SCHEDULER_NAMES, ModelTraits
 
 logger = logging.getLogger(__name__)
@@ -134,10 +135,6 @@ FAMILIES: dict[str, Family] = {
         ),
     )
 }
-
-
-class LoadError(RuntimeError):
-    """The model could not be loaded; the message says why and what to do."""
 
 
 def unsupported_class(class_name: str, source: str) -> LoadError:
