@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from predictor.errors import GenerationFailed, InvalidRequest, LoadError, PredictorError
+from predictor.schemas import LORA_NAME_PATTERN
 
 if TYPE_CHECKING:
     from predictor.lora_slots import DenoiserSlots
@@ -40,8 +41,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a file stem: no separators, nothing hidden
-_NAME = re.compile(NAME_PATTERN)
+_NAME = re.compile(LORA_NAME_PATTERN)
 
 # A request's adapters: (name, scale) in the order given (PEFT adds active adapters in that order).
 LoraSet = tuple[tuple[str, float], ...]
