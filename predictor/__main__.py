@@ -7,16 +7,13 @@ import os
 import sys
 
 from predictor.config import parse_settings
+from predictor.logs import install_log_filters
 
 
 def main(argv: list[str] | None = None) -> int:
     args, settings = parse_settings(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # transformers warns, once per class, that image processors fall back to PIL without torchvision; this
-    # server uses no torchvision backend, so the warning only reads like an error.
-    logging.getLogger("transformers.utils.import_utils").addFilter(
-        lambda record: "requires torchvision" not in record.getMessage()
-    )
+    install_log_filters()
     logger = logging.getLogger("predictor")
 
     if settings.engine.compile:

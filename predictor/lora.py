@@ -181,22 +181,11 @@ class LoraLibrary:
         return str(real.parent), real.name
 
 
-class _NoEmptyComponentWarning(logging.Filter):
-    """diffusers warns about every component an adapter leaves alone (most adapters touch no text encoder)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No LoRA keys associated to")
-
-
 class LoraAdapters:
     """Adapters in the pipeline's denoiser and text encoders, applied per row (the worker thread's). With
     ``install_slots`` (--compile) the denoiser's adapters live in fixed slots instead (``predictor.lora_slots``)."""
 
     def __init__(self, pipe: Any, library: LoraLibrary, max_loaded: int) -> None:
-        for name in ("diffusers.loaders.peft", "diffusers.loaders.lora_base"):
-            quiet = logging.getLogger(name)
-            if not any(isinstance(f, _NoEmptyComponentWarning) for f in quiet.filters):
-                quiet.addFilter(_NoEmptyComponentWarning())
         self.pipe = pipe
         self.library = library
         self.max_loaded = max_loaded

@@ -496,3 +496,28 @@ def test_malformed_loras_are_400s_naming_the_field(loras, param: str, words: str
     with pytest.raises(InvalidRequest, match=words) as error:
         parse_request({"prompt": "a", "loras": loras}, Limits())
     assert error.value.param == param and error.value.status_code == 400
+
+
+def test_third_party_noise_is_filtered_once_and_the_rest_passes() -> None:
+    """Warnings about nothing wrong (a scheduler per request from another class's config, every component an
+    adapter leaves alone, PIL without torchvision) are dropped; anything else those loggers say passes."""
+    import logging
+
+    from predictor.logs import install_log_filters
+
+    install_log_filters()
+    install_log_filters()  # twice: still one filter each
+    noisy = {
+        "diffusers.configuration_utils": "The config attributes {'clip_sample': False} were passed to "
+        "FlowMatchEulerDiscreteScheduler, but are not expected and will be ignored.",
+        "diffusers.loaders.peft": "No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'.",
+        "diffusers.loaders.lora_base": "No LoRA keys associated to CLIPTextModel found.",
+        "transformers.utils.import_utils": "CLIPImageProcessor requires torchvision; falling back to PIL",
+    }
+    for name, message in noisy.items():
+        logger = logging.getLogger(name)
+        assert sum(type(f).__name__ == "_DropMessages" for f in logger.filters) == 1, name
+        record = logger.makeRecord(name, logging.WARNING, __file__, 0, message, (), None)
+        assert not logger.filter(record), name
+        other = logger.makeRecord(name, logging.WARNING, __file__, 0, "something else went wrong", (), None)
+        assert logger.filter(other), name
