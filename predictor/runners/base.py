@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from PIL import Image
 from predictor.config import EngineConfig
 from predictor.errors import GenerationFailed, PredictorError
 from predictor.jobs import Job
-from predictor.lora import LoraAdapters
+from predictor.lora import RowAdapters
 from predictor.pipeline import LoadedPipeline, set_timesteps
 from predictor.scheduler import AdapterLimit
 from predictor.schemas import GenerationParams, kept_steps
@@ -154,10 +153,16 @@ class ModelRunner(ABC):
         self.device_runs_ahead = loaded.device.type == "cuda"
         self._prepare_stream: torch.cuda.Stream | None = None  # made on first use, on CUDA only
         self._step_kwarg_names: dict[type, frozenset[str]] = {}
-        self.adapters: LoraAdapters | None = None  # per-request LoRA adapters (--lora_dir)
+        self.adapters: RowAdapters | None = None  # per-request LoRA adapters (--lora_dir)
         if loaded.loras is not None:
-            self.adapters = LoraAdapters(loaded.pipe, loaded.loras, config.max_loaded_loras)
-        self._adapter_jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # jobs whose adapters must stay loaded
+            self.adapters = RowAdapters(
+                loaded.pipe,
+                loaded.denoiser,
+                loaded.loras,
+                max_loaded=config.max_loaded_loras,
+                slots=config.compile,  # --compile: the denoiser's adapters in fixed slots
+                grouped=config.lora_batching == "grouped",
+            )
 
     # ---- what a family defines ----------------------------------------------------------------
 
@@ -300,49 +305,20 @@ class ModelRunner(ABC):
                 tensor.record_stream(main)
 
     def adapter_limit(self) -> AdapterLimit | None:
-        """With --compile, adapters live in --max_loaded_loras fixed slots: the scheduler admits no more distinct
-        adapters at once (the others wait their turn in the queue)."""
-        if self.adapters is None or not self.config.compile:
-            return None
-        return AdapterLimit(lambda job: frozenset(name for name, _ in job.params.loras), self.config.max_loaded_loras)
+        """How many distinct LoRA adapters the scheduler may admit at once (--compile's slots); None: any."""
+        return None if self.adapters is None else self.adapters.admission_limit()
 
     def job_key(self, params: GenerationParams) -> Hashable:
         """The engine's batch key: the family's, and with --lora_batching grouped the adapters and their scales."""
         key = self.batch_key(params)
-        if self.adapters is not None and self.config.lora_batching == "grouped":
-            return (key, params.loras)
-        return key
-
-    def _load_adapters(self, jobs: list[Job]) -> None:
-        """Put the adapters new jobs name into the model (evicting unused ones past --max_loaded_loras); a job
-        whose adapter does not fit the model raises its 400 (the engine then prepares the others one by one)."""
-        if self.adapters is None:
-            return
-        # Unfinished jobs, decoding ones included: on CUDA a decoding job's last step may still be reading its slot.
-        live = [job.params.loras for job in self._adapter_jobs if not job.finished]
-        failed = self.adapters.ensure([job.params.loras for job in jobs], in_use=live)
-        for job in jobs:
-            for name, _ in job.params.loras:
-                if name in failed:
-                    raise failed[name]
-        self._adapter_jobs.update(job for job in jobs if job.params.loras)
-
-    def _encode_with_adapters(self, jobs: list[Job]) -> list[tuple[Conditioning, Conditioning | None]]:
-        """``encode`` with each job's adapters in its text encoders: one encoding call per adapter set."""
-        if self.adapters is None or not any(job.params.loras for job in jobs):
-            return self.encode(jobs)
-        groups: dict[tuple, list[Job]] = {}
-        for job in jobs:
-            groups.setdefault(job.params.loras, []).append(job)
-        conditioning: dict[Job, tuple[Conditioning, Conditioning | None]] = {}
-        for loras, group in groups.items():
-            with self.adapters.rows([loras], denoiser=False):
-                conditioning.update(zip(group, self.encode(group), strict=True))
-        return [conditioning[job] for job in jobs]
+        return key if self.adapters is None else self.adapters.batch_key(params, key)
 
     def _prepare(self, jobs: list[Job]) -> None:
-        self._load_adapters(jobs)
-        conditioning = self._encode_with_adapters(jobs)
+        if self.adapters is None:
+            conditioning = self.encode(jobs)
+        else:  # each job's adapters into the model (or its 400 raised), then prompts encoded with them
+            self.adapters.prepare(jobs)
+            conditioning = self.adapters.encode_grouped(jobs, self.encode)
         encoded = self.encode_images([job for job in jobs if job.params.image is not None])
         for job, (cond, uncond) in zip(jobs, conditioning, strict=True):
             p = job.params
@@ -382,8 +358,8 @@ class ModelRunner(ABC):
         timesteps: list[torch.Tensor] = []
         rows: list[Conditioning] = []
         adapters: list[tuple] = []  # each row's LoRA adapters
-        if self.adapters is not None:  # rows with the same adapters side by side: one slice each in every LoRA layer
-            jobs = sorted(jobs, key=lambda job: job.params.loras)
+        if self.adapters is not None:
+            jobs = self.adapters.side_by_side(jobs)
         for job in jobs:
             work: DenoiseWork = job.work
             t = work.timesteps[job.steps_done]
@@ -399,9 +375,7 @@ class ModelRunner(ABC):
                 rows.append(work.cond)
                 timesteps.append(t_row)
             adapters += [job.params.loras] * copies  # diffusers applies them to the unconditional row too
-        with contextlib.ExitStack() as stack:
-            if self.adapters is not None:
-                stack.enter_context(self.adapters.rows(adapters))
+        with contextlib.nullcontext() if self.adapters is None else self.adapters.rows(adapters):
             noise = self.denoise(torch.cat(inputs), torch.cat(timesteps), concat_rows(rows))
         predictions, row = {}, 0
         for job in jobs:

@@ -8,6 +8,7 @@ inputs to compile with; ``LatentRunner`` does the rest.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -206,21 +207,17 @@ class LatentRunner(ModelRunner):
         max_rows = self.guided_rows() * config.max_batch_size
         # Dynamo guards on requires_grad, and PEFT turns it off when it adds layers: off from the start.
         self.loaded.denoiser.requires_grad_(False)
-        slots = None
+        variants: tuple[contextlib.AbstractContextManager[None], ...] = (contextlib.nullcontext(),)
         if self.adapters is not None:  # adapters in fixed slots, so loading one never changes a compiled module
-            self.adapters.install_slots(self.loaded.denoiser, max_rows)
-            slots = self.adapters.slots
+            self.adapters.install_for_compile(max_rows)
+            variants = self.adapters.graph_variants()  # with and without adapter rows: both before serving
         denoiser = CompiledDenoiser(self.denoiser_module, config, max_rows=max_rows, cuda_graphs=cuda_graphs)
         decoder = CompiledDecoder(self.vae.decode, config)
         denoiser_compile_s = denoiser_sizes_s = 0.0
-        # With slots, the graphs with and without adapter rows (dynamo guards on ``active``), both before serving.
-        for active in (False, True) if slots is not None else (False,):
-            if slots is not None:
-                slots.active = active
-            compile_s, sizes_s = denoiser.warm_up(self.example_inputs, self._synchronize)
+        for variant in variants:
+            with variant:
+                compile_s, sizes_s = denoiser.warm_up(self.example_inputs, self._synchronize)
             denoiser_compile_s, denoiser_sizes_s = denoiser_compile_s + compile_s, denoiser_sizes_s + sizes_s
-        if slots is not None:
-            slots.active = False
         decoder_started = time.perf_counter()
         vae = self.vae
         size = self.loaded.native_size // self.pipe.vae_scale_factor
