@@ -60,34 +60,39 @@ def measure_swaps(model_id: str, directory: Path, names: list[str], rounds: int)
     import torch
 
     from predictor.loading import LoadedPipeline, load_pipeline
-    from predictor.lora import LoraAdapters
+    from predictor.logs import install_log_filters
+    from predictor.lora import RowAdapters
+
+    install_log_filters()  # in this process as in the server's: no line per component an adapter leaves alone
 
     def fresh() -> LoadedPipeline:
         return load_pipeline(None, model_id, None, lora_dir=str(directory))
 
+    def adapters(loaded: LoadedPipeline, slots: bool) -> RowAdapters:
+        return RowAdapters(loaded.pipe, loaded.denoiser, loaded.loras, max_loaded=1, slots=slots)
+
     loaded = fresh()
     sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
 
-    def swaps(adapters: LoraAdapters) -> list[float]:
+    def swaps(adapters: RowAdapters) -> list[float]:
         times = []
         for turn in range(rounds * len(names)):
             sync()
             started = time.perf_counter()
-            failed = adapters.ensure([((names[turn % len(names)], 1.0),)])
+            failed = adapters.load([((names[turn % len(names)], 1.0),)])
             sync()
             times.append(time.perf_counter() - started)
             assert not failed, failed
         return times[len(names) :]  # the first round reads files from disk; the rest from the page cache
 
     with torch.inference_mode():
-        slotted = LoraAdapters(loaded.pipe, loaded.loras, max_loaded=1)
+        slotted = adapters(loaded, slots=True)
         started = time.perf_counter()
-        slotted.install_slots(loaded.denoiser, max_rows=16)
+        slotted.install_for_compile(max_rows=16)
         install_s = time.perf_counter() - started
-        slot_s, slot_bytes = median(swaps(slotted)), slotted.slots.bytes
+        slot_s, slot_bytes = median(swaps(slotted)), slotted.slot_bytes
         del slotted, loaded
-        eager = fresh()
-        eager_s = median(swaps(LoraAdapters(eager.pipe, eager.loras, max_loaded=1)))
+        eager_s = median(swaps(adapters(fresh(), slots=False)))
     return {"slots": slot_s, "eager": eager_s, "install": install_s, "slot_mib": slot_bytes / 2**20}
 
 

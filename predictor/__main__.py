@@ -6,14 +6,14 @@ import logging
 import os
 import sys
 
-from predictor import logs
 from predictor.config import parse_settings
+from predictor.logs import install_log_filters
 
 
 def main(argv: list[str] | None = None) -> int:
     args, settings = parse_settings(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logs.quiet_third_party()
+    install_log_filters()
     logger = logging.getLogger("predictor")
 
     if settings.engine.compile:

@@ -1,4 +1,7 @@
-"""What an accelerator's errors mean: out of memory (retry smaller) or a device failure (the process is done)."""
+"""What an exception says about the accelerator: out of memory (recoverable), or failed (restart the process).
+
+Torch only: the engine, the runner and LoRA loading all ask these, and none of them is above this module.
+"""
 
 from __future__ import annotations
 

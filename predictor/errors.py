@@ -105,4 +105,5 @@ class WorkerStopped(PredictorError):
 
 
 class LoadError(RuntimeError):
-    """The model could not be loaded; the message says why and what to do."""
+    """The model could not be loaded; the message says why and what to do. Not a request's error: the server
+    reports it at start and exits (or stays not ready)."""

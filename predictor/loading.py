@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-from predictor import logs, weights
+from predictor import weights
 from predictor.errors import LoadError
 from predictor.families import (
     BUILTIN_PREFIX,
@@ -28,6 +28,8 @@ from predictor.families import (
     family_for,
     served_classes,
 )
+from predictor.logs import install_log_filters
+from predictor.lora import LoraLibrary
 from predictor.schemas import ModelTraits
 
 logger = logging.getLogger(__name__)
@@ -117,7 +119,7 @@ def load_pipeline(
     lora_dir: str | None = None,
     max_lora_bytes: int = 1024**3,
 ) -> LoadedPipeline:
-    logs.quiet_third_party()
+    install_log_filters()
     device = resolve_device(device_flag)
     source = describe_source(model_dir, model_id)
     started = time.perf_counter()
@@ -154,8 +156,6 @@ def load_pipeline(
     if lora_dir is not None:
         if not hasattr(pipe, "load_lora_weights"):
             raise LoadError(f"--lora_dir: diffusers loads no LoRA adapters into a {type(pipe).__name__}")
-        from predictor.lora import LoraLibrary
-
         loras = LoraLibrary(lora_dir, max_lora_bytes)
     loaded = LoadedPipeline(
         pipe,

@@ -1,36 +1,43 @@
-"""Third-party log records that read like faults but report nothing wrong, filtered in one place."""
+"""Filters for third-party log records that report nothing wrong, installed in one place.
+
+``install_log_filters`` is called once by the entry point (``python -m predictor``) and by the test suite; a
+library user who wants the same quiet calls it too. Calling it again adds nothing.
+"""
 
 from __future__ import annotations
 
 import logging
 
-# logger name -> the start of (or a phrase in) each message to drop, and why.
-_QUIET: dict[str, tuple[str, ...]] = {
-    # diffusers warns, at every scheduler made from another class's config, that the other class's fields are
-    # ignored: with a scheduler per request that would be a warning per request, about nothing wrong.
-    "diffusers.configuration_utils": ("but are not expected and will be ignored",),
-    # transformers warns, once per class, that image processors fall back to PIL without torchvision; this server
-    # uses no torchvision backend.
-    "transformers.utils.import_utils": ("requires torchvision",),
-    # diffusers warns about every component a LoRA adapter leaves alone (most adapters touch no text encoder).
-    "diffusers.loaders.peft": ("No LoRA keys associated to",),
-    "diffusers.loaders.lora_base": ("No LoRA keys associated to",),
-}
 
+class _DropMessages(logging.Filter):
+    """Drops records whose message contains any of ``fragments``."""
 
-class _Quiet(logging.Filter):
-    def __init__(self, phrases: tuple[str, ...]) -> None:
+    def __init__(self, *fragments: str) -> None:
         super().__init__()
-        self.phrases = phrases
+        self.fragments = fragments
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not any(phrase in message for phrase in self.phrases)
+        return not any(fragment in message for fragment in self.fragments)
 
 
-def quiet_third_party() -> None:
-    """Install the filters (once: calling again adds nothing)."""
-    for name, phrases in _QUIET.items():
+# logger name -> what its noise says
+_NOISE: dict[str, tuple[str, ...]] = {
+    # A scheduler made from another class's config (one per request) warns that the other class's fields are
+    # ignored: a warning per request about nothing wrong.
+    "diffusers.configuration_utils": ("but are not expected and will be ignored",),
+    # Every pipeline component a LoRA adapter leaves alone (most adapters touch no text encoder) gets a line.
+    "diffusers.loaders.peft": ("No LoRA keys associated to",),
+    "diffusers.loaders.lora_base": ("No LoRA keys associated to",),
+    # Image processors fall back to PIL without torchvision, once per class; this server uses no torchvision
+    # backend, so the warning only reads like an error.
+    "transformers.utils.import_utils": ("requires torchvision",),
+}
+
+
+def install_log_filters() -> None:
+    """Quiet the third-party warnings above; idempotent."""
+    for name, fragments in _NOISE.items():
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _Quiet) for f in logger.filters):
-            logger.addFilter(_Quiet(phrases))
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(*fragments))

@@ -18,7 +18,6 @@ import copy
 import inspect
 import logging
 import time
-import weakref
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +32,7 @@ from predictor.errors import GenerationFailed, PredictorError
 from predictor.families.base import Conditioning, FamilyModel
 from predictor.jobs import Job
 from predictor.loading import LoadedPipeline
-from predictor.lora import LoraAdapters
+from predictor.lora import RowAdapters
 from predictor.scheduler import AdapterLimit
 from predictor.schemas import GenerationParams
 
@@ -172,10 +171,16 @@ class DiffusionRunner:
         self._decoder: Any = None  # a CompiledDecoder once warmed up with --compile
         self._vae_float32: Any = None  # made on the first float16 overflow
         self._preview_map: tuple[torch.Tensor, torch.Tensor] | None = None  # fitted on the first preview
-        self.adapters: LoraAdapters | None = None  # per-request LoRA adapters (--lora_dir)
+        self.adapters: RowAdapters | None = None  # per-request LoRA adapters (--lora_dir)
         if loaded.loras is not None:
-            self.adapters = LoraAdapters(loaded.pipe, loaded.loras, config.max_loaded_loras)
-        self._adapter_jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # jobs whose adapters must stay loaded
+            self.adapters = RowAdapters(
+                loaded.pipe,
+                loaded.denoiser,
+                loaded.loras,
+                max_loaded=config.max_loaded_loras,
+                slots=config.compile,  # --compile: the denoiser's adapters in fixed slots
+                grouped=config.lora_batching == "grouped",
+            )
 
     @property
     def has_safety_checker(self) -> bool:
@@ -215,45 +220,13 @@ class DiffusionRunner:
     # ---- LoRA adapters ---------------------------------------------------------------------------------
 
     def adapter_limit(self) -> AdapterLimit | None:
-        """With --compile, adapters live in --max_loaded_loras fixed slots: the scheduler admits no more distinct
-        adapters at once (the others wait their turn in the queue)."""
-        if self.adapters is None or not self.config.compile:
-            return None
-        return AdapterLimit(lambda job: frozenset(name for name, _ in job.params.loras), self.config.max_loaded_loras)
+        """How many distinct LoRA adapters the scheduler may admit at once (--compile's slots); None: any."""
+        return None if self.adapters is None else self.adapters.admission_limit()
 
     def batch_key(self, params: GenerationParams) -> Hashable:
         """The engine's batch key: the family's, and with --lora_batching grouped the adapters and their scales."""
         key = self.model.shape_key(params)
-        if self.adapters is not None and self.config.lora_batching == "grouped":
-            return (key, params.loras)
-        return key
-
-    def _load_adapters(self, jobs: list[Job]) -> None:
-        """Put the adapters new jobs name into the model (evicting unused ones past --max_loaded_loras); a job
-        whose adapter does not fit the model raises its 400 (the engine then prepares the others one by one)."""
-        if self.adapters is None:
-            return
-        # Unfinished jobs, decoding ones included: on CUDA a decoding job's last step may still be reading its slot.
-        live = [job.params.loras for job in self._adapter_jobs if not job.finished]
-        failed = self.adapters.ensure([job.params.loras for job in jobs], in_use=live)
-        for job in jobs:
-            for name, _ in job.params.loras:
-                if name in failed:
-                    raise failed[name]
-        self._adapter_jobs.update(job for job in jobs if job.params.loras)
-
-    def _encode_prompts(self, jobs: list[Job]) -> list[tuple[Conditioning, Conditioning | None]]:
-        """The family's ``encode_prompts`` with each job's adapters in its text encoders: one call per adapter set."""
-        if self.adapters is None or not any(job.params.loras for job in jobs):
-            return self.model.encode_prompts(jobs)
-        groups: dict[tuple, list[Job]] = {}
-        for job in jobs:
-            groups.setdefault(job.params.loras, []).append(job)
-        conditioning: dict[Job, tuple[Conditioning, Conditioning | None]] = {}
-        for loras, group in groups.items():
-            with self.adapters.rows([loras], denoiser=False):
-                conditioning.update(zip(group, self.model.encode_prompts(group), strict=True))
-        return [conditioning[job] for job in jobs]
+        return key if self.adapters is None else self.adapters.batch_key(params, key)
 
     # ---- new jobs ------------------------------------------------------------------------------------
 
@@ -279,8 +252,11 @@ class DiffusionRunner:
 
     def _prepare(self, jobs: list[Job]) -> None:
         model = self.model
-        self._load_adapters(jobs)
-        conditioning = self._encode_prompts(jobs)
+        if self.adapters is None:
+            conditioning = model.encode_prompts(jobs)
+        else:  # each job's adapters into the model (or its 400 raised), then prompts encoded with them
+            self.adapters.prepare(jobs)
+            conditioning = self.adapters.encode_grouped(jobs, model.encode_prompts)
         encoded = model.encode_images([job for job in jobs if job.params.image is not None])
         for job, (cond, uncond) in zip(jobs, conditioning, strict=True):
             p = job.params
@@ -323,8 +299,8 @@ class DiffusionRunner:
         timesteps: list[torch.Tensor] = []
         rows: list[Conditioning] = []
         adapters: list[tuple] = []  # each row's LoRA adapters
-        if self.adapters is not None:  # rows with the same adapters side by side: one slice each in every LoRA layer
-            jobs = sorted(jobs, key=lambda job: job.params.loras)
+        if self.adapters is not None:
+            jobs = self.adapters.side_by_side(jobs)
         for job in jobs:
             work: DenoiseWork = job.work
             t = work.timesteps[job.steps_done]
@@ -340,9 +316,7 @@ class DiffusionRunner:
                 rows.append(work.cond)
                 timesteps.append(t_row)
             adapters += [job.params.loras] * copies  # diffusers applies them to the unconditional row too
-        with contextlib.ExitStack() as stack:
-            if self.adapters is not None:
-                stack.enter_context(self.adapters.rows(adapters))
+        with contextlib.nullcontext() if self.adapters is None else self.adapters.rows(adapters):
             noise = self.denoise(torch.cat(inputs), torch.cat(timesteps), concat_rows(rows))
         predictions, row = {}, 0
         for job in jobs:
@@ -517,21 +491,17 @@ class DiffusionRunner:
         max_rows = 2 * config.max_batch_size  # two rows per image with classifier-free guidance
         # Dynamo guards on requires_grad, and PEFT turns it off when it adds layers: off from the start.
         model.denoiser.requires_grad_(False)
-        slots = None
+        variants: tuple[contextlib.AbstractContextManager[None], ...] = (contextlib.nullcontext(),)
         if self.adapters is not None:  # adapters in fixed slots, so loading one never changes a compiled module
-            self.adapters.install_slots(model.denoiser, max_rows)
-            slots = self.adapters.slots
+            self.adapters.install_for_compile(max_rows)
+            variants = self.adapters.graph_variants()  # with and without adapter rows: both before serving
         denoiser = CompiledDenoiser(model.denoiser_module, config, max_rows=max_rows, cuda_graphs=cuda_graphs)
         decoder = CompiledDecoder(model.vae.decode, config)
         denoiser_compile_s = denoiser_sizes_s = 0.0
-        # With slots, the graphs with and without adapter rows (dynamo guards on ``active``), both before serving.
-        for active in (False, True) if slots is not None else (False,):
-            if slots is not None:
-                slots.active = active
-            compile_s, sizes_s = denoiser.warm_up(model.example_inputs, self._synchronize)
+        for variant in variants:
+            with variant:
+                compile_s, sizes_s = denoiser.warm_up(model.example_inputs, self._synchronize)
             denoiser_compile_s, denoiser_sizes_s = denoiser_compile_s + compile_s, denoiser_sizes_s + sizes_s
-        if slots is not None:
-            slots.active = False
         decoder_started = time.perf_counter()
         vae = model.vae
         size = model.native_size // self.pipe.vae_scale_factor

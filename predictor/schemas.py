@@ -18,7 +18,6 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from predictor.errors import InvalidRequest
-from predictor.lora import NAME_PATTERN as LORA_NAME_PATTERN
 
 # The schedulers a request may ask for; pipeline.py maps each name to a diffusers class.
 # Each family accepts a subset (ModelTraits.schedulers): "heun" is for flow-matching models only, and "euler",
@@ -42,6 +41,7 @@ MAX_GUIDANCE = 30.0
 MAX_T5_TOKENS = 512  # FLUX's and SD3's T5 prompt window at most (diffusers refuses more)
 MAX_LORA_SCALE = 4.0  # |scale| of one adapter; far beyond any adapter's useful range
 HARD_MAX_LORAS = 16  # adapters in one request at most; --max_loras_per_request lowers it
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # an adapter's file stem: no separators, nothing hidden
 # Longest parameter name echoed back in an error body.
 _MAX_PARAM_CHARS = 64
 

@@ -20,11 +20,14 @@ import pytest  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from predictor.builtin import build_tiny, build_tiny_sd2, build_tiny_sdxl  # noqa: E402
+from predictor.logs import install_log_filters  # noqa: E402
 from predictor.model import DiffusionModel  # noqa: E402
 from predictor.server import PredictorServer  # noqa: E402
 from predictor.testing import make_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+install_log_filters()  # the same third-party noise filtered as in the server process
 
 
 @pytest.fixture(scope="session")

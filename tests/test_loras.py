@@ -496,3 +496,88 @@ def test_malformed_loras_are_400s_naming_the_field(loras, param: str, words: str
     with pytest.raises(InvalidRequest, match=words) as error:
         parse_request({"prompt": "a", "loras": loras}, Limits())
     assert error.value.param == param and error.value.status_code == 400
+
+
+def test_residency_lets_the_least_recently_used_go_never_one_a_live_job_holds() -> None:
+    """Past --max_loaded_loras the least recently used adapter goes, but never one an unfinished job holds: a
+    decoding job's stays until its images are answered (on CUDA its last step may still be reading it). With slots
+    the bound is hard: a load must first find an adapter no live job holds."""
+    from predictor.jobs import Job, JobState
+    from predictor.lora import Residency
+    from predictor.testing import params
+
+    def job(*names: str) -> Job:
+        return Job(params(loras=tuple((name, 1.0) for name in names)), "key", submitted_at=0.0)
+
+    residency = Residency(max_loaded=1)
+    for name in ("a", "b", "c"):
+        residency.added(name)
+    residency.used("a")
+    assert residency.loaded == ["b", "c", "a"]
+    decoding = job("b")
+    residency.hold([decoding])
+    for state in (JobState.ADMITTED, JobState.RUNNING, JobState.DECODING):
+        decoding.move_to(state)
+    busy = residency.in_use([(("c", 0.5),)])
+    assert busy == {"b", "c"}
+    assert residency.surplus(busy) == ["a"]  # b and c stay past the bound while needed
+    decoding.move_to(JobState.FINISHED)
+    assert residency.in_use() == set()
+    assert residency.surplus(set()) == ["b", "c"]
+
+    slots = Residency(max_loaded=2, capacity=2)
+    slots.added("a")
+    assert not slots.full()
+    slots.added("b")
+    assert slots.full()
+    assert slots.idle({"a"}) == "b"
+    assert slots.idle({"a", "b"}) is None
+
+
+def test_the_lora_package_imports_nothing_above_it() -> None:
+    """predictor.lora sits below the runner and the loader: it may import the error types, the device predicates,
+    the request definitions, the job type and the batch scheduler's AdapterLimit, and nothing else of the server,
+    function-level imports included (each such import once hid a cycle)."""
+    import ast
+
+    allowed = {"predictor.device", "predictor.errors", "predictor.schemas", "predictor.jobs", "predictor.scheduler"}
+    package = Path(__file__).resolve().parents[1] / "predictor" / "lora"
+    found: dict[str, set[str]] = {}
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name.startswith("predictor") and not name.startswith("predictor.lora"):
+                    found.setdefault(name, set()).add(path.name)
+    assert found, "the walk found no import at all"
+    assert set(found) <= allowed, {name: files for name, files in found.items() if name not in allowed}
+
+
+def test_third_party_noise_is_filtered_once_and_the_rest_passes() -> None:
+    """Warnings about nothing wrong (a scheduler per request from another class's config, every component an
+    adapter leaves alone, PIL without torchvision) are dropped; anything else those loggers say passes."""
+    import logging
+
+    from predictor.logs import install_log_filters
+
+    install_log_filters()
+    install_log_filters()  # twice: still one filter each
+    noisy = {
+        "diffusers.configuration_utils": "The config attributes {'clip_sample': False} were passed to "
+        "FlowMatchEulerDiscreteScheduler, but are not expected and will be ignored.",
+        "diffusers.loaders.peft": "No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'.",
+        "diffusers.loaders.lora_base": "No LoRA keys associated to CLIPTextModel found.",
+        "transformers.utils.import_utils": "CLIPImageProcessor requires torchvision; falling back to PIL",
+    }
+    for name, message in noisy.items():
+        logger = logging.getLogger(name)
+        assert sum(type(f).__name__ == "_DropMessages" for f in logger.filters) == 1, name
+        record = logger.makeRecord(name, logging.WARNING, __file__, 0, message, (), None)
+        assert not logger.filter(record), name
+        other = logger.makeRecord(name, logging.WARNING, __file__, 0, "something else went wrong", (), None)
+        assert logger.filter(other), name

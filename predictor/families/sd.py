@@ -246,8 +246,6 @@ class StableDiffusionModel(UNetModel):
         return self.pipe.safety_checker is not None
 
     def flag_unsafe(self, images: torch.Tensor, dtype: torch.dtype) -> list[bool] | None:
-        if self.pipe.safety_checker is None:
-            return None
         _, nsfw = self.pipe.run_safety_checker(images, self.device, dtype)
         return None if nsfw is None else [bool(flag) for flag in nsfw]
 

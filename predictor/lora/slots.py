@@ -1,4 +1,5 @@
-"""Fixed LoRA slots in the denoiser, for ``--compile``: adapters swapped in place, never a recompile.
+"""``SlotRows``: the ``RowLoRA`` strategy for ``--compile``: fixed slots in the denoiser, adapters swapped in place,
+never a recompile.
 
 torch.compile traces the denoiser's layers as they are when it compiles, and PEFT adding a LoRA layer afterwards
 would make dynamo compile again (diffusers' hot-swap exists for that reason, one adapter at a time). Here, before
@@ -18,13 +19,17 @@ variants of each graph, both compiled at warm-up.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from predictor.lora.layers import changed_layers, lora_layers, peft_scaling
+from predictor.lora.library import LoraSet
+from predictor.lora.rows import RowLoRA
 
 
 @dataclass(frozen=True)
@@ -33,26 +38,13 @@ class LayerWeights:
     up: torch.Tensor  # lora_B's weight times PEFT's scaling: (out, r) or (out, r, 1, 1)
 
 
-def peft_scaling(layer: Any, name: str) -> float:
-    """PEFT's scaling of an adapter at scale 1: ``lora_alpha / r`` (``/ sqrt(r)`` with rslora)."""
-    rank = math.sqrt(layer.r[name]) if layer.use_rslora.get(name, False) else layer.r[name]
-    return layer.lora_alpha[name] / rank
-
-
 def take_weights(denoiser: torch.nn.Module, name: str) -> dict[str, LayerWeights]:
     """Adapter ``name``'s weights from the PEFT layers diffusers has just put in the denoiser, by layer name; then
-    PEFT's layers out of the denoiser, whatever happens (its own modules back, as they were compiled)."""
-    from peft.tuners.lora import LoraLayer
-
+    PEFT's layers out of the denoiser, whatever happens (its own modules back, as they were compiled). A ValueError
+    for what the slots cannot serve."""
     try:
         weights: dict[str, LayerWeights] = {}
-        for layer_name, layer in denoiser.named_modules():
-            if not isinstance(layer, LoraLayer) or name not in layer.lora_A:
-                continue
-            if name in getattr(layer, "lora_embedding_A", {}):
-                raise ValueError(f"{layer_name}: embedding adapters are not served, only plain LoRA")
-            if name in getattr(layer, "lora_variant", {}):
-                raise ValueError(f"{layer_name}: DoRA adapters are not served, only plain LoRA")
+        for layer_name, layer in changed_layers(lora_layers([denoiser]), name):
             base = layer.get_base_layer()
             lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
             if lora_b.bias is not None:
@@ -74,12 +66,15 @@ def take_weights(denoiser: torch.nn.Module, name: str) -> dict[str, LayerWeights
         denoiser.unload_lora()
 
 
-class DenoiserSlots:
-    """The slots of every layer adapters change, and the rows' scales (the worker thread's)."""
+class SlotRows(RowLoRA):
+    """The slots of every layer adapters change, which adapter is in which slot, and the rows' scales (the worker
+    thread's). ``ranks``: the largest rank of any adapter at each layer it changes, by layer name."""
 
     def __init__(self, denoiser: torch.nn.Module, ranks: dict[str, int], capacity: int, max_rows: int) -> None:
         weight = next(denoiser.parameters())
+        self.denoiser = denoiser
         self.capacity = capacity
+        self._slot_of: dict[str, int] = {}  # adapter in a slot -> its slot
         self.max_rows = max_rows = max(max_rows, 2)  # a lone unguided row is padded to two for the compiled call
         self.active = False  # whether the current call has adapter rows (dynamo guards on it: two graphs)
         self.scales = torch.zeros((max_rows, capacity), device=weight.device, dtype=weight.dtype)
@@ -100,6 +95,47 @@ class DenoiserSlots:
             layer.register_buffer("slot_scales", self.scales, persistent=False)
             layer.register_forward_hook(self._add_slots)
             self._layers[layer_name] = layer
+
+    # ---- RowLoRA ---------------------------------------------------------------------------------------
+
+    def take(self, name: str) -> int:
+        """The adapter's weights out of PEFT's layers (which leave the denoiser) into a free slot: the caller made
+        room (``Residency``). An adapter that changes no layer here still gets a slot, of zeros."""
+        weights = take_weights(self.denoiser, name)
+        self.check(weights)
+        slot = min(set(range(self.capacity)) - set(self._slot_of.values()))
+        self.write(slot, weights)
+        self._slot_of[name] = slot
+        return len(weights)
+
+    def drop(self, name: str) -> None:
+        self._slot_of.pop(name, None)  # the next adapter in the slot overwrites all of it
+
+    def slot_of(self, name: str) -> int | None:
+        return self._slot_of.get(name)
+
+    @contextmanager
+    def rows(self, sets: Sequence[LoraSet]) -> Iterator[None]:
+        self.set_rows([[(self._slot_of[name], scale) for name, scale in loras] for loras in sets])
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def graph_variants(self) -> tuple[AbstractContextManager[None], ...]:
+        """Dynamo guards on ``active``: the graph without adapter terms and the one with them, both compiled at
+        warm-up (the second with every scale zero)."""
+        return self._activity(False), self._activity(True)
+
+    @contextmanager
+    def _activity(self, active: bool) -> Iterator[None]:
+        self.active = active
+        try:
+            yield
+        finally:
+            self.active = False
+
+    # ---- the slots ------------------------------------------------------------------------------------
 
     @property
     def bytes(self) -> int:
