@@ -1,31 +1,33 @@
 """Command-line flags (KServe's own plus this server's) and the frozen settings built from them.
 
-Each default is written once, on its dataclass field; the flags read it from there, and every list of names
-comes from its ``Literal`` type.
+Each flag of this server is one field of a settings section (``ModelSource``, ``Limits``, ``EngineConfig``,
+``ServerConfig``), written once. The flag's name, type, default and choices come from the field and its
+annotation (``X | None`` takes X; a ``Literal`` gives the choices); the rest from the field's metadata:
+
+- ``help``: what the flag does (required);
+- ``gt`` / ``ge`` / ``le``: bounds, checked when ``Settings`` is made, so a value outside them stops the start
+  with a message naming the flag;
+- ``default_text``: how the default reads where it depends on the environment or means "the family's";
+- ``kserve``: the value comes from KServe's own flag of the same name, so no flag is made for it.
+
+``build_parser`` makes one argument group per section, titled by the ``Settings`` field that holds it and
+described by the section's docstring. ``python -m predictor.config`` writes docs/flags.md from that parser.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
+import sys
+import types
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from predictor.schemas import (
-    HARD_MAX_BATCH_INSTANCES,
-    HARD_MAX_IMAGE_SIZE,
-    HARD_MAX_LORAS,
-    HARD_MAX_PROMPT_CHARS,
-    HARD_MAX_STEPS,
-    MAX_GUIDANCE,
-    MAX_T5_TOKENS,
-    MIN_IMAGE_SIZE,
-    SCHEDULER_NAMES,
-    Limits,
-)
+from predictor.schemas import MAX_T5_TOKENS, Limits
 
 Device = Literal["auto", "cuda", "cpu"]
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
@@ -33,103 +35,289 @@ SafetyChecker = Literal["checkpoint", "on", "off"]
 CompileMode = Literal["reduce-overhead", "default", "max-autotune-no-cudagraphs"]
 LoraBatching = Literal["mixed", "grouped"]
 
+API_KEYS_ENV = "PREDICTOR_API_KEYS"
+METADATA_KEYS = frozenset({"help", "gt", "ge", "le", "default_text", "kserve"})
+
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where the pipeline comes from and how it is placed."""
+    """Where the pipeline comes from and how it is placed; the LoRA adapters requests may name."""
 
-    model_dir: str = field(default_factory=lambda: os.environ.get("MODEL_DIR", "/mnt/models"))
-    model_id: str = "CompVis/stable-diffusion-v1-4"
-    revision: str | None = None
-    variant: str = "auto"  # "auto", "none", or a variant name such as "fp16" (*.fp16.safetensors)
-    device: Device = "auto"
-    dtype: Dtype = "auto"
-    safety_checker: SafetyChecker = "checkpoint"
-    max_sequence_length: int | None = None  # T5 tokens (FLUX, SD3); None: the family's default, as in diffusers
-    preview_vae_dir: str | None = None  # a tiny VAE (diffusers AutoencoderTiny, e.g. TAESD) that decodes previews
-    lora_dir: str | None = None  # LoRA adapters requests may name (one .safetensors file each)
-    max_lora_bytes: int = 1024**3
+    model_dir: str = field(
+        default_factory=lambda: os.environ.get("MODEL_DIR", "/mnt/models"),
+        metadata={
+            "help": "Directory with a diffusers pipeline (model_index.json), used first when it holds one; KServe's "
+            "storage initializer puts storageUri weights here.",
+            "default_text": "$MODEL_DIR or /mnt/models",
+        },
+    )
+    model_id: str = field(
+        default="CompVis/stable-diffusion-v1-4",
+        metadata={
+            "help": "Used when --model_dir holds no pipeline: a Hugging Face repo id of a served family (SD 1.x/2.x, "
+            "SDXL, FLUX.1, SD3/3.5 and their variants), or builtin:NAME, random weights made offline "
+            "(builtin:tiny and its kin run in seconds on a CPU, for tests; the builtin:*-arch ones are full-size "
+            "architectures, for GPU benchmarks; an unknown name is answered with the list)."
+        },
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of --model_id."})
+    variant: str = field(
+        default="auto",
+        metadata={
+            "help": "Weight files to load: auto reads the fp16 variant (*.fp16.safetensors, half the bytes of the "
+            "plain float32 files) for a float16 load when every component has it, else the plain files; none: "
+            "always the plain files; any other name (fp16, bf16, ...): that variant."
+        },
+    )
+    device: Device = field(default="auto", metadata={"help": "auto: CUDA when present, else the CPU."})
+    dtype: Dtype = field(
+        default="auto",
+        metadata={
+            "help": "auto: on CUDA the family's (float16, or bfloat16 where float16 overflows, as for FLUX.1 and "
+            "SD3); float32 on the CPU."
+        },
+    )
+    safety_checker: SafetyChecker = field(
+        default="checkpoint",
+        metadata={
+            "help": "checkpoint: run the safety checker when the checkpoint ships one; on: require it; off: never "
+            "run it. Flagged images are answered black with nsfw: true."
+        },
+    )
+    max_sequence_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Models with a T5 text encoder: its prompt window in tokens (the family's by default, as "
+            "diffusers sets it: FLUX.1 512, SD3 256). Longer prompts are cut and answered prompt_truncated: true. "
+            "Refused for models without T5.",
+            "gt": 0,
+            "le": MAX_T5_TOKENS,
+            "default_text": "the family's",
+        },
+    )
+    preview_vae_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A tiny VAE saved by diffusers (AutoencoderTiny: madebyollin's taesd, taesdxl, taef1 or taesd3, "
+            "the one made for the family) that decodes streamed previews at full size. Without it, previews come "
+            "from a linear latent-to-RGB map fitted to the model's own VAE (no extra weights, 1/8 the resolution, "
+            "scaled up)."
+        },
+    )
+    lora_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A directory of LoRA adapters (.safetensors, in any format diffusers' load_lora_weights reads: "
+            "diffusers/PEFT, kohya) that requests name in 'loras' by file name without the suffix. Read at start; "
+            "files that cannot be used are listed with the reason (GET /v1/models/NAME/loras)."
+        },
+    )
+    max_lora_bytes: int = field(
+        default=1024**3,
+        metadata={"help": "Largest adapter file served; larger ones are refused at start.", "gt": 0},
+    )
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model_name: str = "model"  # the metrics' label
-    max_batch_size: int = 8
-    max_queue: int = 32
-    request_timeout_s: float | None = 300.0  # None: no deadline
-    torch_threads: int = 0  # 0: torch's default
-    compile: bool = False
-    compile_mode: CompileMode = "reduce-overhead"
-    compile_backend: str = "inductor"
-    max_loaded_loras: int = 8  # LoRA adapters kept in the model at once (least recently used out first)
-    # mixed: rows with different adapter sets share one denoiser call; grouped: one call per set
-    lora_batching: LoraBatching = "mixed"
+    """How images are batched, queued and timed out in the denoising loop; torch.compile; adapters in the model."""
+
+    # KServe's --model_name: the engine labels its metrics with it.
+    model_name: str = field(default="model", metadata={"kserve": True})
+    max_batch_size: int = field(
+        default=8, metadata={"help": "Most images in one denoiser (UNet or transformer) call; 1: serial.", "gt": 0}
+    )
+    max_queue: int = field(
+        default=32,
+        metadata={
+            "help": "Most images waiting for a batch slot, at least --max_batch_instances; beyond it, 503 overloaded.",
+            "ge": 0,
+        },
+    )
+    request_timeout_s: float | None = field(
+        default=300.0,
+        metadata={
+            "help": "A request still unfinished after this many seconds gets 504 and its work stops; keep it below "
+            "Knative's timeout.",
+            "gt": 0,
+        },
+    )
+    torch_threads: int = field(default=0, metadata={"help": "CPU threads for torch; 0: torch's default.", "ge": 0})
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the denoiser and the VAE decoder before the model reports ready (minutes the "
+            "first time; keep --compile_cache_dir so restarts reuse the result). With --lora_dir the denoiser is "
+            "compiled with and without adapters."
+        },
+    )
+    compile_mode: CompileMode = field(
+        default="reduce-overhead",
+        metadata={
+            "help": "torch.compile mode of the denoiser: reduce-overhead replays CUDA graphs on CUDA (recorded at "
+            "start for batches of 2, 4, 8, ... rows; on a CPU the same as default); default compiles without them; "
+            "max-autotune-no-cudagraphs also tunes kernels."
+        },
+    )
+    compile_backend: str = field(
+        default="inductor", metadata={"help": "torch.compile backend: inductor; eager for tests."}
+    )
+    max_loaded_loras: int = field(
+        default=8,
+        metadata={
+            "help": "Adapters kept in the model at once; past it the least recently used one no running image needs "
+            "is taken out (a file is read again when next named). With --compile, the number of fixed slots each "
+            "changed layer holds (an image whose adapters find no free slot waits for one).",
+            "gt": 0,
+        },
+    )
+    lora_batching: LoraBatching = field(
+        default="mixed",
+        metadata={
+            "help": "mixed: images with different adapters (and none) share every denoiser call, each row with its "
+            "own adapters; grouped: images share a call only with the same adapters and scales."
+        },
+    )
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    warmup_steps: int = 2
-    grace_period_s: int = 30
-    max_body_bytes: int = 1024 * 1024
-    max_image_bytes: int = 32 * 1024 * 1024  # the routes that take input images (base64 adds a third)
-    compile_cache_dir: str = field(
-        default_factory=lambda: os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor")
+    """The process around the engine: start-up and warm-up, liveness, shutdown, request bodies, API keys."""
+
+    warmup_steps: int = field(
+        default=2,
+        metadata={"help": "Steps of the warm-up image made before the model reports ready; 0: none.", "ge": 0},
     )
-    load_timeout_s: float = 1800.0  # liveness fails when loading (compile included) takes longer
-    api_key_file: str | None = None  # keys for the generation routes, one per line; or $PREDICTOR_API_KEYS
+    grace_period_s: int = field(
+        default=30, metadata={"help": "On SIGTERM, how long in-flight requests may take to finish.", "gt": 0}
+    )
+    max_body_bytes: int = field(
+        default=1024 * 1024,
+        metadata={
+            "help": "Largest request body on the routes without input images; larger ones get 413 before they are "
+            "read whole.",
+            "gt": 0,
+        },
+    )
+    max_image_bytes: int = field(
+        default=32 * 1024 * 1024,
+        metadata={
+            "help": "Largest request body on the routes that take input images (/generate, v1 :predict, v2 /infer, "
+            "/v1/images/edits); base64 makes an image a third larger.",
+            "gt": 0,
+        },
+    )
+    compile_cache_dir: str = field(
+        default_factory=lambda: os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor"),
+        metadata={
+            "help": "With --compile: the persistent compile cache (sets TORCHINDUCTOR_CACHE_DIR and "
+            "TRITON_CACHE_DIR). Keep it on a volume or in the image so a restarted pod skips compiling.",
+            "default_text": "$TORCHINDUCTOR_CACHE_DIR or /tmp/torchinductor",
+        },
+    )
+    load_timeout_s: float = field(
+        default=1800.0,
+        metadata={
+            "help": "Liveness (/livez) fails when loading, compiling and warming up take longer, so a hung download "
+            "or compile gets the pod restarted; readiness waits for the load either way.",
+            "gt": 0,
+        },
+    )
+    api_key_file: str | None = field(
+        default=None,
+        metadata={
+            "help": f"File of API keys, one per line (# starts a comment). When set, or when ${API_KEYS_ENV} holds "
+            "keys (one per line or comma-separated, e.g. from a Secret), every POST route (v1, v2, /generate, the "
+            "OpenAI routes) needs 'Authorization: Bearer KEY'; health, readiness, metrics and the playground page "
+            "stay open."
+        },
+    )
 
 
 @dataclass(frozen=True)
 class Settings:
-    source: ModelSource
-    limits: Limits
-    engine: EngineConfig
-    server: ServerConfig
+    """The four sections, each an argument group of the flags (titled by the field's metadata)."""
+
+    source: ModelSource = field(metadata={"title": "model"})
+    limits: Limits = field(metadata={"title": "request limits"})
+    engine: EngineConfig = field(metadata={"title": "engine"})
+    server: ServerConfig = field(metadata={"title": "server"})
+
+    def __post_init__(self) -> None:
+        """Every value within its field's bounds, then the rules between flags: ValueError naming the flag.
+        Sections made in code alone (tests, benchmarks) are trusted; what comes from the command line passes here."""
+        for section in self.sections():
+            check_bounds(section)
+        source, limits, engine = self.source, self.limits, self.engine
+        if limits.default_steps > limits.max_steps:
+            raise ValueError("--default_steps must not exceed --max_steps")
+        if source.lora_dir is not None and engine.compile and limits.max_loras_per_request > engine.max_loaded_loras:
+            raise ValueError(
+                "with --compile, adapters live in --max_loaded_loras fixed slots: --max_loras_per_request "
+                f"({limits.max_loras_per_request}) must not exceed it ({engine.max_loaded_loras})"
+            )
+        if engine.max_queue < limits.max_batch_instances:
+            raise ValueError("--max_queue must be at least --max_batch_instances, or large requests could never queue")
 
     @property
     def model_name(self) -> str:
         return self.engine.model_name
 
+    def sections(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, section.name) for section in fields(self))
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
-        return cls(
-            source=_from_namespace(ModelSource, args),
-            limits=_from_namespace(Limits, args),
-            engine=_from_namespace(EngineConfig, args),
-            server=_from_namespace(ServerConfig, args),
-        )
+        """Settings from parsed flags (ValueError when a value or a combination is refused)."""
+        hints = get_type_hints(cls)
+        return cls(**{section.name: _from_namespace(hints[section.name], args) for section in fields(cls)})
 
 
 def _from_namespace(cls: type, args: argparse.Namespace) -> Any:
-    """An instance of dataclass ``cls`` from the flags of the same names."""
+    """An instance of section ``cls`` from the flags of the same names."""
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
-def default(cls: type, name: str) -> Any:
-    """The default of field ``name`` of dataclass ``cls``: the one place it is written."""
-    for f in fields(cls):
-        if f.name == name:
-            if f.default_factory is not MISSING:
-                return f.default_factory()
-            return f.default
-    raise KeyError(name)
+def check_bounds(section: Any) -> None:
+    """ValueError naming the flag when a field of ``section`` lies outside its ``gt`` / ``ge`` / ``le`` bounds
+    (written so that NaN fails every bound)."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if value is None:
+            continue
+        above, low, high = f.metadata.get("gt"), f.metadata.get("ge"), f.metadata.get("le")
+        flag = f"--{f.name}"
+        if low is not None and high is not None:
+            if not low <= value <= high:
+                raise ValueError(f"{flag} must be within {_number(low)}..{_number(high)}, got {_number(value)}")
+            continue
+        if above is not None and not value > above:
+            raise ValueError(f"{flag} must be > {_number(above)}, got {_number(value)}")
+        if low is not None and not value >= low:
+            raise ValueError(f"{flag} must be >= {_number(low)}, got {_number(value)}")
+        if high is not None and not value <= high:
+            raise ValueError(f"{flag} must be at most {_number(high)}, got {_number(value)}")
 
 
-def _positive(kind: type = int):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+DESCRIPTION = (
+    "Serve a diffusers image model with KServe: SD 1.x and 2.x, SDXL (each with their Turbo, LCM and inpainting "
+    "checkpoints), FLUX.1 schnell and dev, SD3 and 3.5. Routes: KServe v1 and v2, POST /generate and the OpenAI "
+    "Images API (generations and edits)."
+)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """This server's flags show their default as the settings field reads it; KServe's as argparse writes it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        shown = getattr(action, "shown_default", None)
+        if shown is None:
+            return super()._get_help_string(action)
+        return f"{action.help} (default: {shown})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,254 +326,130 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="python -m predictor",
-        description="Serve a diffusers text-to-image pipeline (SD 1.x, SD 2.x, SDXL) with KServe: v1, v2, "
-        "POST /generate and the OpenAI Images API.",
+        description=DESCRIPTION,
         parents=[model_server.parser],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     # gRPC serves no image route here; turn it on explicitly if wanted. The per-request latency line is
     # opt-in: uvicorn's access log already says what happened, and /metrics has the timings.
     parser.set_defaults(enable_grpc=False, enable_latency_logging=False)
-
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model_dir",
-        default=default(ModelSource, "model_dir"),
-        help="Directory with a diffusers pipeline (model_index.json); used first when it holds one. "
-        "KServe's storage initializer puts storageUri weights here. Default: $MODEL_DIR or /mnt/models.",
-    )
-    model.add_argument(
-        "--model_id",
-        default=default(ModelSource, "model_id"),
-        help="Hugging Face repo id used when --model_dir holds no pipeline, or a builtin with random weights, made "
-        "offline: builtin:tiny, builtin:tiny-sd2, builtin:tiny-inpaint, builtin:tiny-sdxl, builtin:tiny-sdxl-inpaint, "
-        "builtin:tiny-flux, builtin:tiny-flux-dev, "
-        "builtin:tiny-sd3 (tests); builtin:sd-v1-arch, builtin:sd2-arch, builtin:sdxl-arch, builtin:flux-arch, "
-        "builtin:flux-schnell-arch, builtin:sd35-arch, builtin:sd35-medium-arch (full-size, for GPU benchmarks).",
-    )
-    model.add_argument("--revision", default=default(ModelSource, "revision"), help="Git revision of --model_id.")
-    model.add_argument(
-        "--variant",
-        default=default(ModelSource, "variant"),
-        help="Weight files to load: auto loads the fp16 variant (*.fp16.safetensors, half the bytes of the plain "
-        "float32 files) when the dtype is float16 and every component has it, else the plain files; none: always "
-        "the plain files; any other name (fp16, bf16, ...): that variant.",
-    )
-    model.add_argument(
-        "--device", choices=get_args(Device), default=default(ModelSource, "device"), help="auto: CUDA when present."
-    )
-    model.add_argument(
-        "--dtype",
-        choices=get_args(Dtype),
-        default=default(ModelSource, "dtype"),
-        help="auto: float16 on CUDA (bfloat16 for FLUX and SD3, which overflow in float16), float32 on CPU.",
-    )
-    model.add_argument(
-        "--safety_checker",
-        choices=get_args(SafetyChecker),
-        default=default(ModelSource, "safety_checker"),
-        help="checkpoint: run the safety checker when the checkpoint ships one; on: require it; off: never run it. "
-        "Flagged images are answered black with nsfw: true.",
-    )
-    model.add_argument(
-        "--max_sequence_length",
-        type=_positive(),
-        default=default(ModelSource, "max_sequence_length"),
-        help="FLUX and SD3: the T5 encoder's prompt window in tokens, at most 512 (default: 512 for FLUX, 256 for "
-        "SD3, as diffusers sets them). Longer prompts are cut and answered prompt_truncated: true.",
-    )
-    model.add_argument(
-        "--preview_vae_dir",
-        default=default(ModelSource, "preview_vae_dir"),
-        help="A directory holding a tiny VAE saved by diffusers (AutoencoderTiny: madebyollin/taesd for SD 1.x and "
-        "2.x, taesdxl for SDXL, taef1 for FLUX, taesd3 for SD3) that decodes partial images at full size. Without "
-        "it, previews come from a linear latent-to-RGB map fitted to the model's own VAE (no extra weights, 1/8 "
-        "the resolution, scaled up).",
-    )
-
-    loras = parser.add_argument_group("LoRA adapters")
-    loras.add_argument(
-        "--lora_dir",
-        default=default(ModelSource, "lora_dir"),
-        help="A directory of LoRA adapters (.safetensors, in any format diffusers' load_lora_weights reads: "
-        "diffusers/PEFT, kohya) that requests name in 'loras' by file name without the suffix. Read at start; files "
-        "that cannot be used are listed with the reason (GET /v1/models/NAME/loras).",
-    )
-    loras.add_argument(
-        "--max_lora_bytes",
-        type=_positive(),
-        default=default(ModelSource, "max_lora_bytes"),
-        help="Largest adapter file served; larger ones are refused at start.",
-    )
-    loras.add_argument(
-        "--max_loras_per_request",
-        type=_positive(),
-        default=default(Limits, "max_loras_per_request"),
-        help="Most adapters one request may name.",
-    )
-    loras.add_argument(
-        "--max_loaded_loras",
-        type=_positive(),
-        default=default(EngineConfig, "max_loaded_loras"),
-        help="Adapters kept in the model at once; past it the least recently used one no running image needs is "
-        "taken out (a file is read again when next named). With --compile, the number of fixed slots each changed "
-        "layer holds (an image whose adapters find no free slot waits for one).",
-    )
-    loras.add_argument(
-        "--lora_batching",
-        choices=get_args(LoraBatching),
-        default=default(EngineConfig, "lora_batching"),
-        help="mixed: images with different adapters (and none) share every denoiser call, each row with its own "
-        "adapters; grouped: images share a call only with the same adapters and scales.",
-    )
-
-    limits = parser.add_argument_group("request limits")
-    limits.add_argument(
-        "--max_prompt_chars",
-        type=_positive(),
-        default=default(Limits, "max_prompt_chars"),
-        help="Longest prompt, in characters.",
-    )
-    limits.add_argument(
-        "--max_steps", type=_positive(), default=default(Limits, "max_steps"), help="Most steps a request may ask."
-    )
-    limits.add_argument(
-        "--default_steps",
-        type=_positive(),
-        default=default(Limits, "default_steps"),
-        help="Steps when a request names none.",
-    )
-    limits.add_argument(
-        "--max_image_size",
-        type=_positive(),
-        default=default(Limits, "max_image_size"),
-        help="Largest width or height.",
-    )
-    limits.add_argument(
-        "--max_input_pixels",
-        type=_positive(),
-        default=default(Limits, "max_input_pixels"),
-        help="Most pixels an input image or mask may have; refused from its header, before it is decoded.",
-    )
-    limits.add_argument(
-        "--max_batch_instances",
-        type=_positive(),
-        default=default(Limits, "max_batch_instances"),
-        help="Most images in one request (v1 instances, v2 N, OpenAI n).",
-    )
-    limits.add_argument(
-        "--default_scheduler",
-        choices=("auto", *SCHEDULER_NAMES),
-        default=default(Limits, "default_scheduler"),
-        help="Scheduler when a request names none; auto: dpmpp_2m for SD 1.x, 2.x and SDXL, the checkpoint's own "
-        "for FLUX and SD3 (euler). It is made from the checkpoint's own scheduler config, so settings such as "
-        "timestep_spacing (trailing for Turbo checkpoints), prediction_type and the flow-matching shift carry over.",
-    )
-    limits.add_argument(
-        "--default_guidance_scale",
-        type=float,
-        default=default(Limits, "default_guidance_scale"),
-        help="Guidance scale when a request names none (0 for Turbo checkpoints: they are distilled without it); "
-        "default: the family's, as diffusers sets it (7.5 SD, 5 SDXL, 3.5 FLUX.1-dev, 0 FLUX.1-schnell, 7 SD3).",
-    )
-
-    engine = parser.add_argument_group("engine")
-    engine.add_argument(
-        "--max_batch_size",
-        type=_positive(),
-        default=default(EngineConfig, "max_batch_size"),
-        help="Most images in one denoiser call (1: serial).",
-    )
-    engine.add_argument(
-        "--max_queue",
-        type=_non_negative_int,
-        default=default(EngineConfig, "max_queue"),
-        help="Most images waiting; beyond it, 503 overloaded.",
-    )
-    engine.add_argument(
-        "--request_timeout_s",
-        type=_positive(float),
-        default=default(EngineConfig, "request_timeout_s"),
-        help="A request still unfinished after this many seconds gets 504 and its work stops.",
-    )
-    engine.add_argument(
-        "--torch_threads",
-        type=_non_negative_int,
-        default=default(EngineConfig, "torch_threads"),
-        help="CPU threads for torch (0: torch's default).",
-    )
-    engine.add_argument(
-        "--warmup_steps",
-        type=_non_negative_int,
-        default=default(ServerConfig, "warmup_steps"),
-        help="Steps of the warm-up generation run before the model reports ready (0: none).",
-    )
-
-    fast = parser.add_argument_group("GPU fast path")
-    fast.add_argument(
-        "--compile",
-        action="store_true",
-        default=default(EngineConfig, "compile"),
-        help="torch.compile the denoiser and the VAE decoder before the model reports ready (minutes the first "
-        "time; keep --compile_cache_dir so restarts reuse the result).",
-    )
-    fast.add_argument(
-        "--compile_mode",
-        choices=get_args(CompileMode),
-        default=default(EngineConfig, "compile_mode"),
-        help="torch.compile mode for the denoiser: reduce-overhead replays CUDA graphs (on CUDA; recorded for "
-        "batches of 2, 4, 8, ... rows); default compiles without them.",
-    )
-    fast.add_argument(
-        "--compile_cache_dir",
-        default=default(ServerConfig, "compile_cache_dir"),
-        help="Persistent compile cache (sets TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR); keep it on a volume "
-        "or in the image so a restarted pod skips compiling. Default: $TORCHINDUCTOR_CACHE_DIR or /tmp/torchinductor.",
-    )
-    fast.add_argument(
-        "--compile_backend",
-        default=default(EngineConfig, "compile_backend"),
-        help="torch.compile backend (inductor; eager for testing).",
-    )
-
-    server = parser.add_argument_group("server")
-    server.add_argument(
-        "--max_body_bytes",
-        type=_positive(int),
-        default=default(ServerConfig, "max_body_bytes"),
-        help="Largest request body on routes without input images; larger ones get 413 before they are read whole.",
-    )
-    server.add_argument(
-        "--max_image_bytes",
-        type=_positive(int),
-        default=default(ServerConfig, "max_image_bytes"),
-        help="Largest request body on the routes that take input images (/generate, v1 :predict, v2 /infer, "
-        "/v1/images/edits); base64 makes an image a third larger.",
-    )
-    server.add_argument(
-        "--load_timeout_s",
-        type=_positive(float),
-        default=default(ServerConfig, "load_timeout_s"),
-        help="Liveness (/livez) fails when loading, compiling and warming up take longer than this, so a hung "
-        "download or compile gets the pod restarted; readiness waits for the load either way.",
-    )
-    server.add_argument(
-        "--api_key_file",
-        default=default(ServerConfig, "api_key_file"),
-        help=f"File of API keys, one per line (# starts a comment). When set, or when ${API_KEYS_ENV} holds keys "
-        "(one per line or comma-separated, e.g. from a Secret), every POST route (v1, v2, /generate, the OpenAI "
-        "route) needs 'Authorization: Bearer KEY'; health, readiness, metrics and the playground page stay open.",
-    )
-    server.add_argument(
-        "--grace_period_s",
-        type=_positive(int),
-        default=default(ServerConfig, "grace_period_s"),
-        help="On SIGTERM, how long in-flight requests may take to finish.",
-    )
+    hints = get_type_hints(Settings)
+    for section in fields(Settings):
+        _add_section(parser, hints[section.name], section.metadata["title"])
     return parser
 
 
-API_KEYS_ENV = "PREDICTOR_API_KEYS"
+def _add_section(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """One argument group: a flag for each field of settings section ``cls``."""
+    group = parser.add_argument_group(title, inspect.cleandoc(cls.__doc__ or ""))
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        unknown = set(f.metadata) - METADATA_KEYS
+        if unknown:
+            raise TypeError(f"{cls.__name__}.{f.name}: unknown flag metadata {sorted(unknown)}")
+        if f.metadata.get("kserve"):
+            continue
+        if not f.metadata.get("help"):
+            raise TypeError(f"{cls.__name__}.{f.name} has no help text")
+        value = _field_default(f)
+        kind, choices = _value_type(hints[f.name])
+        flag, text = f"--{f.name}", f.metadata["help"] + _upper_bound_text(f.metadata)
+        if kind is bool:
+            if value:
+                raise TypeError(f"{cls.__name__}.{f.name}: a flag that is on by default could not be turned off")
+            action = group.add_argument(flag, action="store_true", default=False, help=text)
+        else:
+            action = group.add_argument(flag, type=kind, choices=choices, default=value, help=text)
+        action.shown_default = _shown_default(f, value)  # read by _HelpFormatter and flags_markdown
+
+
+def _field_default(f: Field) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def _value_type(annotation: Any) -> tuple[type, tuple[str, ...] | None]:
+    """A flag's value type and choices from its field's annotation: ``X | None`` takes X, a ``Literal`` its values."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        (annotation,) = (arg for arg in get_args(annotation) if arg is not type(None))
+    if get_origin(annotation) is Literal:
+        choices = get_args(annotation)
+        if not all(isinstance(choice, str) for choice in choices):
+            raise TypeError(f"flag choices must be strings: {choices}")
+        return str, choices
+    if annotation not in (str, int, float, bool):
+        raise TypeError(f"no flag type for {annotation!r}")
+    return annotation, None
+
+
+def _upper_bound_text(metadata: Mapping[str, Any]) -> str:
+    """The bounds a reader cannot guess ("> 0" goes without saying for a count)."""
+    if "le" not in metadata:
+        return ""
+    if "ge" in metadata:
+        return f" Within {_number(metadata['ge'])}..{_number(metadata['le'])}."
+    return f" At most {_number(metadata['le'])}."
+
+
+def _shown_default(f: Field, value: Any) -> str:
+    if "default_text" in f.metadata:
+        return f.metadata["default_text"]
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return _number(value)
+
+
+def flags_markdown(parser: argparse.ArgumentParser | None = None) -> str:
+    """docs/flags.md: this server's flags by section, then KServe's own, as ``parser`` has them."""
+    parser = parser or build_parser()
+    titles = {section.metadata["title"] for section in fields(Settings)}
+    lines = [
+        "# Flags",
+        "",
+        "`python -m predictor --help` prints the same. Each flag of this server is a field of one settings section "
+        "in `predictor/config.py` (`Limits` in `predictor/schemas.py`), with its default, its bounds and this text; "
+        "a value outside its bounds, or a combination the server refuses, stops the start with exit code 2 and a "
+        "message naming the flag.",
+        "",
+        "This page is generated: edit the fields, then run `python -m predictor.config > docs/flags.md` "
+        "(`tests/test_flags.py` fails while the page and the parser differ).",
+    ]
+    for group in parser._action_groups:
+        if group.title in titles:
+            lines += ["", f"## {group.title}", "", group.description or "", "", *_markdown_table(group._group_actions)]
+    kserve = [action for action in parser._actions if action.option_strings and not hasattr(action, "shown_default")]
+    lines += [
+        "",
+        "## KServe's flags",
+        "",
+        "KServe's model server parses these (its help text). `--workers` must stay 1: scale with replicas, since each "
+        "worker would load its own copy of the model. gRPC and the per-request latency line are off by default here.",
+        "",
+        *_markdown_table([action for action in kserve if not isinstance(action, argparse._HelpAction)]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_table(actions: list[argparse.Action]) -> list[str]:
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for action in actions:
+        shown = getattr(action, "shown_default", None)
+        if shown is None:
+            shown = "none" if action.default is None else _number(action.default)
+        # A literal value reads as code; a description of the default ("$MODEL_DIR or /mnt/models") as text.
+        default = f"`{shown}`" if shown == _number(action.default) else shown
+        meaning = _markdown_text(action.help or "")
+        if action.choices:
+            meaning += " One of " + ", ".join(f"`{choice}`" for choice in action.choices) + "."
+        rows.append(f"| `{action.option_strings[0]}` | {default} | {meaning} |")
+    return rows
+
+
+def _markdown_text(text: str) -> str:
+    """Help text as a table cell: pipes and asterisks escaped, flag names as code."""
+    text = text.replace("|", "\\|").replace("*", "\\*")
+    return re.sub(r"(?<![\w`-])(--[a-z][a-z0-9_-]*)", r"`\1`", text)
 
 
 def read_api_keys(path: str | None, environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
@@ -413,37 +477,21 @@ def read_api_keys(path: str | None, environ: Mapping[str, str] = os.environ) -> 
 
 
 def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
+    """The flags and the settings made from them; exit code 2 with a message naming the flag when one is refused."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # KServe's flags are not settings fields: their rules are checked here.
     if args.workers != 1:
         parser.error("--workers must be 1: scale with replicas (each worker would load its own copy of the model)")
-    if args.max_steps > HARD_MAX_STEPS:
-        parser.error(f"--max_steps must be at most {HARD_MAX_STEPS}")
-    if args.default_steps > args.max_steps:
-        parser.error("--default_steps must not exceed --max_steps")
-    if not MIN_IMAGE_SIZE <= args.max_image_size <= HARD_MAX_IMAGE_SIZE:
-        parser.error(f"--max_image_size must be within {MIN_IMAGE_SIZE}..{HARD_MAX_IMAGE_SIZE}")
-    if args.default_guidance_scale is not None and not 0 <= args.default_guidance_scale <= MAX_GUIDANCE:
-        parser.error(f"--default_guidance_scale must be within 0..{MAX_GUIDANCE:g}")
-    if args.max_sequence_length is not None and args.max_sequence_length > MAX_T5_TOKENS:
-        parser.error(f"--max_sequence_length must be at most {MAX_T5_TOKENS} (the T5 encoders' window)")
-    if args.max_prompt_chars > HARD_MAX_PROMPT_CHARS:
-        parser.error(f"--max_prompt_chars must be at most {HARD_MAX_PROMPT_CHARS}")
-    if args.max_batch_instances > HARD_MAX_BATCH_INSTANCES:
-        parser.error(f"--max_batch_instances must be at most {HARD_MAX_BATCH_INSTANCES}")
     try:
+        settings = Settings.from_args(args)
         keys = read_api_keys(args.api_key_file)
     except ValueError as exc:
         parser.error(str(exc))
     if keys and args.enable_grpc:
         parser.error("--enable_grpc cannot be used with API keys: gRPC requests would not be checked for one")
-    if args.max_loras_per_request > HARD_MAX_LORAS:
-        parser.error(f"--max_loras_per_request must be at most {HARD_MAX_LORAS}")
-    if args.lora_dir is not None and args.compile and args.max_loras_per_request > args.max_loaded_loras:
-        parser.error(
-            "with --compile, adapters live in --max_loaded_loras fixed slots: --max_loras_per_request "
-            f"({args.max_loras_per_request}) must not exceed it ({args.max_loaded_loras})"
-        )
-    if args.max_queue < args.max_batch_instances:
-        parser.error("--max_queue must be at least --max_batch_instances, or large requests could never queue")
-    return args, Settings.from_args(args)
+    return args, settings
+
+
+if __name__ == "__main__":
+    sys.stdout.write(flags_markdown())

@@ -48,15 +48,62 @@ _MAX_PARAM_CHARS = 64
 
 @dataclass(frozen=True)
 class Limits:
-    max_prompt_chars: int = 2000
-    max_steps: int = 150
-    default_steps: int = 25
-    max_image_size: int = 1024
-    max_batch_instances: int = 8
-    default_scheduler: str = "auto"  # auto: the family's (ModelTraits.default_scheduler)
-    default_guidance_scale: float | None = None  # None: the family's (ModelTraits.default_guidance_scale)
-    max_input_pixels: int = 4096 * 4096  # an input image or mask with more is refused from its header
-    max_loras_per_request: int = 4
+    """What one request may ask for, and what it gets where it names nothing."""
+
+    # Each field is a flag: predictor/config.py makes it from the field, its help text and its bounds.
+    max_prompt_chars: int = field(
+        default=2000,
+        metadata={"help": "Longest prompt or negative prompt, in characters.", "gt": 0, "le": HARD_MAX_PROMPT_CHARS},
+    )
+    max_steps: int = field(
+        default=150, metadata={"help": "Most denoising steps a request may ask for.", "gt": 0, "le": HARD_MAX_STEPS}
+    )
+    default_steps: int = field(
+        default=25, metadata={"help": "Steps when a request names none; at most --max_steps.", "gt": 0}
+    )
+    max_image_size: int = field(
+        default=1024,
+        metadata={"help": "Largest width or height, in pixels.", "ge": MIN_IMAGE_SIZE, "le": HARD_MAX_IMAGE_SIZE},
+    )
+    max_batch_instances: int = field(
+        default=8,
+        metadata={
+            "help": "Most images in one request (v1 instances, v2 N, OpenAI n).",
+            "gt": 0,
+            "le": HARD_MAX_BATCH_INSTANCES,
+        },
+    )
+    # auto: the family's (ModelTraits.default_scheduler)
+    default_scheduler: Literal["auto", SchedulerName] = field(
+        default="auto",
+        metadata={
+            "help": "Scheduler when a request names none; auto: the family's. It is made from the checkpoint's own "
+            "scheduler config, so settings such as timestep_spacing (trailing for Turbo checkpoints), "
+            "prediction_type and the flow-matching shift carry over; one the model cannot use stops the start."
+        },
+    )
+    # None: the family's (ModelTraits.default_guidance_scale)
+    default_guidance_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "Guidance scale when a request names none (the family's by default, as diffusers sets it; "
+            "GET /v1/models/NAME/schedulers reports the one in use). 0 for Turbo checkpoints: they are distilled "
+            "without guidance.",
+            "ge": 0.0,
+            "le": MAX_GUIDANCE,
+            "default_text": "the family's",
+        },
+    )
+    max_input_pixels: int = field(
+        default=4096 * 4096,
+        metadata={
+            "help": "Most pixels an input image or mask may have; refused from its header, before it is decoded.",
+            "gt": 0,
+        },
+    )
+    max_loras_per_request: int = field(
+        default=4, metadata={"help": "Most LoRA adapters one request may name.", "gt": 0, "le": HARD_MAX_LORAS}
+    )
 
     def for_model(self, traits: ModelTraits) -> Limits:
         """These limits with the family's defaults in place of "auto", once the model is known."""
