@@ -1,6 +1,6 @@
 """The generation engine: one worker thread runs "schedule, run the step, process the output" in a loop.
 
-The batching policy is the scheduler's (``scheduler.py``, no torch), all torch work the runner's
+The batching policy is the scheduler's (``batching.py``, no torch), all torch work the runner's
 (``runners/``). This module holds the thread, submission and shutdown, the one out-of-memory halving helper,
 the metrics, and the loop's order of operations; ``docs/engine.md`` describes the design and why the loop runs
 in this order.
@@ -16,6 +16,7 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from predictor import metrics
+from predictor.batching import BatchScheduler, QueueFull, Reaped
 from predictor.config import EngineConfig
 from predictor.device import is_device_error, is_device_failure, is_oom
 from predictor.errors import (
@@ -31,7 +32,6 @@ from predictor.errors import (
 from predictor.jobs import GenerationResult, Job, JobState, ProgressCallback
 from predictor.loading import LoadedPipeline
 from predictor.runner import Decoded, DiffusionRunner, PendingDecode, PendingPreview
-from predictor.scheduler import BatchScheduler, QueueFull, Reaped
 
 logger = logging.getLogger(__name__)
 

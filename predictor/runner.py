@@ -26,6 +26,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
+from predictor.batching import AdapterLimit
 from predictor.compiled import CompiledDecoder, CompiledDenoiser, compile_cache_counts, compile_phases
 from predictor.config import EngineConfig
 from predictor.errors import GenerationFailed, PredictorError
@@ -33,7 +34,6 @@ from predictor.families.base import Conditioning, FamilyModel
 from predictor.jobs import Job
 from predictor.loading import LoadedPipeline
 from predictor.lora import RowAdapters
-from predictor.scheduler import AdapterLimit
 from predictor.schemas import GenerationParams
 
 logger = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from predictor.batching import AdapterLimit
 from predictor.device import is_device_error, is_oom
 from predictor.errors import GenerationFailed, InvalidRequest, PredictorError
 from predictor.lora.layers import DoesNotFit, delete_from, first_cause, read_into
@@ -18,7 +19,6 @@ from predictor.lora.library import LoraLibrary, LoraSet
 from predictor.lora.residency import Residency
 from predictor.lora.rows import PeftHookRows, RowLoRA
 from predictor.lora.slots import LayerWeights, SlotRows, take_weights
-from predictor.scheduler import AdapterLimit
 
 if TYPE_CHECKING:
     from predictor.jobs import Job

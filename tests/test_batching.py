@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from predictor.batching import AdapterLimit, BatchScheduler, QueueFull
 from predictor.jobs import IllegalTransition, Job, JobState
-from predictor.scheduler import AdapterLimit, BatchScheduler, QueueFull
 from predictor.testing import params
 
 SMALL, LARGE = (64, 64), (128, 128)
