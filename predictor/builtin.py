@@ -24,7 +24,8 @@ Full-size architectures, for GPU benchmarks without weights (their timings stand
 ``builtin:sd35-arch``  SD 3.5 large (8.1B MMDiT, CLIP ViT-L/14 and ViT-bigG/14 with projections, T5-XXL), 1024.
 ``builtin:sd35-medium-arch`` SD 3.5 medium (2.5B MMDiT-X), 1024.
 
-All are seeded, so the same builtin is the same pipeline in every process.
+All are seeded, so the same builtin is the same pipeline in every process. Each family's module
+(``predictor.families``) names the builtins that stand for it; ``builtin:NAME`` is resolved and built there.
 """
 
 from __future__ import annotations
