@@ -17,7 +17,7 @@ from typing import TextIO
 
 import httpx
 
-from predictor.schemas import OUTPUT_FORMATS
+from predictor.request import OUTPUT_FORMATS
 
 DEFAULT_URL = "http://localhost:8080"
 API_KEY_ENV = "PREDICTOR_API_KEY"

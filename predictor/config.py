@@ -14,7 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from predictor.schemas import (
+from predictor.request import (
     HARD_MAX_BATCH_INSTANCES,
     HARD_MAX_IMAGE_SIZE,
     HARD_MAX_LORAS,

@@ -44,7 +44,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from predictor import weights
 from predictor.builtin import BUILTIN_PREFIX, build_builtin, builtin_class_name
-from predictor.schemas import SCHEDULER_NAMES, ModelTraits
+from predictor.request import SCHEDULER_NAMES, ModelTraits
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +264,7 @@ class LoadedPipeline:
             modes=frozenset(modes),
             default_strength=default_strength,
             image_schedulers=image_schedulers,
+            flow_matching=family.flow_matching,
         )
 
     def describe(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from predictor.schemas import GenerationParams
+from predictor.request import GenerationParams
 
 READY_TIMEOUT_S = 120.0
 

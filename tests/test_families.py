@@ -36,7 +36,7 @@ from predictor.builtin import (
 from predictor.errors import InvalidRequest
 from predictor.model import DiffusionModel
 from predictor.pipeline import FAMILIES, SCHEDULERS, LoadedPipeline, LoadError, load_pipeline, make_scheduler
-from predictor.schemas import FAMILY_FIELDS, GenerationRequest, Limits, ModelTraits, resolve
+from predictor.request import FAMILY_FIELDS, GenerationRequest, Limits, ModelTraits, resolve
 from predictor.server import PredictorServer
 from predictor.testing import (
     MODEL_NAME,

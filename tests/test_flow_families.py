@@ -18,8 +18,8 @@ from predictor.builtin import build_builtin, build_tiny_flux, build_tiny_flux_de
 from predictor.config import EngineConfig
 from predictor.errors import InvalidRequest
 from predictor.pipeline import FAMILIES, LoadedPipeline, LoadError, load_pipeline, resolve_dtype, set_timesteps
+from predictor.request import GenerationRequest, Limits, resolve
 from predictor.runners import make_runner
-from predictor.schemas import GenerationRequest, Limits, resolve
 from predictor.testing import (
     assert_alone_and_mixed_equal,
     decode_image,

@@ -38,7 +38,7 @@ from predictor.builtin import (
 )
 from predictor.errors import InvalidRequest
 from predictor.pipeline import SCHEDULERS, load_pipeline
-from predictor.schemas import GenerationRequest, Limits, resolve
+from predictor.request import GenerationRequest, Limits, resolve
 from predictor.testing import (
     StepLog,
     assert_alone_and_mixed_equal,

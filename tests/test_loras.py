@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from predictor.builtin import build_tiny, build_tiny_flux_dev, build_tiny_sdxl
 from predictor.errors import InvalidRequest
 from predictor.pipeline import LoadError, load_pipeline
-from predictor.schemas import GenerationRequest, Limits, resolve
+from predictor.request import GenerationRequest, Limits, resolve
 from predictor.testing import (
     assert_alone_and_mixed_equal,
     diffusers_image,
@@ -491,7 +491,7 @@ def test_image_jobs_take_adapters_as_diffusers_image_pipelines_do(sd_dirs: tuple
     ],
 )
 def test_malformed_loras_are_400s_naming_the_field(loras, param: str, words: str) -> None:
-    from predictor.schemas import parse_request
+    from predictor.request import parse_request
 
     with pytest.raises(InvalidRequest, match=words) as error:
         parse_request({"prompt": "a", "loras": loras}, Limits())

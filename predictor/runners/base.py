@@ -29,8 +29,8 @@ from predictor.errors import GenerationFailed, PredictorError
 from predictor.jobs import Job
 from predictor.lora import LoraAdapters
 from predictor.pipeline import LoadedPipeline, set_timesteps
+from predictor.request import GenerationParams, kept_steps
 from predictor.scheduler import AdapterLimit
-from predictor.schemas import GenerationParams, kept_steps
 
 logger = logging.getLogger(__name__)
 

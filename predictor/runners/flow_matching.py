@@ -15,9 +15,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from predictor.config import EngineConfig
 from predictor.jobs import Job
 from predictor.pipeline import LoadedPipeline, make_scheduler
+from predictor.request import GenerationParams
 from predictor.runners.base import DenoiseWork
 from predictor.runners.latent import LatentRunner, posteriors
-from predictor.schemas import GenerationParams
 
 
 class TransformerCall(torch.nn.Module):

@@ -23,10 +23,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from predictor.jobs import Job
+from predictor.request import GenerationParams
 from predictor.runners.base import Conditioning
 from predictor.runners.flow_matching import FlowMatchingRunner, TransformerCall
 from predictor.runners.stable_diffusion import truncated
-from predictor.schemas import GenerationParams
 
 
 def _call_flux(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor, **inputs: Any) -> Any:

@@ -21,9 +21,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from predictor.config import EngineConfig
 from predictor.jobs import Job
 from predictor.pipeline import LoadedPipeline
+from predictor.request import GenerationParams
 from predictor.runners.base import Conditioning, ModelRunner
 from predictor.runners.compiled import CompiledDecoder, CompiledDenoiser, compile_cache_counts, compile_phases
-from predictor.schemas import GenerationParams
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from predictor.config import EngineConfig
 from predictor.jobs import Job
 from predictor.pipeline import LoadedPipeline, make_scheduler
+from predictor.request import GenerationParams
 from predictor.runners.base import Conditioning, DenoiseWork
 from predictor.runners.latent import LatentRunner, posteriors
-from predictor.schemas import GenerationParams
 
 logger = logging.getLogger(__name__)
 
