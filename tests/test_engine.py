@@ -21,9 +21,7 @@ from predictor.errors import DeadlineExceeded, OutOfMemory, Overloaded, WorkerSt
 from predictor.pipeline import SCHEDULERS, LoadedPipeline, load_pipeline
 from predictor.runners.base import ModelRunner
 from predictor.runners.compiled import CompiledDenoiser, batch_buckets
-from predictor.testing import StepLog, diffusers_image, params, pixels, running_engine, wait_until
-
-TOLERANCE = 1
+from predictor.testing import TOLERANCE, StepLog, diffusers_image, params, pixels, running_engine, wait_until
 
 SCHEDULER_NAMES = tuple(SCHEDULERS)  # the UNet families' registry
 

@@ -40,6 +40,7 @@ from predictor.request import FAMILY_FIELDS, GenerationRequest, Limits, ModelTra
 from predictor.server import PredictorServer
 from predictor.testing import (
     MODEL_NAME,
+    TOLERANCE,
     StepLog,
     decode_image,
     diffusers_image,
@@ -48,8 +49,6 @@ from predictor.testing import (
     pixels,
     running_engine,
 )
-
-TOLERANCE = 1
 
 SCHEDULER_NAMES = tuple(SCHEDULERS)  # the UNet families' registry
 

@@ -21,6 +21,7 @@ from predictor.pipeline import FAMILIES, LoadedPipeline, LoadError, load_pipelin
 from predictor.request import GenerationRequest, Limits, resolve
 from predictor.runners import make_runner
 from predictor.testing import (
+    TOLERANCE,
     assert_alone_and_mixed_equal,
     decode_image,
     diffusers_image,
@@ -32,8 +33,6 @@ from predictor.testing import (
     stop_server,
     wait_ready,
 )
-
-TOLERANCE = 1  # grey levels
 
 
 def _save(pipe, directory: Path) -> Path:

@@ -40,6 +40,7 @@ from predictor.errors import InvalidRequest
 from predictor.pipeline import SCHEDULERS, load_pipeline
 from predictor.request import GenerationRequest, Limits, resolve
 from predictor.testing import (
+    TOLERANCE,
     StepLog,
     assert_alone_and_mixed_equal,
     decode_image,
@@ -53,7 +54,6 @@ from predictor.testing import (
     wait_ready,
 )
 
-TOLERANCE = 1  # grey levels
 SCHEDULER_NAMES = [name for name in SCHEDULERS if name != "lcm"]
 
 

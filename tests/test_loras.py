@@ -20,6 +20,7 @@ from predictor.errors import InvalidRequest
 from predictor.pipeline import LoadError, load_pipeline
 from predictor.request import GenerationRequest, Limits, resolve
 from predictor.testing import (
+    TOLERANCE,
     assert_alone_and_mixed_equal,
     diffusers_image,
     diffusers_image_job,
@@ -27,8 +28,6 @@ from predictor.testing import (
     running_engine,
     save_random_lora,
 )
-
-TOLERANCE = 1  # grey levels
 
 
 @pytest.fixture(scope="module")
