@@ -16,9 +16,10 @@ from __future__ import annotations
 import functools
 import json
 import secrets
+import types
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
@@ -290,6 +291,16 @@ class GenerationRequest(ImageStrength, GenerationFields):
         description="Inpainting: paste the input back over the kept (black) area of the result, as diffusers' "
         "apply_overlay does; by default the result is the pipeline's own output everywhere.",
     )
+
+
+def value_type(annotation: Any) -> Any:
+    """A field's type without Optional and Annotated: ``str`` for ``Annotated[str, ...] | None``."""
+    if get_origin(annotation) is Annotated:
+        return value_type(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        kinds = [kind for kind in get_args(annotation) if kind is not type(None)]
+        return value_type(kinds[0]) if len(kinds) == 1 else annotation
+    return annotation
 
 
 def _marked(model: type[BaseModel], kind: type[Any]) -> Iterator[tuple[str, Any]]:

@@ -5,9 +5,8 @@ other field as a request parameter shared by the N images."""
 from __future__ import annotations
 
 import base64
-import types
 import uuid
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Any
 
 import numpy as np
 from kserve import InferOutput, InferRequest, InferResponse
@@ -15,7 +14,7 @@ from kserve import InferOutput, InferRequest, InferResponse
 from predictor.codec import to_base64
 from predictor.errors import InvalidRequest
 from predictor.protocols.base import Batch, Context, EncodedImage, RouteSpec, check_count
-from predictor.request import GenerationParams, GenerationRequest, parse_request
+from predictor.request import GenerationParams, GenerationRequest, parse_request, value_type
 
 ROUTES = (
     RouteSpec(
@@ -27,19 +26,10 @@ ROUTES = (
 _PROTOCOL_PARAMETERS = frozenset({"binary_data_output"})
 
 
-def _is_text(annotation: Any) -> bool:
-    """A ``str`` field, optional or not (a Literal is a choice, sent as a parameter)."""
-    if get_origin(annotation) is Annotated:
-        return _is_text(get_args(annotation)[0])
-    if get_origin(annotation) in (Union, types.UnionType):
-        kinds = [kind for kind in get_args(annotation) if kind is not type(None)]
-        return len(kinds) == 1 and _is_text(kinds[0])
-    return annotation is str
-
-
-# The input tensors: the request's text fields, in its order ("prompt" first and required).
+# The input tensors: the request's text fields, in its order ("prompt" first and required); a Literal is a
+# choice, sent as a parameter.
 TEXT_INPUTS: tuple[str, ...] = tuple(
-    name for name, info in GenerationRequest.model_fields.items() if _is_text(info.annotation)
+    name for name, info in GenerationRequest.model_fields.items() if value_type(info.annotation) is str
 )
 
 
