@@ -21,6 +21,7 @@ from PIL import Image
 from predictor.codec import MEDIA_TYPES, encode_image
 from predictor.config import Settings
 from predictor.errors import DeadlineExceeded, InvalidRequest, ModelNotLoaded
+from predictor.images import encode_png
 from predictor.jobs import GenerationResult
 from predictor.protocols import kserve_v1, kserve_v2
 from predictor.protocols.base import Batch, Context, EncodedImage, RouteCall, json_object
@@ -148,8 +149,6 @@ class DiffusionModel(Model):
     def default_params(self, prompt: str, steps: int | None = None) -> GenerationParams:
         request = GenerationRequest(prompt=prompt, num_inference_steps=steps, seed=0)
         if "text" not in self.traits.modes:  # an inpainting checkpoint: repaint the whole of a grey picture
-            from predictor.images import encode_png
-
             size = (self.traits.native_size, self.traits.native_size)
             image, mask = encode_png(Image.new("RGB", size, (128, 128, 128))), encode_png(Image.new("L", size, 255))
             request = request.model_copy(update={"image": image, "mask": mask})

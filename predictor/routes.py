@@ -19,7 +19,7 @@ from kserve.errors import ModelNotFound
 from predictor.errors import LoadTimedOut, ModelNotLoaded
 from predictor.model import DiffusionModel
 from predictor.protocols import generate, openai
-from predictor.protocols.base import RouteCall
+from predictor.protocols.base import RouteCall, error_response
 from predictor.protocols.sse import EventFormat, EventStream, Progress, write_events
 from predictor.request import FAMILY_FIELDS, MAX_LORA_SCALE, GenerationParams
 
@@ -53,7 +53,7 @@ def _check_ready(model: DiffusionModel) -> None:
 
 def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool = False) -> None:
     router = APIRouter(tags=["Images"])
-    not_found = {404: generate.error_response("Unknown model")}
+    not_found = {404: error_response("Unknown model")}
 
     @router.post(generate.PATH, response_class=Response, openapi_extra=generate.openapi(model.limits))
     async def generate_image(request: Request) -> Response:
@@ -164,7 +164,7 @@ def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool 
     @router.get(
         "/livez",
         tags=["Health"],
-        responses={503: generate.error_response("The GPU or the worker failed; restart the pod")},
+        responses={503: error_response("The GPU or the worker failed; restart the pod")},
     )
     async def live() -> dict[str, bool]:
         """Liveness for Kubernetes: 503 after an unrecoverable device error, a stopped generation worker, a hung

@@ -100,6 +100,33 @@ class RouteTable:
         return exc.body() if spec is None else spec.error_body(exc)
 
 
+# OpenAPI: this server's own error body.
+ERROR_BODY_SCHEMA = {
+    "type": "object",
+    "required": ["error", "error_type"],
+    "properties": {
+        "error": {"type": "string"},
+        "error_type": {"type": "string"},
+        "param": {"type": ["string", "null"]},
+    },
+}
+
+
+def error_response(description: str) -> dict[str, Any]:
+    """An OpenAPI response of this server's own error body."""
+    return {"description": description, "content": {"application/json": {"schema": ERROR_BODY_SCHEMA}}}
+
+
+# The statuses a generation request can get besides 200, in this server's error body.
+ERROR_RESPONSES = {
+    "400": error_response("Invalid input"),
+    "413": error_response("Request body too large"),
+    "500": error_response("The model produced no valid image"),
+    "503": error_response("Not ready, overloaded, out of GPU memory or shutting down"),
+    "504": error_response("Deadline exceeded"),
+}
+
+
 def json_object(body: bytes) -> Any:
     try:
         return json.loads(body)

@@ -9,15 +9,14 @@ from typing import Any
 
 from fastapi import Response
 
-from predictor.codec import to_base64
+from predictor.codec import MEDIA_TYPES, to_base64
 from predictor.errors import PredictorError
-from predictor.protocols.base import Context, EncodedImage, RouteSpec, json_object
+from predictor.protocols.base import ERROR_RESPONSES, Context, EncodedImage, RouteSpec, json_object
 from predictor.protocols.sse import preview_png, sse
 from predictor.request import GenerationParams, GenerationRequest, Limits, json_schema, parse_request
 
 PATH = "/generate"
 ROUTES = (RouteSpec((PATH,), takes_images=True),)
-MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp")
 
 
 def parse(body: bytes | dict[str, Any], ctx: Context) -> list[GenerationParams]:
@@ -77,31 +76,6 @@ class GenerateEvents:
 
 # ---- OpenAPI -----------------------------------------------------------------------------------------------------
 
-ERROR_BODY_SCHEMA = {
-    "type": "object",
-    "required": ["error", "error_type"],
-    "properties": {
-        "error": {"type": "string"},
-        "error_type": {"type": "string"},
-        "param": {"type": ["string", "null"]},
-    },
-}
-
-
-def error_response(description: str) -> dict[str, Any]:
-    """An OpenAPI response of this server's own error body."""
-    return {"description": description, "content": {"application/json": {"schema": ERROR_BODY_SCHEMA}}}
-
-
-# The statuses a generation request can get besides 200, in this server's error body.
-ERROR_RESPONSES = {
-    "400": error_response("Invalid input"),
-    "413": error_response("Request body too large"),
-    "500": error_response("The model produced no valid image"),
-    "503": error_response("Not ready, overloaded, out of GPU memory or shutting down"),
-    "504": error_response("Deadline exceeded"),
-}
-
 
 def openapi(limits: Limits) -> dict[str, Any]:
     """The OpenAPI entry of POST /generate: the request schema with this server's limits, every real status."""
@@ -112,7 +86,7 @@ def openapi(limits: Limits) -> dict[str, Any]:
             "200": {
                 "description": "The encoded image; its seed in X-Seed.",
                 "content": {
-                    **{media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES},
+                    **{media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()},
                     "text/event-stream": {"schema": {"type": "string"}},
                 },
                 "headers": {

@@ -7,8 +7,7 @@ from typing import Any
 
 from predictor.codec import to_base64
 from predictor.errors import InvalidRequest
-from predictor.protocols.base import Batch, Context, EncodedImage, RouteSpec, check_count
-from predictor.protocols.generate import ERROR_RESPONSES
+from predictor.protocols.base import ERROR_RESPONSES, Batch, Context, EncodedImage, RouteSpec, check_count
 from predictor.request import GenerationParams, GenerationRequest, Limits, json_schema, parse_request
 
 PATH = "/v1/models/{model_name}:predict"
