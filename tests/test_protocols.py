@@ -16,7 +16,7 @@ from PIL import Image
 from predictor.errors import InvalidRequest, OutOfMemory, PredictorError
 from predictor.protocols import openai
 from predictor.protocols.sse import write_events
-from predictor.request import GenerationRequest, Limits, ModelTraits, resolve
+from predictor.request import LORA_NAME_PATTERN, GenerationRequest, Limits, ModelTraits, resolve
 from predictor.server import route_list
 from predictor.testing import MODEL_NAME, decode_image, params
 
@@ -133,3 +133,10 @@ def test_startup_route_list_names_every_route(client: TestClient) -> None:
         assert route in listed, (route, listed)
     assert not [route for route in listed if "/v2/repository/" in route], "the disabled routes are not served"
     assert len(listed) == len(set(listed))
+
+
+def test_adapter_names_are_checked_at_the_edge_as_the_library_names_them() -> None:
+    """The request layer imports nothing of the LoRA code, so the pattern is written in both; they must agree."""
+    from predictor.lora import NAME_PATTERN
+
+    assert NAME_PATTERN == LORA_NAME_PATTERN
