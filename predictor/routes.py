@@ -6,7 +6,6 @@ Each route reads its wire format through ``predictor.protocols`` and goes throug
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from predictor.protocols.sse import EventFormat, EventStream, Progress, write_ev
 from predictor.request import FAMILY_FIELDS, MAX_LORA_SCALE, GenerationParams
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-logger = logging.getLogger(__name__)
 
 
 async def _event_stream(
