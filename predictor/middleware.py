@@ -2,7 +2,7 @@
 
 They work on the ASGI scope and ``receive`` channel, so they apply the same to /generate, v1 and v2 without
 touching KServe's handlers. What differs by route (the body limit, the error shape) is what each wire format
-declares for its routes (``protocols.ROUTES``), looked up by path before routing.
+declares for its routes (``server.ROUTES``), looked up by path before routing.
 """
 
 from __future__ import annotations

@@ -31,12 +31,16 @@ from predictor.config import Settings, read_api_keys
 from predictor.errors import HTTPError, PredictorError
 from predictor.middleware import ApiKeyGuard, RequestGuard
 from predictor.model import DiffusionModel
-from predictor.protocols import ROUTES, kserve_v1
+from predictor.protocols import generate, kserve_v1, kserve_v2, openai
+from predictor.protocols.base import RouteTable
 from predictor.request import Limits
 from predictor.routes import register_routes
 
 logger = logging.getLogger(__name__)
 
+
+# What each wire format declares for its routes (body limit, error shape), for the middleware and the error handlers.
+ROUTES = RouteTable((*generate.ROUTES, *kserve_v1.ROUTES, *kserve_v2.ROUTES, *openai.ROUTES))
 
 # Parts of a location that name the body or a union member (KServe types parameters as float|int|bool|str).
 _BODY_LOC_PARTS = frozenset({"body", "InferenceRequest", "bytes", "float", "int", "bool", "str"})
