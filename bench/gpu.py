@@ -110,7 +110,7 @@ def measure_bare(options: argparse.Namespace, bare: Bare) -> dict:
 
     from predictor.config import EngineConfig
     from predictor.engine import create_engine
-    from predictor.schemas import GenerationParams
+    from predictor.request import GenerationParams
 
     started = time.perf_counter()
     bare.pipe.save_pretrained(options.model_dir)

@@ -25,7 +25,7 @@ import torch
 from predictor.config import EngineConfig
 from predictor.engine import create_engine
 from predictor.loading import load_pipeline
-from predictor.schemas import GenerationParams
+from predictor.request import GenerationParams
 from predictor.testing import diffusers_image, pixels
 from predictor.testing import params as test_params
 

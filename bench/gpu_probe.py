@@ -48,7 +48,7 @@ mark("import kserve.model_server")
 from predictor.config import EngineConfig  # noqa: E402
 from predictor.engine import create_engine  # noqa: E402
 from predictor.loading import load_pipeline  # noqa: E402
-from predictor.schemas import GenerationParams  # noqa: E402
+from predictor.request import GenerationParams  # noqa: E402
 
 mark("import predictor")
 

@@ -22,7 +22,7 @@ from common import median, serve_in_thread  # noqa: E402
 
 from predictor.config import parse_settings  # noqa: E402
 from predictor.model import DiffusionModel  # noqa: E402
-from predictor.schemas import GenerationRequest, resolve  # noqa: E402
+from predictor.request import GenerationRequest, resolve  # noqa: E402
 
 
 def main() -> None:

@@ -13,14 +13,48 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import Any, Literal, TextIO, get_origin
 
 import httpx
 
-from predictor.schemas import OUTPUT_FORMATS
+from predictor.request import OUTPUT_FORMATS, GenerationRequest, value_type
 
 DEFAULT_URL = "http://localhost:8080"
 API_KEY_ENV = "PREDICTOR_API_KEY"
+
+
+# This client's short options for request fields; every other field it sends as given has an option of its name.
+_SHORT_OPTIONS = {
+    "num_inference_steps": "--steps",
+    "negative_prompt": "--negative",
+    "prompt_2": "--prompt2",
+    "negative_prompt_2": "--negative2",
+    "prompt_3": "--prompt3",
+    "negative_prompt_3": "--negative3",
+    "guidance_scale": "--guidance",
+    "true_cfg_scale": "--true_cfg",
+}
+# Fields the client sets its own way: the prompt (positional), the files (--image, --mask), --lora NAME:SCALE,
+# the format (-o's extension or --format) and previews (it draws none).
+_OWN_WAY = frozenset({"prompt", "image", "mask", "loras", "output_format", "partial_images"})
+
+
+def _option_type(annotation: Any) -> Any:
+    """What a field's option reads: its value's type (a choice among names: a string, which the server checks)."""
+    kind = value_type(annotation)
+    return str if get_origin(kind) is Literal else kind
+
+
+# The request fields that are options, each as (option strings, type, help): from the request's one definition.
+REQUEST_OPTIONS = {
+    name: (
+        (_SHORT_OPTIONS[name], f"--{name}") if name in _SHORT_OPTIONS else (f"--{name}",),
+        _option_type(info.annotation),
+        info.description,
+    )
+    for name, info in GenerationRequest.model_fields.items()
+    if name not in _OWN_WAY
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,23 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("prompt", help="What to draw.")
     parser.add_argument("-o", "--output", default="out.png", help="Where to write the image (default: out.png).")
     parser.add_argument("--url", default=DEFAULT_URL, help=f"Server base URL (default: {DEFAULT_URL}).")
-    parser.add_argument("--steps", type=int, help="Denoising steps.")
-    parser.add_argument("--seed", type=int, help="Seed (default: drawn by the server; printed).")
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--negative", help="Negative prompt.")
-    parser.add_argument(
-        "--prompt2", help="SDXL, SD3: prompt for the second CLIP encoder; FLUX: for T5 (default: the prompt)."
-    )
-    parser.add_argument("--negative2", help="SDXL, FLUX, SD3: negative prompt for the second text encoder.")
-    parser.add_argument("--prompt3", help="SD3: prompt for the T5 encoder (default: the prompt).")
-    parser.add_argument("--negative3", help="SD3: negative prompt for the T5 encoder.")
-    parser.add_argument("--guidance", type=float, help="Guidance scale.")
-    parser.add_argument("--true_cfg", type=float, help="FLUX: guidance against --negative when above 1.")
-    parser.add_argument("--scheduler", help="Scheduler name (see GET /v1/models/NAME/schedulers).")
+    for name, (options, kind, help_text) in REQUEST_OPTIONS.items():
+        help_text = (help_text or "").replace("%", "%%")  # argparse formats help with %
+        if kind is bool:
+            parser.add_argument(*options, dest=name, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(*options, dest=name, type=kind, help=help_text)
     parser.add_argument("--image", help="img2img / inpainting: an input picture file (PNG, JPEG or WebP).")
     parser.add_argument("--mask", help="Inpainting: a mask file, white = repaint, black = keep (needs --image).")
-    parser.add_argument("--strength", type=float, help="With --image: how much of the schedule runs (0 < s <= 1).")
     parser.add_argument(
         "--lora",
         action="append",
@@ -93,25 +118,10 @@ def output_format(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 def request_body(args: argparse.Namespace, output_format: str) -> dict:
     body: dict = {"prompt": args.prompt}
-    fields = {
-        "steps": "num_inference_steps",
-        "seed": "seed",
-        "width": "width",
-        "height": "height",
-        "negative": "negative_prompt",
-        "prompt2": "prompt_2",
-        "negative2": "negative_prompt_2",
-        "prompt3": "prompt_3",
-        "negative3": "negative_prompt_3",
-        "guidance": "guidance_scale",
-        "true_cfg": "true_cfg_scale",
-        "strength": "strength",
-        "scheduler": "scheduler",
-    }
-    for option, field in fields.items():
-        value = getattr(args, option)
+    for name in REQUEST_OPTIONS:
+        value = getattr(args, name)
         if value is not None:
-            body[field] = value
+            body[name] = value
     if args.lora:
         body["loras"] = args.lora
     body["output_format"] = output_format

@@ -27,7 +27,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from predictor.schemas import MAX_T5_TOKENS, Limits
+from predictor.request import MAX_T5_TOKENS, Limits
 
 Device = Literal["auto", "cuda", "cpu"]
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
@@ -408,7 +408,7 @@ def flags_markdown(parser: argparse.ArgumentParser | None = None) -> str:
         "# Flags",
         "",
         "`python -m predictor --help` prints the same. Each flag of this server is a field of one settings section "
-        "in `predictor/config.py` (`Limits` in `predictor/schemas.py`), with its default, its bounds and this text; "
+        "in `predictor/config.py` (`Limits` in `predictor/request.py`), with its default, its bounds and this text; "
         "a value outside its bounds, or a combination the server refuses, stops the start with exit code 2 and a "
         "message naming the flag.",
         "",

@@ -1,9 +1,9 @@
 """The generation engine: one worker thread runs "schedule, run the step, process the output" in a loop.
 
-The batching policy is the scheduler's (``batching.py``, no torch), all torch work the runner's
-(``runners/``). This module holds the thread, submission and shutdown, the one out-of-memory halving helper,
-the metrics, and the loop's order of operations; ``docs/engine.md`` describes the design and why the loop runs
-in this order.
+The batching policy is the batch scheduler's (``batching.py``, no torch), all torch work the runner's
+(``runner.py``, which asks the family's module in ``families/`` what differs). This module holds the thread,
+submission and shutdown, the one out-of-memory halving helper, the metrics, and the loop's order of operations;
+``docs/engine.md`` describes the design and why the loop runs in this order.
 """
 
 from __future__ import annotations

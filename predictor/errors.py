@@ -1,9 +1,11 @@
 """Error types and their one HTTP mapping.
 
 Every error a client can see is a ``PredictorError``: it carries the HTTP status, a stable
-``error_type`` and, for bad input, the offending ``param``. ``server.py`` turns it into the one
-error body, ``{"error": ..., "error_type": ..., "param": ...}``; the OpenAI-compatible route
-wraps the same fields in OpenAI's shape.
+``error_type`` and, for bad input, the offending ``param``. Failures this server does not raise itself
+(KServe's, the web framework's) become one too (``HTTPError``). The body is built from it by the wire format
+of the route it happened on (``protocols.base.RouteSpec.error_body``): this server's own
+``{"error": ..., "error_type": ..., "param": ...}`` (``body()``) everywhere but on the OpenAI routes, which
+wrap the same fields in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -25,7 +27,25 @@ class PredictorError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
+        """This server's own error body, a superset of KServe's ``{"error"}``."""
         return {"error": self.message, "error_type": self.error_type, "param": self.param}
+
+
+class HTTPError(PredictorError):
+    """A failure reported by KServe or the web framework (an unknown route, a wrong method, KServe's own errors),
+    carried as a ``PredictorError`` so that it gets the same error body."""
+
+    def __init__(
+        self,
+        status_code: int,
+        error_type: str,
+        message: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message, param, headers)
+        self.status_code = status_code
+        self.error_type = error_type
 
 
 class InvalidRequest(PredictorError, InvalidInput):
@@ -40,6 +60,16 @@ class InvalidRequest(PredictorError, InvalidInput):
 
     def __str__(self) -> str:
         return self.message
+
+
+class Unauthorized(PredictorError):
+    """No valid API key on a route that needs one."""
+
+    status_code = 401
+    error_type = "invalid_api_key"
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
 class PayloadTooLarge(PredictorError, HTTPException):

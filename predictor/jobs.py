@@ -12,10 +12,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from predictor.schemas import GenerationParams
+from predictor.request import GenerationParams
 
-# Called on the worker thread as (event, current, total): ("queued", position, 0) and ("step", i, n).
-# (event, step, of steps[, preview]): "queued" (position, 0), "step", and "preview" with a uint8 HxWx3 array.
+# Called on the worker thread as (event, current, total[, preview]): ("queued", position, 0), ("step", i, n) and
+# ("preview", i, n, a uint8 HxWx3 array).
 ProgressCallback = Callable[..., None]
 
 

@@ -18,6 +18,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from predictor import weights
+from predictor.config import ModelSource
 from predictor.errors import LoadError
 from predictor.families import (
     BUILTIN_PREFIX,
@@ -30,7 +31,7 @@ from predictor.families import (
 )
 from predictor.logs import install_log_filters
 from predictor.lora import LoraLibrary
-from predictor.schemas import ModelTraits
+from predictor.request import ModelTraits
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,23 @@ def describe_source(model_dir: str | None, model_id: str) -> str:
     if model_dir and (Path(model_dir) / MODEL_INDEX).is_file():
         return model_dir
     return model_id
+
+
+def load_source(source: ModelSource) -> LoadedPipeline:
+    """The pipeline the model flags (``ModelSource``) name."""
+    return load_pipeline(
+        source.model_dir,
+        source.model_id,
+        source.revision,
+        device_flag=source.device,
+        dtype_flag=source.dtype,
+        safety_checker=source.safety_checker,
+        variant=source.variant,
+        max_sequence_length=source.max_sequence_length,
+        preview_vae_dir=source.preview_vae_dir,
+        lora_dir=source.lora_dir,
+        max_lora_bytes=source.max_lora_bytes,
+    )
 
 
 def load_pipeline(

@@ -1,7 +1,8 @@
 """ASGI middleware for every route, KServe's included: API keys, a request body limit and cancel-on-disconnect.
 
 They work on the ASGI scope and ``receive`` channel, so they apply the same to /generate, v1 and v2 without
-touching KServe's handlers.
+touching KServe's handlers. What differs by route (the body limit, the error shape) is what each wire format
+declares for its routes (``server.ROUTES``), looked up by path before routing.
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from predictor.errors import PayloadTooLarge
+from predictor.errors import PayloadTooLarge, PredictorError, Unauthorized
+from predictor.protocols.base import RouteTable
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -22,24 +23,14 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-async def _send_error(
-    send: Send,
-    status: int,
-    message: str,
-    error_type: str,
-    openai_shape: bool,
-    param: str | None = "body",
-    headers: tuple[tuple[bytes, bytes], ...] = (),
-) -> None:
-    if openai_shape:  # the OpenAI-compatible route answers in OpenAI's error shape
-        error = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": error_type}}
-    else:
-        error = {"error": message, "error_type": error_type, "param": param}
-    body = json.dumps(error).encode()
+async def _send_error(send: Send, scope: Scope, routes: RouteTable, exc: PredictorError) -> None:
+    """``exc`` answered in the error shape of the route asked for."""
+    body = json.dumps(routes.error_body(scope.get("path", ""), exc)).encode()
+    headers = [(name.lower().encode(), value.encode()) for name, value in exc.headers.items()]
     await send(
         {
             "type": "http.response.start",
-            "status": status,
+            "status": exc.status_code,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
@@ -50,10 +41,6 @@ async def _send_error(
     await send({"type": "http.response.body", "body": body})
 
 
-def _is_openai_route(scope: Scope) -> bool:
-    return scope.get("path", "").startswith("/v1/images/")
-
-
 class ApiKeyGuard:
     """Every request that is not a read (every POST: the generation routes) needs ``Authorization: Bearer KEY``
     with one of ``keys``; health, readiness, metrics, discovery and the playground page are GETs and stay open.
@@ -61,9 +48,10 @@ class ApiKeyGuard:
 
     OPEN_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], routes: RouteTable) -> None:
         self.app = app
         self._keys = tuple(key.encode() for key in keys)
+        self._routes = routes
 
     def _authorized(self, scope: Scope) -> bool:
         header = next((value for name, value in scope.get("headers", []) if name == b"authorization"), b"")
@@ -78,45 +66,35 @@ class ApiKeyGuard:
         if scope["type"] != "http" or scope.get("method") in self.OPEN_METHODS or self._authorized(scope):
             await self.app(scope, receive, send)
             return
-        await _send_error(
-            send,
-            401,
-            "a valid API key is required: send 'Authorization: Bearer <key>'",
-            "invalid_api_key",
-            _is_openai_route(scope),
-            param=None,
-            headers=((b"www-authenticate", b"Bearer"),),
-        )
-
-
-# The routes whose bodies may carry input images (img2img, inpainting, OpenAI edits): they get --max_image_bytes.
-_IMAGE_ROUTE = re.compile(
-    r"^/(generate|v1/models/[^/]+:predict|v2/models/[^/]+(/versions/[^/]+)?/infer|v1/images/edits)$"
-)
+        unauthorized = Unauthorized("a valid API key is required: send 'Authorization: Bearer <key>'")
+        await _send_error(send, scope, self._routes, unauthorized)
 
 
 class RequestGuard:
-    """Refuses bodies over ``max_body_bytes`` (``max_image_bytes`` on the routes that take input images) with 413
-    before reading them whole, and cancels the handler when the client disconnects after sending its request, so
-    abandoned generations stop at the next step."""
+    """Refuses bodies over ``max_body_bytes`` (``max_image_bytes`` on the routes whose wire format takes input
+    images: img2img, inpainting, OpenAI edits) with 413 before reading them whole, and cancels the handler when
+    the client disconnects after sending its request, so abandoned generations stop at the next step."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, max_image_bytes: int | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, routes: RouteTable, max_image_bytes: int | None = None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.max_image_bytes = max_image_bytes if max_image_bytes is not None else max_body_bytes
+        self._routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if _IMAGE_ROUTE.match(scope.get("path", "")):
+        if self._routes.takes_images(scope.get("path", "")):
             limit, flag = self.max_image_bytes, "--max_image_bytes"
         else:
             limit, flag = self.max_body_bytes, "--max_body_bytes"
         too_large = f"the request body exceeds {limit} bytes ({flag})"
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await _send_error(send, 413, too_large, "payload_too_large", _is_openai_route(scope))
+                await _send_error(send, scope, self._routes, PayloadTooLarge(too_large, param="body"))
                 return
 
         body_done = asyncio.Event()

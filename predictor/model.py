@@ -1,6 +1,7 @@
 """DiffusionModel: the kserve.Model that every route goes through.
 
-preprocess   protocol body (v1 dict, v2 InferRequest, or a RouteCall from /generate) -> validated params
+preprocess   protocol body (v1 dict, v2 InferRequest, or a RouteCall from this server's routes) -> validated
+             params, through the wire format's parser (``predictor.protocols``)
 predict      submit the images to the engine and await them (torch runs on the engine's thread only)
 postprocess  encode the images (off the event loop) and shape the protocol's response
 """
@@ -8,36 +9,23 @@ postprocess  encode the images (off the event loop) and shape the protocol's res
 from __future__ import annotations
 
 import asyncio
-import base64
-import dataclasses
-import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from kserve import InferOutput, InferRequest, InferResponse, Model
+from kserve import InferRequest, Model
 from PIL import Image
 
-from predictor.codec import MEDIA_TYPES, encode_image, to_base64
+from predictor.codec import MEDIA_TYPES, encode_image
 from predictor.config import Settings
 from predictor.errors import DeadlineExceeded, InvalidRequest, ModelNotLoaded
-from predictor.jobs import GenerationResult, ProgressCallback
-from predictor.schemas import (
-    MAX_SEED,
-    GenerationParams,
-    GenerationRequest,
-    ModelTraits,
-    parse_openai_edit,
-    parse_openai_request,
-    parse_request,
-    resolve,
-)
+from predictor.images import encode_png
+from predictor.jobs import GenerationResult
+from predictor.protocols import kserve_v1, kserve_v2
+from predictor.protocols.base import Batch, Context, EncodedImage, RouteCall, json_object
+from predictor.request import GenerationParams, GenerationRequest, ModelTraits, resolve
 
 if TYPE_CHECKING:  # torch and diffusers are imported by load(), so the HTTP listener can come up before them
     from predictor.engine import GenerationEngine
@@ -49,55 +37,6 @@ logger = logging.getLogger(__name__)
 _WARMUP_TIMEOUT_S = 600.0
 # Grace beyond --request_timeout_s before a request whose step is stuck is answered 504 anyway.
 _DEADLINE_SLACK_S = 2.0
-# v2 request parameters that belong to the protocol, not to the generation request.
-_V2_PROTOCOL_PARAMETERS = frozenset({"binary_data_output"})
-# v2 input tensors (BYTES, shape [N]: one element per image); "prompt" is required.
-# v2 BYTES input tensors: the texts, and the input image and mask as base64 strings (as v2 returns images).
-_V2_TEXT_INPUTS = (
-    "prompt",
-    "negative_prompt",
-    "prompt_2",
-    "negative_prompt_2",
-    "prompt_3",
-    "negative_prompt_3",
-    "image",
-    "mask",
-)
-
-
-@dataclass
-class RouteCall:
-    """A request from one of this server's own routes, carried through the same model path."""
-
-    protocol: Literal["generate", "openai", "openai_edit"]
-    body: Any
-    on_progress: ProgressCallback | None = None
-    streaming: bool = False  # the response is a stream, which can carry partial images
-
-
-@dataclass
-class Batch:
-    protocol: str
-    params: list[GenerationParams]
-    request_id: str | None = None
-    on_progress: ProgressCallback | None = None
-    futures: list[Future[GenerationResult]] = field(default_factory=list)
-    results: list[GenerationResult] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class EncodedImage:
-    data: bytes
-    media_type: str
-    result: GenerationResult
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {
-            "X-Seed": str(self.result.params.seed),
-            "X-Prompt-Truncated": str(self.result.prompt_truncated).lower(),
-            "X-NSFW": str(self.result.nsfw).lower(),
-        }
 
 
 class DiffusionModel(Model):
@@ -210,8 +149,6 @@ class DiffusionModel(Model):
     def default_params(self, prompt: str, steps: int | None = None) -> GenerationParams:
         request = GenerationRequest(prompt=prompt, num_inference_steps=steps, seed=0)
         if "text" not in self.traits.modes:  # an inpainting checkpoint: repaint the whole of a grey picture
-            from predictor.images import encode_png
-
             size = (self.traits.native_size, self.traits.native_size)
             image, mask = encode_png(Image.new("RGB", size, (128, 128, 128))), encode_png(Image.new("L", size, 255))
             request = request.model_copy(update={"image": image, "mask": mask})
@@ -220,7 +157,7 @@ class DiffusionModel(Model):
     # ---- protocol path -------------------------------------------------------------------------
 
     def validate(self, payload: Any) -> Any:
-        # preprocess already validated everything against schemas.py.
+        # preprocess already validated everything (predictor.request, through the protocol's parser).
         return payload
 
     async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> Batch:
@@ -250,94 +187,21 @@ class DiffusionModel(Model):
         return batch
 
     def _parsed(self, payload: Any, request_id: str | None) -> Batch:
+        ctx = Context(self.limits, self.name, self._resolve)
         if isinstance(payload, RouteCall):
-            if payload.protocol == "openai_edit":
-                edit = payload.body
-                requests, images = parse_openai_edit(
-                    edit["fields"], edit["images"], edit["mask"], self.limits, self.name
-                )
-            else:
-                body = _json_object(payload.body) if isinstance(payload.body, bytes) else payload.body
-                if payload.protocol == "openai":
-                    request, images = parse_openai_request(body, self.limits, self.name)
-                else:
-                    request, images = parse_request(body, self.limits), 1
-                requests = [request]
-            params = []
-            for request in requests:
-                first = resolve(request, self.limits, self.traits, adapters=self.adapters)
-                # The images of one request: seeds seed, seed+1, ... so each can be reproduced alone.
-                params += [first] + [
-                    dataclasses.replace(first, seed=(first.seed + k) % (MAX_SEED + 1)) for k in range(1, images)
-                ]
-            return Batch(payload.protocol, params, request_id, payload.on_progress)
+            return Batch(payload.parse(payload.body, ctx), request_id, payload.on_progress)
         if isinstance(payload, InferRequest):
-            return Batch("v2", self._parse_v2(payload), payload.id or request_id)
+            params = kserve_v2.parse(payload, ctx)
+            return Batch(params, payload.id or request_id, render=kserve_v2.render, model_name=self.name)
         if isinstance(payload, bytes):
             # KServe hands over the raw body when the content type is not JSON (curl -d sends a form type).
-            payload = _json_object(payload)
+            payload = json_object(payload)
         if isinstance(payload, dict):
-            return Batch("v1", self._parse_v1(payload), request_id)
+            return Batch(kserve_v1.parse(payload, ctx), request_id, render=kserve_v1.render, model_name=self.name)
         raise InvalidRequest("the request body must be a JSON object", param="body")
 
-    def _parse_v1(self, body: dict[str, Any]) -> list[GenerationParams]:
-        unknown = set(body) - {"instances"}
-        if unknown:
-            name = sorted(unknown)[0][:64]
-            raise InvalidRequest(f"unknown field '{name}'; a v1 request is {{\"instances\": [...]}}", param=name)
-        instances = body.get("instances")
-        if not isinstance(instances, list):
-            raise InvalidRequest("'instances' must be a list of generation requests", param="instances")
-        self._check_count(len(instances), "instances")
-        prefixes = [f"instances[{i}]." for i in range(len(instances))]
-        requests = [parse_request(item, self.limits, prefix) for item, prefix in zip(instances, prefixes, strict=True)]
-        return [
-            resolve(request, self.limits, self.traits, prefix=prefix, adapters=self.adapters)
-            for request, prefix in zip(requests, prefixes, strict=True)
-        ]
-
-    def _parse_v2(self, request: InferRequest) -> list[GenerationParams]:
-        tensors: dict[str, list[str]] = {}
-        for tensor in request.inputs:
-            if tensor.name not in _V2_TEXT_INPUTS:
-                names = ", ".join(f"'{name}'" for name in _V2_TEXT_INPUTS[1:])
-                raise InvalidRequest(
-                    f"unknown input '{tensor.name[:64]}'; inputs are 'prompt' and optional {names}",
-                    param=f"inputs.{tensor.name[:64]}",
-                )
-            tensors[tensor.name] = _bytes_tensor_as_strings(tensor.name, tensor.datatype, tensor.shape, tensor.data)
-        if "prompt" not in tensors:
-            raise InvalidRequest("input 'prompt' (BYTES, shape [N]) is required", param="inputs.prompt")
-        prompts = tensors["prompt"]
-        self._check_count(len(prompts), "inputs.prompt")
-        for name, values in tensors.items():
-            if len(values) != len(prompts):
-                raise InvalidRequest(f"input '{name}' must have as many elements as 'prompt'", param=f"inputs.{name}")
-        parameters = {k: v for k, v in (request.parameters or {}).items() if k not in _V2_PROTOCOL_PARAMETERS}
-        for name in _V2_TEXT_INPUTS:
-            if name in parameters:
-                raise InvalidRequest(f"'{name}' is an input tensor, not a parameter", param=f"parameters.{name}")
-        params = []
-        for index in range(len(prompts)):
-            body = {**parameters, **{name: values[index] for name, values in tensors.items()}}
-            generation = parse_request(body, self.limits)
-            try:
-                params.append(resolve(generation, self.limits, self.traits, adapters=self.adapters))
-            except InvalidRequest as exc:
-                if exc.param in _V2_TEXT_INPUTS:  # a family check on a text: it came as an input tensor
-                    raise InvalidRequest(exc.message, param=f"inputs.{exc.param}") from None
-                raise
-        return params
-
-    def _check_count(self, count: int, param: str) -> None:
-        if count < 1:
-            raise InvalidRequest(f"'{param}' must hold at least one request", param=param)
-        if count > self.limits.max_batch_instances:
-            raise InvalidRequest(
-                f"'{param}' holds {count} requests; at most {self.limits.max_batch_instances} "
-                "(--max_batch_instances) per call",
-                param=param,
-            )
+    def _resolve(self, request: GenerationRequest, prefix: str) -> GenerationParams:
+        return resolve(request, self.limits, self.traits, prefix=prefix, adapters=self.adapters)
 
     def submit(self, batch: Batch) -> None:
         """Queue the batch's images (503 overloaded / shutting_down raise here, before any response starts)."""
@@ -374,39 +238,18 @@ class DiffusionModel(Model):
         self, batch: Batch, headers: dict[str, str] | None = None, response_headers: dict[str, str] | None = None
     ) -> Any:
         encoded = await asyncio.to_thread(_encode_all, batch.results)
-        if batch.protocol == "v1":
-            return {"predictions": [_v1_prediction(item) for item in encoded]}
-        if batch.protocol == "v2":
-            return _v2_response(self.name, batch.request_id, encoded)
+        if batch.render is not None:
+            return batch.render(batch, encoded)
+        # This server's own routes answer with the images themselves; one image's facts go in the headers.
         if response_headers is not None and len(encoded) == 1:
             response_headers.update(encoded[0].headers)
         return encoded
 
 
-def _json_object(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise InvalidRequest("the request body is not valid JSON", param="body") from None
-
-
 def _load_from_settings(settings: Settings) -> LoadedPipeline:
-    from predictor.loading import load_pipeline
+    from predictor.loading import load_source
 
-    source = settings.source
-    return load_pipeline(
-        source.model_dir,
-        source.model_id,
-        source.revision,
-        source.device,
-        source.dtype,
-        source.safety_checker,
-        source.variant,
-        source.max_sequence_length,
-        source.preview_vae_dir,
-        source.lora_dir,
-        source.max_lora_bytes,
-    )
+    return load_source(settings.source)
 
 
 def _encode_all(results: list[GenerationResult]) -> list[EncodedImage]:
@@ -425,56 +268,3 @@ def _pasted_back(result: GenerationResult) -> Image.Image:
 
     params = result.params
     return VaeImageProcessor().apply_overlay(params.mask, params.image, result.image)
-
-
-def _v1_prediction(item: EncodedImage) -> dict[str, Any]:
-    params = item.result.params
-    return {
-        "image": {"b64": to_base64(item.data), "format": params.output_format},
-        "seed": params.seed,
-        "width": params.width,
-        "height": params.height,
-        "prompt_truncated": item.result.prompt_truncated,
-        "nsfw": item.result.nsfw,
-    }
-
-
-def _v2_response(model_name: str, request_id: str | None, encoded: list[EncodedImage]) -> InferResponse:
-    n = len(encoded)
-    outputs = [
-        InferOutput("image", [n], "BYTES", [to_base64(item.data) for item in encoded]),
-        InferOutput("seed", [n], "INT64", [item.result.params.seed for item in encoded]),
-        InferOutput("nsfw", [n], "BOOL", [item.result.nsfw for item in encoded]),
-        InferOutput("prompt_truncated", [n], "BOOL", [item.result.prompt_truncated for item in encoded]),
-    ]
-    formats = sorted({item.result.params.output_format for item in encoded})
-    return InferResponse(
-        response_id=request_id or str(uuid.uuid4()),
-        model_name=model_name,
-        infer_outputs=outputs,
-        parameters={"output_format": ",".join(formats)},
-    )
-
-
-def _bytes_tensor_as_strings(name: str, datatype: str, shape: list[int], data: Any) -> list[str]:
-    param = f"inputs.{name}"
-    if datatype != "BYTES":
-        raise InvalidRequest(f"input '{name}' must have datatype BYTES, not {datatype[:16]}", param=param)
-    values = data.tolist() if isinstance(data, np.ndarray) else data
-    if not isinstance(values, list):
-        raise InvalidRequest(f"input '{name}' must hold a list of strings", param=param)
-    if len(shape) != 1 or shape[0] != len(values):
-        raise InvalidRequest(f"input '{name}' must have shape [N] matching its {len(values)} elements", param=param)
-    strings = []
-    for value in values:
-        if isinstance(value, bytes) and name in ("image", "mask") and not value.isascii():
-            value = base64.b64encode(value).decode("ascii")  # a binary tensor holding the file itself
-        if isinstance(value, bytes):
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidRequest(f"input '{name}' is not valid UTF-8", param=param) from None
-        if not isinstance(value, str):
-            raise InvalidRequest(f"input '{name}' must hold strings", param=param)
-        strings.append(value)
-    return strings

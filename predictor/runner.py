@@ -34,7 +34,7 @@ from predictor.families.base import Conditioning, FamilyModel
 from predictor.jobs import Job
 from predictor.loading import LoadedPipeline
 from predictor.lora import RowAdapters
-from predictor.schemas import GenerationParams
+from predictor.request import GenerationParams
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def _one_by_one(vae: Any, latents: torch.Tensor) -> torch.Tensor:
 
 def strength_schedule(scheduler: SchedulerMixin, steps: int, strength: float, kept: int) -> torch.Tensor:
     """The tail of a schedule an img2img or inpainting job runs, as diffusers' ``get_timesteps``: its last ``kept``
-    steps (``schemas.kept_steps``), the scheduler's begin index set where they start."""
+    steps (``request.kept_steps``), the scheduler's begin index set where they start."""
     start = (steps - kept) * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)

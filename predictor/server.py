@@ -1,9 +1,10 @@
 """The KServe model server, extended: this server's routes, one error body, safe defaults.
 
 KServe's ``ModelServer`` serves its module-global FastAPI app; ``PredictorServer`` builds a fresh app per
-server instead (so tests can build several), registers /generate beside KServe's v1/v2 routes, removes the
-model repository load/unload routes (anyone could unload the model), and maps every error to
-``{"error", "error_type", "param"}`` without tracebacks.
+server instead (so tests can build several), registers this server's routes beside KServe's v1/v2 routes,
+removes the model repository load/unload routes (anyone could unload the model), and answers every error, without
+tracebacks, in the error body of the route's wire format: ``{"error", "error_type", "param"}``, or OpenAI's on the
+OpenAI routes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import threading
 from importlib import metadata
 
+import fastapi.routing
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -26,68 +28,96 @@ from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from predictor.config import Settings, read_api_keys
-from predictor.errors import PredictorError
+from predictor.errors import HTTPError, PredictorError
 from predictor.middleware import ApiKeyGuard, RequestGuard
 from predictor.model import DiffusionModel
+from predictor.protocols import generate, kserve_v1, kserve_v2, openai
+from predictor.protocols.base import RouteTable
+from predictor.request import Limits
 from predictor.routes import register_routes
 
 logger = logging.getLogger(__name__)
 
 
+# What each wire format declares for its routes (body limit, error shape), for the middleware and the error handlers.
+ROUTES = RouteTable((*generate.ROUTES, *kserve_v1.ROUTES, *kserve_v2.ROUTES, *openai.ROUTES))
+
 # Parts of a location that name the body or a union member (KServe types parameters as float|int|bool|str).
 _BODY_LOC_PARTS = frozenset({"body", "InferenceRequest", "bytes", "float", "int", "bool", "str"})
 
 
-def _error_response(status: int, message: str, error_type: str, param: str | None = None, headers=None):
-    body = {"error": message, "error_type": error_type, "param": param}
-    return JSONResponse(status_code=status, content=body, headers=headers)
+def _respond(request: Request, exc: PredictorError) -> JSONResponse:
+    """``exc`` as the error body of the wire format whose route it happened on."""
+    body = ROUTES.error_body(request.scope.get("path", ""), exc)
+    return JSONResponse(status_code=exc.status_code, content=body, headers=exc.headers or None)
 
 
-async def _predictor_error(_: Request, exc: PredictorError) -> JSONResponse:
+async def _predictor_error(request: Request, exc: PredictorError) -> JSONResponse:
     if exc.status_code >= 500:
         logger.warning("%s: %s", exc.error_type, exc.message)
-    return _error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.headers)
+    return _respond(request, exc)
 
 
-async def _kserve_invalid_input(_: Request, exc: InvalidInput) -> JSONResponse:
+async def _kserve_invalid_input(request: Request, exc: InvalidInput) -> JSONResponse:
     # KServe raises these for bodies that are not JSON before our code sees them.
-    return _error_response(400, str(exc)[:300], "invalid_input", "body")
+    return _respond(request, HTTPError(400, "invalid_input", str(exc)[:300], "body"))
 
 
-async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     # FastAPI validated a KServe body model (v2); report it like our own validation does.
     errors = exc.errors()
     error = errors[0] if errors else {}
     if error.get("type") == "json_invalid":
-        return _error_response(400, "the request body is not valid JSON", "invalid_input", "body")
+        return _respond(request, HTTPError(400, "invalid_input", "the request body is not valid JSON", "body"))
     # The location starts with "body" and, for union bodies, the model's name: neither is a parameter.
     loc = [str(part) for part in error.get("loc", ()) if part not in _BODY_LOC_PARTS]
     param = ".".join(loc)[:64] or "body"
     if error.get("type") == "missing":
-        return _error_response(400, f"'{param}' is required", "invalid_input", param)
-    return _error_response(400, f"'{param}': {error.get('msg', 'invalid value')}", "invalid_input", param)
+        return _respond(request, HTTPError(400, "invalid_input", f"'{param}' is required", param))
+    message = f"'{param}': {error.get('msg', 'invalid value')}"
+    return _respond(request, HTTPError(400, "invalid_input", message, param))
 
 
-async def _not_ready(_: Request, exc: Exception) -> JSONResponse:
-    return _error_response(503, str(exc), "model_not_ready")
+async def _not_ready(request: Request, exc: Exception) -> JSONResponse:
+    return _respond(request, HTTPError(503, "model_not_ready", str(exc)))
 
 
-async def _not_found(_: Request, exc: ModelNotFound) -> JSONResponse:
-    return _error_response(404, str(exc), "model_not_found")
+async def _not_found(request: Request, exc: ModelNotFound) -> JSONResponse:
+    return _respond(request, HTTPError(404, "model_not_found", str(exc)))
 
 
-async def _http_exception(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return _error_response(exc.status_code, str(exc.detail), error_type, headers=getattr(exc, "headers", None))
+    failure = HTTPError(exc.status_code, error_type, str(exc.detail), headers=getattr(exc, "headers", None))
+    return _respond(request, failure)
 
 
 async def _repository_disabled(model_name: str) -> JSONResponse:
-    return _error_response(403, "model load/unload over HTTP is disabled on this server", "forbidden")
+    raise HTTPError(403, "forbidden", "model load/unload over HTTP is disabled on this server")
 
 
-async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     logger.error("unhandled error", exc_info=exc)
-    return _error_response(500, "internal server error", "internal_error")
+    return _respond(request, HTTPError(500, "internal_error", "internal server error"))
+
+
+def route_list(app: FastAPI, model_name: str) -> list[str]:
+    """Every route the app serves, as "METHOD /path" with the model's name in place, read from the app itself;
+    the model repository routes, which only refuse, left out."""
+    # FastAPI 0.16x keeps included routers whole; iter_route_contexts walks into them.
+    walk = getattr(fastapi.routing, "iter_route_contexts", iter)
+    listed: dict[str, None] = {}
+    refused: set[str] = set()
+    for route in walk(app.routes):
+        path = str(getattr(route, "path", "")).replace("{model_name}", model_name)
+        methods = sorted(set(getattr(route, "methods", None) or ()) - {"HEAD"})
+        if getattr(route, "endpoint", None) is _repository_disabled:
+            refused.update(f"{method} {path}" for method in methods)
+        elif not methods:  # a mounted app: the playground's files
+            listed[f"GET {path.rstrip('/')}/"] = None
+        else:  # a path registered twice (KServe's and this server's /v2/health/ready) is served by the first
+            listed.update(dict.fromkeys(f"{method} {path}" for method in methods))
+    return [route for route in listed if route not in refused]
 
 
 def _version() -> str:
@@ -110,6 +140,21 @@ def _hide_repository_routes(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _document_v1_requests(app: FastAPI, limits: Limits) -> None:
+    """KServe's v1 predict route reads its body itself, so its OpenAPI entry says nothing of it: state the body this
+    server takes there (``{"instances": [generation request, ...]}``, with its limits) and its statuses."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        schema = build()
+        operation = schema.get("paths", {}).get(kserve_v1.PATH, {}).get("post")
+        if operation is not None:
+            operation.update(kserve_v1.openapi(limits))
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 class PredictorRESTServer(RESTServer):
     def __init__(
         self, *args, max_body_bytes: int, max_image_bytes: int, api_keys: tuple[str, ...] = (), **kwargs
@@ -127,9 +172,11 @@ class PredictorRESTServer(RESTServer):
             redoc_url=None,
         )
         self._add_middlewares(app)
-        app.add_middleware(RequestGuard, max_body_bytes=self.max_body_bytes, max_image_bytes=self.max_image_bytes)
+        app.add_middleware(
+            RequestGuard, max_body_bytes=self.max_body_bytes, max_image_bytes=self.max_image_bytes, routes=ROUTES
+        )
         if self.api_keys:  # outermost: a request without a key is refused before anything else reads it
-            app.add_middleware(ApiKeyGuard, keys=self.api_keys)
+            app.add_middleware(ApiKeyGuard, keys=self.api_keys, routes=ROUTES)
         self._register_endpoints(app)
         self._add_exception_handlers(app)
         _hide_repository_routes(app)
@@ -235,6 +282,7 @@ class PredictorServer(ModelServer):
         )
         app = self._rest_server.create_application()
         register_routes(app, model, api_key_required=bool(self.api_keys))
+        _document_v1_requests(app, model.limits)
         return app
 
     def serve(self, model: DiffusionModel) -> None:
@@ -244,15 +292,11 @@ class PredictorServer(ModelServer):
         (``load_error`` is then set, and the process exits non-zero)."""
         self.create_app(model)
         model.start_loading(self._load_failed)
-        name = model.name
         logger.info(
-            "serving model %s on port %d: POST /generate (image or Server-Sent Events), POST /v1/images/generations "
-            "(OpenAI), POST /v1/models/%s:predict, POST /v2/models/%s/infer, GET /playground, GET /metrics, "
-            "GET /livez; %s",
-            name,
+            "serving model %s on port %d: %s; %s",
+            model.name,
             self.http_port,
-            name,
-            name,
+            ", ".join(route_list(self._rest_server.app, model.name)),
             f"POST routes need an API key ({len(self.api_keys)} configured)"
             if self.api_keys
             else "no API key required",

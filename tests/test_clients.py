@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from predictor.families.sd import UNET_SCHEDULERS as SCHEDULERS
-from predictor.schemas import FAMILY_FIELDS
+from predictor.request import FAMILY_FIELDS
 from predictor.testing import decode_image, free_port, metric, start_server, stop_server, wait_ready, wait_until
 
 pytestmark = pytest.mark.slow

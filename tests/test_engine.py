@@ -22,9 +22,7 @@ from predictor.errors import DeadlineExceeded, OutOfMemory, Overloaded, WorkerSt
 from predictor.families.sd import UNET_SCHEDULERS as SCHEDULERS
 from predictor.loading import LoadedPipeline, load_pipeline
 from predictor.runner import DiffusionRunner
-from predictor.testing import StepLog, diffusers_image, params, pixels, running_engine, wait_until
-
-TOLERANCE = 1
+from predictor.testing import TOLERANCE, StepLog, diffusers_image, params, pixels, running_engine, wait_until
 
 SCHEDULER_NAMES = tuple(SCHEDULERS)  # the UNet families' registry
 

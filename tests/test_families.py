@@ -38,10 +38,11 @@ from predictor.families.base import make_scheduler
 from predictor.families.sd import UNET_SCHEDULERS as SCHEDULERS
 from predictor.loading import LoadedPipeline, load_pipeline
 from predictor.model import DiffusionModel
-from predictor.schemas import FAMILY_FIELDS, GenerationRequest, Limits, ModelTraits, resolve
+from predictor.request import FAMILY_FIELDS, GenerationRequest, Limits, ModelTraits, resolve
 from predictor.server import PredictorServer
 from predictor.testing import (
     MODEL_NAME,
+    TOLERANCE,
     StepLog,
     decode_image,
     diffusers_image,
@@ -50,8 +51,6 @@ from predictor.testing import (
     pixels,
     running_engine,
 )
-
-TOLERANCE = 1
 
 SCHEDULER_NAMES = tuple(SCHEDULERS)  # the UNet families' registry
 

@@ -19,7 +19,7 @@ from predictor.config import (
     flags_markdown,
     parse_settings,
 )
-from predictor.schemas import Limits
+from predictor.request import Limits
 
 SECTIONS = (ModelSource, Limits, EngineConfig, ServerConfig)
 FLAGS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "flags.md"

@@ -18,8 +18,9 @@ from predictor.builtin import build_tiny_flux, build_tiny_flux_dev, build_tiny_s
 from predictor.errors import InvalidRequest, LoadError
 from predictor.families import FAMILIES, build_builtin
 from predictor.loading import LoadedPipeline, load_pipeline, resolve_dtype
-from predictor.schemas import GenerationRequest, Limits, resolve
+from predictor.request import GenerationRequest, Limits, resolve
 from predictor.testing import (
+    TOLERANCE,
     assert_alone_and_mixed_equal,
     decode_image,
     diffusers_image,
@@ -31,8 +32,6 @@ from predictor.testing import (
     stop_server,
     wait_ready,
 )
-
-TOLERANCE = 1  # grey levels
 
 
 def _save(pipe, directory: Path) -> Path:

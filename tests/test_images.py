@@ -39,8 +39,9 @@ from predictor.builtin import (
 from predictor.errors import InvalidRequest
 from predictor.families.sd import UNET_SCHEDULERS as SCHEDULERS
 from predictor.loading import load_pipeline
-from predictor.schemas import GenerationRequest, Limits, resolve
+from predictor.request import GenerationRequest, Limits, resolve
 from predictor.testing import (
+    TOLERANCE,
     StepLog,
     assert_alone_and_mixed_equal,
     decode_image,
@@ -54,7 +55,6 @@ from predictor.testing import (
     wait_ready,
 )
 
-TOLERANCE = 1  # grey levels
 SCHEDULER_NAMES = [name for name in SCHEDULERS if name != "lcm"]
 
 

@@ -197,7 +197,7 @@ def test_model_index_json_is_what_marks_a_model_dir(tmp_path: Path) -> None:
 def test_flag_defaults_are_the_settings_defaults() -> None:
     """Each default is written once, on its dataclass field: the flags with no arguments give exactly those."""
     from predictor.config import EngineConfig, ModelSource, ServerConfig, Settings
-    from predictor.schemas import Limits
+    from predictor.request import Limits
 
     _, settings = parse_settings([])
     assert settings == Settings(ModelSource(), Limits(), EngineConfig(), ServerConfig())

@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 from predictor.builtin import build_tiny, build_tiny_flux_dev, build_tiny_sdxl
 from predictor.errors import InvalidRequest, LoadError
 from predictor.loading import load_pipeline
-from predictor.schemas import GenerationRequest, Limits, resolve
+from predictor.request import GenerationRequest, Limits, resolve
 from predictor.testing import (
+    TOLERANCE,
     assert_alone_and_mixed_equal,
     diffusers_image,
     diffusers_image_job,
@@ -27,8 +28,6 @@ from predictor.testing import (
     running_engine,
     save_random_lora,
 )
-
-TOLERANCE = 1  # grey levels
 
 
 @pytest.fixture(scope="module")
@@ -491,7 +490,7 @@ def test_image_jobs_take_adapters_as_diffusers_image_pipelines_do(sd_dirs: tuple
     ],
 )
 def test_malformed_loras_are_400s_naming_the_field(loras, param: str, words: str) -> None:
-    from predictor.schemas import parse_request
+    from predictor.request import parse_request
 
     with pytest.raises(InvalidRequest, match=words) as error:
         parse_request({"prompt": "a", "loras": loras}, Limits())
@@ -540,7 +539,7 @@ def test_the_lora_package_imports_nothing_above_it() -> None:
     function-level imports included (each such import once hid a cycle)."""
     import ast
 
-    allowed = {"predictor.device", "predictor.errors", "predictor.schemas", "predictor.jobs", "predictor.batching"}
+    allowed = {"predictor.device", "predictor.errors", "predictor.request", "predictor.jobs", "predictor.batching"}
     package = Path(__file__).resolve().parents[1] / "predictor" / "lora"
     found: dict[str, set[str]] = {}
     for path in sorted(package.glob("*.py")):

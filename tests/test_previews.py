@@ -265,8 +265,8 @@ def test_a_stream_whose_client_left_before_its_first_event_cancels_its_images(ti
 
     from starlette.requests import ClientDisconnect
 
-    from predictor.model import Batch
-    from predictor.routes import EventStream
+    from predictor.protocols.base import Batch
+    from predictor.protocols.sse import EventStream
 
     loaded = load_pipeline(str(tiny_model_dir), "not/used", None, "cpu", "float32")
 
@@ -287,7 +287,7 @@ def test_a_stream_whose_client_left_before_its_first_event_cancels_its_images(ti
             steps.append(step)
 
     with running_engine(loaded) as engine:
-        batch = Batch("generate", [params(num_inference_steps=500, seed=i) for i in range(2)])
+        batch = Batch([params(num_inference_steps=500, seed=i) for i in range(2)])
         batch.futures = engine.submit(batch.params, on_progress=count)
         scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "extensions": {}}
         with pytest.raises(ClientDisconnect):

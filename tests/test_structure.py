@@ -7,7 +7,7 @@ from pathlib import Path
 
 from predictor.families import FAMILIES
 from predictor.families.base import FamilyModel
-from predictor.schemas import SCHEDULER_NAMES
+from predictor.request import SCHEDULER_NAMES
 
 PACKAGE = Path(__file__).resolve().parents[1] / "predictor"
 # A family's knowledge lives in its module under families/; its builtins are built in builtin.py, and the test

@@ -29,7 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from predictor.errors import GenerationFailed, LoadError
 from predictor.jobs import Job
-from predictor.schemas import SCHEDULER_NAMES, GenerationParams, ModelTraits, kept_steps
+from predictor.request import SCHEDULER_NAMES, GenerationParams, ModelTraits, kept_steps
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class FamilyModel:
     strength_rounded_from_start: ClassVar[bool] = False
     default_strength: ClassVar[dict[str, float]] = {"img2img": 0.8, "inpaint": 1.0}
     prediction_type: ClassVar[str] = "epsilon"  # what the checkpoint's scheduler config says when it says nothing
-    family_fields: ClassVar[frozenset[str]] = frozenset()  # family-only request fields (schemas.FAMILY_FIELDS)
+    family_fields: ClassVar[frozenset[str]] = frozenset()  # family-only request fields (request.FAMILY_FIELDS)
 
     def __init__(self, loaded: Loaded) -> None:
         self.loaded = loaded

@@ -29,7 +29,7 @@ from predictor import builtin
 from predictor.families.base import Builtin, Encoded, Family, Loaded, ServedPipeline, truncated
 from predictor.families.flow import FlowMatchingModel, TransformerCall
 from predictor.jobs import Job
-from predictor.schemas import GenerationParams
+from predictor.request import GenerationParams
 
 T5_TOKENS = 512  # FluxPipeline's default max_sequence_length
 

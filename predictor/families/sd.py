@@ -49,7 +49,7 @@ from predictor.families.base import (
     with_negatives,
 )
 from predictor.jobs import Job
-from predictor.schemas import GenerationParams
+from predictor.request import GenerationParams
 
 # The UNet families' schedulers: name -> (class, overrides on top of the checkpoint's own scheduler config).
 UNET_SCHEDULERS: SchedulerRegistry = {

@@ -1,7 +1,7 @@
 """Per-request LoRA adapters: the files of ``--lora_dir``, which of them are in the model, and how each row of a
 denoiser call gets its own.
 
-Modules, lowest first; the package imports nothing of the server above ``errors``, ``device``, ``schemas`` (the
+Modules, lowest first; the package imports nothing of the server above ``errors``, ``device``, ``request`` (the
 name pattern, request types), ``jobs`` (types) and ``scheduler`` (``AdapterLimit``):
 
 - ``library``: ``LoraLibrary``, the files (scan and checks at start, refusals, ``prefetch``, the listing), shared

@@ -22,7 +22,7 @@ from predictor.lora.slots import LayerWeights, SlotRows, take_weights
 
 if TYPE_CHECKING:
     from predictor.jobs import Job
-    from predictor.schemas import GenerationParams
+    from predictor.request import GenerationParams
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from predictor.errors import InvalidRequest, LoadError
-from predictor.schemas import LORA_NAME_PATTERN
+from predictor.request import LORA_NAME_PATTERN
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,10 @@ async function loadLimits() {
   $("num_inference_steps").max = info.max_steps;
   $("num_inference_steps").value = info.default_steps;
   $("guidance_scale").value = info.default_guidance_scale;
-  for (const field of ["prompt_2", "prompt_3", "true_cfg_scale"]) {
-    $(`${field}-label`).hidden = !(info.request_fields && info.request_fields[field]);
+  // The family-only fields the served model takes; the page has inputs for some of them.
+  for (const [field, taken] of Object.entries(info.request_fields || {})) {
+    const label = $(`${field}-label`);
+    if (label) label.hidden = !taken;
   }
   $("api_key-label").hidden = !info.api_key_required;
   const adapters = await (await fetch(`/v1/models/${encodeURIComponent(modelName)}/loras`)).json();

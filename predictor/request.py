@@ -1,25 +1,32 @@
-"""The one definition of valid input.
+"""The one definition of a generation request: each field a client may send, and what it resolves to.
 
-``GenerationRequest`` is what a client may send (strict types, no unknown fields, finite floats).
-``Limits`` holds the bounds an operator sets by flag; ``parse_request`` applies both and turns every
-failure into ``InvalidRequest`` with the offending parameter, without echoing the input back.
-``resolve`` fills the defaults (seed, size, steps, scheduler) and gives the engine a
-``GenerationParams`` it can trust.
+``GenerationFields`` declares every field once (type, bounds, default and description). ``GenerationRequest``
+(/generate, each v1 instance, the v2 tensors and parameters) and OpenAI's requests (``protocols.openai``)
+inherit it, so each route accepts, documents and checks the same fields. A field's metadata says the rest:
+``OperatorLimit`` names the ``Limits`` flag that lowers its bound, ``FamilyOnly`` marks a field that only some
+families take (``ModelTraits.takes``).
+
+``parse_request`` applies the type and the limits and turns every failure into ``InvalidRequest`` naming the
+parameter, without echoing the input back. ``resolve`` fills the defaults (seed, size, steps, scheduler) against
+the served model's ``ModelTraits`` and gives the engine a ``GenerationParams`` it can trust.
 """
 
 from __future__ import annotations
 
-import base64
+import functools
 import json
 import secrets
-from dataclasses import dataclass, field, replace
-from typing import Annotated, Any, Literal, get_args
+import types
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from predictor.errors import InvalidRequest
+from predictor.images import check_mask_size, decode_image, decode_mask, fit
 
-# The schedulers a request may ask for; pipeline.py maps each name to a diffusers class.
+# The schedulers a request may ask for; each family (predictor/families) maps the names it takes to diffusers classes.
 # Each family accepts a subset (ModelTraits.schedulers): "heun" is for flow-matching models only, and "euler",
 # "dpmpp_2m" and "unipc" are those solvers' flow-matching forms on FLUX and SD3.
 SchedulerName = Literal[
@@ -41,7 +48,7 @@ MAX_GUIDANCE = 30.0
 MAX_T5_TOKENS = 512  # FLUX's and SD3's T5 prompt window at most (diffusers refuses more)
 MAX_LORA_SCALE = 4.0  # |scale| of one adapter; far beyond any adapter's useful range
 HARD_MAX_LORAS = 16  # adapters in one request at most; --max_loras_per_request lowers it
-LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # an adapter's file stem: no separators, nothing hidden
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a file stem: no separators, nothing hidden
 # Longest parameter name echoed back in an error body.
 _MAX_PARAM_CHARS = 64
 
@@ -136,15 +143,70 @@ class Limits:
         }
 
 
+@dataclass(frozen=True)
+class ModelTraits:
+    """What the served model accepts, beyond the shared request fields: set by the loaded family."""
+
+    family: str  # "sd" (1.x and 2.x), "sdxl", "flux", "sd3"
+    native_size: int
+    second_text_encoder: bool = False  # prompt_2 / negative_prompt_2 reach a second encoder (SDXL, FLUX's T5, SD3)
+    lcm_max_steps: int = 50  # scheduler "lcm" takes at most the checkpoint's original_inference_steps
+    schedulers: tuple[str, ...] = tuple(n for n in SCHEDULER_NAMES if n != "heun")
+    default_scheduler: str = "dpmpp_2m"
+    default_guidance_scale: float = 7.5
+    size_multiple: int = SIZE_MULTIPLE
+    fields: frozenset[str] = frozenset()  # which of FAMILY_FIELDS this model takes
+    # "cfg": classifier-free guidance rows; "embedded": the scale is an input of the denoiser (FLUX.1-dev);
+    # "none": the model takes no guidance scale (FLUX.1-schnell).
+    guidance: Literal["cfg", "embedded", "none"] = "cfg"
+    max_prompt_tokens: dict[str, int] = field(default_factory=lambda: {"prompt": 77})  # per text field
+    max_image_size: int | None = None  # the model's own ceiling (SD3's position embedding), None: none
+    # Which of "text", "img2img", "inpaint" the model takes: an inpainting checkpoint (a UNet with mask and
+    # masked-image channels) takes "inpaint" only.
+    modes: frozenset[str] = frozenset({"text"})
+    # img2img and inpainting defaults as diffusers' pipelines for the family set them (SD 0.8 and 1, FLUX and SD3 0.6)
+    default_strength: dict[str, float] = field(default_factory=lambda: {"img2img": 0.8, "inpaint": 1.0})
+    image_schedulers: tuple[str, ...] = ()  # those that can start from an image (FLUX and SD3: scale_noise)
+    # img2img strength rounding: SD's keeps int(steps * strength) steps, the flow-matching pipelines start at
+    # int(steps - steps * strength) (kept_steps)
+    strength_rounded_from_start: bool = False
+
+    def takes(self, name: str) -> bool:
+        return name in self.fields or (name in ("prompt_2", "negative_prompt_2") and self.second_text_encoder)
+
+
+# ---- field types and metadata ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OperatorLimit:
+    """Field metadata: an operator's flag lowers this field's bound to the ``Limits`` attribute named here (the
+    type keeps the hard ceiling). Errors and the OpenAPI documents state the operator's bound."""
+
+    attribute: str
+
+
+@dataclass(frozen=True)
+class FamilyOnly:
+    """Field metadata: only the families ``takers`` names take this field (``ModelTraits.takes``)."""
+
+    takers: str
+
+
+Prompt = Annotated[str, Field(min_length=1, max_length=HARD_MAX_PROMPT_CHARS), OperatorLimit("max_prompt_chars")]
+OptionalText = Annotated[
+    Annotated[str, Field(max_length=HARD_MAX_PROMPT_CHARS)] | None, OperatorLimit("max_prompt_chars")
+]
 Steps = Annotated[int, Field(ge=1, le=HARD_MAX_STEPS)]
 ImageSize = Annotated[int, Field(ge=MIN_IMAGE_SIZE, le=HARD_MAX_IMAGE_SIZE, multiple_of=SIZE_MULTIPLE)]
+OptionalImageSize = Annotated[ImageSize | None, OperatorLimit("max_image_size")]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 Guidance = Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)]
-Prompt = Annotated[str, Field(min_length=1, max_length=HARD_MAX_PROMPT_CHARS)]
 InputImage = Annotated[str, Field(min_length=1)]  # base64 (or a data: URL); the body limit bounds its size
 Strength = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 PartialImages = Annotated[int, Field(ge=0, le=3)]  # OpenAI's bound for partial_images
-OptionalText = Annotated[str, Field(max_length=HARD_MAX_PROMPT_CHARS)] | None
+_SECOND_ENCODER = FamilyOnly("models with a second text encoder (SDXL, FLUX, SD3)")
+_THIRD_ENCODER = FamilyOnly("models with a third text encoder (SD3 with its T5 encoder)")
 
 
 class LoraChoice(BaseModel):
@@ -173,44 +235,11 @@ def _loras_from_text(value: Any) -> Any:
     return value
 
 
-# Request fields only some families take, each with the families that take it.
-FAMILY_FIELDS = ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "true_cfg_scale")
+# ---- the request ------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ModelTraits:
-    """What the served model accepts, beyond the shared request fields: set by the loaded family."""
-
-    family: str  # "sd" (1.x and 2.x), "sdxl", "flux", "sd3"
-    native_size: int
-    second_text_encoder: bool = False  # prompt_2 / negative_prompt_2 reach a second encoder (SDXL, FLUX's T5, SD3)
-    lcm_max_steps: int = 50  # scheduler "lcm" takes at most the checkpoint's original_inference_steps
-    schedulers: tuple[str, ...] = tuple(n for n in SCHEDULER_NAMES if n != "heun")
-    default_scheduler: str = "dpmpp_2m"
-    default_guidance_scale: float = 7.5
-    size_multiple: int = SIZE_MULTIPLE
-    fields: frozenset[str] = frozenset()  # which of FAMILY_FIELDS this model takes
-    # "cfg": classifier-free guidance rows; "embedded": the scale is an input of the denoiser (FLUX.1-dev);
-    # "none": the model takes no guidance scale (FLUX.1-schnell).
-    guidance: Literal["cfg", "embedded", "none"] = "cfg"
-    max_prompt_tokens: dict[str, int] = field(default_factory=lambda: {"prompt": 77})  # per text field
-    max_image_size: int | None = None  # the model's own ceiling (SD3's position embedding), None: none
-    # Which of "text", "img2img", "inpaint" the model takes: an inpainting checkpoint (a UNet with mask and
-    # masked-image channels) takes "inpaint" only.
-    modes: frozenset[str] = frozenset({"text"})
-    # img2img and inpainting defaults as diffusers' pipelines for the family set them (SD 0.8 and 1, FLUX and SD3 0.6)
-    default_strength: dict[str, float] = field(default_factory=lambda: {"img2img": 0.8, "inpaint": 1.0})
-    image_schedulers: tuple[str, ...] = ()  # those that can start from an image (FLUX and SD3: scale_noise)
-    # img2img strength rounding: SD's keeps int(steps * strength) steps, the flow pipelines start at
-    # int(steps - steps * strength) (kept_steps)
-    strength_rounded_from_start: bool = False
-
-    def takes(self, name: str) -> bool:
-        return name in self.fields or (name in ("prompt_2", "negative_prompt_2") and self.second_text_encoder)
-
-
-class GenerationRequest(BaseModel):
-    """One image request, as /generate, each v1 instance and the v2 parameters carry it."""
+class GenerationFields(BaseModel):
+    """The fields every generation route takes, each declared here once."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -223,39 +252,79 @@ class GenerationRequest(BaseModel):
         description="What to steer away from. SDXL: absent means zero conditioning (the checkpoint's "
         'force_zeros_for_empty_prompt), an explicit "" is encoded.',
     )
-    prompt_2: OptionalText = Field(
+    prompt_2: Annotated[OptionalText, _SECOND_ENCODER] = Field(
         default=None,
         description="SDXL, SD3: the prompt for the second CLIP encoder; FLUX: the prompt for the T5 encoder "
         "(default: prompt).",
     )
-    negative_prompt_2: OptionalText = Field(
+    negative_prompt_2: Annotated[OptionalText, _SECOND_ENCODER] = Field(
         default=None,
         description="SDXL, FLUX, SD3: the negative prompt for the second text encoder (default: negative_prompt).",
     )
-    prompt_3: OptionalText = Field(
+    prompt_3: Annotated[OptionalText, _THIRD_ENCODER] = Field(
         default=None, description="SD3 only: the prompt for the T5 encoder (default: prompt)."
     )
-    negative_prompt_3: OptionalText = Field(
+    negative_prompt_3: Annotated[OptionalText, _THIRD_ENCODER] = Field(
         default=None, description="SD3 only: the negative prompt for the T5 encoder (default: negative_prompt)."
     )
-    true_cfg_scale: Guidance | None = Field(
+    true_cfg_scale: Annotated[Guidance | None, FamilyOnly("FLUX models")] = Field(
         default=None,
         description="FLUX only: classifier-free guidance against negative_prompt when above 1 (default 1: off; "
         "each step then costs two transformer rows).",
     )
-    num_inference_steps: Steps | None = Field(default=None, description="Denoising steps (default: --default_steps).")
+    num_inference_steps: Annotated[Steps | None, OperatorLimit("max_steps")] = Field(
+        default=None, description="Denoising steps (default: --default_steps)."
+    )
     guidance_scale: Guidance | None = Field(
         default=None, description="Classifier-free guidance; <= 1 disables it (default: --default_guidance_scale)."
-    )
-    width: ImageSize | None = Field(
-        default=None, description="Multiple of 8 (16 for FLUX and SD3); default: the model's native size."
-    )
-    height: ImageSize | None = Field(
-        default=None, description="Multiple of 8 (16 for FLUX and SD3); default: the model's native size."
     )
     seed: Seed | None = Field(default=None, description="0..2^32-1; drawn by the server when absent, always returned.")
     scheduler: SchedulerName | None = Field(default=None, description="Sampler (default: --default_scheduler).")
     output_format: OutputFormat = Field(default="png", description="Encoding of the returned image.")
+    partial_images: PartialImages | None = Field(
+        default=None,
+        description="Streaming only (/generate with Accept: text/event-stream, stream: true on the OpenAI routes): "
+        "this many previews of the picture forming, evenly spaced over the steps, before the image (default 0). "
+        "Cheap: a linear map of the latents, not the VAE.",
+    )
+    loras: LoraChoices = Field(
+        default=None,
+        description="LoRA adapters of the server's --lora_dir to apply, in order, each with a scale: "
+        '[{"name": "style", "scale": 0.8}] (JSON text in a form field or a v2 parameter). '
+        "At most --max_loras_per_request.",
+    )
+
+    _parse_loras = field_validator("loras", mode="before")(_loras_from_text)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must contain a non-whitespace character")
+        return value
+
+
+class ImageStrength(BaseModel):
+    """The field of the requests that start from an input image (/generate and the like, OpenAI's edits)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    strength: Strength | None = Field(
+        default=None,
+        description="With an image: how much of the schedule runs, 0 < s <= 1 (default 0.8 for img2img, 1 for "
+        "inpainting, as diffusers): the job starts that far from the end and makes that share of the steps.",
+    )
+
+
+class GenerationRequest(ImageStrength, GenerationFields):
+    """One image request, as /generate, each v1 instance and the v2 tensors and parameters carry it."""
+
+    width: OptionalImageSize = Field(
+        default=None, description="Multiple of 8 (16 for FLUX and SD3); default: the model's native size."
+    )
+    height: OptionalImageSize = Field(
+        default=None, description="Multiple of 8 (16 for FLUX and SD3); default: the model's native size."
+    )
     image: InputImage | None = Field(
         default=None,
         description="img2img and inpainting: a PNG, JPEG or WebP image, base64. The output takes its size (rounded "
@@ -269,30 +338,29 @@ class GenerationRequest(BaseModel):
         description="Inpainting: paste the input back over the kept (black) area of the result, as diffusers' "
         "apply_overlay does; by default the result is the pipeline's own output everywhere.",
     )
-    partial_images: PartialImages = Field(
-        default=0,
-        description="Streaming only (Accept: text/event-stream): this many previews of the picture forming, evenly "
-        "spaced over the steps, as preview events before the image. Cheap: a linear map of the latents, not the VAE.",
-    )
-    strength: Strength | None = Field(
-        default=None,
-        description="With an image: how much of the schedule runs, 0 < s <= 1 (default 0.8 for img2img, 1 for "
-        "inpainting, as diffusers): the job starts that far from the end and makes that share of the steps.",
-    )
-    loras: LoraChoices = Field(
-        default=None,
-        description="LoRA adapters of the server's --lora_dir to apply, in order, each with a scale: "
-        '[{"name": "style", "scale": 0.8}]. At most --max_loras_per_request.',
-    )
 
-    _parse_loras = field_validator("loras", mode="before")(_loras_from_text)
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must contain a non-whitespace character")
-        return value
+def value_type(annotation: Any) -> Any:
+    """A field's type without Optional and Annotated: ``str`` for ``Annotated[str, ...] | None``."""
+    if get_origin(annotation) is Annotated:
+        return value_type(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        kinds = [kind for kind in get_args(annotation) if kind is not type(None)]
+        return value_type(kinds[0]) if len(kinds) == 1 else annotation
+    return annotation
+
+
+def _marked(model: type[BaseModel], kind: type[Any]) -> Iterator[tuple[str, Any]]:
+    """(field name, metadata) for each of ``model``'s fields that carries metadata of type ``kind``."""
+    for name, info in model.model_fields.items():
+        for item in info.metadata:
+            if isinstance(item, kind):
+                yield name, item
+
+
+# Request fields only some families take, each with the words naming the families that take it.
+_FAMILY_TAKERS: dict[str, str] = {name: marker.takers for name, marker in _marked(GenerationFields, FamilyOnly)}
+FAMILY_FIELDS: tuple[str, ...] = tuple(_FAMILY_TAKERS)
 
 
 @dataclass(frozen=True)
@@ -335,6 +403,15 @@ class GenerationParams:
         return self.guidance_scale > 1.0
 
 
+def images_of(params: GenerationParams, count: int) -> list[GenerationParams]:
+    """The ``count`` images of one request (OpenAI's ``n``): seeds seed, seed+1, ... so each can be reproduced
+    alone."""
+    return [replace(params, seed=(params.seed + k) % (MAX_SEED + 1)) for k in range(count)]
+
+
+# ---- validation -------------------------------------------------------------------------------------------------
+
+
 def _param_name(loc: tuple[Any, ...], prefix: str) -> str:
     name = ".".join(str(part) for part in loc)
     if len(name) > _MAX_PARAM_CHARS:
@@ -342,59 +419,83 @@ def _param_name(loc: tuple[Any, ...], prefix: str) -> str:
     return f"{prefix}{name}" if name else prefix.rstrip(".") or "body"
 
 
-def _operator_limits(limits: Limits | None) -> dict[str, int]:
-    """Fields whose bound the operator sets by flag, with that bound (it replaces the type's hard ceiling)."""
+@functools.cache
+def _operator_limit_attributes(model: type[BaseModel]) -> dict[str, str]:
+    return {name: marker.attribute for name, marker in _marked(model, OperatorLimit)}
+
+
+def operator_limits(model: type[BaseModel], limits: Limits | None) -> dict[str, int]:
+    """``model``'s fields whose bound the operator sets by flag, with that bound (it replaces the type's ceiling)."""
     if limits is None:
         return {}
-    return {
-        "prompt": limits.max_prompt_chars,
-        "negative_prompt": limits.max_prompt_chars,
-        "prompt_2": limits.max_prompt_chars,
-        "negative_prompt_2": limits.max_prompt_chars,
-        "prompt_3": limits.max_prompt_chars,
-        "negative_prompt_3": limits.max_prompt_chars,
-        "num_inference_steps": limits.max_steps,
-        "width": limits.max_image_size,
-        "height": limits.max_image_size,
-        "n": limits.max_batch_instances,
-    }
+    return {name: getattr(limits, attribute) for name, attribute in _operator_limit_attributes(model).items()}
 
 
 def _bound(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+# What a form's text could not be read as (pydantic's string parsing), in this server's words.
+_PARSING_MESSAGES = {
+    "int_parsing": "must be an integer",
+    "float_parsing": "must be a number",
+    "bool_parsing": "must be true or false",
+}
+
+
+def _worded(error: Mapping[str, Any], limit: int | None) -> str:
+    """One pydantic error as this server words its own checks, with the operator's ``limit`` where one applies."""
+    kind, context, loc = error["type"], error.get("ctx") or {}, error["loc"]
+    if kind == "less_than_equal":
+        return f"must be at most {_bound(limit if limit is not None else context.get('le'))}"
+    if kind == "greater_than_equal":
+        return f"must be at least {_bound(context.get('ge'))}"
+    if kind == "string_too_long":
+        return f"is longer than {limit if limit is not None else context.get('max_length')} characters"
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind == "string_pattern_mismatch" and loc and loc[-1] == "name":
+        return "must be an adapter's name: letters, digits, '.', '_' and '-', starting with a letter or digit"
+    if kind == "multiple_of":
+        return f"must be a multiple of {_bound(context.get('multiple_of'))}"
+    if kind in _PARSING_MESSAGES:
+        return _PARSING_MESSAGES[kind]
+    if kind == "value_error" and "error" in context:
+        return str(context["error"])  # our validator's own words, without pydantic's "Value error," prefix
+    return error["msg"]
+
+
 def invalid_from_validation_error(
-    exc: ValidationError, prefix: str = "", limits: Limits | None = None
+    exc: ValidationError, prefix: str = "", bounds: Mapping[str, int] | None = None
 ) -> InvalidRequest:
-    """The first pydantic error as an ``InvalidRequest`` worded as this server words its own checks (and with
-    the operator's limit where one applies); pydantic's errors never include the input."""
+    """The first pydantic error as an ``InvalidRequest`` worded as this server words its own checks, with the
+    operator's bound (``bounds``: field name -> bound) where one applies; pydantic's errors never include the
+    input."""
     error = exc.errors(include_url=False, include_input=False)[0]
     loc = tuple(error["loc"])
     param = _param_name(loc, prefix)
-    kind, context = error["type"], error.get("ctx") or {}
-    limit = _operator_limits(limits).get(str(loc[-1])) if loc else None
-    if kind == "extra_forbidden":
+    if error["type"] == "extra_forbidden":
         return InvalidRequest(f"unknown field '{param}'", param=param)
-    if kind == "missing":
+    if error["type"] == "missing":
         return InvalidRequest(f"'{param}' is required", param=param)
-    if kind == "less_than_equal":
-        message = f"must be at most {_bound(limit if limit is not None else context.get('le'))}"
-    elif kind == "greater_than_equal":
-        message = f"must be at least {_bound(context.get('ge'))}"
-    elif kind == "string_too_long":
-        message = f"is longer than {limit if limit is not None else context.get('max_length')} characters"
-    elif kind == "string_too_short":
-        message = "must not be empty"
-    elif kind == "string_pattern_mismatch" and loc and loc[-1] == "name":
-        message = "must be an adapter's name: letters, digits, '.', '_' and '-', starting with a letter or digit"
-    elif kind == "multiple_of":
-        message = f"must be a multiple of {_bound(context.get('multiple_of'))}"
-    elif kind == "value_error" and "error" in context:
-        message = str(context["error"])  # our validator's own words, without pydantic's "Value error," prefix
-    else:
-        message = error["msg"]
-    return InvalidRequest(f"'{param}' {message}", param=param)
+    limit = (bounds or {}).get(str(loc[0])) if len(loc) == 1 else None
+    return InvalidRequest(f"'{param}' {_worded(error, limit)}", param=param)
+
+
+Validated = TypeVar("Validated", bound=BaseModel)
+
+
+def validate(
+    model: type[Validated], data: Mapping[str, Any], limits: Limits, prefix: str = "", *, strings: bool = False
+) -> Validated:
+    """``data`` validated once as ``model``, against its type and the operator's limits. ``strings``: the values
+    are form text, read as the type of their field (``"3"`` an integer, ``"true"`` a boolean)."""
+    try:
+        request = model.model_validate_strings(data) if strings else model.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_from_validation_error(exc, prefix, operator_limits(model, limits)) from None
+    check_limits(request, limits, prefix)
+    return request
 
 
 def parse_request(data: Any, limits: Limits, prefix: str = "") -> GenerationRequest:
@@ -402,17 +503,12 @@ def parse_request(data: Any, limits: Limits, prefix: str = "") -> GenerationRequ
     if not isinstance(data, dict):
         param = prefix.rstrip(".") or "body"
         raise InvalidRequest(f"'{param}' must be a JSON object", param=param)
-    try:
-        request = GenerationRequest.model_validate(data)
-    except ValidationError as exc:
-        raise invalid_from_validation_error(exc, prefix, limits) from None
-    check_limits(request, limits, prefix)
-    return request
+    return validate(GenerationRequest, data, limits, prefix)
 
 
-def check_limits(request: GenerationRequest, limits: Limits, prefix: str = "") -> None:
+def check_limits(request: BaseModel, limits: Limits, prefix: str = "") -> None:
     """The operator's limits, below the type's hard ceilings; worded as invalid_from_validation_error words them."""
-    for name, limit in _operator_limits(limits).items():
+    for name, limit in operator_limits(type(request), limits).items():
         value = getattr(request, name, None)
         if isinstance(value, str) and len(value) > limit:
             raise InvalidRequest(f"'{prefix}{name}' is longer than {limit} characters", param=f"{prefix}{name}")
@@ -420,208 +516,63 @@ def check_limits(request: GenerationRequest, limits: Limits, prefix: str = "") -
             raise InvalidRequest(f"'{prefix}{name}' must be at most {limit}", param=f"{prefix}{name}")
 
 
-class OpenAIImageRequest(BaseModel):
-    """OpenAI's Images API request (``POST /v1/images/generations``) plus this server's extensions."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    prompt: Prompt
-    n: Annotated[int, Field(ge=1, le=HARD_MAX_BATCH_INSTANCES)] = 1
-    size: Annotated[str, Field(pattern=r"^([0-9]{2,4}x[0-9]{2,4}|auto)$")] | None = None
-    response_format: Literal["b64_json", "url"] = "b64_json"
-    output_format: OutputFormat = "png"
-    model: str | None = None
-    user: str | None = None
-    stream: bool = False  # Server-Sent Events: partial images, then the image
-    partial_images: PartialImages | None = None
-    # Extensions, as in GenerationRequest.
-    negative_prompt: OptionalText = None
-    prompt_2: OptionalText = None
-    negative_prompt_2: OptionalText = None
-    prompt_3: OptionalText = None
-    negative_prompt_3: OptionalText = None
-    true_cfg_scale: Guidance | None = None
-    num_inference_steps: Steps | None = None
-    guidance_scale: Guidance | None = None
-    seed: Seed | None = None
-    scheduler: SchedulerName | None = None
-    loras: LoraChoices = None
-
-    _parse_loras = field_validator("loras", mode="before")(_loras_from_text)
+_IMAGE_SIDE: TypeAdapter[int] = TypeAdapter(ImageSize)
 
 
-def parse_openai_request(data: Any, limits: Limits, served_model: str) -> tuple[GenerationRequest, int]:
-    """An OpenAI images request as (the generation request, how many images)."""
-    if not isinstance(data, dict):
-        raise InvalidRequest("the request body must be a JSON object", param="body")
+def checked_image_side(value: int, param: str, limits: Limits) -> int:
+    """One side of a size given in another form than ``width`` and ``height`` (OpenAI's ``size``), checked and
+    worded as those fields are."""
     try:
-        request = OpenAIImageRequest.model_validate(data)
+        _IMAGE_SIDE.validate_python(value, strict=True)
     except ValidationError as exc:
-        raise invalid_from_validation_error(exc, limits=limits) from None
-    if request.response_format == "url":
-        raise InvalidRequest(
-            "response_format 'url' is not supported: this server stores no images; use 'b64_json'",
-            param="response_format",
-        )
-    if request.model is not None and request.model != served_model:
-        raise InvalidRequest(
-            f"model '{request.model[:64]}' is not served here; this server serves '{served_model}'", param="model"
-        )
-    if request.n > limits.max_batch_instances:
-        raise InvalidRequest(f"'n' must be at most {limits.max_batch_instances}", param="n")
-    if request.stream and request.n != 1:
-        raise InvalidRequest("'n' must be 1 with stream: true (one image per stream)", param="n")
-    if request.partial_images and not request.stream:
-        raise InvalidRequest("'partial_images' needs stream: true", param="partial_images")
-    body: dict[str, Any] = {"prompt": request.prompt, "output_format": request.output_format}
-    extensions = (
-        "negative_prompt",
-        "prompt_2",
-        "negative_prompt_2",
-        "prompt_3",
-        "negative_prompt_3",
-        "true_cfg_scale",
-        "num_inference_steps",
-        "guidance_scale",
-        "partial_images",
-    )
-    for name in (*extensions, "seed", "scheduler"):
-        if getattr(request, name) is not None:
-            body[name] = getattr(request, name)
-    if request.loras is not None:
-        body["loras"] = [choice.model_dump() for choice in request.loras]
-    if request.size is not None and request.size != "auto":  # auto: the model's size, or an edit's input's
-        body["width"], body["height"] = (int(part) for part in request.size.split("x"))
-    try:
-        generation = parse_request(body, limits)
-    except InvalidRequest as exc:
-        if exc.param in ("width", "height"):
-            raise InvalidRequest(f"'size' {exc.message.split(' ', 1)[1]}", param="size") from None
-        raise
-    return generation, request.n
+        error = exc.errors(include_url=False, include_input=False)[0]
+        raise InvalidRequest(f"'{param}' {_worded(error, limits.max_image_size)}", param=param) from None
+    if value > limits.max_image_size:
+        raise InvalidRequest(f"'{param}' must be at most {limits.max_image_size}", param=param)
+    return value
 
 
-# Form fields of POST /v1/images/edits besides the files, with the type each string converts to.
-_EDIT_FIELDS: dict[str, type] = {
-    "prompt": str,
-    "n": int,
-    "size": str,
-    "response_format": str,
-    "output_format": str,
-    "model": str,
-    "user": str,
-    "negative_prompt": str,
-    "prompt_2": str,
-    "negative_prompt_2": str,
-    "prompt_3": str,
-    "negative_prompt_3": str,
-    "true_cfg_scale": float,
-    "num_inference_steps": int,
-    "guidance_scale": float,
-    "seed": int,
-    "scheduler": str,
-    "strength": float,
-    "stream": str,
-    "partial_images": int,
-    "loras": str,  # JSON text, as in the JSON routes
-}
-
-
-def parse_openai_edit(
-    fields: dict[str, str], images: list[bytes], mask: bytes | None, limits: Limits, served_model: str
-) -> tuple[list[GenerationRequest], int]:
-    """OpenAI's ``POST /v1/images/edits`` (multipart form) as one generation request per input image, and how many
-    images each makes (``n``). The mask follows OpenAI's convention (its fully transparent pixels mark the area to
-    edit) and becomes this server's (white repaints)."""
-    from predictor.images import decode_mask, encode_png
-
-    typed: dict[str, Any] = {}
-    for name, value in fields.items():
-        kind = _EDIT_FIELDS.get(name)
-        if kind is None:
-            shown = name[:_MAX_PARAM_CHARS]
-            raise InvalidRequest(f"unknown field '{shown}'", param=shown)
-        try:
-            typed[name] = kind(value)
-        except ValueError:
-            noun = "an integer" if kind is int else "a number"
-            raise InvalidRequest(f"'{name}' must be {noun}", param=name) from None
-    if not images:
-        raise InvalidRequest("'image' is required: the picture to edit (PNG, JPEG or WebP)", param="image")
-    if len(images) > limits.max_batch_instances:
-        raise InvalidRequest(f"at most {limits.max_batch_instances} images per request", param="image")
-    strength = typed.pop("strength", None)
-    if "stream" in typed:  # a form sends booleans as text
-        if typed["stream"] not in ("true", "false"):
-            raise InvalidRequest("'stream' must be true or false", param="stream")
-        typed["stream"] = typed["stream"] == "true"
-    extra: dict[str, Any] = {}
-    if mask is not None:
-        extra["mask"] = encode_png(decode_mask(mask, "mask", limits.max_input_pixels, transparent_edits=True))
-    if strength is not None:
-        extra["strength"] = strength
-    requests = []
-    n = 1
-    for data in images:
-        generation, n = parse_openai_request(dict(typed), limits, served_model)
-        merged = {**generation.model_dump(exclude_none=True), **extra, "image": base64.b64encode(data).decode()}
-        requests.append(parse_request(merged, limits))
-    if typed.get("stream") and len(requests) > 1:
-        raise InvalidRequest("one image per request with stream: true", param="image")
-    if n * len(requests) > limits.max_batch_instances:
-        raise InvalidRequest(
-            f"{len(requests)} images x n {n} make more than {limits.max_batch_instances} (--max_batch_instances)",
-            param="n",
-        )
-    return requests, n
-
-
-def _schema_with_limits(model: type[BaseModel], limits: Limits) -> dict[str, Any]:
-    """A request model's JSON schema with the operator's limits in place of the hard ceilings."""
+def json_schema(model: type[BaseModel], limits: Limits) -> dict[str, Any]:
+    """A request model's JSON schema with the operator's limits in place of the hard ceilings, self-contained
+    (shared definitions inlined, so it can sit anywhere in an OpenAPI document)."""
     schema = model.model_json_schema()
-    for name, limit in _operator_limits(limits).items():
-        prop = schema["properties"].get(name)
-        if prop is None:
-            continue
+    definitions = schema.pop("$defs", {})
+    for name, limit in operator_limits(model, limits).items():
+        prop = schema["properties"][name]
         for variant in prop.get("anyOf", [prop]):
             for keyword in ("maximum", "maxLength"):
                 if keyword in variant:
                     variant[keyword] = limit
-    return schema
+    return _inlined(schema, definitions)
 
 
-def request_json_schema(limits: Limits) -> dict[str, Any]:
-    return _schema_with_limits(GenerationRequest, limits)
+def _inlined(node: Any, definitions: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        ref = node.get("$ref", "")
+        if ref.startswith("#/$defs/"):
+            return _inlined(definitions[ref.removeprefix("#/$defs/")], definitions)
+        return {key: _inlined(value, definitions) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_inlined(item, definitions) for item in node]
+    return node
 
 
-def openai_request_json_schema(limits: Limits) -> dict[str, Any]:
-    return _schema_with_limits(OpenAIImageRequest, limits)
+# ---- resolution against the served model -------------------------------------------------------------------------
 
 
 def resolve(
-    request: GenerationRequest,
-    limits: Limits,
-    traits: ModelTraits,
-    seed_offset: int = 0,
-    prefix: str = "",
-    adapters: Any = None,
+    request: GenerationRequest, limits: Limits, traits: ModelTraits, prefix: str = "", adapters: Any = None
 ) -> GenerationParams:
-    """Fill the defaults and check what depends on the served model. ``seed_offset`` numbers the images of one
-    multi-image request (seed, seed+1, ...); ``prefix`` names where the request sits in its body; ``adapters`` is
-    the server's LoRA library (``lora.LoraLibrary``), None without --lora_dir."""
+    """Fill the defaults and check what depends on the served model. ``prefix`` names where the request sits in
+    its body; ``adapters`` is the server's LoRA library (``check(loras, param)``), None without --lora_dir."""
 
     def refuse(name: str, message: str) -> InvalidRequest:
         return InvalidRequest(f"'{prefix}{name}' {message}", param=f"{prefix}{name}")
 
     loras = _checked_loras(request, limits, adapters, prefix)
 
-    for name in FAMILY_FIELDS:
+    for name, takers in _FAMILY_TAKERS.items():
         if getattr(request, name) is not None and not traits.takes(name):
-            takers = {
-                "prompt_2": "models with a second text encoder (SDXL, FLUX, SD3)",
-                "negative_prompt_2": "models with a second text encoder (SDXL, FLUX, SD3)",
-                "true_cfg_scale": "FLUX models",
-            }.get(name, "models with a third text encoder (SD3 with its T5 encoder)")
             raise refuse(name, f"is for {takers}; this model is of the '{traits.family}' family")
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
     image, mask, strength = _input_images(request, limits, traits, prefix)
@@ -635,8 +586,6 @@ def resolve(
                     f"makes a {name} of {size}, outside {MIN_IMAGE_SIZE}..{limits.max_image_size} "
                     f"(--max_image_size); pass width and height to resize it",
                 )
-        from predictor.images import fit
-
         image = fit(image, width, height)
         mask = None if mask is None else fit(mask, width, height)
     else:
@@ -697,28 +646,23 @@ def resolve(
             raise refuse("true_cfg_scale", "needs a negative_prompt (FLUX guides against it)")
         if negatives and true_cfg <= 1:
             raise refuse(negatives[0], "takes effect on FLUX only with true_cfg_scale above 1")
-    return GenerationParams(
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        num_inference_steps=steps,
-        guidance_scale=float(guidance),
-        width=width,
-        height=height,
-        seed=(seed + seed_offset) % (MAX_SEED + 1),
-        scheduler=scheduler,
-        output_format=request.output_format,
-        prompt_2=request.prompt_2,
-        negative_prompt_2=request.negative_prompt_2,
-        prompt_3=request.prompt_3,
-        negative_prompt_3=request.negative_prompt_3,
-        true_cfg_scale=float(true_cfg),
-        image=image,
-        mask=mask,
-        strength=strength,
-        partial_images=request.partial_images,
-        paste_back=request.paste_back,
-        loras=loras,
-    )
+    resolved = {
+        "num_inference_steps": steps,
+        "guidance_scale": float(guidance),
+        "width": width,
+        "height": height,
+        "seed": seed,
+        "scheduler": scheduler,
+        "true_cfg_scale": float(true_cfg),
+        "image": image,
+        "mask": mask,
+        "strength": strength,
+        "partial_images": request.partial_images or 0,
+        "loras": loras,
+    }
+    # Every other parameter is the request's field of the same name, as sent.
+    given = {f.name: getattr(request, f.name) for f in fields(GenerationParams) if f.name not in resolved}
+    return GenerationParams(**given, **resolved)
 
 
 def _checked_loras(request: GenerationRequest, limits: Limits, adapters: Any, prefix: str) -> tuple:
@@ -745,7 +689,7 @@ def _checked_loras(request: GenerationRequest, limits: Limits, adapters: Any, pr
 
 def kept_steps(steps: int, strength: float, start_rounded: bool = False) -> int:
     """The steps an image job runs, as diffusers' ``get_timesteps`` counts them: SD's keeps ``int(steps *
-    strength)``; FLUX's and SD3's (``start_rounded``) start at ``int(steps - steps * strength)``."""
+    strength)``; the flow-matching pipelines' (``start_rounded``) start at ``int(steps - steps * strength)``."""
     if start_rounded:
         return steps - int(max(steps - min(steps * strength, steps), 0))
     return min(int(steps * strength), steps)
@@ -755,8 +699,6 @@ def _input_images(
     request: GenerationRequest, limits: Limits, traits: ModelTraits, prefix: str
 ) -> tuple[Any, Any, float]:
     """The request's decoded image and mask and its strength, checked against what the model takes."""
-    from predictor.images import check_mask_size, decode_image, decode_mask
-
     mode = "text" if request.image is None else "img2img" if request.mask is None else "inpaint"
     if request.image is None:
         for name in ("mask", "strength"):
