@@ -54,6 +54,66 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+STARTED_ENV = "GPU_SUITE_STARTED"  # the first process's start (epoch seconds): the budget counts from there
+VENV_ENV = "GPU_SUITE_VENV"  # set once running inside the wheelhouse's virtual environment
+INSTALL_ENV = "GPU_SUITE_INSTALL_S"
+DEFAULT_VENV = "/tmp/gpu-suite-venv"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The wheelhouse: the standard library only, since this runs before anything the device lacks is imported.
+
+
+def install_wheelhouse(wheels: Path, venv: Path) -> Path:
+    """A virtual environment at ``venv`` that sees this interpreter's packages, with every wheel of ``wheels``
+    installed into it offline; returns its python. ``--system-site-packages`` shows it a system Python's packages;
+    the device's python3 is itself a virtual environment (/opt/torch/.venv), whose packages only a .pth file naming
+    its site-packages shows. Its own site-packages come first on the path, so a carried version wins."""
+    import site
+
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    query = [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]
+    own = Path(subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip())
+    seen = [path for path in site.getsitepackages() if Path(path).is_dir() and Path(path) != own]
+    (own / "_gpu_suite_parent_site.pth").write_text("".join(f"{path}\n" for path in seen))
+    found = sorted(str(wheel) for wheel in wheels.glob("*.whl"))
+    if not found:
+        raise SystemExit(f"no wheels in {wheels}: run python bench/device_wheels.py first")
+    command = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-index"]
+    command += ["--no-deps", "--no-compile", "--ignore-installed", *found]
+    subprocess.run(command, check=True)
+    return python
+
+
+def bootstrap(argv: list[str]) -> None:
+    """On the device: install the wheelhouse (--wheels; by default .whl/ on a GPU run, when there), then run this
+    same command again inside its environment. Returns only where there is nothing to install."""
+    os.environ.setdefault(STARTED_ENV, str(time.time()))
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--wheels")
+    early.add_argument("--venv", default=DEFAULT_VENV)
+    early.add_argument("--device", default="cuda")
+    early.add_argument("--list", action="store_true")
+    early.add_argument("-h", "--help", action="store_true")
+    options, _ = early.parse_known_args(argv)
+    wheels = options.wheels
+    if wheels is None and options.device == "cuda" and (ROOT / ".whl").is_dir():
+        wheels = str(ROOT / ".whl")
+    if os.environ.get(VENV_ENV) or wheels is None or options.list or options.help:
+        return
+    began = time.perf_counter()
+    python = install_wheelhouse(Path(wheels), Path(options.venv))
+    took = time.perf_counter() - began
+    print(f"installed {wheels} into {options.venv} in {took:.1f} s", flush=True)
+    env = {**os.environ, VENV_ENV: options.venv, INSTALL_ENV: f"{took:.1f}"}
+    os.execve(str(python), [str(python), str(Path(__file__).resolve()), *argv], env)
+
+
+if __name__ == "__main__":
+    bootstrap(sys.argv[1:])  # before the imports below: the device has neither pydantic nor kserve of its own
+
 # This tree's predictor, before any installed copy (the wheelhouse's own wheel only gives the server its version).
 if str(ROOT) not in sys.path:
     sys.path.insert(1, str(ROOT))
@@ -74,9 +134,6 @@ from common import (  # noqa: E402
 from predictor.testing import free_port  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
-STARTED_ENV = "GPU_SUITE_STARTED"  # the first process's start (epoch seconds): the budget counts from there
-VENV_ENV = "GPU_SUITE_VENV"  # set once running inside the wheelhouse's virtual environment
-INSTALL_ENV = "GPU_SUITE_INSTALL_S"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1214,42 +1271,6 @@ assert list(RUNNERS) == STAGE_NAMES
 # The wheelhouse
 
 
-def install_wheelhouse(wheels: Path, venv: Path) -> Path:
-    """A virtual environment at ``venv`` that sees this interpreter's packages, with every wheel of ``wheels``
-    installed into it offline; returns its python. ``--system-site-packages`` shows it a system Python's packages;
-    the device's python3 is itself a virtual environment (/opt/torch/.venv), whose packages only a .pth file naming
-    its site-packages shows. Its own site-packages come first on the path, so a carried version wins."""
-    import site
-
-    shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    query = [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]
-    own = Path(subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip())
-    seen = [path for path in site.getsitepackages() if Path(path).is_dir() and Path(path) != own]
-    (own / "_gpu_suite_parent_site.pth").write_text("".join(f"{path}\n" for path in seen))
-    found = sorted(str(wheel) for wheel in wheels.glob("*.whl"))
-    if not found:
-        raise SystemExit(f"no wheels in {wheels}: run python bench/device_wheels.py first")
-    command = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-index"]
-    command += ["--no-deps", "--no-compile", "--ignore-installed", *found]
-    subprocess.run(command, check=True)
-    return python
-
-
-def bootstrap(options: argparse.Namespace) -> None:
-    """On the device: install the wheelhouse, then run this command again inside its environment."""
-    os.environ.setdefault(STARTED_ENV, str(time.time()))
-    if os.environ.get(VENV_ENV) or options.wheels is None:
-        return
-    began = time.perf_counter()
-    python = install_wheelhouse(Path(options.wheels), Path(options.venv))
-    took = time.perf_counter() - began
-    print(f"installed {options.wheels} into {options.venv} in {took:.1f} s", flush=True)
-    env = {**os.environ, VENV_ENV: str(options.venv), INSTALL_ENV: f"{took:.1f}"}
-    os.execve(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]], env)
-
-
 def default_out() -> str:
     return os.environ.get("OUT") or str(ROOT / "bench" / "out" / "gpu-suite")
 
@@ -1264,7 +1285,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=default_out(), help="where gpu_suite.json/.md/.log go (default $OUT)")
     parser.add_argument("--scratch", help="models, adapters, compile cache, server logs (default /tmp/gpu-suite)")
     parser.add_argument("--wheels", help="a wheelhouse to install first (default: .whl/ on a GPU run, if there)")
-    parser.add_argument("--venv", default="/tmp/gpu-suite-venv")
+    parser.add_argument("--venv", default=DEFAULT_VENV, help="where the wheelhouse is installed")
     parser.add_argument("--compile_backend", help="torch.compile's backend (default inductor; quick: eager)")
     parser.add_argument("--cold_start", action="store_true", help="startup: drop the page cache first (root)")
     parser.add_argument("--list", action="store_true", help="print the stages with their budgets and exit")
@@ -1278,8 +1299,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         options.budget_s = 400 if options.quick else 480
     if options.compile_backend is None:
         options.compile_backend = "eager" if options.quick or options.device == "cpu" else "inductor"
-    if options.wheels is None and options.device == "cuda" and (ROOT / ".whl").is_dir():
-        options.wheels = str(ROOT / ".whl")
     if options.scratch is None:
         options.scratch = tempfile.mkdtemp(prefix="gpu-suite-") if options.quick else "/tmp/gpu-suite"
     return options
@@ -1292,7 +1311,7 @@ def main(argv: list[str] | None = None) -> int:
             quick = f"; quick mode: {stage.quick_skip}" if stage.quick_skip else ""
             print(f"{stage.name:<15} {stage.gpu_budget_s:>4.0f} s  {stage.description}{quick}")
         return 0
-    bootstrap(options)
+    os.environ.setdefault(STARTED_ENV, str(time.time()))
     if options.quick:
         # One thread a process: the tiny models gain nothing from more, and on a shared machine OpenMP's threads
         # spin at every barrier while their peers wait for a core (seen: 30x slower images). Servers inherit it.

@@ -108,3 +108,23 @@ def test_wheelhouse_environment_sees_this_interpreters_packages_and_carried_vers
     prefix, shadow, carried = found.stdout.split()
     assert Path(prefix) == tmp_path / "venv"
     assert shadow == carried == "True"
+
+
+def test_the_wheelhouse_installs_before_anything_the_device_lacks_is_imported() -> None:
+    # The device's python3 has neither pydantic nor kserve: every import the script runs before bootstrap() hands
+    # over to the wheelhouse's environment must come from the standard library.
+    import ast
+
+    tree = ast.parse((ROOT / "bench" / "gpu_suite.py").read_text())
+    early: list[str] = []
+    for node in tree.body:
+        if isinstance(node, ast.If) and "bootstrap" in ast.unparse(node):
+            break
+        if isinstance(node, ast.Import):
+            early += [alias.name.split(".")[0] for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            early.append((node.module or "").split(".")[0])
+    else:
+        raise AssertionError("no bootstrap() call at module level")
+    assert early, "the script imports nothing before bootstrap()?"
+    assert set(early) <= set(sys.stdlib_module_names) | {"__future__"}, early
