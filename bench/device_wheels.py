@@ -113,7 +113,7 @@ NOT_IMPORTED = {
 }
 
 
-def _lockfile():
+def load_lockfile():
     """docker/lockfile.py, the lock's one parser (docker/ is not a package)."""
     spec = importlib.util.spec_from_file_location("lockfile", ROOT / "docker" / "lockfile.py")
     module = importlib.util.module_from_spec(spec)
@@ -123,7 +123,7 @@ def _lockfile():
 
 def plan() -> list[tuple[str, str, str, str]]:
     """(name, version, the lock entry with its hashes, why) for every locked package to carry."""
-    lockfile = _lockfile()
+    lockfile = load_lockfile()
     carried = []
     for name, version, entry in lockfile.entries(lockfile.LOCK.read_text()):
         if DEVICE_OWN.match(name) or name in LEFT_THERE or name in NOT_IMPORTED:

@@ -289,8 +289,8 @@ STAGES = [
     Stage("flux", 220, 20, "FLUX.1-dev, eager: server vs bare pipe(...), lone and under load", workload="flux"),
     Stage("sd35", 200, 20, "SD 3.5 large, eager: server vs bare pipe(...), lone and under load", workload="sd35"),
     Stage("compile-sd-v1", 240, 30, "SD v1 under --compile: cold, then restarted on the cache", workload="sd-v1"),
-    Stage("loras-compiled", 300, 30, "LoRA slots under --compile (SDXL): load, swaps, slot memory", workload="sdxl"),
-    Stage("loras", 300, 20, "LoRA adapters eager (SDXL): none, mixed, grouped, serial, swaps", workload="sdxl"),
+    Stage("loras-compiled", 360, 30, "LoRA slots under --compile (SDXL): load, swaps, slot memory", workload="sdxl"),
+    Stage("loras", 360, 20, "LoRA adapters eager (SDXL): none, mixed, grouped, serial, swaps", workload="sdxl"),
     Stage(
         "compile-sdxl",
         330,
@@ -664,28 +664,31 @@ def stage_environment(suite: Suite, record: StageRecord) -> None:
 
 
 def code_version() -> str:
-    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    if found.returncode == 0 and found.stdout.strip():
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return f"commit {found.stdout.strip()}" + (" with local changes" if dirty.strip() else "")
+    if shutil.which("git"):
+        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        if found.returncode == 0 and found.stdout.strip():
+            changed = ["git", "status", "--porcelain", "--untracked-files=no"]
+            dirty = subprocess.run(changed, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+            return f"commit {found.stdout.strip()}" + (" with local changes" if dirty else "")
     manifest = ROOT / ".whl" / "MANIFEST.json"  # the device gets a copy of the tree without .git
     if manifest.is_file():
-        return f"the tree the wheelhouse was built from, commit {json.loads(manifest.read_text())['built_from_commit']}"
+        commit = json.loads(manifest.read_text())["built_from_commit"]
+        return f"a copy without .git; the wheelhouse was built at commit {commit}"
     return "unknown"
 
 
 def package_versions() -> tuple[dict[str, str], list[str]]:
-    """Installed versions of the locked packages (CUDA libraries aside), and those that differ from the lock."""
-    import importlib.util
+    """Installed versions of the locked packages (the CUDA stack aside, torch kept), and those that differ from the
+    lock."""
     from importlib import metadata
 
-    spec = importlib.util.spec_from_file_location("lockfile", ROOT / "docker" / "lockfile.py")
-    lockfile = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lockfile)
+    from device_wheels import DEVICE_OWN, load_lockfile
+
+    lockfile = load_lockfile()
     installed: dict[str, str] = {}
     differences = []
     for name, version, _ in lockfile.entries(lockfile.LOCK.read_text()):
-        if re.match(r"^(triton|nvidia-.*|cuda-.*)$", name):
+        if DEVICE_OWN.match(name) and name != "torch":
             continue
         try:
             installed[name] = metadata.version(name)
@@ -1153,14 +1156,17 @@ def lora_bodies(workload: Workload, names: list[str], steps: int) -> tuple[dict,
 
 
 def swap_ms(server: Server, workload: Workload, names: list[str]) -> float:
-    """Milliseconds an adapter swap adds to a lone request (2 steps, so the swap is a large share): requests that
-    cycle through all five adapters with four loaded (each evicts one and loads one) against requests that repeat
-    one loaded adapter."""
+    """Milliseconds an adapter swap adds to a lone request (2 steps, so the swap is a large share). Cycling through
+    five adapters with four loaded, least recently used out, every request swaps once the first cycle is done; the
+    baseline repeats the adapter just used, which stays loaded."""
     _, adapted = lora_bodies(workload, names, 2)
+    turns = 10
     with httpx.Client(base_url=server.base, timeout=600) as client:
-        timed_post(client, adapted[0])
-        resident = median([timed_post(client, adapted[0]) for _ in range(4)])
-        swapping = median([timed_post(client, adapted[turn % len(adapted)]) for turn in range(1, 9)])
+        for body in adapted:  # the first cycle: from here on, each request's adapter is the one evicted longest ago
+            timed_post(client, body)
+        swapping = median([timed_post(client, adapted[turn % len(adapted)]) for turn in range(turns)])
+        last = adapted[(turns - 1) % len(adapted)]
+        resident = median([timed_post(client, last) for _ in range(4)])
     return 1000 * (swapping - resident)
 
 
@@ -1218,7 +1224,7 @@ def stage_loras(suite: Suite, record: StageRecord) -> None:
         )
         by_body: dict[int, list[float]] = {}
         half = [item for other in adapted for item in (plain, other)]
-        measure_load(server, half, workload.clients, workload.requests, by_body=by_body)
+        measure_load(server, half, workload.clients, workload.requests, by_body=by_body, warm=False)
         plain_p50 = median([latency for index, found in by_body.items() if index % 2 == 0 for latency in found])
         suite.figure(
             "requests without adapters in a half-adapted load: p50 / no adapters anywhere",
@@ -1312,6 +1318,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{stage.name:<15} {stage.gpu_budget_s:>4.0f} s  {stage.description}{quick}")
         return 0
     os.environ.setdefault(STARTED_ENV, str(time.time()))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # builtins only: never wait on a network the device does not have
     if options.quick:
         # One thread a process: the tiny models gain nothing from more, and on a shared machine OpenMP's threads
         # spin at every barrier while their peers wait for a core (seen: 30x slower images). Servers inherit it.

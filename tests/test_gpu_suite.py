@@ -73,7 +73,9 @@ def test_wheelhouse_plan_carries_the_locked_versions_and_leaves_the_device_its_c
     carried = {name: version for name, version, _, _ in device_wheels.plan()}
     locked = {
         name: version
-        for name, version, _ in device_wheels._lockfile().entries((ROOT / "docker" / "requirements.lock").read_text())
+        for name, version, _ in device_wheels.load_lockfile().entries(
+            (ROOT / "docker" / "requirements.lock").read_text()
+        )
     }
     assert {"diffusers", "kserve", "fastapi", "uvicorn", "python-multipart", "transformers", "peft"} <= set(carried)
     assert all(carried[name] == locked[name] for name in carried)
