@@ -12,113 +12,9 @@ batch --diffusers_batch (throughput) and batch 1 (a lone image's latency), for t
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
 import time
-from pathlib import Path
 
-import httpx
-from common import free_port, median, percentile, start_server, stop_server, wait_ready
-
-
-async def drive(
-    port: int, body: dict | list[dict], clients: int, requests: int, by_body: dict[int, list[float]] | None = None
-) -> tuple[float, list[float], dict[int, int]]:
-    """``requests`` POSTs from ``clients`` concurrent clients; a list of bodies is sent in turn (``by_body``
-    collects each body's latencies by its index)."""
-    bodies = body if isinstance(body, list) else [body]
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    remaining = requests
-
-    async def client_loop(client: httpx.AsyncClient) -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            index = remaining % len(bodies)
-            started = time.perf_counter()
-            response = await client.post("/generate", json=bodies[index])
-            latencies.append(time.perf_counter() - started)
-            if by_body is not None:
-                by_body.setdefault(index, []).append(latencies[-1])
-            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-
-    limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits) as client:
-        started = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
-        wall = time.perf_counter() - started
-    return wall, latencies, statuses
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """CPU time (user + system) a process has used, from /proc (None elsewhere): less noisy than wall time on a
-    shared machine."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def compiled_graphs(port: int) -> float:
-    """The server's diffusion_compiled_graphs gauge (0 without --compile)."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    samples = [line.split()[-1] for line in text.splitlines() if line.startswith("diffusion_compiled_graphs{")]
-    return float(samples[0]) if samples else 0.0
-
-
-def lone_latency(port: int, body: dict, repeats: int = 3) -> float:
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
-        client.post("/generate", json=body).raise_for_status()
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            client.post("/generate", json=body).raise_for_status()
-            times.append(time.perf_counter() - started)
-    return median(times)
-
-
-def measure_server(
-    options: argparse.Namespace, batch_size: int, body: dict | list[dict], by_body: dict[int, list[float]] | None = None
-) -> dict[str, float]:
-    port = free_port()
-    args = [
-        "--model_id",
-        options.model_id,
-        "--model_dir",
-        "/nonexistent",
-        "--max_batch_size",
-        str(batch_size),
-        "--max_queue",
-        str(max(32, options.clients * 2)),
-        *options.server_args,
-    ]
-    process = start_server(*args, port=port, log=options.log and f"{options.log}.bs{batch_size}.log")
-    try:
-        ready_s = wait_ready(process, port, timeout_s=600)
-        graphs_ready = compiled_graphs(port)
-        lone = lone_latency(port, body[0] if isinstance(body, list) else body)  # a text-to-image request
-        asyncio.run(drive(port, body, options.clients, options.clients))  # warm every batch size on the way
-        cpu_before = cpu_seconds(process.pid)
-        wall, latencies, statuses = asyncio.run(drive(port, body, options.clients, options.requests, by_body))
-        cpu_after = cpu_seconds(process.pid)
-        graphs_after = compiled_graphs(port)
-    finally:
-        stop_server(process)
-    ok = statuses.get(200, 0)
-    if ok != options.requests:
-        raise RuntimeError(f"unexpected statuses at batch size {batch_size}: {statuses}")
-    return {
-        "images_per_s": ok / wall,
-        "p50": median(latencies),
-        "p95": percentile(latencies, 95),
-        "lone": lone,
-        "ready_s": ready_s,
-        "cpu_ms_per_image": float("nan") if cpu_before is None else (cpu_after - cpu_before) / ok * 1000,
-        "graphs_ready": graphs_ready,  # torch.compile's graphs when the server said ready, and after the load
-        "graphs_after": graphs_after,
-    }
+from common import measure_server, median, picture
 
 
 def measure_diffusers(options: argparse.Namespace) -> dict[str, float]:
@@ -148,20 +44,6 @@ def measure_diffusers(options: argparse.Namespace) -> dict[str, float]:
     lone = median([run(1) for _ in range(3)])
     batched = median([run(options.diffusers_batch) for _ in range(3)])
     return {"lone": lone, "images_per_s": options.diffusers_batch / batched}
-
-
-def picture(size: int) -> str:
-    """A size x size noise picture as base64 PNG: an img2img request's input."""
-    import base64
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def main() -> None:
@@ -195,9 +77,12 @@ def main() -> None:
         body = [body] * (options.img2img_every - 1) + [
             {**body, "image": picture(options.size), "strength": options.strength}
         ]
+    load = (options.clients, options.requests, options.server_args, options.log)
     results = {
-        f"batching (max_batch_size {options.batch_size})": measure_server(options, options.batch_size, body),
-        "serial (max_batch_size 1)": measure_server(options, 1, body),
+        f"batching (max_batch_size {options.batch_size})": measure_server(
+            options.model_id, options.batch_size, body, *load
+        ),
+        "serial (max_batch_size 1)": measure_server(options.model_id, 1, body, *load),
     }
     print(
         f"\nmodel {options.model_id}, {options.size}x{options.size}, {options.steps} steps, "

@@ -33,18 +33,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import median
-from load import measure_server
+from common import measure_server, median
 
 
-def make_adapters(model_id: str, directory: Path, count: int, rank: int) -> list[str]:
+def make_adapters(model_id: str, directory: Path, count: int, rank: int, device: str | None = None) -> list[str]:
+    """``count`` random adapters of ``rank`` for a builtin, saved in ``directory`` as adapter-0, adapter-1, ..."""
     import torch
 
     from predictor.families import BUILTIN_PREFIX, build_builtin
-    from predictor.loading import resolve_device
     from predictor.testing import save_random_lora
 
-    device = resolve_device("auto")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = build_builtin(model_id.removeprefix(BUILTIN_PREFIX), device, dtype)
     names = [f"adapter-{index}" for index in range(count)]
@@ -144,8 +143,16 @@ def main() -> None:
         results = {}
         by_body: dict[int, list[float]] = {}
         for label, (batch, body, flags) in configurations.items():
-            options.server_args = [*server_args, *flags]
-            results[label] = measure_server(options, batch, body, by_body if label == "half with adapters" else None)
+            results[label] = measure_server(
+                options.model_id,
+                batch,
+                body,
+                options.clients,
+                options.requests,
+                [*server_args, *flags],
+                options.log,
+                by_body if label == "half with adapters" else None,
+            )
             found = results[label]
             graphs = f"  graphs {found['graphs_ready']:.0f} -> {found['graphs_after']:.0f}"
             print(

@@ -31,6 +31,73 @@ def _random_taesd(directory: str, latent_channels: int) -> str:
     return directory
 
 
+def measure_previews(
+    model_id: str,
+    size: int,
+    steps: int,
+    jobs: int,
+    partial_images: int,
+    rounds: int,
+    preview_vae_dir: str = "random",
+    device: str = "auto",
+) -> dict[str, float]:
+    """Median wall seconds of a batch of ``jobs`` per configuration ("none", "linear map" and, unless
+    ``preview_vae_dir`` is "none", "tiny VAE"), rounds alternated, and the previews sent ("previews sent")."""
+    plain_loaded = load_pipeline(None, model_id, None, device_flag=device)
+    configurations = {"none": plain_loaded, "linear map": plain_loaded}
+    with tempfile.TemporaryDirectory() as scratch:
+        if preview_vae_dir != "none":
+            directory = preview_vae_dir
+            if directory == "random":
+                directory = _random_taesd(scratch, plain_loaded.pipe.vae.config.latent_channels)
+            tiny = load_preview_vae(directory, plain_loaded.pipe, plain_loaded.device, plain_loaded.dtype)
+            configurations["tiny VAE"] = dataclasses.replace(plain_loaded, preview_vae=tiny)
+        return measure(plain_loaded.traits, configurations, size, steps, jobs, partial_images, rounds)
+
+
+def measure(
+    traits, configurations: dict, size: int, steps: int, jobs: int, partial_images: int, rounds: int
+) -> dict[str, float]:
+    sent = 0
+
+    def on_progress(kind: str, *args) -> None:
+        nonlocal sent
+        sent += kind == "preview"
+
+    def run(engine, previews: int) -> float:
+        batch = [
+            params(
+                seed=i,
+                num_inference_steps=steps,
+                width=size,
+                height=size,
+                scheduler=traits.default_scheduler,
+                guidance_scale=traits.default_guidance_scale,
+                partial_images=previews,
+            )
+            for i in range(jobs)
+        ]
+        started = time.perf_counter()
+        for future in engine.submit(batch, on_progress=on_progress):
+            future.result(timeout=3600)
+        return time.perf_counter() - started
+
+    times: dict[str, list[float]] = {name: [] for name in configurations}
+    with contextlib.ExitStack() as stack:
+        # One engine a configuration, over the same weights; one runs at a time.
+        engines = {
+            name: stack.enter_context(running_engine(loaded, max_batch_size=jobs))
+            for name, loaded in configurations.items()
+        }
+        for engine in engines.values():
+            run(engine, partial_images)  # warm-up, and the preview map's one-time fit
+        sent = 0
+        for _ in range(rounds):
+            for name, engine in engines.items():
+                times[name].append(run(engine, 0 if name == "none" else partial_images))
+    return {name: median(values) for name, values in times.items()} | {"previews sent": sent}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_id", default="builtin:tiny")
@@ -43,69 +110,28 @@ def main() -> None:
         "--preview_vae_dir", default="random", help="a tiny VAE's directory; random: TAESD's architecture; none: skip"
     )
     options = parser.parse_args()
-
-    plain_loaded = load_pipeline(None, options.model_id, None)
-    traits = plain_loaded.traits
-    configurations = {"none": plain_loaded, "linear map": plain_loaded}
-    with tempfile.TemporaryDirectory() as scratch:
-        if options.preview_vae_dir != "none":
-            directory = options.preview_vae_dir
-            if directory == "random":
-                directory = _random_taesd(scratch, plain_loaded.pipe.vae.config.latent_channels)
-            tiny = load_preview_vae(directory, plain_loaded.pipe, plain_loaded.device, plain_loaded.dtype)
-            configurations["tiny VAE"] = dataclasses.replace(plain_loaded, preview_vae=tiny)
-        measure(options, traits, configurations)
-
-
-def measure(options: argparse.Namespace, traits, configurations: dict) -> None:
-    sent = 0
-
-    def on_progress(kind: str, *args) -> None:
-        nonlocal sent
-        sent += kind == "preview"
-
-    def run(engine, previews: int) -> float:
-        jobs = [
-            params(
-                seed=i,
-                num_inference_steps=options.steps,
-                width=options.size,
-                height=options.size,
-                scheduler=traits.default_scheduler,
-                guidance_scale=traits.default_guidance_scale,
-                partial_images=previews,
-            )
-            for i in range(options.jobs)
-        ]
-        started = time.perf_counter()
-        for future in engine.submit(jobs, on_progress=on_progress):
-            future.result(timeout=3600)
-        return time.perf_counter() - started
-
-    times: dict[str, list[float]] = {name: [] for name in configurations}
-    with contextlib.ExitStack() as stack:
-        # One engine a configuration, over the same weights; one runs at a time.
-        engines = {
-            name: stack.enter_context(running_engine(loaded, max_batch_size=options.jobs))
-            for name, loaded in configurations.items()
-        }
-        for engine in engines.values():
-            run(engine, options.partial_images)  # warm-up, and the preview map's one-time fit
-        for _ in range(options.rounds):
-            for name, engine in engines.items():
-                times[name].append(run(engine, 0 if name == "none" else options.partial_images))
-    plain = median(times["none"])
+    found = measure_previews(
+        options.model_id,
+        options.size,
+        options.steps,
+        options.jobs,
+        options.partial_images,
+        options.rounds,
+        options.preview_vae_dir,
+    )
+    plain = found["none"]
     print(
         f"model {options.model_id}, {options.size}x{options.size}, {options.steps} steps, {options.jobs} jobs a batch"
     )
     print(f"without previews: {plain:.3f} s")
-    for name in list(configurations)[1:]:
-        watched = median(times[name])
-        print(
-            f"{options.partial_images} previews each from the {name}: {watched:.3f} s, "
-            f"cost {100 * (watched / plain - 1):+.1f}% ({watched / plain:.3f}x)"
-        )
-    print(f"previews sent: {sent}")
+    for name in ("linear map", "tiny VAE"):
+        if name in found:
+            watched = found[name]
+            print(
+                f"{options.partial_images} previews each from the {name}: {watched:.3f} s, "
+                f"cost {100 * (watched / plain - 1):+.1f}% ({watched / plain:.3f}x)"
+            )
+    print(f"previews sent: {found['previews sent']:.0f}")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-from common import free_port, median, start_server, stop_server
+from common import free_port, live_and_ready, median, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPORT_PROBE = (
@@ -39,23 +38,11 @@ def import_seconds(tree: Path) -> float:
 def start_seconds(tree: Path, model_id: str, log: Path) -> tuple[float, float]:
     """(start to the first answer on /livez, start to ready)."""
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
     # Run from the tree: `python -m` puts the working directory first on sys.path, so its predictor package wins.
     process = start_server("--model_id", model_id, "--model_dir", "/nonexistent", port=port, log=log, cwd=tree)
-    listening = None
     try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{tree}: the server exited:\n{log.read_text()[-2000:]}")
-            try:
-                if listening is None and httpx.get(f"{base}/livez", timeout=1).status_code == 200:
-                    listening = time.perf_counter() - started
-                if httpx.get(f"{base}/v1/models/sd", timeout=1).status_code == 200:
-                    return listening or time.perf_counter() - started, time.perf_counter() - started
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.02)
+        return live_and_ready(process, port, started, log)
     finally:
         stop_server(process)
 
