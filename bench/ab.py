@@ -35,7 +35,7 @@ def table_rows(output: str) -> dict[str, list[float]]:
     """Lines that start with a label and end in numbers: label -> numbers."""
     rows = {}
     for line in output.splitlines():
-        match = re.match(r"^([A-Za-z][^\d]*?)\s{2,}(-?\d.*)$", line.strip())
+        match = re.match(r"^([A-Za-z].*?\S)\s{2,}(-?\d[\d.\s-]*)$", line.strip())
         if match:
             rows[match.group(1).strip()] = [float(n) for n in NUMBER.findall(match.group(2))]
     return rows
@@ -63,7 +63,8 @@ def main() -> None:
         columns = zip(*(rows[label] for rows in results["after"] if label in rows), strict=False)
         after = [statistics.median(c) for c in columns]
         ratios = [f"{a / b:.3f}" if b else "-" for b, a in zip(before, after, strict=False)]
-        print(f"{label:<32} {before} | {after} | {ratios}")
+        shown = " | ".join(" ".join(f"{v:g}" for v in side) for side in (before, after))
+        print(f"{label:<32} {shown} | {' '.join(ratios)}")
 
 
 if __name__ == "__main__":

@@ -104,20 +104,6 @@ def _cuda_tensors(values: Iterable[Any], depth: int = 0) -> Iterator[torch.Tenso
             yield from _cuda_tensors(vars(value).values(), depth + 1)
 
 
-def _cuda_tensors(values: Iterable[Any], depth: int = 0) -> Iterator[torch.Tensor]:
-    """The CUDA tensors in ``values``, looking into lists, tuples, dicts and scheduler objects (a few levels)."""
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            if value.is_cuda:
-                yield value
-        elif depth < 3 and isinstance(value, list | tuple):
-            yield from _cuda_tensors(value, depth + 1)
-        elif depth < 3 and isinstance(value, dict):
-            yield from _cuda_tensors(value.values(), depth + 1)
-        elif depth < 3 and isinstance(value, SchedulerMixin):
-            yield from _cuda_tensors(vars(value).values(), depth + 1)
-
-
 def _one_by_one(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """Decode image by image in half precision, as a lone pipeline call does: there a batched VAE call sums in
     another order and moved pixels by 2 to 6 grey levels (bfloat16, measured), and on a GPU the decode is a small,

@@ -114,6 +114,16 @@ def with_negatives(
     return columns, {id(job): len(jobs) + index for index, job in enumerate(guided)}
 
 
+def two_prompts(p: GenerationParams) -> tuple[str, str]:
+    """A job's texts for two encoders, as the two-encoder pipelines default them: ``prompt_2`` is ``prompt``."""
+    return p.prompt, p.prompt_2 or p.prompt
+
+
+def two_negative_prompts(p: GenerationParams) -> tuple[str, str]:
+    """A guided job's negative texts for two encoders: ``""`` when absent, ``negative_prompt_2`` defaulting."""
+    return p.negative_prompt or "", p.negative_prompt_2 or p.negative_prompt or ""
+
+
 def vae_posterior_sample(posterior: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
     """diffusers' ``latent_dist.sample(generator)`` for one row: the same draw, on the posterior's device."""
     mean, std = posterior

@@ -26,7 +26,17 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from predictor import builtin
-from predictor.families.base import Builtin, Encoded, Family, Loaded, ServedPipeline, truncated
+from predictor.families.base import (
+    Builtin,
+    Encoded,
+    Family,
+    Loaded,
+    ServedPipeline,
+    truncated,
+    two_negative_prompts,
+    two_prompts,
+    with_negatives,
+)
 from predictor.families.flow import FlowMatchingModel, TransformerCall
 from predictor.jobs import Job
 from predictor.request import GenerationParams
@@ -138,14 +148,13 @@ class FluxModel(FlowMatchingModel):
         pipe = self.pipe
         # diffusers' rule: guidance against a negative prompt only with true_cfg_scale > 1 and a negative prompt.
         guided = [job for job in jobs if job.params.true_cfg_scale > 1 and job.params.negative_prompt is not None]
-        clip_texts = [job.params.prompt for job in jobs]
-        t5_texts = [job.params.prompt_2 or job.params.prompt for job in jobs]
-        for job in guided:
-            negative = job.params.negative_prompt or ""
-            clip_texts.append(negative)
-            t5_texts.append(job.params.negative_prompt_2 or negative)
+        (clip_texts, t5_texts), negative_row = with_negatives(
+            jobs,
+            guided,
+            two_prompts,
+            two_negative_prompts,
+        )
         sequences, pooled = self._encode_texts(clip_texts, t5_texts)
-        negative_row = {id(job): len(jobs) + index for index, job in enumerate(guided)}
         rows: list[Encoded] = []
         for index, job in enumerate(jobs):
             p = job.params

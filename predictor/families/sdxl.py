@@ -28,7 +28,18 @@ from diffusers import StableDiffusionXLInpaintPipeline, StableDiffusionXLPipelin
 
 from predictor import builtin
 from predictor.errors import LoadError
-from predictor.families.base import Builtin, Encoded, Family, Loaded, ServedPipeline, truncated, vae_posterior_sample
+from predictor.families.base import (
+    Builtin,
+    Encoded,
+    Family,
+    Loaded,
+    ServedPipeline,
+    truncated,
+    two_negative_prompts,
+    two_prompts,
+    vae_posterior_sample,
+    with_negatives,
+)
 from predictor.families.sd import UNetModel
 from predictor.jobs import Job
 
@@ -110,14 +121,13 @@ class StableDiffusionXLModel(UNetModel):
         guided = [job for job in jobs if self.guided(job.params)]
         zero_absent = bool(self.pipe.config.force_zeros_for_empty_prompt)
         encoded_negative = [job for job in guided if not (zero_absent and job.params.negative_prompt is None)]
-        firsts = [job.params.prompt for job in jobs]
-        seconds = [job.params.prompt_2 or job.params.prompt for job in jobs]
-        for job in encoded_negative:
-            negative = job.params.negative_prompt or ""
-            firsts.append(negative)
-            seconds.append(job.params.negative_prompt_2 or negative)
+        (firsts, seconds), negative_row = with_negatives(
+            jobs,
+            encoded_negative,
+            two_prompts,
+            two_negative_prompts,
+        )
         embeds, pooled = self._encode_texts(firsts, seconds)
-        negative_row = {id(job): len(jobs) + index for index, job in enumerate(encoded_negative)}
         rows: list[Encoded] = []
         for index, job in enumerate(jobs):
             p = job.params
