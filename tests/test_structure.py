@@ -10,9 +10,8 @@ from predictor.families.base import FamilyModel
 from predictor.request import SCHEDULER_NAMES
 
 PACKAGE = Path(__file__).resolve().parents[1] / "predictor"
-# A family's knowledge lives in its module under families/; its builtins are built in builtin.py, and the test
-# helpers' diffusers reference calls every family's own pipeline.
-FAMILY_PLACES = ("families/", "builtin.py", "testing.py")
+# A family's knowledge lives in its module under families/; its builtins are built in builtin.py.
+FAMILY_PLACES = ("families/", "builtin.py")
 
 
 def _modules() -> dict[str, Path]:
