@@ -230,7 +230,7 @@ def _loras_from_text(value: Any) -> Any:
     if isinstance(value, str):
         try:
             return json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
             raise ValueError('must be a list like [{"name": "style", "scale": 0.8}] (JSON)') from None
     return value
 

@@ -62,6 +62,11 @@ CASES = [
     ("/generate", b'["a list"]', "body"),
     ("/generate", b"\xff\xfe\x00", "body"),
     ("/generate", b"[" * 5000, "body"),  # nesting deep enough to exhaust the JSON parser's recursion
+    # An integer past Python's 4300-digit conversion limit: json.loads raises a plain ValueError.
+    ("/generate", b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}", "body"),
+    # loras as JSON text (as form fields and v2 parameters carry it), nested past the parser's recursion.
+    ("/generate", {"prompt": "a", "loras": "[" * 100_000}, "loras"),
+    (V1, b'{"instances": [{"prompt": "a", "seed": ' + b"9" * 5000 + b"}]}", None),
     (V1, {"instances": []}, "instances"),
     (V1, {"instances": [{"prompt": "a"}] * 5}, "instances"),
     (V1, {"instances": "a cat"}, "instances"),
@@ -127,6 +132,23 @@ def test_bad_input_is_400_with_error_body(client: TestClient, route: str, body, 
         assert error["param"] == param, error
     assert len(response.content) < 600, "the error body must not echo large input"
     assert HUGE not in response.text
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"prompt": "a", "n": ' + b"9" * 5000 + b"}",
+        b'{"prompt": "a", "loras": "' + b"[" * 100_000 + b'"}',
+        b"[" * 5000,
+    ],
+    ids=["long-integer", "deep-loras-text", "deep-body"],
+)
+def test_openai_route_refuses_malformed_json_as_invalid_request(client: TestClient, body: bytes) -> None:
+    response = client.post("/v1/images/generations", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text[:300]
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and "Traceback" not in error["message"]
+    assert len(response.content) < 600
 
 
 def test_valid_request_is_served_after_bad_ones(client: TestClient) -> None:

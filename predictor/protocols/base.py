@@ -132,6 +132,8 @@ def json_object(body: bytes) -> Any:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise InvalidRequest("the request body is not valid JSON", param="body") from None
+    except ValueError:  # an integer past Python's int-string conversion limit (4300 digits)
+        raise InvalidRequest("the request body holds a number too long to read", param="body") from None
 
 
 def check_count(count: int, param: str, limits: Limits) -> None:
