@@ -310,9 +310,11 @@ class FamilyModel:
         """A fresh scheduler for one job (schedulers keep per-run state), from the family's registry."""
         return make_scheduler(self.schedulers, name, self.pipe.scheduler.config)
 
-    def set_timesteps(self, scheduler: SchedulerMixin, steps: int, height: int, width: int) -> None:
-        """Set a job's schedule as the family's pipeline sets it."""
-        scheduler.set_timesteps(steps, device=self.device)
+    def set_timesteps(
+        self, scheduler: SchedulerMixin, steps: int, height: int, width: int, device: torch.device | None = None
+    ) -> None:
+        """Set a job's schedule as the family's pipeline sets it, on ``device`` (default: the model's)."""
+        scheduler.set_timesteps(steps, device=device or self.device)
 
     def set_first_step(self, scheduler: SchedulerMixin) -> None:
         """Where a text job's schedule starts: found on the host as the scheduler itself would find it."""
@@ -325,22 +327,12 @@ class FamilyModel:
         size = self.native_size
         for name in self.schedulers:
             try:
-                self.set_timesteps_on(self.make_scheduler(name), 4, size, size, torch.device("cpu"))
+                self.set_timesteps(self.make_scheduler(name), 4, size, size, torch.device("cpu"))
             except Exception as exc:  # any failure means the pipeline could not use it either
                 logger.debug("scheduler %s does not suit this checkpoint: %s", name, exc)
                 continue
             names.append(name)
         return tuple(names)
-
-    def set_timesteps_on(
-        self, scheduler: SchedulerMixin, steps: int, height: int, width: int, device: torch.device
-    ) -> None:
-        """``set_timesteps`` on another device than the model's (the availability probe runs on the CPU)."""
-        own, self.device = self.device, device
-        try:
-            self.set_timesteps(scheduler, steps, height, width)
-        finally:
-            self.device = own
 
     def kept_steps(self, params: GenerationParams) -> int:
         """The steps an image job runs, as diffusers' ``get_timesteps`` counts them."""

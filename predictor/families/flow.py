@@ -93,9 +93,6 @@ class FlowMatchingModel(FamilyModel):
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.transformer
 
-    def prepare_for_cuda(self) -> None:
-        self.pipe.vae.to(memory_format=torch.channels_last)  # the transformer has no convolutions worth a layout
-
     def image_schedulers(self, names: tuple[str, ...]) -> tuple[str, ...]:
         # The image's latents are noised by the scheduler's scale_noise, which only the flow Euler and Heun have.
         return tuple(name for name in names if hasattr(self.schedulers[name][0], "scale_noise"))

@@ -96,7 +96,9 @@ class FluxModel(FlowMatchingModel):
     def prompt_windows(self) -> dict[str, int]:
         return {"prompt": self.pipe.tokenizer.model_max_length, "prompt_2": self._max_tokens}
 
-    def set_timesteps(self, scheduler: SchedulerMixin, steps: int, height: int, width: int) -> None:
+    def set_timesteps(
+        self, scheduler: SchedulerMixin, steps: int, height: int, width: int, device: torch.device | None = None
+    ) -> None:
         """FluxPipeline's schedule: its own sigmas and a shift ``mu`` from the image's token count."""
         config = scheduler.config
         sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
@@ -108,7 +110,7 @@ class FluxModel(FlowMatchingModel):
             config.get("base_shift", 0.5),
             config.get("max_shift", 1.15),
         )
-        pipeline_flux.retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
+        pipeline_flux.retrieve_timesteps(scheduler, steps, device or self.device, sigmas=sigmas, mu=mu)
 
     def guidance_scale(self, params: GenerationParams) -> float:
         return params.true_cfg_scale

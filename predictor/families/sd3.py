@@ -90,7 +90,9 @@ class StableDiffusion3Model(FlowMatchingModel):
         logger.info("'%s' has no text_encoder_3: loading SD3 without its T5 encoder", source)
         return {"text_encoder_3": None, "tokenizer_3": None}
 
-    def set_timesteps(self, scheduler: SchedulerMixin, steps: int, height: int, width: int) -> None:
+    def set_timesteps(
+        self, scheduler: SchedulerMixin, steps: int, height: int, width: int, device: torch.device | None = None
+    ) -> None:
         """StableDiffusion3Pipeline's schedule: the checkpoint's shift, ``mu`` only with dynamic shifting."""
         config, pipe = scheduler.config, self.pipe
         kwargs = {}
@@ -104,7 +106,7 @@ class StableDiffusion3Model(FlowMatchingModel):
                 config.get("base_shift", 0.5),
                 config.get("max_shift", 1.16),
             )
-        pipeline_stable_diffusion_3.retrieve_timesteps(scheduler, steps, self.device, sigmas=None, **kwargs)
+        pipeline_stable_diffusion_3.retrieve_timesteps(scheduler, steps, device or self.device, sigmas=None, **kwargs)
 
     def native_row_shape(self) -> tuple[int, ...]:
         size = self.native_size // self.pipe.vae_scale_factor
