@@ -182,14 +182,21 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """The process around the engine: start-up and warm-up, liveness, shutdown, request bodies, API keys."""
+    """The process around the engine: start-up and warm-up, liveness, shutdown, the HTTP listener's limits, request
+    bodies, API keys."""
 
     warmup_steps: int = field(
         default=2,
         metadata={"help": "Steps of the warm-up image made before the model reports ready; 0: none.", "ge": 0},
     )
     grace_period_s: int = field(
-        default=30, metadata={"help": "On SIGTERM, how long in-flight requests may take to finish.", "gt": 0}
+        default=30,
+        metadata={
+            "help": "On SIGTERM, how long in-flight requests may take to finish; past it each is answered 503 "
+            "shutting_down (a stream gets an error event) and the process exits within a few seconds. A second "
+            "SIGTERM stops at once.",
+            "gt": 0,
+        },
     )
     max_body_bytes: int = field(
         default=1024 * 1024,
@@ -204,6 +211,37 @@ class ServerConfig:
         metadata={
             "help": "Largest request body on the routes that take input images (/generate, v1 :predict, v2 /infer, "
             "/v1/images/edits); base64 makes an image a third larger.",
+            "gt": 0,
+        },
+    )
+    max_header_bytes: int = field(
+        default=64 * 1024,
+        metadata={
+            "help": "Largest request line plus headers; a larger one gets 431 and its connection is closed.",
+            "ge": 1024,
+        },
+    )
+    header_timeout_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "Time a client has to send a request's line and headers, from its first byte (or from "
+            "connecting); past it 408 and the connection is closed (slow or silent clients hold no connection).",
+            "gt": 0,
+        },
+    )
+    body_timeout_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "Longest pause between two parts of a request body; past it 408, the connection is closed and "
+            "the request dropped.",
+            "gt": 0,
+        },
+    )
+    max_connections: int = field(
+        default=1024,
+        metadata={
+            "help": "Open HTTP connections served at once; a request on a connection past the cap gets 503. Idle "
+            "kept-alive connections count until --timeout-keep-alive closes them.",
             "gt": 0,
         },
     )

@@ -82,9 +82,10 @@ class GenerationEngine:
         if self._startup_error is not None:
             raise self._startup_error
 
-    def close(self, timeout: float | None = None) -> bool:
+    def close(self, timeout: float | None = None, join_s: float = _JOIN_S) -> bool:
         """Stop admitting; let admitted and queued work finish (up to ``timeout``); stop the worker, which
-        fails what is left with ``shutting_down``. True if everything finished."""
+        fails what is left with ``shutting_down`` at its next step boundary. A worker still inside a step after
+        ``join_s`` (a hung GPU) has its clients answered from here. True if everything finished."""
         with self._cond:
             self._accepting = False
             self._cond.notify_all()
@@ -93,7 +94,7 @@ class GenerationEngine:
             self._stop = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=_JOIN_S)
+            self._thread.join(timeout=join_s)
             if self._thread.is_alive():
                 # The worker hangs inside a step: answer its clients from here, the last resort.
                 with self._cond:
@@ -158,24 +159,33 @@ class GenerationEngine:
         deadline = now + timeout_s if timeout_s else None
         jobs = [Job(p, self.runner.batch_key(p), now, deadline, on_progress, counted) for p in params]
         with self._cond:
-            if not self._accepting:
-                raise ShuttingDown("the server is shutting down; retry on another replica")
-            if self._worker_stopped:
-                raise WorkerStopped("the generation worker stopped; the server is restarting")
-            if not self.healthy:
-                raise DeviceFailed("the GPU is in a failed state; the server is restarting")
+            self._check_admitting()
             try:
                 ahead = self.scheduler.add(jobs)
             except QueueFull as full:
-                raise Overloaded(
-                    f"too many queued images ({full.waiting} waiting, limit {full.limit}); retry later",
-                    headers={"Retry-After": "1"},
-                ) from None
+                raise _overloaded(full.waiting, full.limit) from None
             self._publish_counts()
             self._cond.notify_all()
         if on_progress is not None:
             on_progress("queued", ahead, 0)
         return [job.future for job in jobs]
+
+    def check_admission(self) -> None:
+        """Raise what ``submit`` would for a one-image request now (queue full, shutting down, a failed worker),
+        so a request is refused before its input images are decoded; ``submit`` checks again, for its real count."""
+        with self._cond:
+            self._check_admitting()
+            waiting, limit = self.scheduler.queue_depth, self.scheduler.max_queue
+        if waiting >= limit:
+            raise _overloaded(waiting, limit)
+
+    def _check_admitting(self) -> None:
+        if not self._accepting:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+        if self._worker_stopped:
+            raise WorkerStopped("the generation worker stopped; the server is restarting")
+        if not self.healthy:
+            raise DeviceFailed("the GPU is in a failed state; the server is restarting")
 
     def generate(self, params: Any, timeout: float | None = None, counted: bool = True) -> GenerationResult:
         """Blocking helper (warm-up, benchmarks, tests): one image."""
@@ -515,6 +525,12 @@ class GenerationEngine:
     def _publish_counts(self) -> None:
         self._metrics.queue_depth.set(self.scheduler.queue_depth)
         self._metrics.active_images.set(self.scheduler.active)
+
+
+def _overloaded(waiting: int, limit: int) -> Overloaded:
+    return Overloaded(
+        f"too many queued images ({waiting} waiting, limit {limit}); retry later", headers={"Retry-After": "1"}
+    )
 
 
 def _notify(job: Job, *event: Any) -> None:

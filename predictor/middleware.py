@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -21,6 +23,8 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+logger = logging.getLogger(__name__)
 
 
 async def _send_error(send: Send, scope: Scope, routes: RouteTable, exc: PredictorError) -> None:
@@ -43,10 +47,13 @@ async def _send_error(send: Send, scope: Scope, routes: RouteTable, exc: Predict
 
 class ApiKeyGuard:
     """Every request that is not a read (every POST: the generation routes) needs ``Authorization: Bearer KEY``
-    with one of ``keys``; health, readiness, metrics, discovery and the playground page are GETs and stay open.
+    with one of ``keys``; health, readiness, metrics, the model's description and the playground page are GETs and
+    stay open. The LoRA listing is a read that needs the key too: it names the files in --lora_dir and why any was
+    refused, which is the operator's business, and only a client that may generate can use an adapter anyway.
     Keys are compared in constant time, each one, so timing tells nothing about which part of a key matched."""
 
     OPEN_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+    KEYED_READS = re.compile(r"/v1/models/[^/]+/loras/?")
 
     def __init__(self, app: ASGIApp, keys: tuple[str, ...], routes: RouteTable) -> None:
         self.app = app
@@ -63,7 +70,8 @@ class ApiKeyGuard:
         return scheme.lower() == b"bearer" and matched
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") in self.OPEN_METHODS or self._authorized(scope):
+        open_read = scope.get("method") in self.OPEN_METHODS and not self.KEYED_READS.fullmatch(scope.get("path", ""))
+        if scope["type"] != "http" or open_read or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         unauthorized = Unauthorized("a valid API key is required: send 'Authorization: Bearer <key>'")
@@ -99,6 +107,7 @@ class RequestGuard:
 
         body_done = asyncio.Event()
         disconnected = asyncio.Event()
+        upload_dropped = asyncio.Event()  # the client went away before its body was whole
         received = 0
 
         async def guarded_receive() -> Message:
@@ -116,6 +125,7 @@ class RequestGuard:
                     body_done.set()
             elif message["type"] == "http.disconnect":
                 disconnected.set()
+                upload_dropped.set()
             return message
 
         app_task = asyncio.ensure_future(self.app(scope, guarded_receive, send))
@@ -134,5 +144,16 @@ class RequestGuard:
         except asyncio.CancelledError:
             if not disconnected.is_set():
                 raise  # cancelled from outside (shutdown), not by the client going away
+        except Exception:
+            if not upload_dropped.is_set():
+                raise
+            # Whatever the route made of the missing body (Starlette's ClientDisconnect): nobody is left to answer.
+            client = scope.get("client") or ("a client", 0)
+            logger.info(
+                "%s:%s went away during its upload to %s (%d bytes received): request dropped",
+                *client[:2],
+                scope.get("path", ""),
+                received,
+            )
         finally:
             watcher.cancel()

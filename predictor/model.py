@@ -20,7 +20,7 @@ from PIL import Image
 
 from predictor.codec import MEDIA_TYPES, encode_image
 from predictor.config import Settings
-from predictor.errors import DeadlineExceeded, InvalidRequest, ModelNotLoaded
+from predictor.errors import DeadlineExceeded, InvalidRequest, ModelNotLoaded, PredictorError, ShuttingDown
 from predictor.images import encode_png
 from predictor.jobs import GenerationResult
 from predictor.protocols import kserve_v1, kserve_v2
@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 _WARMUP_TIMEOUT_S = 600.0
 # Grace beyond --request_timeout_s before a request whose step is stuck is answered 504 anyway.
 _DEADLINE_SLACK_S = 2.0
+# At shutdown, how long a worker still inside a step is waited for before its clients are answered from outside
+# (a step of a large model on a slow GPU takes about a second; answering early is harmless, settling is idempotent).
+_ABORT_JOIN_S = 1.0
 
 
 class DiffusionModel(Model):
@@ -57,6 +60,7 @@ class DiffusionModel(Model):
         self._load_thread: threading.Thread | None = None
         self._load_started_at: float | None = None
         self.stopping = False
+        self._draining = False  # begin_shutdown() started the engine's drain
         self.ready = False
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -121,12 +125,56 @@ class DiffusionModel(Model):
         pass
 
     def stop(self) -> None:
+        """KServe's unload: stop, letting in-flight work finish within the grace period unless a shutdown already
+        drains it."""
+        engine, draining = self._stop_admitting()
+        if engine is not None:
+            if draining:  # the drain answered everyone, or is answering them: do not wait for the worker again
+                engine.close(timeout=0, join_s=0)
+            else:
+                engine.close(timeout=self.settings.server.grace_period_s, join_s=_ABORT_JOIN_S)
+
+    def unavailable(self) -> PredictorError:
+        """Why a request cannot be served now: 503 shutting_down once a shutdown began, else model_not_ready."""
+        if self.stopping:
+            return ShuttingDown("the server is shutting down; retry on another replica")
+        return ModelNotLoaded(f"model {self.name} is not ready")
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """The first SIGTERM: refuse new work (503 shutting_down), give in-flight work ``grace_s``, then answer what
+        is left 503 shutting_down. The drain runs on its own thread: the event loop keeps answering meanwhile."""
+        engine, draining = self._stop_admitting(drain=True)
+        if engine is not None and not draining:
+            threading.Thread(
+                target=engine.close, args=(grace_s, _ABORT_JOIN_S), name="shutdown-drain", daemon=True
+            ).start()
+
+    def abort(self, then: Callable[[], None]) -> None:
+        """The second SIGTERM: answer everything in flight 503 shutting_down now (at the worker's next step
+        boundary, or from outside a step that hangs), then call ``then`` (on another thread)."""
+        engine, _ = self._stop_admitting(drain=True)
+
+        def answer_all() -> None:
+            try:
+                if engine is not None:
+                    engine.close(timeout=0, join_s=_ABORT_JOIN_S)
+            finally:
+                then()
+
+        threading.Thread(target=answer_all, name="shutdown-abort", daemon=True).start()
+
+    def _stop_admitting(self, drain: bool = False) -> tuple[GenerationEngine | None, bool]:
+        """Mark the model stopping (a load under way stops at its next phase and starts no engine); the engine, and
+        whether a drain had already begun."""
         with self._load_lock:
-            self.stopping = True  # a load still under way stops at its next phase and starts no engine
+            self.stopping = True
             engine = self.generation_engine
+            draining = self._draining
+            self._draining = self._draining or drain
         self.ready = False
         if engine is not None:
-            engine.close(timeout=self.settings.server.grace_period_s)
+            engine.stop_admitting()
+        return engine, draining
 
     @property
     def loading(self) -> bool:
@@ -162,8 +210,10 @@ class DiffusionModel(Model):
 
     async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> Batch:
         if not self.ready or self.generation_engine is None:
-            raise ModelNotLoaded(f"model {self.name} is not ready")
+            raise self.unavailable()
         request_id = (headers or {}).get("x-request-id")
+        # A full queue refuses a request with eight 4096 px images as fast as a prompt: before they are decoded.
+        self.generation_engine.check_admission()
         # Off the event loop: input images are decoded here (a large PNG takes a fraction of a second).
         batch = await asyncio.to_thread(self._preprocess, payload, request_id)
         streaming = isinstance(payload, RouteCall) and payload.streaming
@@ -206,7 +256,7 @@ class DiffusionModel(Model):
     def submit(self, batch: Batch) -> None:
         """Queue the batch's images (503 overloaded / shutting_down raise here, before any response starts)."""
         if self.generation_engine is None:
-            raise ModelNotLoaded(f"model {self.name} is not ready")
+            raise self.unavailable()
         batch.futures = self.generation_engine.submit(batch.params, on_progress=batch.on_progress)
 
     async def predict(

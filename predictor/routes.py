@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from kserve.errors import ModelNotFound
 
-from predictor.errors import LoadTimedOut, ModelNotLoaded
+from predictor.errors import LoadTimedOut
 from predictor.model import DiffusionModel
 from predictor.protocols import generate, openai
 from predictor.protocols.base import RouteCall, error_response
@@ -46,7 +46,7 @@ async def _event_stream(
 
 def _check_ready(model: DiffusionModel) -> None:
     if not model.ready:
-        raise ModelNotLoaded(f"model {model.name} is not ready")
+        raise model.unavailable()
 
 
 def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool = False) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
 import signal
 import threading
@@ -21,14 +23,18 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve import ModelServer
+from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
 from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady, ServerNotReady
-from kserve.protocol.rest.server import RESTServer, metrics_handler
+from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.infer_type import InferRequest
+from kserve.protocol.rest.server import RESTServer, _RefreshingServer, metrics_handler
 from kserve.protocol.rest.v1_endpoints import register_v1_endpoints
 from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from predictor.config import Settings, read_api_keys
 from predictor.errors import HTTPError, PredictorError
+from predictor.listener import GuardedH11Protocol, ListenerLimits
 from predictor.middleware import ApiKeyGuard, RequestGuard
 from predictor.model import DiffusionModel
 from predictor.protocols import generate, kserve_v1, kserve_v2, openai
@@ -46,10 +52,18 @@ ROUTES = RouteTable((*generate.ROUTES, *kserve_v1.ROUTES, *kserve_v2.ROUTES, *op
 _BODY_LOC_PARTS = frozenset({"body", "InferenceRequest", "bytes", "float", "int", "bool", "str"})
 
 
+class _AsciiJSONResponse(JSONResponse):
+    """JSON in ASCII escapes: an error message that quotes the client's text may hold a lone surrogate
+    (``"\\ud800"`` is valid JSON), which UTF-8 cannot encode."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def _respond(request: Request, exc: PredictorError) -> JSONResponse:
     """``exc`` as the error body of the wire format whose route it happened on."""
     body = ROUTES.error_body(request.scope.get("path", ""), exc)
-    return JSONResponse(status_code=exc.status_code, content=body, headers=exc.headers or None)
+    return _AsciiJSONResponse(status_code=exc.status_code, content=body, headers=exc.headers or None)
 
 
 async def _predictor_error(request: Request, exc: PredictorError) -> JSONResponse:
@@ -155,6 +169,62 @@ def _document_v1_requests(app: FastAPI, limits: Limits) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+class PredictorDataPlane(DataPlane):
+    """KServe's data plane, whose v2 binary extension (a JSON header of ``Inference-Header-Content-Length`` bytes,
+    then each input's raw bytes) answers 400 for every body that does not match its header: KServe reads the length
+    with ``int()`` and the tensors with numpy and struct, whose errors would be 500s."""
+
+    def decode_inference_request(self, body: object, headers: dict, model_name: str) -> InferRequest:
+        if not isinstance(body, bytes) or INFERENCE_CONTENT_LENGTH_HEADER not in headers:
+            return super().decode_inference_request(body, headers, model_name)
+        declared = headers[INFERENCE_CONTENT_LENGTH_HEADER]
+        if not (declared.isascii() and declared.isdigit() and len(declared) <= 12 and 0 < int(declared) <= len(body)):
+            raise InvalidInput(
+                f"'Inference-Header-Content-Length' must be the byte length of the JSON header, from 1 to the "
+                f"body's {len(body)} bytes"
+            )
+        try:
+            return super().decode_inference_request(body, headers, model_name)
+        except InvalidInput:
+            raise
+        except Exception as exc:  # anything that goes wrong reading the client's bytes is theirs
+            logger.info("v2 binary request refused: %s: %s", type(exc).__name__, str(exc)[:200])
+            raise InvalidInput(
+                "the binary data does not match the JSON header (each input's 'binary_data_size' bytes, in order)"
+            ) from None
+
+
+# Past the grace period the engine answers what is left 503 shutting_down; uvicorn waits this much longer for those
+# answers to be written before it cancels what still runs.
+ANSWER_MARGIN_S = 5.0
+# After a second signal, how long the 503s and streams' error events have to be written before uvicorn stops waiting.
+WRITE_S = 0.5
+
+
+class _Uvicorn(_RefreshingServer):
+    """KServe's uvicorn server, whose exit signals also reach the model: the first begins the engine's drain, a
+    second (SIGTERM or SIGINT) stops waiting for anything."""
+
+    def __init__(self, config: object, model: DiffusionModel, grace_s: float) -> None:
+        super().__init__(config)
+        self.model = model
+        self.grace_s = grace_s
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        first = not self.should_exit
+        super().handle_exit(sig, frame)
+        if first:
+            logger.info("%s: finishing in-flight requests (up to %g s)", signal.Signals(sig).name, self.grace_s)
+            self.model.begin_shutdown(self.grace_s)
+        else:
+            logger.warning("%s again: answering in-flight requests 503 and exiting now", signal.Signals(sig).name)
+            loop = asyncio.get_running_loop()  # signal handlers run on the main thread, which runs the loop
+            self.model.abort(then=lambda: loop.call_soon_threadsafe(loop.call_later, WRITE_S, self._stop_waiting))
+
+    def _stop_waiting(self) -> None:
+        self.force_exit = True  # uvicorn stops waiting for connections and tasks
+
+
 class PredictorRESTServer(RESTServer):
     def __init__(
         self, *args, max_body_bytes: int, max_image_bytes: int, api_keys: tuple[str, ...] = (), **kwargs
@@ -220,12 +290,19 @@ class PredictorRESTServer(RESTServer):
             logging.getLogger("uvicorn.access").handlers = []
             app.add_middleware(AccessLoggerMiddleware, format=self.access_log_format)
 
+    async def _model_not_ready(self, request: Request, exc: ModelNotReady) -> JSONResponse:
+        # KServe's data plane refuses a model that is not ready: after SIGTERM, say why.
+        for model in self.dataplane.model_registry.get_models().values():
+            if isinstance(model, DiffusionModel) and model.stopping:
+                return _respond(request, model.unavailable())
+        return await _not_ready(request, exc)
+
     def _add_exception_handlers(self, app: FastAPI) -> None:
         super()._add_exception_handlers(app)
         app.add_exception_handler(PredictorError, _predictor_error)
         app.add_exception_handler(InvalidInput, _kserve_invalid_input)
         app.add_exception_handler(RequestValidationError, _request_validation)
-        app.add_exception_handler(ModelNotReady, _not_ready)
+        app.add_exception_handler(ModelNotReady, self._model_not_ready)
         app.add_exception_handler(ServerNotReady, _not_ready)
         app.add_exception_handler(ModelNotFound, _not_found)
         app.add_exception_handler(StarletteHTTPException, _http_exception)
@@ -252,6 +329,7 @@ class PredictorServer(ModelServer):
             **kwargs,
         )
         self.settings = settings
+        self.dataplane = PredictorDataPlane(model_registry=self.registered_models)
         self.grpc_options = grpc_options or {}
         self.api_keys = read_api_keys(settings.server.api_key_file)  # checked when the flags were parsed
         self.model: DiffusionModel | None = None
@@ -280,10 +358,23 @@ class PredictorServer(ModelServer):
             max_image_bytes=self.settings.server.max_image_bytes,
             api_keys=self.api_keys,
         )
+        self._guard_listener(model)
         app = self._rest_server.create_application()
         register_routes(app, model, api_key_required=bool(self.api_keys))
         _document_v1_requests(app, model.limits)
         return app
+
+    def _guard_listener(self, model: DiffusionModel) -> None:
+        """uvicorn's settings for this server: the listener's limits (predictor.listener), the connection cap, and
+        a shutdown in which the model hears the signals and answers what is left before uvicorn gives up."""
+        server = self.settings.server
+        rest = self._rest_server
+        limits = ListenerLimits(server.max_header_bytes, server.header_timeout_s, server.body_timeout_s)
+        rest.config.http = functools.partial(GuardedH11Protocol, limits=limits)
+        # uvicorn counts the connection a request arrives on: one more than the cap refuses the cap's first extra.
+        rest.config.limit_concurrency = server.max_connections + 1
+        rest.config.timeout_graceful_shutdown = int(server.grace_period_s + ANSWER_MARGIN_S)
+        rest._server = _Uvicorn(rest.config, model, server.grace_period_s)
 
     def serve(self, model: DiffusionModel) -> None:
         """Load the model in the background and serve until SIGTERM/SIGINT; in-flight requests get

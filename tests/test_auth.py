@@ -1,7 +1,7 @@
 """API keys: with --api_key_file or $PREDICTOR_API_KEYS, every POST route (v1, v2, /generate, OpenAI) needs
-``Authorization: Bearer <key>``, answered 401 in the route's own error shape otherwise; probes, metrics,
-discovery and the playground page stay open. In process on the real app, and in a real process with the
-OpenAI SDK and the command-line client."""
+``Authorization: Bearer <key>``, answered 401 in the route's own error shape otherwise, and so does the LoRA
+listing; probes, metrics, the model's description and the playground page stay open. In process on the real
+app, and in a real process with the OpenAI SDK and the command-line client."""
 
 from __future__ import annotations
 
@@ -90,6 +90,16 @@ def test_probes_metrics_discovery_and_the_playground_stay_open(guarded: TestClie
         assert guarded.get(path).status_code == 200, path
     info = guarded.get(f"/v1/models/{MODEL_NAME}/schedulers").json()
     assert info["api_key_required"] is True
+
+
+def test_the_lora_listing_needs_the_key_when_keys_are_on(guarded: TestClient, client: TestClient) -> None:
+    """It names the operator's adapter files and why any was refused: for clients that may generate."""
+    path = f"/v1/models/{MODEL_NAME}/loras"
+    for headers in ({}, {"Authorization": "Bearer wrong-key-0123456789"}):
+        refused = guarded.get(path, headers=headers)
+        assert refused.status_code == 401 and refused.json()["error_type"] == "invalid_api_key"
+    assert guarded.get(path, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert client.get(path).status_code == 200  # without keys it stays open, like every read
 
 
 def test_keys_come_from_a_file_and_the_environment_and_are_checked_at_start(tmp_path: Path, capsys) -> None:

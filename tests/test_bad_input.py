@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import struct
+from collections.abc import Callable
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -181,3 +185,120 @@ def test_error_messages_say_the_real_limit_in_plain_words(client: TestClient, ro
     assert response.status_code == 400
     assert response.json()["error"] == message
     assert "Value error" not in response.text and "Input should" not in response.text
+
+
+def _binary_v2(declared: str | None, tail: bytes, size: int = 20) -> tuple[bytes, dict[str, str]]:
+    """A v2 request in KServe's binary extension: a JSON header declaring one prompt of ``size`` raw bytes, then
+    ``tail``; ``declared`` is the Inference-Header-Content-Length (None: the JSON's true length)."""
+    header = json.dumps(
+        {"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": size}}]}
+    ).encode()
+    headers = {"content-type": "application/octet-stream"}
+    headers["Inference-Header-Content-Length"] = str(len(header)) if declared is None else declared
+    return header + tail, headers
+
+
+# A BYTES element is a 4-byte little-endian length, then the bytes.
+_PROMPT_ELEMENT = struct.pack("<I", 16) + b"a lighthouse !!!"
+
+
+@pytest.mark.parametrize(
+    ("declared", "tail", "message"),
+    [
+        ("abc", _PROMPT_ELEMENT, "Inference-Header-Content-Length"),
+        ("999999", _PROMPT_ELEMENT, "Inference-Header-Content-Length"),
+        ("9" * 5000, _PROMPT_ELEMENT, "Inference-Header-Content-Length"),
+        ("-5", _PROMPT_ELEMENT, "Inference-Header-Content-Length"),
+        ("0", _PROMPT_ELEMENT, "Inference-Header-Content-Length"),
+        (None, _PROMPT_ELEMENT[:8], "binary data does not match"),  # short binary data
+        (None, struct.pack("<I", 2**31 - 1) + b"a lighthouse !!!", "binary data does not match"),
+    ],
+    ids=["not-a-number", "past-the-body", "past-the-digit-limit", "negative", "zero", "short-data", "bad-element"],
+)
+def test_v2_binary_bodies_that_do_not_match_their_header_are_400(
+    client: TestClient, declared: str | None, tail: bytes, message: str
+) -> None:
+    body, headers = _binary_v2(declared, tail)
+    response = client.post(V2, content=body, headers=headers)
+    assert response.status_code == 400, response.text[:300]
+    error = response.json()
+    assert error["error_type"] == "invalid_input" and message in error["error"]
+
+
+def test_a_v2_binary_request_that_matches_its_header_is_served(client: TestClient) -> None:
+    body, headers = _binary_v2(None, _PROMPT_ELEMENT)
+    response = client.post(V2, content=body, headers=headers)
+    assert response.status_code == 200, response.text[:300]
+    assert response.json()["outputs"][0]["name"] == "image"
+
+
+# Values at and past the limits of what JSON parsers, numbers and strings hold, for every field of every JSON route.
+_HOSTILE_VALUES: list[bytes] = [
+    b"9" * 4301,  # past Python's int-digit limit
+    b"-" + b"9" * 400,
+    b"1e400",  # overflows a float to inf
+    b"-1e-400",
+    b"4294967296",
+    b"-0.0",
+    b"1.5",
+    b"true",
+    b"null",
+    b"[]",
+    b"{}",
+    b"[" * 3000 + b"]" * 3000,  # deeper than Python's recursion limit
+    b'{"a":' * 3000 + b"1" + b"}" * 3000,
+    b'"' + b"x" * 100_000 + b'"',
+    b'"\\ud800"',  # a lone surrogate
+    b'"\\u0000"',
+    b'"' + "\u00e9\u4e2d\U0001f600".encode() * 1000 + b'"',
+    b'"NaN"',
+    b'"' + b"[" * 3000 + b'"',  # text that is itself deep JSON (the loras field parses text)
+]
+
+
+def _json_routes(client: TestClient) -> list[tuple[str, list[str], Callable[[bytes, bytes], bytes]]]:
+    """(route, its body's fields as the served OpenAPI document lists them, a body with one field set raw)."""
+    paths = client.get("/openapi.json").json()["paths"]
+
+    def properties(path: str, *inside: str) -> list[str]:
+        body = paths[path.replace(MODEL_NAME, "{model_name}")]["post"]["requestBody"]
+        schema = body["content"]["application/json"]["schema"]
+        for key in inside:
+            schema = schema["properties"][key]["items"]
+        return sorted(schema["properties"])
+
+    def plain(field: bytes, value: bytes) -> bytes:
+        return b'{"prompt": "a", "num_inference_steps": 1, "' + field + b'": ' + value + b"}"
+
+    def v1(field: bytes, value: bytes) -> bytes:
+        return b'{"instances": [' + plain(field, value) + b"]}"
+
+    return [
+        ("/generate", properties("/generate"), plain),
+        ("/v1/images/generations", properties("/v1/images/generations"), plain),
+        (V1, properties(V1, "instances"), v1),
+    ]
+
+
+def test_no_json_route_answers_5xx_to_values_at_their_limits(client: TestClient) -> None:
+    """Schema-driven: each field of each JSON route, from the served OpenAPI document, set to each hostile value."""
+    failures = []
+    for route, fields, body_with in _json_routes(client):
+        assert len(fields) > 10, (route, fields)
+        for field in fields:
+            for value in _HOSTILE_VALUES:
+                response = client.post(
+                    route, content=body_with(field.encode(), value), headers={"Content-Type": "application/json"}
+                )
+                if response.status_code >= 500:
+                    failures.append(f"{route} {field}={value[:40]!r}: {response.status_code} {response.text[:200]}")
+    # The v2 route's parameters, and whole bodies that are hostile values themselves.
+    for value in _HOSTILE_VALUES:
+        v2_body = b'{"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["a"]}], '
+        bodies = [(V2, v2_body + b'"parameters": {"num_inference_steps": ' + value + b"}}")]
+        bodies += [(route, value) for route in ("/generate", "/v1/images/generations", V1, V2)]
+        for route, body in bodies:
+            response = client.post(route, content=body, headers={"Content-Type": "application/json"})
+            if response.status_code >= 500:
+                failures.append(f"{route} body {body[:60]!r}: {response.status_code} {response.text[:200]}")
+    assert not failures, "\n".join(failures[:20])

@@ -14,13 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 
+from predictor import images
+from predictor.images import encode_png
 from predictor.loading import load_pipeline
 from predictor.model import DiffusionModel
 from predictor.server import PredictorServer
 from predictor.testing import MODEL_NAME, make_settings, wait_until
 
 REQUEST_TIMEOUT_S = 5
+open_image = Image.open  # the real one, for the spy that counts decodes
 
 
 class FaultyUNet:
@@ -117,7 +121,7 @@ def assert_error(response, status: int, error_type: str) -> dict:
     return body
 
 
-def test_queue_full_is_503_overloaded_with_retry_after_at_once(fault) -> None:
+def test_queue_full_is_503_overloaded_with_retry_after_at_once(fault, monkeypatch: pytest.MonkeyPatch) -> None:
     client, unet, model = fault
     unet.hang = threading.Event()  # the worker blocks inside the first UNet call until released
     slow = {"prompt": "slow", "num_inference_steps": 3}
@@ -130,11 +134,21 @@ def test_queue_full_is_503_overloaded_with_retry_after_at_once(fault) -> None:
         # Answered while the worker is still blocked: a refusal never waits for the queue.
         rejected = client.post("/generate", json=slow)
         streamed = client.post("/generate", json=slow, headers={"Accept": "text/event-stream"})
+        # A request with input images is refused before they are decoded, as fast as a plain one.
+        with monkeypatch.context() as spy:
+            decoded: list[object] = []
+            spy.setattr(images.Image, "open", lambda *args, **kwargs: decoded.append(args) or open_image(*args))
+            big = encode_png(Image.new("RGB", (1024, 1024), (90, 120, 200)))
+            heavy = client.post(
+                "/generate", json={**slow, "image": big, "mask": encode_png(Image.new("L", (1024, 1024), 255))}
+            )
         unet.hang.set()
         statuses = [f.result().status_code for f in [running, *queued]]
     assert_error(rejected, 503, "overloaded")
     assert rejected.headers["retry-after"] == "1"
     assert_error(streamed, 503, "overloaded")  # the event stream is refused up front, not inside a 200
+    assert_error(heavy, 503, "overloaded")
+    assert decoded == [], "the input images were decoded before the full queue refused the request"
     assert statuses == [200, 200, 200], "nothing admitted may be dropped"
 
 

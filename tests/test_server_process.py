@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -154,6 +155,135 @@ def test_sigterm_while_loading_exits_cleanly(tmp_path: Path, hold: str) -> None:
     assert stop_server(process) == 0
     output = log.read_text()
     assert "Traceback" not in output and "failed to load" not in output
+
+
+# Fault injection for work longer than the grace period: each denoiser call first sleeps this long (a slow GPU), or,
+# set very long, never returns (a hung one).
+_STEP_DELAY_HOOK = """
+import os, time
+
+import predictor.runner
+
+delay = float(os.environ["PREDICTOR_TEST_STEP_DELAY"])
+original = predictor.runner.DiffusionRunner.predict_noise
+
+
+def slowed(self, jobs):
+    time.sleep(delay)
+    return original(self, jobs)
+
+
+predictor.runner.DiffusionRunner.predict_noise = slowed
+"""
+
+# One of each wire format in flight: (name, path, body, streamed).
+_IN_FLIGHT = (
+    ("generate", "/generate", {"prompt": "a", "num_inference_steps": 100}, False),
+    ("v1", "/v1/models/sd:predict", {"instances": [{"prompt": "a", "num_inference_steps": 100}]}, False),
+    ("openai", "/v1/images/generations", {"prompt": "a", "num_inference_steps": 100}, False),
+    ("stream", "/generate", {"prompt": "a", "num_inference_steps": 100}, True),
+)
+
+
+def _start_slowed_server(tmp_path: Path, delay_s: float, grace_s: int) -> tuple[subprocess.Popen, str, Path]:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_STEP_DELAY_HOOK)
+    port, log = free_port(), tmp_path / "server.log"
+    env = {"PYTHONPATH": str(hook), "PREDICTOR_TEST_STEP_DELAY": str(delay_s)}
+    flags = ("--grace_period_s", str(grace_s), "--warmup_steps", "0")
+    process = start_server("--model_id", "builtin:tiny", *NO_MODEL_DIR, *flags, port=port, log=log, env=env)
+    wait_ready(process, port, log)
+    return process, f"http://127.0.0.1:{port}", log
+
+
+def _send_in_flight(base: str) -> tuple[dict[str, object], list[threading.Thread]]:
+    """The requests of ``_IN_FLIGHT``, each on its own thread; returns once the engine holds all four (running, or
+    queued behind a step that hangs)."""
+    answers: dict[str, object] = {}
+
+    def send(name: str, path: str, body: dict, streamed: bool) -> None:
+        try:
+            if streamed:
+                headers = {"accept": "text/event-stream"}
+                with httpx.stream("POST", base + path, json=body, headers=headers, timeout=120) as response:
+                    answers[name] = response.read().decode()
+            else:
+                answers[name] = httpx.post(base + path, json=body, timeout=120)
+        except httpx.HTTPError as exc:  # a cut connection is what the test must not see
+            answers[name] = exc
+
+    threads = [threading.Thread(target=send, args=request) for request in _IN_FLIGHT]
+    for thread in threads:
+        thread.start()
+
+    def held() -> float:
+        return metric(base, "diffusion_active_images") + metric(base, "diffusion_queue_depth")
+
+    wait_until(lambda: held() == len(_IN_FLIGHT), timeout_s=60)
+    return answers, threads
+
+
+def _assert_answered_shutting_down(answers: dict[str, object]) -> None:
+    for name in ("generate", "v1"):
+        response = answers[name]
+        assert isinstance(response, httpx.Response), f"{name}: {response!r}"
+        assert response.status_code == 503 and response.json()["error_type"] == "shutting_down", name
+    response = answers["openai"]
+    assert isinstance(response, httpx.Response), f"openai: {response!r}"
+    assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
+    stream = answers["stream"]
+    assert isinstance(stream, str), f"stream: {stream!r}"
+    assert stream.startswith("event: queued")  # the stream had begun: the error is one of its events
+    last_event = stream.strip().split("\n\n")[-1]
+    assert last_event.startswith("event: error") and '"error_type": "shutting_down"' in last_event
+
+
+def test_work_longer_than_the_grace_period_is_answered_503_and_the_process_exits_in_time(tmp_path: Path) -> None:
+    """Past --grace_period_s every in-flight request gets 503 shutting_down in its route's error shape, a stream
+    its error event, and the process exits a few seconds later; new requests meanwhile get 503 too."""
+    grace_s = 2
+    process, base, log = _start_slowed_server(tmp_path, delay_s=0.2, grace_s=grace_s)  # 100 steps: 20 s each
+    try:
+        answers, threads = _send_in_flight(base)
+        with httpx.Client(base_url=base, timeout=30) as kept_alive:  # a connection that outlives the signal
+            assert kept_alive.get("/livez").status_code == 200
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            late = kept_alive.post("/generate", json={"prompt": "late"})
+        assert late.status_code == 503 and late.json()["error_type"] == "shutting_down"
+        for thread in threads:
+            thread.join(timeout=60)
+        _assert_answered_shutting_down(answers)
+        assert process.wait(timeout=60) == 0
+        # Generous for a loaded machine, far below the 2.6x the grace period the drain once took with a stream open.
+        assert time.monotonic() - signalled < grace_s + 8
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = log.read_text()
+    assert "Traceback" not in output and "Internal Server Error" not in output
+
+
+def test_a_second_sigterm_answers_everything_and_exits_at_once(tmp_path: Path) -> None:
+    """With a long grace period and a worker stuck inside a step, a second SIGTERM still answers every request
+    (503 shutting_down, a stream its error event) and the process exits within seconds."""
+    process, base, log = _start_slowed_server(tmp_path, delay_s=3600, grace_s=300)  # the first step hangs
+    try:
+        answers, threads = _send_in_flight(base)
+        process.send_signal(signal.SIGTERM)
+        wait_until(lambda: "finishing in-flight requests" in log.read_text(), timeout_s=30)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=60)
+        _assert_answered_shutting_down(answers)
+        process.wait(timeout=60)
+        assert time.monotonic() - signalled < 8  # not the 300 s grace period
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "Traceback" not in log.read_text()
 
 
 def test_a_load_over_its_time_limit_fails_liveness(tmp_path: Path) -> None:

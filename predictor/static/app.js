@@ -21,17 +21,25 @@ async function loadLimits() {
     if (label) label.hidden = !taken;
   }
   $("api_key-label").hidden = !info.api_key_required;
-  const adapters = await (await fetch(`/v1/models/${encodeURIComponent(modelName)}/loras`)).json();
-  const usable = (adapters.loras || []).filter((entry) => entry.available).map((entry) => entry.name);
-  $("loras-label").hidden = usable.length === 0;
-  $("loras-available").textContent = usable.join(", ");
-  $("inputs").hidden = !(info.modes || []).some((mode) => mode !== "text");
   $("api_key").value = sessionStorage.getItem("api_key") || "";
+  await loadAdapters();
+  $("inputs").hidden = !(info.modes || []).some((mode) => mode !== "text");
   for (const field of ["width", "height"]) {
     $(field).max = info.max_image_size;
     $(field).step = info.image_size_multiple;
     $(field).placeholder = info.native_size;
   }
+}
+
+// With API keys on, the adapter list needs the key too: listed once one is given.
+async function loadAdapters() {
+  const key = $("api_key").value.trim();
+  const headers = key ? { Authorization: `Bearer ${key}` } : {};
+  const response = await fetch(`/v1/models/${encodeURIComponent(modelName)}/loras`, { headers });
+  const adapters = response.ok ? await response.json() : {};
+  const usable = (adapters.loras || []).filter((entry) => entry.available).map((entry) => entry.name);
+  $("loras-label").hidden = usable.length === 0;
+  $("loras-available").textContent = usable.join(", ");
 }
 
 function readFile(input) {
@@ -163,4 +171,5 @@ async function generate(event) {
 
 $("form").addEventListener("submit", generate);
 $("reuse-seed").addEventListener("click", () => { $("seed").value = $("result-seed").textContent; });
+$("api_key").addEventListener("change", () => loadAdapters().catch(() => {}));
 loadLimits().catch((error) => showError(`Could not reach the server: ${error}`));
