@@ -49,12 +49,17 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3Model,
     T5Config,
     T5EncoderModel,
     T5TokenizerFast,
@@ -598,3 +603,96 @@ def build_sd35_medium_arch(device: torch.device, dtype: torch.dtype) -> StableDi
         pos_embed_max_size=384,
         dual_attention_layers=tuple(range(13)),
     )
+
+
+# Z-Image-Turbo's scheduler_config.json: a fixed shift, no resolution shift.
+ZIMAGE_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
+# Qwen3's chat template, the part ZImagePipeline uses: one user turn, then the assistant's turn opened (with
+# enable_thinking False, an empty thinking block).
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def _qwen_tokenizer() -> Qwen2Tokenizer:
+    """A Qwen BPE tokenizer with the 256 byte-level symbols, Qwen's special tokens and its chat template: any text
+    tokenizes, as with the real one."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(_byte_symbols()[:256] + specials))}
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _qwen3(tokenizer: Qwen2Tokenizer, **config: Any) -> Qwen3Model:
+    return Qwen3Model(Qwen3Config(vocab_size=max(len(tokenizer), config.pop("vocab_size", 0)), **config))
+
+
+def build_tiny_zimage() -> ZImagePipeline:
+    torch.manual_seed(_SEED)
+    tokenizer = _qwen_tokenizer()
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(ZIMAGE_SCHEDULER_CONFIG),
+        vae=_tiny_vae(latent_channels=16, **FLUX_VAE),  # the FLUX.1 VAE's 16 channels and scaling
+        text_encoder=_qwen3(
+            tokenizer,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=1024,
+        ),
+        tokenizer=tokenizer,
+        transformer=ZImageTransformer2DModel(
+            in_channels=16,
+            dim=32,
+            n_layers=2,
+            n_refiner_layers=1,
+            n_heads=2,
+            n_kv_heads=2,
+            cap_feat_dim=32,  # the text encoder's width
+            axes_dims=[8, 4, 4],  # the head's 16 dimensions
+            axes_lens=[1024, 64, 64],
+        ),
+    )
+    # ZImagePipeline fixes its default size at 1024 px; the tiny one is made for 64 px (8 latents of the VAE's 8).
+    # Saved to disk and loaded again, it is 1024 px again.
+    pipe.default_sample_size = 8
+    return pipe
+
+
+def build_zimage_arch(device: torch.device, dtype: torch.dtype) -> ZImagePipeline:
+    """Z-Image(-Turbo)'s shapes: the 6.15B transformer (diffusers' defaults are the released model's), Qwen3-4B's
+    text encoder, the FLUX.1 VAE."""
+    torch.manual_seed(_SEED)
+    tokenizer = _qwen_tokenizer()
+    with torch.device(device):
+        text_encoder = _qwen3(
+            tokenizer,
+            vocab_size=151936,
+            hidden_size=2560,
+            intermediate_size=9728,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            max_position_embeddings=40960,
+            tie_word_embeddings=True,
+        )
+        transformer = ZImageTransformer2DModel()
+        vae = _vae((128, 256, 512, 512), 2, 1024, latent_channels=16, **FLUX_VAE)
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(ZIMAGE_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    return pipe.to(device=device, dtype=dtype)

@@ -29,7 +29,7 @@ from PIL import Image
 from predictor.batching import AdapterLimit
 from predictor.compiled import CompiledDecoder, CompiledDenoiser, compile_cache_counts, compile_phases
 from predictor.config import EngineConfig
-from predictor.errors import GenerationFailed, PredictorError
+from predictor.errors import GenerationFailed, LoadError, PredictorError
 from predictor.families.base import Conditioning, FamilyModel
 from predictor.jobs import Job
 from predictor.loading import LoadedPipeline
@@ -131,11 +131,16 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
 
 def concat_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-row conditioning dicts as one batch: each key's tensors concatenated along the batch dimension, nested
-    dicts (SDXL's ``added_cond_kwargs``) key by key."""
+    dicts (SDXL's ``added_cond_kwargs``) key by key, lists joined (Z-Image's captions, each at its own length)."""
     batch: dict[str, Any] = {}
     for key, first in rows[0].items():
         values = [row[key] for row in rows]
-        batch[key] = concat_rows(values) if isinstance(first, dict) else torch.cat(values)
+        if isinstance(first, dict):
+            batch[key] = concat_rows(values)
+        elif isinstance(first, list):
+            batch[key] = [item for value in values for item in value]
+        else:
+            batch[key] = torch.cat(values)
     return batch
 
 
@@ -469,6 +474,8 @@ class DiffusionRunner:
     def _compile(self) -> None:
         """torch.compile the denoiser and the VAE decoder, then run them so no request compiles or records a graph."""
         device, config, model = self.device, self.config, self.model
+        if model.compile_refused is not None:
+            raise LoadError(f"--compile: {model.compile_refused}; serve it without --compile")
         started = time.perf_counter()
         # CUDA graphs replay fixed shapes; they exist on CUDA only.
         cuda_graphs = device.type == "cuda" and (
