@@ -154,19 +154,24 @@ class Workload:
     requests: int
     rounds: int  # alternating bare/server rounds per lone figure
     from_disk: bool = False  # saved with save_pretrained and loaded by the server from --model_dir
+    flags: tuple[str, ...] = ()  # the deployment's own flags (Z-Image-Turbo's guidance 0)
 
+
+TURBO = ("--default_guidance_scale", "0")  # Z-Image-Turbo's deployment: no guidance row
 
 FULL = {
     "sd-v1": Workload("builtin:sd-v1-arch", "float16", 512, 25, 50, 8, 16, 48, 5, from_disk=True),
     "sdxl": Workload("builtin:sdxl-arch", "float16", 1024, 30, None, 4, 8, 16, 3),
     "flux": Workload("builtin:flux-arch", "bfloat16", 1024, 28, None, 4, 4, 8, 2),
     "sd35": Workload("builtin:sd35-arch", "bfloat16", 1024, 28, None, 4, 4, 8, 2),
+    "zimage-turbo": Workload("builtin:zimage-arch", "bfloat16", 1024, 9, None, 4, 16, 32, 2, flags=TURBO),
 }
 QUICK = {
     "sd-v1": Workload("builtin:tiny", "float32", 64, 3, 4, 2, 2, 4, 1, from_disk=True),
     "sdxl": Workload("builtin:tiny-sdxl", "float32", 64, 3, None, 2, 2, 4, 1),
     "flux": Workload("builtin:tiny-flux-dev", "float32", 64, 3, None, 2, 2, 4, 1),
     "sd35": Workload("builtin:tiny-sd3", "float32", 64, 3, None, 2, 2, 4, 1),
+    "zimage-turbo": Workload("builtin:tiny-zimage", "float32", 64, 3, None, 2, 2, 4, 1, flags=TURBO),
 }
 # The tiny builtin of every family, at its CUDA dtype ("auto"), and SD 1.x in bfloat16 as well.
 EQUIVALENCE = [
@@ -176,6 +181,7 @@ EQUIVALENCE = [
     ("builtin:tiny-sdxl", "auto"),
     ("builtin:tiny-flux-dev", "auto"),
     ("builtin:tiny-sd3", "auto"),
+    ("builtin:tiny-zimage", "auto"),
 ]
 
 H200 = "H200 2026-11-26"
@@ -210,6 +216,11 @@ OWED: dict[str, dict[str, tuple[str | None, str | None]]] = {
         "compiled ms per step": (None, "SGLang on 1xH100: 128.9 ms"),
     },
     "sd35": {"lone / bare": ("<= 1.05", None)},
+    "zimage-turbo": {
+        "lone / bare": ("<= 1.05", None),
+        "lone": (None, "SGLang on 1xH100: 0.91 s, 9 steps (issue #27's compiled target: 0.80 s)"),
+        "images/s / bare batch": (">= 1", None),
+    },
 }
 
 
@@ -288,6 +299,13 @@ STAGES = [
     Stage("previews", 90, 15, "what 3 streamed previews cost a batch (SDXL)", workload="sdxl"),
     Stage("flux", 220, 20, "FLUX.1-dev, eager: server vs bare pipe(...), lone and under load", workload="flux"),
     Stage("sd35", 200, 20, "SD 3.5 large, eager: server vs bare pipe(...), lone and under load", workload="sd35"),
+    Stage(
+        "zimage-turbo",
+        150,
+        20,
+        "Z-Image-Turbo, eager: server vs bare pipe(...), lone and 16 clients",
+        workload="zimage-turbo",
+    ),
     Stage("compile-sd-v1", 240, 30, "SD v1 under --compile: cold, then restarted on the cache", workload="sd-v1"),
     Stage("loras-compiled", 360, 30, "LoRA slots under --compile (SDXL): load, swaps, slot memory", workload="sdxl"),
     Stage("loras", 360, 20, "LoRA adapters eager (SDXL): none, mixed, grouped, serial, swaps", workload="sdxl"),
@@ -540,6 +558,7 @@ class Suite:
         return [
             *("--device", self.device, "--dtype", workload.dtype, "--max_batch_size", str(batch)),
             *("--max_queue", "64"),
+            *workload.flags,
         ]
 
     def model_flags(self, workload: Workload) -> list[str]:
@@ -1263,6 +1282,7 @@ RUNNERS: dict[str, Callable[[Suite, StageRecord], None]] = {
     "previews": stage_previews,
     "flux": lambda suite, record: stage_serve(suite, record, "flux"),
     "sd35": lambda suite, record: stage_serve(suite, record, "sd35"),
+    "zimage-turbo": lambda suite, record: stage_serve(suite, record, "zimage-turbo"),
     "compile-sd-v1": lambda suite, record: stage_compiled(suite, record, "sd-v1"),
     "loras-compiled": stage_loras_compiled,
     "loras": stage_loras,

@@ -55,7 +55,7 @@ def test_quick_mode_runs_every_stage_and_reports_every_figure(tmp_path: Path) ->
     # The figures the quick mode can judge on a CPU hold: every family's image equals diffusers' alone and in
     # waves, and nothing compiles after ready.
     equivalence = _numbers(stages["equivalence"])
-    assert len(equivalence) == 2 * 5
+    assert len(equivalence) == 2 * 6
     assert all(value <= 2 for value in equivalence.values()), equivalence
     for name in ("compile-sd-v1", "loras-compiled"):
         compiled = _numbers(stages[name])
