@@ -30,6 +30,7 @@ KUSTOMIZE_DIRS = [
     "manifests/kserve/overlays/sdxl-turbo",
     "manifests/kserve/overlays/flux-schnell",
     "manifests/kserve/overlays/sd35-medium",
+    "manifests/kserve/overlays/zimage-turbo",
     "manifests/kserve/overlays/modelcar",
     "manifests/kserve/overlays/hf-allow-patterns",
     "manifests/kserve/overlays/kserve-0.15",
@@ -48,6 +49,7 @@ GPU_DIRS = [
     "manifests/kserve/overlays/sdxl-turbo",
     "manifests/kserve/overlays/flux-schnell",
     "manifests/kserve/overlays/sd35-medium",
+    "manifests/kserve/overlays/zimage-turbo",
     "manifests/kserve/overlays/modelcar",
     "manifests/kserve/overlays/hf-allow-patterns",
 ]
@@ -300,6 +302,23 @@ MODEL_OVERLAYS = {
             "max_sequence_length": 256,
         },
         ("16Gi", "24Gi"),
+        16,
+    ),
+    # Distilled: 9 steps, no guidance row; bfloat16, its files' dtype.
+    "manifests/kserve/overlays/zimage-turbo": ModelOverlay(
+        "Tongyi-MAI/Z-Image-Turbo",
+        "stable-diffusion-zimage-turbo",
+        {
+            "dtype": "bfloat16",
+            "max_batch_size": 4,
+            "max_queue": 16,
+            "default_steps": 9,
+            "max_steps": 16,
+            "default_scheduler": "euler",
+            "default_guidance_scale": 0.0,
+            "max_image_size": 1024,
+        },
+        ("24Gi", "32Gi"),
         16,
     ),
 }
