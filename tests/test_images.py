@@ -26,6 +26,9 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
+    ZImageImg2ImgPipeline,
+    ZImageInpaintPipeline,
+    ZImagePipeline,
 )
 from PIL import Image
 
@@ -35,6 +38,7 @@ from predictor.builtin import (
     build_tiny_sd3,
     build_tiny_sdxl,
     build_tiny_sdxl_inpaint,
+    build_tiny_zimage,
 )
 from predictor.errors import InvalidRequest
 from predictor.families.sd import UNET_SCHEDULERS as SCHEDULERS
@@ -401,18 +405,21 @@ def test_image_modes_convert_and_exif_orientation_holds(tiny_model_dir: Path) ->
 
 
 @pytest.mark.parametrize(
-    ("build", "img2img", "inpaint"),
+    ("build", "text", "img2img", "inpaint"),
     [
-        (build_tiny_flux_dev, FluxImg2ImgPipeline, FluxInpaintPipeline),
-        (build_tiny_sd3, StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline),
+        (build_tiny_flux_dev, FluxPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline),
+        (build_tiny_sd3, StableDiffusion3Pipeline, StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline),
+        (build_tiny_zimage, ZImagePipeline, ZImageImg2ImgPipeline, ZImageInpaintPipeline),
     ],
-    ids=["flux-dev", "sd3"],
+    ids=["flux-dev", "sd3", "zimage"],
 )
-def test_flow_matching_image_jobs_equal_diffusers_beside_text_jobs(build, img2img, inpaint, tmp_path: Path) -> None:
-    """FLUX and SD3 start an image job from the picture's latents noised by the scheduler's scale_noise, at their
-    own strength rounding (the start step rounded down) and default strength (0.6); inpainting puts the noised
-    picture back outside the mask after every step (and SD3's pipeline decodes its inpainting without the VAE's
-    shift, which the server reproduces)."""
+def test_flow_matching_image_jobs_equal_diffusers_beside_text_jobs(
+    build, text, img2img, inpaint, tmp_path: Path
+) -> None:
+    """FLUX, SD3 and Z-Image start an image job from the picture's latents noised by the scheduler's scale_noise,
+    at their own strength rounding (the start step rounded down) and default strength (0.6); inpainting puts the
+    noised picture back outside the mask after every step (and SD3's pipeline decodes its inpainting without the
+    VAE's shift, which the server reproduces)."""
     build().save_pretrained(tmp_path, safe_serialization=True)
     loaded = load_pipeline(str(tmp_path), "not/used", None, "cpu", "float32")
     traits = loaded.traits
@@ -431,8 +438,7 @@ def test_flow_matching_image_jobs_equal_diffusers_beside_text_jobs(build, img2im
     expected = []
     for case in cases:
         if case.image is None:
-            text_class = FluxPipeline if traits.family == "flux" else StableDiffusion3Pipeline
-            text_pipe = text_class(**pipes["img2img"].components)
+            text_pipe = text(**pipes["img2img"].components)
             text_pipe.set_progress_bar_config(disable=True)
             expected.append(diffusers_image(text_pipe, case))
             continue

@@ -1,6 +1,7 @@
 """Z-Image (and Z-Image-Turbo) through the same engine: each image equals diffusers' own ``ZImagePipeline``'s, alone
 and in mixed batches (guided rows beside Turbo's unguided ones, prompts of different lengths in one transformer
-call, jobs joining mid-flight); its traits; the full-size builtin's parameter counts; every protocol in process."""
+call, jobs joining mid-flight); its traits; the full-size builtin's parameter counts; every protocol in process.
+Its img2img and inpainting are checked against diffusers' with the other flow-matching families in test_images."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def test_zimage_equals_diffusers_in_mixed_batches(zimage_dir: Path, reference: Z
     loaded = _load(zimage_dir)
     traits = loaded.traits
     assert (traits.family, traits.guidance, traits.default_guidance_scale) == ("zimage", "cfg", 5.0)
-    assert (traits.default_scheduler, traits.size_multiple, traits.modes) == ("euler", 16, frozenset({"text"}))
+    assert (traits.default_scheduler, traits.size_multiple) == ("euler", 16)
+    assert traits.modes == {"text", "img2img", "inpaint"}  # ZImageImg2ImgPipeline's and ZImageInpaintPipeline's
     assert traits.max_prompt_tokens == {"prompt": 512}
     assert traits.native_size == 1024  # ZImagePipeline's default size: the saved tiny one has no other
     # The pipeline hands its sigmas to the scheduler as a list, which the multistep solvers cannot take and Heun
@@ -124,7 +126,7 @@ def test_every_protocol_serves_zimage(client: TestClient) -> None:
         "zimage",
         "ZImagePipeline",
         "cfg",
-        ["text"],
+        ["img2img", "inpaint", "text"],
     )
     image = client.post("/generate", json={"prompt": "a cat", "seed": 7, "width": 96, "height": 64})
     assert image.status_code == 200 and decode_image(image.content).shape == (64, 96, 3)
@@ -141,8 +143,8 @@ def test_every_protocol_serves_zimage(client: TestClient) -> None:
     assert openai.status_code == 200 and openai.json()["data"][0]["b64_json"]
     refused = client.post("/generate", json={"prompt": "a", "prompt_2": "b", "width": 64, "height": 64})
     assert refused.status_code == 400 and refused.json()["param"] == "prompt_2"
-    edit = client.post("/generate", json={"prompt": "a", "image": _png(64), "width": 64, "height": 64})
-    assert edit.status_code == 400 and edit.json()["param"] == "image"
+    edit = client.post("/generate", json={"prompt": "a", "image": _png(64), "strength": 0.5})
+    assert edit.status_code == 200 and decode_image(edit.content).shape == (64, 64, 3)  # the input's size
 
 
 def _png(size: int) -> str:

@@ -12,7 +12,10 @@ The specification it matches row for row is diffusers' ``ZImagePipeline.__call__
 - each job's schedule is its pipeline's: sigmas ``linspace(1, 1/n, n)`` shifted by ``mu`` from the image's token
   count, from index 0;
 - a guidance scale above 0 adds a row conditioned on the negative prompt (``""`` by default), mixed as
-  ``positive + scale * (positive - negative)``; Z-Image-Turbo runs at 0, without that row.
+  ``positive + scale * (positive - negative)``; Z-Image-Turbo runs at 0, without that row;
+- img2img and inpainting are ``ZImageImg2ImgPipeline``'s and ``ZImageInpaintPipeline``'s, computed as the other
+  flow-matching families compute theirs (``FlowMatchingModel``): the picture's latents noised by ``scale_noise``
+  from ``int(n - n * strength)``, and inpainting's blend outside the mask after each step.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def _call_zimage(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor
 
 class ZImageModel(FlowMatchingModel):
     image_size_factor = 2  # the image processor works in multiples of 16: the VAE's 8 and the 2x2 patches
+    inpaint_noises_at_full_strength = True  # ZImageInpaintPipeline noises the picture even at strength 1
     compile_refused = (
         "Z-Image's transformer takes each prompt at its own length, and graphs compiled for fixed shapes would "
         "recompile for every new one"
@@ -168,7 +172,6 @@ FAMILY = Family(
             pipeline_class=ZImagePipeline,
             description="Z-Image and Z-Image-Turbo (Turbo: --default_guidance_scale 0 --default_steps 9)",
             default_guidance_scale=5.0,
-            takes_images=False,
         ),
     ),
     cuda_dtype=torch.bfloat16,
