@@ -352,6 +352,7 @@ def save_random_lora(
     proj_in too) and, with ``text_encoders``, its CLIP encoders, made with PEFT and saved by the pipeline class's own
     ``save_lora_weights`` (diffusers' format) as ``directory/name.safetensors``. Returns the file's path."""
     import copy
+    import inspect
     from pathlib import Path
 
     import torch
@@ -371,7 +372,9 @@ def save_random_lora(
         f"{component}_lora_layers": get_peft_model_state_dict(denoiser),
         f"{component}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict(),
     }
-    if text_encoders:
+    # Z-Image's loader takes adapters for its transformer alone.
+    takes_encoders = "text_encoder_lora_layers" in inspect.signature(type(pipe).save_lora_weights).parameters
+    if text_encoders and takes_encoders:
         for component in ("text_encoder", "text_encoder_2"):
             encoder = getattr(pipe, component, None)
             if encoder is None or (component == "text_encoder_2" and flow):  # FLUX's second encoder is T5

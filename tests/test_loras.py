@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, ZImagePipeline
 from safetensors.torch import load_file, save_file
 
-from predictor.builtin import build_tiny, build_tiny_flux_dev, build_tiny_sdxl
+from predictor.builtin import build_tiny, build_tiny_flux_dev, build_tiny_sdxl, build_tiny_zimage
 from predictor.errors import InvalidRequest, LoadError
 from predictor.loading import load_pipeline
 from predictor.request import GenerationRequest, Limits, resolve
@@ -182,12 +182,18 @@ def _with_two_adapters(pipe, tmp_path: Path, cls):
 
 
 @pytest.mark.parametrize(
-    ("build", "cls"), [(build_tiny_sdxl, StableDiffusionXLPipeline), (build_tiny_flux_dev, FluxPipeline)]
+    ("build", "cls"),
+    [
+        (build_tiny_sdxl, StableDiffusionXLPipeline),
+        (build_tiny_flux_dev, FluxPipeline),
+        (build_tiny_zimage, ZImagePipeline),
+    ],
 )
-def test_sdxl_and_flux_adapters_equal_diffusers(build, cls, tmp_path: Path) -> None:
+def test_sdxl_flux_and_zimage_adapters_equal_diffusers(build, cls, tmp_path: Path) -> None:
     loaded, plain, adapted = _with_two_adapters(build(), tmp_path, cls)
     traits = loaded.traits
-    common = {"num_inference_steps": 3, "guidance_scale": traits.default_guidance_scale}
+    # The tiny builtins' size: saved and loaded again, FLUX and Z-Image default to 1024 px.
+    common = {"num_inference_steps": 3, "guidance_scale": traits.default_guidance_scale, "width": 64, "height": 64}
     cases = [
         _resolved(loaded, prompt="a", seed=1, loras=[{"name": "style", "scale": 0.7}], **common),
         _resolved(loaded, prompt="b", seed=2, **common),
