@@ -20,48 +20,6 @@ pytestmark = pytest.mark.slow
 NO_MODEL_DIR = ("--model_dir", "/nonexistent")
 
 
-def test_builtin_tiny_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tmp_path / "server.log"
-    process = start_server("--model_id", "builtin:tiny", *NO_MODEL_DIR, port=port, log=log)
-    try:
-        wait_ready(process, port, log)
-        response = httpx.post(f"{base}/generate", json={"prompt": "a kite", "seed": 4}, timeout=60)
-        assert response.status_code == 200
-        assert response.headers["content-type"] == "image/png"
-        assert response.headers["x-seed"] == "4"
-
-        # SIGTERM while a request is in flight: that request still completes, then the process exits 0.
-        slow: dict = {}
-
-        def slow_request() -> None:
-            slow["response"] = httpx.post(
-                f"{base}/generate", json={"prompt": "slow", "num_inference_steps": 150, "width": 256}, timeout=60
-            )
-
-        thread = threading.Thread(target=slow_request)
-        thread.start()
-        wait_until(lambda: metric(base, "diffusion_active_images") == 1, timeout_s=30)  # in flight
-        process.send_signal(signal.SIGTERM)
-        thread.join(timeout=60)
-        assert slow["response"].status_code == 200
-        assert process.wait(timeout=60) == 0
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(f"{base}/v1/models/sd", timeout=2)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    output = log.read_text()
-    assert "RANDOM weights" in output, "a builtin must say it produces noise"
-    # What a new user reads at start and per request: no warnings about what this server does not use, no
-    # "not registered" for a route it does serve, one line per request.
-    for noise in ("torchvision", "endpoints not registered", "kserve.trace"):
-        assert noise not in output, f"start-up or request noise: {noise!r}"
-    assert "POST /v1/images/generations" in output, "the log says which routes are served"
-    assert output.count('"POST /generate HTTP/1.1" 200') == 2
-
-
 # Fault injection for a long start: the server's loader waits for a file the test creates, so the test sees the
 # process between "listening" and "ready" for as long as it needs, with no timing assumption.
 _HOLD_HOOK = """
@@ -162,6 +120,9 @@ def test_sigterm_while_loading_exits_cleanly(tmp_path: Path, hold: str) -> None:
 _STEP_DELAY_HOOK = """
 import os, time
 
+from predictor.logs import install_log_filters
+
+install_log_filters()  # as the server's main() does first: importing the runner imports transformers
 import predictor.runner
 
 delay = float(os.environ["PREDICTOR_TEST_STEP_DELAY"])
@@ -239,30 +200,53 @@ def _assert_answered_shutting_down(answers: dict[str, object]) -> None:
     assert last_event.startswith("event: error") and '"error_type": "shutting_down"' in last_event
 
 
-def test_work_longer_than_the_grace_period_is_answered_503_and_the_process_exits_in_time(tmp_path: Path) -> None:
-    """Past --grace_period_s every in-flight request gets 503 shutting_down in its route's error shape, a stream
-    its error event, and the process exits a few seconds later; new requests meanwhile get 503 too."""
-    grace_s = 2
+def test_builtin_tiny_serves_then_sigterm_finishes_what_fits_the_grace_period_and_answers_the_rest_503(
+    tmp_path: Path,
+) -> None:
+    """builtin:tiny as a user starts it. On SIGTERM a request that finishes within --grace_period_s is served;
+    past it every other request in flight gets 503 shutting_down in its route's error shape, a stream its error
+    event, a new request on a kept-alive connection 503 too; the process exits 0 a few seconds later."""
+    grace_s = 3
     process, base, log = _start_slowed_server(tmp_path, delay_s=0.2, grace_s=grace_s)  # 100 steps: 20 s each
     try:
+        response = httpx.post(f"{base}/generate", json={"prompt": "a kite", "seed": 4, "num_inference_steps": 2})
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "image/png"
+        assert response.headers["x-seed"] == "4"
+
         answers, threads = _send_in_flight(base)
+        short: dict[str, httpx.Response] = {}  # 4 steps: 0.8 s, within the grace period
+        body = {"prompt": "short", "num_inference_steps": 4}
+        thread = threading.Thread(target=lambda: short.update(r=httpx.post(f"{base}/generate", json=body, timeout=60)))
+        thread.start()
+        wait_until(lambda: metric(base, "diffusion_active_images") == len(_IN_FLIGHT) + 1, timeout_s=30)
         with httpx.Client(base_url=base, timeout=30) as kept_alive:  # a connection that outlives the signal
             assert kept_alive.get("/livez").status_code == 200
             signalled = time.monotonic()
             process.send_signal(signal.SIGTERM)
             late = kept_alive.post("/generate", json={"prompt": "late"})
         assert late.status_code == 503 and late.json()["error_type"] == "shutting_down"
-        for thread in threads:
-            thread.join(timeout=60)
+        for waiting in [thread, *threads]:
+            waiting.join(timeout=60)
+        assert short["r"].status_code == 200
         _assert_answered_shutting_down(answers)
         assert process.wait(timeout=60) == 0
         # Generous for a loaded machine, far below the 2.6x the grace period the drain once took with a stream open.
         assert time.monotonic() - signalled < grace_s + 8
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{base}/v1/models/sd", timeout=2)
     finally:
         if process.poll() is None:
             process.kill()
     output = log.read_text()
     assert "Traceback" not in output and "Internal Server Error" not in output
+    assert "RANDOM weights" in output, "a builtin must say it produces noise"
+    # What a new user reads at start and per request: no warnings about what this server does not use, no
+    # "not registered" for a route it does serve, one line per request.
+    for noise in ("torchvision", "endpoints not registered", "kserve.trace"):
+        assert noise not in output, f"start-up or request noise: {noise!r}"
+    assert "POST /v1/images/generations" in output, "the log says which routes are served"
+    assert output.count('"POST /generate HTTP/1.1" 200') == 3  # the kite, the short one and the stream
 
 
 def test_a_second_sigterm_answers_everything_and_exits_at_once(tmp_path: Path) -> None:
