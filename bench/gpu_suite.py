@@ -165,6 +165,7 @@ FULL = {
     "flux": Workload("builtin:flux-arch", "bfloat16", 1024, 28, None, 4, 4, 8, 2),
     "sd35": Workload("builtin:sd35-arch", "bfloat16", 1024, 28, None, 4, 4, 8, 2),
     "zimage-turbo": Workload("builtin:zimage-arch", "bfloat16", 1024, 9, None, 4, 16, 32, 2, flags=TURBO),
+    "flux2-klein": Workload("builtin:flux2-klein-4b-arch", "bfloat16", 1024, 4, None, 4, 16, 32, 2),
 }
 QUICK = {
     "sd-v1": Workload("builtin:tiny", "float32", 64, 3, 4, 2, 2, 4, 1, from_disk=True),
@@ -172,6 +173,7 @@ QUICK = {
     "flux": Workload("builtin:tiny-flux-dev", "float32", 64, 3, None, 2, 2, 4, 1),
     "sd35": Workload("builtin:tiny-sd3", "float32", 64, 3, None, 2, 2, 4, 1),
     "zimage-turbo": Workload("builtin:tiny-zimage", "float32", 64, 3, None, 2, 2, 4, 1, flags=TURBO),
+    "flux2-klein": Workload("builtin:tiny-flux2-klein", "float32", 64, 3, None, 2, 2, 4, 1),
 }
 # The tiny builtin of every family, at its CUDA dtype ("auto"), and SD 1.x in bfloat16 as well.
 EQUIVALENCE = [
@@ -182,6 +184,7 @@ EQUIVALENCE = [
     ("builtin:tiny-flux-dev", "auto"),
     ("builtin:tiny-sd3", "auto"),
     ("builtin:tiny-zimage", "auto"),
+    ("builtin:tiny-flux2-klein", "auto"),
 ]
 
 H200 = "H200 2026-11-26"
@@ -219,6 +222,11 @@ OWED: dict[str, dict[str, tuple[str | None, str | None]]] = {
     "zimage-turbo": {
         "lone / bare": ("<= 1.05", None),
         "lone": (None, "SGLang on 1xH100: 0.91 s, 9 steps (issue #27's compiled target: 0.80 s)"),
+        "images/s / bare batch": (">= 1", None),
+    },
+    "flux2-klein": {
+        "lone / bare": ("<= 1.05", None),
+        "lone": ("<= 0.35", "SGLang on 1xH100: 0.40 s, 4 steps"),
         "images/s / bare batch": (">= 1", None),
     },
 }
@@ -319,6 +327,14 @@ STAGES = [
         20,
         "Z-Image-Turbo, eager: server vs bare pipe(...), lone and 16 clients",
         workload="zimage-turbo",
+    ),
+    Stage(
+        "flux2-klein",
+        150,
+        20,
+        "FLUX.2-klein-4B, eager: server vs bare pipe(...), lone and 16 clients",
+        workload="flux2-klein",
+        quick_skip="flux runs this code (stage_serve) on the CPU; this stage is the same on FLUX.2-klein",
     ),
     Stage("compile-sd-v1", 240, 30, "SD v1 under --compile: cold, then restarted on the cache", workload="sd-v1"),
     Stage("loras-compiled", 360, 30, "LoRA slots under --compile (SDXL): load, swaps, slot memory", workload="sdxl"),
@@ -1297,6 +1313,7 @@ RUNNERS: dict[str, Callable[[Suite, StageRecord], None]] = {
     "flux": lambda suite, record: stage_serve(suite, record, "flux"),
     "sd35": lambda suite, record: stage_serve(suite, record, "sd35"),
     "zimage-turbo": lambda suite, record: stage_serve(suite, record, "zimage-turbo"),
+    "flux2-klein": lambda suite, record: stage_serve(suite, record, "flux2-klein"),
     "compile-sd-v1": lambda suite, record: stage_compiled(suite, record, "sd-v1"),
     "loras-compiled": stage_loras_compiled,
     "loras": stage_loras,

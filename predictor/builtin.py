@@ -35,10 +35,13 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     DDIMScheduler,
     DiffusionPipeline,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     PNDMScheduler,
@@ -59,6 +62,7 @@ from transformers import (
     CLIPTokenizer,
     Qwen2Tokenizer,
     Qwen3Config,
+    Qwen3ForCausalLM,
     Qwen3Model,
     T5Config,
     T5EncoderModel,
@@ -694,5 +698,108 @@ def build_zimage_arch(device: torch.device, dtype: torch.dtype) -> ZImagePipelin
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,
+    )
+    return pipe.to(device=device, dtype=dtype)
+
+
+# FLUX.2's scheduler_config.json: the resolution shift comes from the pipeline's empirical mu.
+FLUX2_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+
+def _build_tiny_flux2_klein(distilled: bool) -> Flux2KleinPipeline:
+    torch.manual_seed(_SEED)
+    tokenizer = _qwen_tokenizer()
+    # Layers 9, 18 and 27 are read: 28 layers, each tiny.
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=28,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=1024,
+        )
+    )
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 16, 16),  # four blocks: the VAE's factor 8
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    # Batch-norm statistics the latents are normalised with: random, so the decode's un-normalising is tested.
+    vae.bn.running_mean.normal_(0, 0.5)
+    vae.bn.running_var.uniform_(0.5, 2.0)
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX2_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=Flux2Transformer2DModel(
+            in_channels=16,  # 4 latent channels in 2x2 patches
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=48,  # three layers of the 16-wide encoder side by side
+            timestep_guidance_channels=32,
+            axes_dims_rope=(4, 4, 4, 4),
+            guidance_embeds=False,
+        ),
+        is_distilled=distilled,
+    )
+    # Flux2KleinPipeline fixes its default size at 128 latents (1024 px); the tiny one is made for 64 px.
+    pipe.default_sample_size = 8
+    return pipe
+
+
+def build_tiny_flux2_klein() -> Flux2KleinPipeline:
+    return _build_tiny_flux2_klein(distilled=True)
+
+
+def build_tiny_flux2_klein_base() -> Flux2KleinPipeline:
+    return _build_tiny_flux2_klein(distilled=False)
+
+
+def build_flux2_klein_4b_arch(device: torch.device, dtype: torch.dtype) -> Flux2KleinPipeline:
+    """FLUX.2-klein-4B's shapes: 5 double-stream and 20 single-stream blocks of 24 heads, on Qwen3-4B's layers 9, 18
+    and 27 side by side (7680 wide), the FLUX.2 VAE (32 latent channels)."""
+    torch.manual_seed(_SEED)
+    tokenizer = _qwen_tokenizer()
+    with torch.device(device):
+        text_encoder = Qwen3ForCausalLM(
+            Qwen3Config(
+                vocab_size=151936,
+                hidden_size=2560,
+                intermediate_size=9728,
+                num_hidden_layers=36,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                head_dim=128,
+                max_position_embeddings=40960,
+                tie_word_embeddings=True,
+            )
+        )
+        transformer = Flux2Transformer2DModel(
+            num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680, guidance_embeds=False
+        )
+        vae = AutoencoderKLFlux2()  # diffusers' defaults are FLUX.2's VAE
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX2_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=True,
     )
     return pipe.to(device=device, dtype=dtype)

@@ -633,12 +633,14 @@ def resolve(
     guidance = request.guidance_scale if request.guidance_scale is not None else limits.default_guidance_scale
     if guidance is None:
         guidance = traits.default_guidance_scale
-    if traits.guidance == "none" and request.guidance_scale is not None and request.guidance_scale > 1:
-        raise refuse(
-            "guidance_scale",
-            "has no effect on this model: it was distilled without guidance (FLUX.1-schnell); "
-            "use true_cfg_scale with a negative_prompt for classifier-free guidance",
-        )
+    if traits.guidance == "none":
+        distilled = "has no effect on this model: it was distilled without guidance"
+        if request.guidance_scale is not None and request.guidance_scale > 1:
+            if traits.takes("true_cfg_scale"):
+                distilled += " (FLUX.1-schnell); use true_cfg_scale with a negative_prompt for classifier-free guidance"
+            raise refuse("guidance_scale", distilled)
+        if request.negative_prompt is not None and not traits.takes("true_cfg_scale"):
+            raise refuse("negative_prompt", distilled)
     true_cfg = request.true_cfg_scale if request.true_cfg_scale is not None else 1.0
     if traits.takes("true_cfg_scale"):
         negatives = [n for n in ("negative_prompt", "negative_prompt_2") if getattr(request, n) is not None]

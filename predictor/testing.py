@@ -212,7 +212,7 @@ def diffusers_image(pipe: Any, p: GenerationParams, max_sequence_length: int | N
         texts["max_sequence_length"] = max_sequence_length
     try:
         image = pipe(
-            p.prompt,
+            prompt=p.prompt,  # by name: FLUX.2's pipelines take their reference images first
             **texts,
             num_inference_steps=p.num_inference_steps,
             guidance_scale=p.guidance_scale,

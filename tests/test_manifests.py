@@ -31,6 +31,7 @@ KUSTOMIZE_DIRS = [
     "manifests/kserve/overlays/flux-schnell",
     "manifests/kserve/overlays/sd35-medium",
     "manifests/kserve/overlays/zimage-turbo",
+    "manifests/kserve/overlays/flux2-klein-4b",
     "manifests/kserve/overlays/modelcar",
     "manifests/kserve/overlays/hf-allow-patterns",
     "manifests/kserve/overlays/kserve-0.15",
@@ -50,6 +51,7 @@ GPU_DIRS = [
     "manifests/kserve/overlays/flux-schnell",
     "manifests/kserve/overlays/sd35-medium",
     "manifests/kserve/overlays/zimage-turbo",
+    "manifests/kserve/overlays/flux2-klein-4b",
     "manifests/kserve/overlays/modelcar",
     "manifests/kserve/overlays/hf-allow-patterns",
 ]
@@ -316,6 +318,22 @@ MODEL_OVERLAYS = {
             "max_steps": 16,
             "default_scheduler": "euler",
             "default_guidance_scale": 0.0,
+            "max_image_size": 1024,
+        },
+        ("24Gi", "32Gi"),
+        16,
+    ),
+    # Distilled: 4 steps, no guidance; bfloat16.
+    "manifests/kserve/overlays/flux2-klein-4b": ModelOverlay(
+        "black-forest-labs/FLUX.2-klein-4B",
+        "stable-diffusion-flux2-klein-4b",
+        {
+            "dtype": "bfloat16",
+            "max_batch_size": 4,
+            "max_queue": 16,
+            "default_steps": 4,
+            "max_steps": 8,
+            "default_scheduler": "euler",
             "max_image_size": 1024,
         },
         ("24Gi", "32Gi"),

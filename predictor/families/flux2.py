@@ -1,0 +1,199 @@
+"""FLUX.2-klein (4B and 9B, distilled and base): a Qwen3 text encoder's hidden states from three layers, side by
+side, condition a transformer over latents patchified 2x2 and normalised by the VAE's batch-norm statistics, with
+flow matching. Text to image; reference-image editing is still to come.
+
+The specification it matches row for row is diffusers' ``Flux2KleinPipeline.__call__``:
+
+- each prompt goes through the tokenizer's chat template (``enable_thinking=False``), padded to
+  ``max_sequence_length`` (512) tokens; the caption is the encoder's hidden states of layers 9, 18 and 27, side by
+  side, for every token (padding included), with 4-axis text position ids;
+- latents ``(4 * c, h / 16, w / 16)`` drawn with the request's CPU generator in the text encoder's dtype, packed to
+  tokens, each with its 4-axis position id; rows of one size share a call (the transformer takes one row's ids);
+- each job's schedule is its pipeline's: sigmas ``linspace(1, 1/n, n)`` shifted by the empirical ``mu`` of the
+  image's token count and the step count, from index 0; the transformer takes ``t / 1000``;
+- the distilled checkpoints take no guidance; the base ones guide above 1 against the negative prompt (``""``, the
+  pipeline's only one), mixed as ``negative + scale * (positive - negative)``;
+- the decode un-normalises with the VAE's batch-norm statistics and unpatchifies before the VAE.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import Flux2KleinPipeline
+from diffusers.pipelines.flux2 import pipeline_flux2_klein
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from predictor import builtin
+from predictor.families.base import Builtin, Encoded, Family, Loaded, ServedPipeline, with_negatives
+from predictor.families.flow import FlowMatchingModel, TransformerCall
+from predictor.jobs import Job
+from predictor.request import GenerationParams
+
+TEXT_TOKENS = 512  # Flux2KleinPipeline's default max_sequence_length
+HIDDEN_LAYERS = (9, 18, 27)  # its default text_encoder_out_layers
+
+
+def _call_flux2(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor, **inputs: Any) -> Any:
+    # Rows of one call share a size and a text length: the transformer takes the first row's ids.
+    return transformer(
+        hidden_states=sample.to(transformer.dtype),
+        timestep=timesteps / 1000,
+        guidance=None,
+        encoder_hidden_states=inputs["encoder_hidden_states"],
+        txt_ids=inputs["txt_ids"],
+        img_ids=inputs["img_ids"],
+        return_dict=False,
+    )
+
+
+class Flux2KleinModel(FlowMatchingModel):
+    image_size_factor = 2  # the image processor works in multiples of 16: the VAE's 8 and the 2x2 patches
+
+    def __init__(self, loaded: Loaded) -> None:
+        super().__init__(loaded)
+        self._call = TransformerCall(self.pipe.transformer, _call_flux2)
+        self._max_tokens = int(loaded.max_sequence_length or TEXT_TOKENS)
+
+    @property
+    def denoiser_module(self) -> torch.nn.Module:
+        return self._call
+
+    @property
+    def native_size(self) -> int:
+        # The pipeline fixes its default size (128 latents, 1024 px); the tiny builtin sets a smaller one.
+        return int(self.pipe.default_sample_size) * self.pipe.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        return self.pipe.vae_scale_factor * 2  # latents in 2x2 patches
+
+    @property
+    def _distilled(self) -> bool:
+        return bool(self.pipe.config.is_distilled)
+
+    def guidance_kind(self) -> str:
+        # The distilled checkpoints ignore a guidance scale (diffusers warns); the base ones guide above 1.
+        return "none" if self._distilled else "cfg"
+
+    def prompt_windows(self) -> dict[str, int]:
+        return {"prompt": self._max_tokens}
+
+    def set_timesteps(
+        self, scheduler: SchedulerMixin, steps: int, height: int, width: int, device: torch.device | None = None
+    ) -> None:
+        """Flux2KleinPipeline's schedule: its own sigmas and the empirical shift of the token and step counts."""
+        sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+        patch = self.pipe.vae_scale_factor * 2
+        mu = pipeline_flux2_klein.compute_empirical_mu((height // patch) * (width // patch), steps)
+        pipeline_flux2_klein.retrieve_timesteps(scheduler, steps, device or self.device, sigmas=sigmas, mu=mu)
+
+    def timestep_row(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.latent_dtype).reshape(1)  # the pipeline casts t to the latents' dtype, then divides
+
+    def guidance_scale(self, params: GenerationParams) -> float:
+        return params.guidance_scale
+
+    def _latent_grid(self, pixels: int) -> int:
+        return pixels // (self.pipe.vae_scale_factor * 2)  # patchified latents: one token a 2x2 patch
+
+    def native_row_shape(self) -> tuple[int, ...]:
+        size = self._latent_grid(self.native_size)
+        return (size * size, self.pipe.transformer.config.in_channels)
+
+    def _encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, list[bool]]:
+        """Every text's caption in one encoder call, and whether each was cut at the token window."""
+        pipe = self.pipe
+        templated = [
+            pipe.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+            )
+            for text in texts
+        ]
+        tokens = pipe.tokenizer(
+            templated, padding="max_length", max_length=self._max_tokens, truncation=True, return_tensors="pt"
+        )
+        output = pipe.text_encoder(
+            input_ids=tokens.input_ids.to(self.device),
+            attention_mask=tokens.attention_mask.to(self.device),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        stacked = torch.stack([output.hidden_states[k] for k in HIDDEN_LAYERS], dim=1).to(pipe.text_encoder.dtype)
+        rows, layers, length, width = stacked.shape
+        cut = [len(ids) > self._max_tokens for ids in pipe.tokenizer(templated).input_ids]
+        return stacked.permute(0, 2, 1, 3).reshape(rows, length, layers * width), cut
+
+    def encode_prompts(self, jobs: list[Job]) -> list[Encoded]:
+        # diffusers' rule: guidance above 1 on the base checkpoints, against "" (a negative prompt when given).
+        guided = [] if self._distilled else [job for job in jobs if job.params.guidance_scale > 1]
+        (texts,), negative_row = with_negatives(
+            jobs, guided, lambda p: (p.prompt,), lambda p: (p.negative_prompt or "",)
+        )
+        captions, cut = self._encode_texts(texts)
+        text_ids = self.pipe._prepare_text_ids(captions[:1]).to(self.device)
+        rows: list[Encoded] = []
+        for index, job in enumerate(jobs):
+            job.prompt_truncated = cut[index]
+            shared = {"txt_ids": text_ids, "img_ids": self._image_ids(job.params.height, job.params.width)}
+            other = negative_row.get(id(job))
+            uncond = None if other is None else {"encoder_hidden_states": captions[other : other + 1], **shared}
+            rows.append(({"encoder_hidden_states": captions[index : index + 1], **shared}, uncond))
+        return rows
+
+    def _image_ids(self, height: int, width: int) -> torch.Tensor:
+        grid = torch.zeros((1, 1, self._latent_grid(height), self._latent_grid(width)))
+        return self.pipe._prepare_latent_ids(grid).to(self.device)
+
+    def initial_latents(self, job: Job, scheduler: SchedulerMixin, generator: torch.Generator) -> torch.Tensor:
+        p = job.params
+        shape = (1, self.pipe.transformer.config.in_channels, self._latent_grid(p.height), self._latent_grid(p.width))
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.latent_dtype)
+        return self.pipe._pack_latents(latents)
+
+    def final_latents(self, jobs: list[Job]) -> torch.Tensor:
+        p = jobs[0].params  # one decode holds one batch group: one size
+        packed = torch.cat([job.work.latents for job in jobs])
+        ids = self._image_ids(p.height, p.width).expand(len(jobs), -1, -1)
+        return self.pipe._unpack_latents_with_ids(packed, ids, self._latent_grid(p.height), self._latent_grid(p.width))
+
+    def latents_for_vae(self, latents: torch.Tensor, dtype: torch.dtype, jobs: list[Job] | None = None) -> torch.Tensor:
+        bn, eps = self.vae.bn, self.vae.config.batch_norm_eps
+        mean = bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + eps).to(latents.device, latents.dtype)
+        return self.pipe._unpatchify_latents(latents * std + mean).to(dtype)
+
+    def example_inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        config, size = self.pipe.transformer.config, self.native_size
+        zeros = {"device": self.device, "dtype": self.latent_dtype}
+        captions = torch.zeros((rows, self._max_tokens, config.joint_attention_dim), **zeros)
+        inputs = {
+            "encoder_hidden_states": captions,
+            "txt_ids": self.pipe._prepare_text_ids(captions[:1]).to(self.device).expand(rows, -1, -1),
+            "img_ids": self._image_ids(size, size).expand(rows, -1, -1),
+        }
+        return torch.zeros((rows, *self.native_row_shape()), **zeros), torch.full((rows,), 500.0, **zeros), inputs
+
+
+FAMILY = Family(
+    name="flux2",
+    model=Flux2KleinModel,
+    pipelines=(
+        ServedPipeline(
+            pipeline_class=Flux2KleinPipeline,
+            description="FLUX.2-klein 4B and 9B, distilled and base (text to image)",
+            default_guidance_scale=4.0,
+            takes_images=False,
+        ),
+    ),
+    cuda_dtype=torch.bfloat16,
+    long_text_tokens=TEXT_TOKENS,
+    builtins={
+        "tiny-flux2-klein": Builtin(Flux2KleinPipeline, builtin.build_tiny_flux2_klein),
+        "tiny-flux2-klein-base": Builtin(Flux2KleinPipeline, builtin.build_tiny_flux2_klein_base),
+        "flux2-klein-4b-arch": Builtin(Flux2KleinPipeline, builtin.build_flux2_klein_4b_arch, full_size=True),
+    },
+)
