@@ -12,10 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, ZImagePipeline
+from diffusers import (
+    Flux2KleinPipeline,
+    FluxPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    ZImagePipeline,
+)
 from safetensors.torch import load_file, save_file
 
-from predictor.builtin import build_tiny, build_tiny_flux_dev, build_tiny_sdxl, build_tiny_zimage
+from predictor.builtin import (
+    build_tiny,
+    build_tiny_flux2_klein,
+    build_tiny_flux_dev,
+    build_tiny_sdxl,
+    build_tiny_zimage,
+)
 from predictor.errors import InvalidRequest, LoadError
 from predictor.loading import load_pipeline
 from predictor.request import GenerationRequest, Limits, resolve
@@ -187,9 +199,10 @@ def _with_two_adapters(pipe, tmp_path: Path, cls):
         (build_tiny_sdxl, StableDiffusionXLPipeline),
         (build_tiny_flux_dev, FluxPipeline),
         (build_tiny_zimage, ZImagePipeline),
+        (build_tiny_flux2_klein, Flux2KleinPipeline),
     ],
 )
-def test_sdxl_flux_and_zimage_adapters_equal_diffusers(build, cls, tmp_path: Path) -> None:
+def test_sdxl_flux_zimage_and_flux2_adapters_equal_diffusers(build, cls, tmp_path: Path) -> None:
     loaded, plain, adapted = _with_two_adapters(build(), tmp_path, cls)
     traits = loaded.traits
     # The tiny builtins' size: saved and loaded again, FLUX and Z-Image default to 1024 px.
