@@ -237,7 +237,7 @@ class DiffusionModel(Model):
         return batch
 
     def _parsed(self, payload: Any, request_id: str | None) -> Batch:
-        ctx = Context(self.limits, self.name, self._resolve)
+        ctx = Context(self.limits, self.name, self._resolve, edits_by_reference="edit" in self.traits.modes)
         if isinstance(payload, RouteCall):
             return Batch(payload.parse(payload.body, ctx), request_id, payload.on_progress)
         if isinstance(payload, InferRequest):

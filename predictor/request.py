@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import secrets
 import types
 from collections.abc import Iterator, Mapping
@@ -48,6 +49,7 @@ MAX_GUIDANCE = 30.0
 MAX_T5_TOKENS = 512  # FLUX's and SD3's T5 prompt window at most (diffusers refuses more)
 MAX_LORA_SCALE = 4.0  # |scale| of one adapter; far beyond any adapter's useful range
 HARD_MAX_LORAS = 16  # adapters in one request at most; --max_loras_per_request lowers it
+HARD_MAX_REFERENCES = 10  # reference images of one edit at most (FLUX.2's); --max_reference_images lowers it
 LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a file stem: no separators, nothing hidden
 # Longest parameter name echoed back in an error body.
 _MAX_PARAM_CHARS = 64
@@ -111,6 +113,15 @@ class Limits:
     max_loras_per_request: int = field(
         default=4, metadata={"help": "Most LoRA adapters one request may name.", "gt": 0, "le": HARD_MAX_LORAS}
     )
+    max_reference_images: int = field(
+        default=4,
+        metadata={
+            "help": "Most reference images one edit may give, on models that edit by reference (FLUX.2-klein); "
+            f"each adds its tokens to every step. At most {HARD_MAX_REFERENCES}.",
+            "gt": 0,
+            "le": HARD_MAX_REFERENCES,
+        },
+    )
 
     def for_model(self, traits: ModelTraits) -> Limits:
         """These limits with the family's defaults in place of "auto", once the model is known."""
@@ -136,6 +147,7 @@ class Limits:
             "max_input_pixels": self.max_input_pixels,
             "max_loras_per_request": self.max_loras_per_request,
             "max_lora_scale": MAX_LORA_SCALE,
+            "max_reference_images": self.max_reference_images,
             "default_scheduler": self.default_scheduler,
             "default_guidance_scale": self.default_guidance_scale,
             "schedulers": list(SCHEDULER_NAMES),  # replaced by the model's own once it is loaded
@@ -161,9 +173,14 @@ class ModelTraits:
     guidance: Literal["cfg", "embedded", "none"] = "cfg"
     max_prompt_tokens: dict[str, int] = field(default_factory=lambda: {"prompt": 77})  # per text field
     max_image_size: int | None = None  # the model's own ceiling (SD3's position embedding), None: none
-    # Which of "text", "img2img", "inpaint" the model takes: an inpainting checkpoint (a UNet with mask and
-    # masked-image channels) takes "inpaint" only.
+    # Which of "text", "img2img", "inpaint", "edit" the model takes: an inpainting checkpoint (a UNet with mask and
+    # masked-image channels) takes "inpaint" only; "edit": the input images are references (FLUX.2-klein).
     modes: frozenset[str] = frozenset({"text"})
+    # "edit": what the pipeline refuses of a reference (a side under min_side, a longer side over max_aspect times
+    # the other), and the area it scales one down to (the output's default size is the first one's, so scaled).
+    reference_min_side: int = 64
+    reference_max_aspect: float = 8.0
+    reference_max_area: int = 1024 * 1024
     # img2img and inpainting defaults as diffusers' pipelines for the family set them (SD 0.8 and 1, FLUX and SD3 0.6)
     default_strength: dict[str, float] = field(default_factory=lambda: {"img2img": 0.8, "inpaint": 1.0})
     image_schedulers: tuple[str, ...] = ()  # those that can start from an image (FLUX and SD3: scale_noise)
@@ -325,10 +342,12 @@ class GenerationRequest(ImageStrength, GenerationFields):
     height: OptionalImageSize = Field(
         default=None, description="Multiple of 8 (16 for FLUX and SD3); default: the model's native size."
     )
-    image: InputImage | None = Field(
+    image: InputImage | Annotated[list[InputImage], Field(min_length=1, max_length=HARD_MAX_REFERENCES)] | None = Field(
         default=None,
         description="img2img and inpainting: a PNG, JPEG or WebP image, base64. The output takes its size (rounded "
-        "down to the model's size multiple) unless width or height are given, which resize it.",
+        "down to the model's size multiple) unless width or height are given, which resize it. On models that edit "
+        "by reference (FLUX.2-klein): one image or a list of up to --max_reference_images, the edit's references "
+        "(the output takes the first one's size).",
     )
     mask: InputImage | None = Field(
         default=None, description="Inpainting: white repaints, black keeps (binarised at half intensity); base64."
@@ -385,6 +404,8 @@ class GenerationParams:
     # or to be resized to it; not compared or hashed (params are keys in tests and benchmarks).
     image: Any = field(default=None, compare=False, repr=False)
     mask: Any = field(default=None, compare=False, repr=False)
+    # "edit": the decoded reference images (RGB), as given; the family prepares them as its pipeline does.
+    references: tuple[Any, ...] = field(default=(), compare=False, repr=False)
     strength: float = 1.0
     partial_images: int = 0  # previews to stream while it runs
     paste_back: bool = False  # inpainting: the input pasted back over the kept area of the result
@@ -392,7 +413,9 @@ class GenerationParams:
 
     @property
     def mode(self) -> str:
-        """ "text" (text-to-image), "img2img" or "inpaint"."""
+        """ "text" (text-to-image), "img2img", "inpaint" or "edit" (by reference images)."""
+        if self.references:
+            return "edit"
         if self.image is None:
             return "text"
         return "img2img" if self.mask is None else "inpaint"
@@ -413,7 +436,8 @@ def images_of(params: GenerationParams, count: int) -> list[GenerationParams]:
 
 
 def _param_name(loc: tuple[Any, ...], prefix: str) -> str:
-    name = ".".join(str(part) for part in loc)
+    # Leave out pydantic's union members ('image' is a string or a list: "constrained-str", "list[...]").
+    name = ".".join(str(part) for part in loc if not (isinstance(part, str) and ("-" in part or "[" in part)))
     if len(name) > _MAX_PARAM_CHARS:
         name = name[:_MAX_PARAM_CHARS] + "..."
     return f"{prefix}{name}" if name else prefix.rstrip(".") or "body"
@@ -575,8 +599,17 @@ def resolve(
         if getattr(request, name) is not None and not traits.takes(name):
             raise refuse(name, f"is for {takers}; this model is of the '{traits.family}' family")
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    image, mask, strength = _input_images(request, limits, traits, prefix)
-    if image is not None:  # the input's size, rounded down to the model's multiple, unless asked otherwise
+    references: tuple[Any, ...] = ()
+    if "edit" in traits.modes and request.image is not None:
+        references = _references(request, limits, traits, prefix)
+        image, mask, strength = None, None, 1.0
+    else:
+        image, mask, strength = _input_images(request, limits, traits, prefix)
+    if references:  # the first reference's size as the pipeline takes it, unless asked otherwise
+        first_width, first_height = _scaled_to_area(references[0].size, traits.reference_max_area)
+        width = request.width or first_width // traits.size_multiple * traits.size_multiple
+        height = request.height or first_height // traits.size_multiple * traits.size_multiple
+    elif image is not None:  # the input's size, rounded down to the model's multiple, unless asked otherwise
         width = request.width or image.width // traits.size_multiple * traits.size_multiple
         height = request.height or image.height // traits.size_multiple * traits.size_multiple
         for name, size in (("width", width), ("height", height)):
@@ -658,6 +691,7 @@ def resolve(
         "true_cfg_scale": float(true_cfg),
         "image": image,
         "mask": mask,
+        "references": references,
         "strength": strength,
         "partial_images": request.partial_images or 0,
         "loras": loras,
@@ -697,10 +731,60 @@ def kept_steps(steps: int, strength: float, start_rounded: bool = False) -> int:
     return min(int(steps * strength), steps)
 
 
+def _scaled_to_area(size: tuple[int, int], area: int) -> tuple[int, int]:
+    """A reference's size once scaled down to ``area`` pixels when larger (diffusers' FLUX.2 image processor)."""
+    width, height = size
+    if width * height <= area:
+        return width, height
+    scale = math.sqrt(area / (width * height))
+    return int(width * scale), int(height * scale)
+
+
+def _references(request: GenerationRequest, limits: Limits, traits: ModelTraits, prefix: str) -> tuple[Any, ...]:
+    """The request's reference images, decoded and checked as the model's pipeline checks them."""
+    for name, what in (("mask", "no mask"), ("strength", "no strength (the references condition every step)")):
+        if getattr(request, name) is not None:
+            raise InvalidRequest(
+                f"'{prefix}{name}': this model edits by reference images: it takes {what}", param=f"{prefix}{name}"
+            )
+    given = request.image if isinstance(request.image, list) else [request.image]
+    if len(given) > limits.max_reference_images:
+        raise InvalidRequest(
+            f"'{prefix}image' has {len(given)} reference images; at most {limits.max_reference_images} "
+            "(--max_reference_images)",
+            param=f"{prefix}image",
+        )
+    references = []
+    for index, data in enumerate(given):
+        param = f"{prefix}image" if len(given) == 1 else f"{prefix}image[{index}]"
+        image = decode_image(data, param, limits.max_input_pixels)
+        width, height = image.size
+        if min(width, height) < traits.reference_min_side:
+            raise InvalidRequest(
+                f"'{param}' is {width}x{height}: a reference image needs at least {traits.reference_min_side} pixels "
+                "a side",
+                param=param,
+            )
+        if max(width, height) > traits.reference_max_aspect * min(width, height):
+            raise InvalidRequest(
+                f"'{param}' is {width}x{height}: a reference image's sides may differ at most "
+                f"{traits.reference_max_aspect:g} times",
+                param=param,
+            )
+        references.append(image)
+    return tuple(references)
+
+
 def _input_images(
     request: GenerationRequest, limits: Limits, traits: ModelTraits, prefix: str
 ) -> tuple[Any, Any, float]:
     """The request's decoded image and mask and its strength, checked against what the model takes."""
+    if isinstance(request.image, list):
+        raise InvalidRequest(
+            f"'{prefix}image' takes one image on this '{traits.family}' model (img2img, inpainting); lists of "
+            "reference images are for models that edit by reference",
+            param=f"{prefix}image",
+        )
     mode = "text" if request.image is None else "img2img" if request.mask is None else "inpaint"
     if request.image is None:
         for name in ("mask", "strength"):

@@ -5,18 +5,34 @@ builtin on the meta device."""
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline
+from fastapi.testclient import TestClient
+from PIL import Image
 
 from predictor.builtin import build_tiny_flux2_klein, build_tiny_flux2_klein_base
 from predictor.errors import InvalidRequest
 from predictor.families import build_builtin
+from predictor.images import encode_png
 from predictor.loading import LoadedPipeline, load_pipeline
-from predictor.request import GenerationRequest, Limits, resolve
-from predictor.testing import TOLERANCE, assert_alone_and_mixed_equal, diffusers_image, params
+from predictor.model import DiffusionModel
+from predictor.request import GenerationParams, GenerationRequest, Limits, resolve
+from predictor.server import PredictorServer
+from predictor.testing import (
+    MODEL_NAME,
+    TOLERANCE,
+    assert_alone_and_mixed_equal,
+    decode_image,
+    diffusers_image,
+    make_settings,
+    params,
+)
 
 
 def _saved(build, directory: Path) -> Path:
@@ -54,7 +70,7 @@ def test_flux2_klein_distilled_equals_diffusers_in_mixed_batches(tmp_path: Path)
     loaded = load_pipeline(str(directory), "not/used", None, "cpu", "float32")
     traits = loaded.traits
     assert (traits.family, traits.guidance, traits.default_guidance_scale) == ("flux2", "none", 0.0)
-    assert (traits.size_multiple, traits.modes, traits.max_prompt_tokens) == (16, {"text"}, {"prompt": 512})
+    assert (traits.size_multiple, traits.modes, traits.max_prompt_tokens) == (16, {"text", "edit"}, {"prompt": 512})
     reference = _reference(directory)
     cases = _cases(traits, (0.0, 1.0))
     assert_alone_and_mixed_equal(loaded, cases, [diffusers_image(reference, c) for c in cases], join_at_step=2)
@@ -106,3 +122,100 @@ def test_the_base_checkpoint_guides_against_a_negative_prompt_when_given(tmp_pat
     plain = params(scheduler="euler", seed=5, num_inference_steps=3, guidance_scale=3.0)
     expected = diffusers_image(reference, plain, negative_prompt_embeds=embeds)
     assert_alone_and_mixed_equal(loaded, [case, plain], [expected, diffusers_image(reference, plain)])
+
+
+def _picture(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def _edit(traits, *references: Image.Image, **body) -> GenerationParams:
+    images = [encode_png(reference) for reference in references]
+    request = GenerationRequest(prompt="make it blue", image=images if len(images) > 1 else images[0], **body)
+    return resolve(request, Limits().for_model(traits), traits)
+
+
+def test_reference_edits_equal_diffusers_beside_text_jobs(tmp_path: Path) -> None:
+    """One and two reference images (the pipeline's image=[...]), beside text jobs and each other: each image equals
+    Flux2KleinPipeline's with the same references; the output takes the first reference's size."""
+    directory = _saved(build_tiny_flux2_klein, tmp_path)
+    loaded = load_pipeline(str(directory), "not/used", None, "cpu", "float32")
+    traits = loaded.traits
+    assert traits.modes == {"text", "edit"}
+    reference = _reference(directory)
+    first, second = _picture(96, 64, 1), _picture(64, 80, 2)
+    common = {"num_inference_steps": 3, "scheduler": "euler"}
+    cases = [
+        _edit(traits, first, seed=1, **common),
+        params(seed=2, guidance_scale=0.0, **common),
+        _edit(traits, first, second, seed=3, **common),
+        _edit(traits, first, seed=4, **common),  # the first's layout: shares its calls
+    ]
+    assert (cases[0].width, cases[0].height, cases[0].mode) == (96, 64, "edit")
+    expected = [diffusers_image(reference, case, image=list(case.references) or None) for case in cases]
+    assert_alone_and_mixed_equal(loaded, cases, expected, join_at_step=1, tolerance=TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"mask": "x"}, "mask", "edits by reference images: it takes no mask"),
+        ({"strength": 0.5}, "strength", "no strength"),
+        ({"count": 5}, "image", "at most 4 (--max_reference_images)"),
+        ({"small": True}, "image", "at least 64 pixels a side"),
+    ],
+)
+def test_reference_rules_are_400s_that_say_why(body: dict, param: str, words: str) -> None:
+    traits = load_pipeline(None, "builtin:tiny-flux2-klein", None, "cpu", "float32").traits
+    count = body.pop("count", 1)
+    size = (48, 64) if body.pop("small", False) else (64, 64)
+    references = [_picture(*size, i) for i in range(count)]
+    with pytest.raises(InvalidRequest) as error:
+        _edit(traits, *references, **body)
+    assert error.value.param == param and words in error.value.message
+
+
+def test_a_list_of_images_is_refused_where_images_are_img2img_inputs() -> None:
+    traits = load_pipeline(None, "builtin:tiny-flux-dev", None, "cpu", "float32").traits
+    request = GenerationRequest(prompt="a", image=[encode_png(_picture(64, 64, 1))] * 2)
+    with pytest.raises(InvalidRequest) as error:
+        resolve(request, Limits().for_model(traits), traits)
+    assert error.value.param == "image" and "takes one image" in error.value.message
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    directory = _saved(build_tiny_flux2_klein, tmp_path_factory.mktemp("tiny-flux2"))
+    settings = make_settings(directory, "--default_steps", "2", "--warmup_steps", "0")
+    model = DiffusionModel(settings)
+    model.load()
+    app = PredictorServer(settings, http_port=0, grpc_port=0, enable_grpc=False).create_app(model)
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+    model.stop()
+
+
+def test_every_protocol_takes_reference_images(client: TestClient) -> None:
+    """/generate and v1 take a list; OpenAI's edits take several files as one edit's references (the SDK's
+    images.edit(image=[f1, f2])); the discovery route says the mode and the limit."""
+    info = client.get(f"/v1/models/{MODEL_NAME}/schedulers").json()
+    assert (info["family"], info["modes"], info["max_reference_images"]) == ("flux2", ["edit", "text"], 4)
+    first, second = encode_png(_picture(96, 64, 1)), encode_png(_picture(64, 64, 2))
+    generated = client.post("/generate", json={"prompt": "blue", "image": [first, second], "seed": 1})
+    assert generated.status_code == 200, generated.text
+    assert decode_image(generated.content).shape == (64, 96, 3)  # the first reference's size
+    v1 = client.post(f"/v1/models/{MODEL_NAME}:predict", json={"instances": [{"prompt": "blue", "image": [first]}]})
+    assert v1.status_code == 200, v1.text
+    files = [
+        ("image[]", ("a.png", base64.b64decode(first), "image/png")),
+        ("image[]", ("b.png", base64.b64decode(second), "image/png")),
+    ]
+    edited = client.post("/v1/images/edits", data={"prompt": "blue", "seed": "1"}, files=files)
+    assert edited.status_code == 200, edited.text
+    assert len(edited.json()["data"]) == 1  # one edit of two references, not two edits
+    masked = client.post(
+        "/v1/images/edits",
+        data={"prompt": "blue"},
+        files=[*files, ("mask", ("m.png", base64.b64decode(first), "image/png"))],
+    )
+    assert masked.status_code == 400 and masked.json()["error"]["param"] == "mask"

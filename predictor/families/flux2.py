@@ -1,6 +1,6 @@
 """FLUX.2-klein (4B and 9B, distilled and base): a Qwen3 text encoder's hidden states from three layers, side by
 side, condition a transformer over latents patchified 2x2 and normalised by the VAE's batch-norm statistics, with
-flow matching. Text to image; reference-image editing is still to come.
+flow matching. Text to image, and edits by reference images (``image=[...]``).
 
 The specification it matches row for row is diffusers' ``Flux2KleinPipeline.__call__``:
 
@@ -13,7 +13,9 @@ The specification it matches row for row is diffusers' ``Flux2KleinPipeline.__ca
   image's token count and the step count, from index 0; the transformer takes ``t / 1000``;
 - the distilled checkpoints take no guidance; the base ones guide above 1 against the negative prompt (``""``, the
   pipeline's only one), mixed as ``negative + scale * (positive - negative)``;
-- the decode un-normalises with the VAE's batch-norm statistics and unpatchifies before the VAE.
+- the decode un-normalises with the VAE's batch-norm statistics and unpatchifies before the VAE;
+- reference images are encoded (the posterior's mode: no draw from the generator), their tokens appended to the
+  image's in every call with ids offset in time, and only the image's tokens kept from the output.
 """
 
 from __future__ import annotations
@@ -38,16 +40,22 @@ HIDDEN_LAYERS = (9, 18, 27)  # its default text_encoder_out_layers
 
 
 def _call_flux2(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor, **inputs: Any) -> Any:
-    # Rows of one call share a size and a text length: the transformer takes the first row's ids.
-    return transformer(
-        hidden_states=sample.to(transformer.dtype),
+    # Rows of one call share a size, a text length and their references' layout: the transformer takes the first
+    # row's ids. Reference tokens follow the image's, and only the image's come out.
+    hidden, ids = sample, inputs["img_ids"]
+    if "reference_latents" in inputs:
+        hidden = torch.cat([sample, inputs["reference_latents"]], dim=1)
+        ids = torch.cat([ids, inputs["reference_ids"]], dim=1)
+    out = transformer(
+        hidden_states=hidden.to(transformer.dtype),
         timestep=timesteps / 1000,
         guidance=None,
         encoder_hidden_states=inputs["encoder_hidden_states"],
         txt_ids=inputs["txt_ids"],
-        img_ids=inputs["img_ids"],
+        img_ids=ids,
         return_dict=False,
-    )
+    )[0]
+    return (out[:, : sample.shape[1]],)
 
 
 class Flux2KleinModel(FlowMatchingModel):
@@ -74,6 +82,13 @@ class Flux2KleinModel(FlowMatchingModel):
     @property
     def _distilled(self) -> bool:
         return bool(self.pipe.config.is_distilled)
+
+    def modes(self) -> frozenset[str]:
+        return frozenset({"text", "edit"})  # its input images are references (image=[...]), not img2img
+
+    def shape_key(self, params: GenerationParams) -> Any:
+        # Reference tokens lengthen a row's sequence: rows share a call with the same references' sizes only.
+        return (params.height, params.width, tuple(reference.size for reference in params.references))
 
     def guidance_kind(self) -> str:
         # The distilled checkpoints ignore a guidance scale (diffusers warns); the base ones guide above 1.
@@ -139,10 +154,29 @@ class Flux2KleinModel(FlowMatchingModel):
         for index, job in enumerate(jobs):
             job.prompt_truncated = cut[index]
             shared = {"txt_ids": text_ids, "img_ids": self._image_ids(job.params.height, job.params.width)}
+            if job.params.references:
+                shared["reference_latents"], shared["reference_ids"] = self._references(job.params.references)
             other = negative_row.get(id(job))
             uncond = None if other is None else {"encoder_hidden_states": captions[other : other + 1], **shared}
             rows.append(({"encoder_hidden_states": captions[index : index + 1], **shared}, uncond))
         return rows
+
+    def _references(self, references: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The references' tokens and ids, prepared as the pipeline prepares its ``image`` list: scaled down to
+        1024x1024's area when larger, cropped to the 16 px multiple, encoded (the posterior's mode) in the VAE's
+        dtype, patchified and normalised; each reference's ids a time offset of its own."""
+        processor, multiple = self.pipe.image_processor, self.pipe.vae_scale_factor * 2
+        tensors = []
+        for reference in references:
+            image = reference
+            if image.width * image.height > 1024 * 1024:
+                image = processor._resize_to_target_area(image, 1024 * 1024)
+            width, height = image.width // multiple * multiple, image.height // multiple * multiple
+            tensors.append(processor.preprocess(image, height=height, width=width, resize_mode="crop"))
+        latents, ids = self.pipe.prepare_image_latents(
+            images=tensors, batch_size=1, generator=None, device=self.device, dtype=self.vae.dtype
+        )
+        return latents.to(self.latent_dtype), ids
 
     def _image_ids(self, height: int, width: int) -> torch.Tensor:
         grid = torch.zeros((1, 1, self._latent_grid(height), self._latent_grid(width)))
@@ -184,7 +218,7 @@ FAMILY = Family(
     pipelines=(
         ServedPipeline(
             pipeline_class=Flux2KleinPipeline,
-            description="FLUX.2-klein 4B and 9B, distilled and base (text to image)",
+            description="FLUX.2-klein 4B and 9B, distilled and base (text to image; edits by reference images)",
             default_guidance_scale=4.0,
             takes_images=False,
         ),

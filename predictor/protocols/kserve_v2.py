@@ -26,10 +26,17 @@ ROUTES = (
 _PROTOCOL_PARAMETERS = frozenset({"binary_data_output"})
 
 
+def _text(annotation: object) -> bool:
+    """A field a string fills: ``str``, or a union with ``str`` (``image``: one image, or a list of references,
+    which a tensor of one element per prompt cannot carry: v2 sends one)."""
+    kind = value_type(annotation)
+    return kind is str or any(value_type(member) is str for member in getattr(kind, "__args__", ()))
+
+
 # The input tensors: the request's text fields, in its order ("prompt" first and required); a Literal is a
 # choice, sent as a parameter.
 TEXT_INPUTS: tuple[str, ...] = tuple(
-    name for name, info in GenerationRequest.model_fields.items() if value_type(info.annotation) is str
+    name for name, info in GenerationRequest.model_fields.items() if _text(info.annotation)
 )
 
 

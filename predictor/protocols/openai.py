@@ -163,31 +163,35 @@ async def read_edit(http: Request, limits: Limits, served_model: str) -> EditFor
     _checked(request, served_model)
     if not images:
         raise InvalidRequest("'image' is required: the picture to edit (PNG, JPEG or WebP)", param="image")
-    if len(images) > limits.max_batch_instances:
-        raise InvalidRequest(f"at most {limits.max_batch_instances} images per request", param="image")
-    if request.stream and len(images) > 1:
-        raise InvalidRequest("one image per request with stream: true", param="image")
-    if request.n * len(images) > limits.max_batch_instances:
-        raise InvalidRequest(
-            f"{len(images)} images x n {request.n} make more than {limits.max_batch_instances} (--max_batch_instances)",
-            param="n",
-        )
     return EditForm(request, images, mask)
 
 
 def edit_params(edit: EditForm, ctx: Context) -> list[GenerationParams]:
-    """One generation request per input image, each making ``n`` images. The mask follows OpenAI's convention (its
-    fully transparent pixels mark the area to edit) and becomes this server's (white repaints)."""
+    """One generation request per input image, each making ``n`` images; on a model that edits by reference
+    (FLUX.2-klein), one request whose references are all the images (``images.edit(image=[f1, f2])``). The mask
+    follows OpenAI's convention (its fully transparent pixels mark the area to edit) and becomes this server's
+    (white repaints)."""
+    limits, request = ctx.limits, edit.request
+    if any(not data for data in edit.images):
+        raise InvalidRequest("'image' must not be empty", param="image")
+    encoded = [base64.b64encode(data).decode() for data in edit.images]
+    edits = [encoded if len(encoded) > 1 else encoded[0]] if ctx.edits_by_reference else encoded
+    if len(edits) > limits.max_batch_instances:
+        raise InvalidRequest(f"at most {limits.max_batch_instances} images per request", param="image")
+    if request.stream and len(edits) > 1:
+        raise InvalidRequest("one image per request with stream: true", param="image")
+    if request.n * len(edits) > limits.max_batch_instances:
+        raise InvalidRequest(
+            f"{len(edits)} images x n {request.n} make more than {limits.max_batch_instances} (--max_batch_instances)",
+            param="n",
+        )
     mask = None
     if edit.mask is not None:
-        mask = encode_png(decode_mask(edit.mask, "mask", ctx.limits.max_input_pixels, transparent_edits=True))
+        mask = encode_png(decode_mask(edit.mask, "mask", limits.max_input_pixels, transparent_edits=True))
     params: list[GenerationParams] = []
-    for data in edit.images:
-        if not data:
-            raise InvalidRequest("'image' must not be empty", param="image")
-        image = base64.b64encode(data).decode()
-        generation = _generation(edit.request, ctx.limits, image=image, mask=mask, strength=edit.request.strength)
-        params += images_of(ctx.resolve(generation, ""), edit.request.n)
+    for image in edits:
+        generation = _generation(request, limits, image=image, mask=mask, strength=request.strength)
+        params += images_of(ctx.resolve(generation, ""), request.n)
     return params
 
 
