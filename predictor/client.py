@@ -68,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(*options, dest=name, action="store_true", default=None, help=help_text)
         else:
             parser.add_argument(*options, dest=name, type=kind, help=help_text)
-    parser.add_argument("--image", help="img2img / inpainting: an input picture file (PNG, JPEG or WebP).")
+    parser.add_argument(
+        "--image",
+        action="append",
+        help="img2img / inpainting: an input picture file (PNG, JPEG or WebP); on models that edit by reference "
+        "images (FLUX.2-klein), give it once per reference.",
+    )
     parser.add_argument("--mask", help="Inpainting: a mask file, white = repaint, black = keep (needs --image).")
     parser.add_argument(
         "--lora",
@@ -150,14 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     body = request_body(args, output_format(parser, args))
     err = sys.stderr
     for option in ("image", "mask"):
-        path = getattr(args, option)
-        if path is None:
+        paths = getattr(args, option)
+        if paths is None:
             continue
-        try:
-            body[option] = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-        except OSError as exc:
-            print(f"error: cannot read --{option} {path}: {exc.strerror}", file=err)
-            return 2
+        encoded = []
+        for path in paths if isinstance(paths, list) else [paths]:
+            try:
+                encoded.append(base64.b64encode(Path(path).read_bytes()).decode("ascii"))
+            except OSError as exc:
+                print(f"error: cannot read --{option} {path}: {exc.strerror}", file=err)
+                return 2
+        body[option] = encoded[0] if len(encoded) == 1 else encoded  # several: an edit's reference images
     headers = {"Accept": "text/event-stream"}
     if args.api_key:
         headers["Authorization"] = f"Bearer {args.api_key}"

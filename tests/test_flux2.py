@@ -219,3 +219,23 @@ def test_every_protocol_takes_reference_images(client: TestClient) -> None:
         files=[*files, ("mask", ("m.png", base64.b64decode(first), "image/png"))],
     )
     assert masked.status_code == 400 and masked.json()["error"]["param"] == "mask"
+
+
+def test_the_cli_sends_each_image_option_as_a_reference(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--image`` given twice: one edit of two references, through the app's own /generate stream."""
+    from predictor import client as cli
+
+    monkeypatch.setattr(cli.httpx, "stream", client.stream)  # the in-process app answers the CLI's request
+    paths = []
+    for index, size in enumerate(((96, 64), (64, 64))):
+        paths.append(tmp_path / f"{index}.png")
+        _picture(*size, index).save(paths[-1])
+    output = tmp_path / "out.png"
+    argv = ["blue", "--url", "http://testserver", "--image", str(paths[0]), "--image", str(paths[1]), "-o", str(output)]
+    assert cli.main(argv) == 0
+    assert Image.open(output).size == (96, 64)  # the first reference's size
+    _picture(48, 64, 2).save(paths[1])  # a second reference the pipeline would refuse: the server names it
+    assert cli.main(argv) == 1
+    assert "'image[1]' is 48x64" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 let modelName = null;
+let editsByReference = false;
 
 async function loadLimits() {
   const models = await (await fetch("/v1/models")).json();
@@ -24,6 +25,12 @@ async function loadLimits() {
   $("api_key").value = sessionStorage.getItem("api_key") || "";
   await loadAdapters();
   $("inputs").hidden = !(info.modes || []).some((mode) => mode !== "text");
+  // A model that edits by reference images takes several, and no mask or strength.
+  editsByReference = (info.modes || []).includes("edit");
+  $("input-image").multiple = editsByReference;
+  $("mask").closest("label").hidden = editsByReference;
+  $("strength").closest("label").hidden = editsByReference;
+  if (editsByReference) $("inputs").querySelector("legend").textContent = "Reference images (one or more: the edit's)";
   for (const field of ["width", "height"]) {
     $(field).max = info.max_image_size;
     $(field).step = info.image_size_multiple;
@@ -42,8 +49,8 @@ async function loadAdapters() {
   $("loras-available").textContent = usable.join(", ");
 }
 
-function readFile(input) {
-  const file = input.files && input.files[0];
+function readFile(input, index = 0) {
+  const file = input.files && input.files[index];
   if (!file) return Promise.resolve(null);
   return new Promise((resolve, reject) => {
     const reader = new FileReader();
@@ -55,7 +62,13 @@ function readFile(input) {
 
 async function addInputs(body) {
   if ($("inputs").hidden) return body;
-  const [image, mask] = await Promise.all([readFile($("image")), readFile($("mask"))]);
+  const files = $("input-image").files || [];
+  if (editsByReference) {  // every chosen file is a reference of the edit
+    const references = await Promise.all(Array.from(files, (_, index) => readFile($("input-image"), index)));
+    if (references.length) body.image = references.length === 1 ? references[0] : references;
+    return body;
+  }
+  const [image, mask] = await Promise.all([readFile($("input-image")), readFile($("mask"))]);
   if (image) body.image = image;
   if (mask) body.mask = mask;
   if (image && $("strength").value !== "") body.strength = parseFloat($("strength").value);
