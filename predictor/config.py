@@ -31,6 +31,7 @@ from predictor.request import MAX_T5_TOKENS, Limits
 
 Device = Literal["auto", "cuda", "cpu"]
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
+StorageDtype = Literal["auto", "float8_e4m3fn", "float8_e5m2"]
 SafetyChecker = Literal["checkpoint", "on", "off"]
 CompileMode = Literal["reduce-overhead", "default", "max-autotune-no-cudagraphs"]
 LoraBatching = Literal["mixed", "grouped"]
@@ -75,6 +76,15 @@ class ModelSource:
         metadata={
             "help": "auto: on CUDA the family's (float16, or bfloat16 where float16 overflows, as for FLUX.1 and "
             "SD3); float32 on the CPU."
+        },
+    )
+    storage_dtype: StorageDtype = field(
+        default="auto",
+        metadata={
+            "help": "Keep the denoiser's weights (the UNet or transformer) in this dtype and compute in --dtype, each "
+            "layer cast as it runs (diffusers' enable_layerwise_casting): float8 halves a bfloat16 transformer's "
+            "memory (the README's families table says what each model needs) for some speed. The text encoders "
+            "and the VAE keep --dtype. auto: --dtype. Not with --compile or --lora_dir yet."
         },
     )
     safety_checker: SafetyChecker = field(
@@ -294,6 +304,8 @@ class Settings:
                 "with --compile, adapters live in --max_loaded_loras fixed slots: --max_loras_per_request "
                 f"({limits.max_loras_per_request}) must not exceed it ({engine.max_loaded_loras})"
             )
+        if source.storage_dtype != "auto" and engine.compile:
+            raise ValueError("--storage_dtype with --compile: layerwise casting is not compiled yet; choose one")
         if engine.max_queue < limits.max_batch_instances:
             raise ValueError("--max_queue must be at least --max_batch_instances, or large requests could never queue")
 

@@ -121,6 +121,7 @@ def load_source(source: ModelSource) -> LoadedPipeline:
         preview_vae_dir=source.preview_vae_dir,
         lora_dir=source.lora_dir,
         max_lora_bytes=source.max_lora_bytes,
+        storage_dtype=source.storage_dtype,
     )
 
 
@@ -136,6 +137,7 @@ def load_pipeline(
     preview_vae_dir: str | None = None,
     lora_dir: str | None = None,
     max_lora_bytes: int = 1024**3,
+    storage_dtype: str = "auto",
 ) -> LoadedPipeline:
     install_log_filters()
     device = resolve_device(device_flag)
@@ -170,6 +172,10 @@ def load_pipeline(
     elif safety_checker == "on" and getattr(pipe, "safety_checker", None) is None:
         raise LoadError(f"--safety_checker on, but '{source}' ships no safety checker")
     preview_vae = None if preview_vae_dir is None else load_preview_vae(preview_vae_dir, pipe, device, dtype)
+    if storage_dtype != "auto":
+        if lora_dir is not None:
+            raise LoadError("--storage_dtype with --lora_dir: adapters on layerwise-cast weights are not supported yet")
+        store_layerwise(pipe, getattr(torch, storage_dtype), dtype)
     loras = None
     if lora_dir is not None:
         if not hasattr(pipe, "load_lora_weights"):
@@ -201,6 +207,21 @@ def load_pipeline(
         loaded.native_size,
     )
     return loaded
+
+
+# The denoiser, which holds most of a DiT's weights and runs every step, is stored in --storage_dtype. The text
+# encoders keep --dtype: diffusers' pipelines take their prompt embeddings' dtype from the encoder's, so a float8
+# encoder makes float8 latents, which neither diffusers nor torch can draw. The VAE keeps --dtype too.
+LAYERWISE_COMPONENTS = ("unet", "transformer")
+
+
+def store_layerwise(pipe: DiffusionPipeline, storage: torch.dtype, compute: torch.dtype) -> None:
+    """diffusers' layerwise casting on the pipeline's denoiser, as a user would apply it: ``enable_layerwise_casting``
+    (normalisation layers and embeddings stay in the compute dtype)."""
+    for name in LAYERWISE_COMPONENTS:
+        component = getattr(pipe, name, None)
+        if component is not None:
+            component.enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute)
 
 
 def load_preview_vae(directory: str, pipe: DiffusionPipeline, device: torch.device, dtype: torch.dtype) -> Any:

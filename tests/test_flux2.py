@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +240,38 @@ def test_the_cli_sends_each_image_option_as_a_reference(
     _picture(48, 64, 2).save(paths[1])  # a second reference the pipeline would refuse: the server names it
     assert cli.main(argv) == 1
     assert "'image[1]' is 48x64" in capsys.readouterr().err
+
+
+def test_float8_storage_equals_diffusers_layerwise_casting(tmp_path: Path) -> None:
+    """--storage_dtype float8_e4m3fn: the transformer's weights kept in float8, each layer computed in float32 here,
+    as diffusers' enable_layerwise_casting does; the image equals the pipeline's with the same casting, and differs
+    from the unquantised one."""
+    directory = _saved(build_tiny_flux2_klein, tmp_path)
+    loaded = load_pipeline(str(directory), "not/used", None, "cpu", "float32", storage_dtype="float8_e4m3fn")
+    assert loaded.pipe.transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    assert loaded.pipe.vae.dtype == loaded.pipe.text_encoder.dtype == torch.float32  # they keep --dtype
+    plain = _reference(directory)
+    cast = _reference(directory)
+    cast.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    cases = [params(scheduler="euler", seed=s, num_inference_steps=3, guidance_scale=0.0) for s in (1, 2)]
+    expected = [diffusers_image(cast, case) for case in cases]
+    assert np.abs(expected[0] - diffusers_image(plain, cases[0])).max() > TOLERANCE  # float8 changed the image
+    assert_alone_and_mixed_equal(loaded, cases, expected, tolerance=TOLERANCE)
+
+
+def test_float8_storage_is_refused_with_compile_and_with_adapters(tmp_path: Path) -> None:
+    from predictor.config import Settings
+    from predictor.errors import LoadError
+
+    settings = make_settings(tmp_path)
+    with pytest.raises(ValueError, match="--storage_dtype with --compile"):
+        Settings(
+            replace(settings.source, storage_dtype="float8_e4m3fn"),
+            settings.limits,
+            replace(settings.engine, compile=True),
+            settings.server,
+        )
+    with pytest.raises(LoadError, match="--storage_dtype with --lora_dir"):
+        load_pipeline(
+            None, "builtin:tiny-flux2-klein", None, "cpu", "float32", storage_dtype="float8_e4m3fn", lora_dir="."
+        )
