@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
-from predictor.builtin import build_tiny_flux, build_tiny_flux_dev, build_tiny_sd3
+from predictor.builtin import build_tiny_flux, build_tiny_flux2_klein_base, build_tiny_flux_dev, build_tiny_sd3
 from predictor.errors import InvalidRequest, LoadError
 from predictor.families import FAMILIES, build_builtin
 from predictor.loading import LoadedPipeline, load_pipeline, resolve_dtype
@@ -47,6 +47,11 @@ def flux_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def flux_dev_dir(tmp_path_factory) -> Path:
     return _save(build_tiny_flux_dev(), tmp_path_factory.mktemp("tiny-flux-dev"))
+
+
+@pytest.fixture(scope="module")
+def flux2_base_dir(tmp_path_factory) -> Path:
+    return _save(build_tiny_flux2_klein_base(), tmp_path_factory.mktemp("tiny-flux2-klein-base"))
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +238,7 @@ def test_flow_matching_families_default_to_bfloat16_on_cuda() -> None:
     assert resolve_dtype("auto", torch.device("cpu"), families["flux"]) == torch.float32
 
 
-@pytest.mark.parametrize("directory", ["flux_dev_dir", "sd3_dir"])
+@pytest.mark.parametrize("directory", ["flux_dev_dir", "sd3_dir", "flux2_base_dir"])
 def test_compiled_transformers_never_recompile_and_match_eager(directory: str, request) -> None:
     """--compile through the transformer adapters: one graph for every batch size after warm-up (the eager
     backend: dynamo's capture and guards are inductor's), and the images eager makes."""
