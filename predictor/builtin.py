@@ -633,8 +633,24 @@ def _qwen_tokenizer() -> Qwen2Tokenizer:
     return tokenizer
 
 
-def _qwen3(tokenizer: Qwen2Tokenizer, **config: Any) -> Qwen3Model:
-    return Qwen3Model(Qwen3Config(vocab_size=max(len(tokenizer), config.pop("vocab_size", 0)), **config))
+# Qwen3-4B's shapes: Z-Image's and FLUX.2-klein-4B's text encoder.
+QWEN3_4B = {
+    "vocab_size": 151936,
+    "hidden_size": 2560,
+    "intermediate_size": 9728,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 40960,
+    "tie_word_embeddings": True,
+}
+
+
+def _qwen3(tokenizer: Qwen2Tokenizer, cls: type = Qwen3Model, **config: Any) -> Any:
+    """A Qwen3 model (``cls``: the bare model, or with its language-model head) whose vocabulary covers
+    ``tokenizer``'s."""
+    return cls(Qwen3Config(vocab_size=max(len(tokenizer), config.pop("vocab_size", 0)), **config))
 
 
 def build_tiny_zimage() -> ZImagePipeline:
@@ -678,18 +694,7 @@ def build_zimage_arch(device: torch.device, dtype: torch.dtype) -> ZImagePipelin
     torch.manual_seed(_SEED)
     tokenizer = _qwen_tokenizer()
     with torch.device(device):
-        text_encoder = _qwen3(
-            tokenizer,
-            vocab_size=151936,
-            hidden_size=2560,
-            intermediate_size=9728,
-            num_hidden_layers=36,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            max_position_embeddings=40960,
-            tie_word_embeddings=True,
-        )
+        text_encoder = _qwen3(tokenizer, **QWEN3_4B)
         transformer = ZImageTransformer2DModel()
         vae = _vae((128, 256, 512, 512), 2, 1024, latent_channels=16, **FLUX_VAE)
     pipe = ZImagePipeline(
@@ -718,17 +723,16 @@ def _build_tiny_flux2_klein(distilled: bool) -> Flux2KleinPipeline:
     torch.manual_seed(_SEED)
     tokenizer = _qwen_tokenizer()
     # Layers 9, 18 and 27 are read: 28 layers, each tiny.
-    text_encoder = Qwen3ForCausalLM(
-        Qwen3Config(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=28,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            max_position_embeddings=1024,
-        )
+    text_encoder = _qwen3(
+        tokenizer,
+        Qwen3ForCausalLM,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=28,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=1024,
     )
     vae = AutoencoderKLFlux2(
         block_out_channels=(8, 8, 16, 16),  # four blocks: the VAE's factor 8
@@ -783,19 +787,7 @@ def build_flux2_klein_4b_arch(device: torch.device, dtype: torch.dtype) -> Flux2
     torch.manual_seed(_SEED)
     tokenizer = _qwen_tokenizer()
     with torch.device(device):
-        text_encoder = Qwen3ForCausalLM(
-            Qwen3Config(
-                vocab_size=151936,
-                hidden_size=2560,
-                intermediate_size=9728,
-                num_hidden_layers=36,
-                num_attention_heads=32,
-                num_key_value_heads=8,
-                head_dim=128,
-                max_position_embeddings=40960,
-                tie_word_embeddings=True,
-            )
-        )
+        text_encoder = _qwen3(tokenizer, Qwen3ForCausalLM, **QWEN3_4B)
         transformer = Flux2Transformer2DModel(
             num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680, guidance_embeds=False
         )

@@ -190,6 +190,16 @@ def reference_scheduler(pipe: Any, name: str) -> Any:
     return made[name]()
 
 
+def diffusers_pipeline(directory: Path | str, cls: Any, dtype: Any = None, **components: Any) -> Any:
+    """diffusers' own ``cls`` loaded from ``directory`` (a pipeline saved with save_pretrained), in float32 unless
+    ``dtype`` says otherwise, with its progress bar off: the reference the equivalence tests compare with."""
+    import torch
+
+    pipe = cls.from_pretrained(directory, use_safetensors=True, dtype=dtype or torch.float32, **components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def diffusers_image(pipe: Any, p: GenerationParams, max_sequence_length: int | None = None, **extra: Any) -> np.ndarray:
     """What diffusers' own ``pipe(...)`` makes for ``p``: the same arguments, the named scheduler made by diffusers'
     ``from_config`` from the pipeline's config, ``generator=torch.Generator("cpu").manual_seed(seed)``; ``extra``
@@ -343,6 +353,26 @@ def make_settings(model_dir: Path | str, *flags: str) -> Any:
 
     argv = ["--model_name", MODEL_NAME, "--model_dir", str(model_dir), "--model_id", "not/used", *flags]
     return parse_settings(argv)[1]
+
+
+@contextmanager
+def app_client(model_dir: Path | str, *flags: str) -> Iterator[Any]:
+    """The real app (KServe's server with this server's routes) in process over a TestClient, on ``model_dir``
+    loaded with ``flags``; the model is stopped on exit."""
+    from fastapi.testclient import TestClient
+
+    from predictor.model import DiffusionModel
+    from predictor.server import PredictorServer
+
+    settings = make_settings(model_dir, *flags)
+    model = DiffusionModel(settings)
+    model.load()
+    app = PredictorServer(settings, http_port=0, grpc_port=0, enable_grpc=False).create_app(model)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            yield client
+    finally:
+        model.stop()
 
 
 def save_random_lora(

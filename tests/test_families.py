@@ -39,13 +39,14 @@ from predictor.families.sd import UNET_SCHEDULERS as SCHEDULERS
 from predictor.loading import LoadedPipeline, load_pipeline
 from predictor.model import DiffusionModel
 from predictor.request import FAMILY_FIELDS, GenerationRequest, Limits, ModelTraits, resolve
-from predictor.server import PredictorServer
 from predictor.testing import (
     MODEL_NAME,
     TOLERANCE,
     StepLog,
+    app_client,
     decode_image,
     diffusers_image,
+    diffusers_pipeline,
     make_settings,
     params,
     pixels,
@@ -60,9 +61,7 @@ def from_base64(text: str) -> bytes:
 
 
 def _reference(directory: Path, cls: type[DiffusionPipeline], dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
-    pipe = cls.from_pretrained(directory, use_safetensors=True, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_pipeline(directory, cls, dtype)
 
 
 @pytest.fixture(scope="module")
@@ -383,13 +382,8 @@ def turbo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def turbo_client(turbo_dir: Path) -> Iterator[TestClient]:
     """The real app on the Turbo-like checkpoint, deployed with the Turbo overlay's defaults."""
     flags = ("--default_steps", "2", "--default_guidance_scale", "0", "--default_scheduler", "euler_a")
-    settings = make_settings(turbo_dir, *flags, "--warmup_steps", "1")
-    model = DiffusionModel(settings)
-    model.load()
-    app = PredictorServer(settings, http_port=0, grpc_port=0, enable_grpc=False).create_app(model)
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with app_client(turbo_dir, *flags, "--warmup_steps", "1") as client:
         yield client
-    model.stop()
 
 
 def test_turbo_deployment_reports_its_defaults_and_family(turbo_client: TestClient) -> None:

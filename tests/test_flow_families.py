@@ -24,6 +24,7 @@ from predictor.testing import (
     assert_alone_and_mixed_equal,
     decode_image,
     diffusers_image,
+    diffusers_pipeline,
     free_port,
     params,
     pixels,
@@ -74,9 +75,7 @@ def _load(directory: Path, **flags) -> LoadedPipeline:
 
 
 def _reference(directory: Path, cls, **components):
-    pipe = cls.from_pretrained(directory, use_safetensors=True, dtype=torch.float32, **components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_pipeline(directory, cls, **components)
 
 
 def _mixed(loaded, reference, cases, max_sequence_length=None) -> None:

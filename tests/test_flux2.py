@@ -22,15 +22,15 @@ from predictor.errors import InvalidRequest
 from predictor.families import build_builtin
 from predictor.images import encode_png
 from predictor.loading import LoadedPipeline, load_pipeline
-from predictor.model import DiffusionModel
 from predictor.request import GenerationParams, GenerationRequest, Limits, resolve
-from predictor.server import PredictorServer
 from predictor.testing import (
     MODEL_NAME,
     TOLERANCE,
+    app_client,
     assert_alone_and_mixed_equal,
     decode_image,
     diffusers_image,
+    diffusers_pipeline,
     make_settings,
     params,
 )
@@ -42,9 +42,7 @@ def _saved(build, directory: Path) -> Path:
 
 
 def _reference(directory: Path) -> Flux2KleinPipeline:
-    pipe = Flux2KleinPipeline.from_pretrained(directory, use_safetensors=True, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_pipeline(directory, Flux2KleinPipeline)
 
 
 def _cases(traits, guidance: tuple[float, float]) -> list:
@@ -187,13 +185,8 @@ def test_a_list_of_images_is_refused_where_images_are_img2img_inputs() -> None:
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     directory = _saved(build_tiny_flux2_klein, tmp_path_factory.mktemp("tiny-flux2"))
-    settings = make_settings(directory, "--default_steps", "2", "--warmup_steps", "0")
-    model = DiffusionModel(settings)
-    model.load()
-    app = PredictorServer(settings, http_port=0, grpc_port=0, enable_grpc=False).create_app(model)
-    with TestClient(app, raise_server_exceptions=False) as test_client:
+    with app_client(directory, "--default_steps", "2", "--warmup_steps", "0") as test_client:
         yield test_client
-    model.stop()
 
 
 def test_every_protocol_takes_reference_images(client: TestClient) -> None:

@@ -51,6 +51,7 @@ from predictor.testing import (
     decode_image,
     diffusers_image,
     diffusers_image_job,
+    diffusers_pipeline,
     free_port,
     pixels,
     running_engine,
@@ -91,9 +92,7 @@ def _resolved(loaded, **body):
 
 
 def _reference(directory: Path, cls):
-    pipe = cls.from_pretrained(directory, use_safetensors=True, dtype=torch.float32, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_pipeline(directory, cls, safety_checker=None)
 
 
 def _expected(references: dict, p) -> np.ndarray:

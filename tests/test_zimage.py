@@ -18,15 +18,14 @@ from predictor.builtin import build_tiny_zimage
 from predictor.errors import LoadError
 from predictor.families import build_builtin
 from predictor.loading import LoadedPipeline, load_pipeline
-from predictor.model import DiffusionModel
-from predictor.server import PredictorServer
 from predictor.testing import (
     MODEL_NAME,
     TOLERANCE,
+    app_client,
     assert_alone_and_mixed_equal,
     decode_image,
     diffusers_image,
-    make_settings,
+    diffusers_pipeline,
     params,
     pixels,
     running_engine,
@@ -42,9 +41,7 @@ def zimage_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(zimage_dir: Path) -> ZImagePipeline:
-    pipe = ZImagePipeline.from_pretrained(zimage_dir, use_safetensors=True, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_pipeline(zimage_dir, ZImagePipeline)
 
 
 def _load(directory: Path, **flags) -> LoadedPipeline:
@@ -111,13 +108,9 @@ def test_full_size_builtin_has_the_real_models_parameter_counts() -> None:
 
 @pytest.fixture(scope="module")
 def client(zimage_dir: Path) -> Iterator[TestClient]:
-    settings = make_settings(zimage_dir, "--default_steps", "2", "--warmup_steps", "0", "--max_sequence_length", "64")
-    model = DiffusionModel(settings)
-    model.load()
-    app = PredictorServer(settings, http_port=0, grpc_port=0, enable_grpc=False).create_app(model)
-    with TestClient(app, raise_server_exceptions=False) as test_client:
+    flags = ("--default_steps", "2", "--warmup_steps", "0", "--max_sequence_length", "64")
+    with app_client(zimage_dir, *flags) as test_client:
         yield test_client
-    model.stop()
 
 
 def test_every_protocol_serves_zimage(client: TestClient) -> None:

@@ -5,7 +5,7 @@ scheduler registry, no ``scale_model_input`` (their pipelines call none), img2im
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import (
@@ -76,9 +76,17 @@ class FlowMatchingModel(FamilyModel):
     image_size_factor = 1  # the image processor's multiple of the VAE factor (FLUX: 2, its packed patches)
     # FluxInpaintPipeline noises the picture even at strength 1; SD3's starts from pure noise there.
     inpaint_noises_at_full_strength = False
+    # How the family's pipeline calls its transformer, as (transformer, sample, timesteps, **conditioning): set with
+    # staticmethod(...), and called through a TransformerCall, as the runner calls a UNet.
+    call_transformer: ClassVar[Callable[..., Any]]
+    # The size a pipeline without default_sample_size fixes (ZImagePipeline: 1024 px).
+    default_native_size: ClassVar[int] = 1024
 
     def __init__(self, loaded: Loaded) -> None:
         super().__init__(loaded)
+        self._call = TransformerCall(self.pipe.transformer, self.call_transformer)
+        # The long text encoder's token window: --max_sequence_length, else the pipeline's default (the family's).
+        self.max_text_tokens = int(loaded.max_sequence_length or loaded.family.long_text_tokens or 0)
         scale, channels = self.pipe.vae_scale_factor * self.image_size_factor, self.pipe.vae.config.latent_channels
         self.image_processor = VaeImageProcessor(vae_scale_factor=scale, vae_latent_channels=channels)
         self.mask_processor = VaeImageProcessor(
@@ -92,6 +100,21 @@ class FlowMatchingModel(FamilyModel):
     @property
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.transformer
+
+    @property
+    def denoiser_module(self) -> torch.nn.Module:
+        return self._call
+
+    @property
+    def native_size(self) -> int:
+        # These pipelines fix their default size rather than reading the transformer's config (the tiny builtins set
+        # a smaller one; saved to disk and loaded again, the pipeline's own is back).
+        sample_size = getattr(self.pipe, "default_sample_size", None)
+        return self.default_native_size if sample_size is None else int(sample_size) * self.pipe.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        return self.pipe.vae_scale_factor * self.image_size_factor  # FLUX's 2x2 patches: 16 px
 
     def image_schedulers(self, names: tuple[str, ...]) -> tuple[str, ...]:
         # The image's latents are noised by the scheduler's scale_noise, which only the flow Euler and Heun have.

@@ -30,14 +30,13 @@ from predictor.families.base import (
     Builtin,
     Encoded,
     Family,
-    Loaded,
     ServedPipeline,
     truncated,
     two_negative_prompts,
     two_prompts,
     with_negatives,
 )
-from predictor.families.flow import FlowMatchingModel, TransformerCall
+from predictor.families.flow import FlowMatchingModel
 from predictor.jobs import Job
 from predictor.request import GenerationParams
 
@@ -62,28 +61,11 @@ class FluxModel(FlowMatchingModel):
     image_size_factor = 2  # the image processor works in multiples of 16: the VAE's 8 and the 2x2 patches
     inpaint_noises_at_full_strength = True
     family_fields = frozenset({"true_cfg_scale"})
-
-    def __init__(self, loaded: Loaded) -> None:
-        super().__init__(loaded)
-        self._call = TransformerCall(self.pipe.transformer, _call_flux)
-        self._max_tokens = int(loaded.max_sequence_length or T5_TOKENS)
-
-    @property
-    def denoiser_module(self) -> torch.nn.Module:
-        return self._call
+    call_transformer = staticmethod(_call_flux)
 
     @property
     def latent_dtype(self) -> torch.dtype:
         return self.pipe.text_encoder_2.dtype
-
-    @property
-    def native_size(self) -> int:
-        # FluxPipeline fixes its default size (the builtins set a smaller one) rather than reading the transformer.
-        return int(self.pipe.default_sample_size) * self.pipe.vae_scale_factor
-
-    @property
-    def size_multiple(self) -> int:
-        return self.pipe.vae_scale_factor * 2  # latents packed in 2x2 patches
 
     @property
     def _guidance_embedded(self) -> bool:
@@ -94,7 +76,7 @@ class FluxModel(FlowMatchingModel):
         return "embedded" if self._guidance_embedded else "none"
 
     def prompt_windows(self) -> dict[str, int]:
-        return {"prompt": self.pipe.tokenizer.model_max_length, "prompt_2": self._max_tokens}
+        return {"prompt": self.pipe.tokenizer.model_max_length, "prompt_2": self.max_text_tokens}
 
     def set_timesteps(
         self, scheduler: SchedulerMixin, steps: int, height: int, width: int, device: torch.device | None = None
@@ -127,7 +109,7 @@ class FluxModel(FlowMatchingModel):
         return ids.unsqueeze(0).expand(rows, -1, -1)
 
     def _text_ids(self, rows: int = 1) -> torch.Tensor:
-        return torch.zeros(rows, self._max_tokens, 3, device=self.device, dtype=self.pipe.text_encoder.dtype)
+        return torch.zeros(rows, self.max_text_tokens, 3, device=self.device, dtype=self.pipe.text_encoder.dtype)
 
     def native_row_shape(self) -> tuple[int, ...]:
         size = self._latent_size(self.native_size) // 2
@@ -141,7 +123,7 @@ class FluxModel(FlowMatchingModel):
         ).input_ids
         pooled = pipe.text_encoder(ids.to(self.device), output_hidden_states=False).pooler_output
         ids_2 = pipe.tokenizer_2(
-            t5_texts, padding="max_length", max_length=self._max_tokens, truncation=True, return_tensors="pt"
+            t5_texts, padding="max_length", max_length=self.max_text_tokens, truncation=True, return_tensors="pt"
         ).input_ids
         sequences = pipe.text_encoder_2(ids_2.to(self.device), output_hidden_states=False)[0]
         return sequences.to(pipe.text_encoder_2.dtype), pooled.to(pipe.text_encoder.dtype)
@@ -161,7 +143,7 @@ class FluxModel(FlowMatchingModel):
         for index, job in enumerate(jobs):
             p = job.params
             job.prompt_truncated = truncated(pipe.tokenizer, p.prompt) or truncated(
-                pipe.tokenizer_2, p.prompt_2 or p.prompt, self._max_tokens
+                pipe.tokenizer_2, p.prompt_2 or p.prompt, self.max_text_tokens
             )
             shared: dict[str, Any] = {"img_ids": self._image_ids(p.height, p.width), "txt_ids": self._text_ids()}
             if self._guidance_embedded:
@@ -208,7 +190,7 @@ class FluxModel(FlowMatchingModel):
         sample = torch.zeros((rows, *self.native_row_shape()), **zeros)
         timesteps = torch.full((rows,), 500.0, **zeros)
         inputs: dict[str, Any] = {
-            "encoder_hidden_states": torch.zeros((rows, self._max_tokens, config.joint_attention_dim), **zeros),
+            "encoder_hidden_states": torch.zeros((rows, self.max_text_tokens, config.joint_attention_dim), **zeros),
             "pooled_projections": torch.zeros((rows, config.pooled_projection_dim), **zeros),
             "img_ids": self._image_ids(size, size, rows).contiguous(),
             "txt_ids": self._text_ids(rows),

@@ -30,8 +30,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from predictor import builtin
-from predictor.families.base import Builtin, Encoded, Family, Loaded, ServedPipeline, with_negatives
-from predictor.families.flow import FlowMatchingModel, TransformerCall
+from predictor.families.base import Builtin, Encoded, Family, ServedPipeline, with_negatives
+from predictor.families.flow import FlowMatchingModel
 from predictor.jobs import Job
 from predictor.request import GenerationParams
 
@@ -61,23 +61,7 @@ def _call_flux2(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor,
 class Flux2KleinModel(FlowMatchingModel):
     image_size_factor = 2  # the image processor works in multiples of 16: the VAE's 8 and the 2x2 patches
 
-    def __init__(self, loaded: Loaded) -> None:
-        super().__init__(loaded)
-        self._call = TransformerCall(self.pipe.transformer, _call_flux2)
-        self._max_tokens = int(loaded.max_sequence_length or TEXT_TOKENS)
-
-    @property
-    def denoiser_module(self) -> torch.nn.Module:
-        return self._call
-
-    @property
-    def native_size(self) -> int:
-        # The pipeline fixes its default size (128 latents, 1024 px); the tiny builtin sets a smaller one.
-        return int(self.pipe.default_sample_size) * self.pipe.vae_scale_factor
-
-    @property
-    def size_multiple(self) -> int:
-        return self.pipe.vae_scale_factor * 2  # latents in 2x2 patches
+    call_transformer = staticmethod(_call_flux2)
 
     @property
     def _distilled(self) -> bool:
@@ -95,7 +79,7 @@ class Flux2KleinModel(FlowMatchingModel):
         return "none" if self._distilled else "cfg"
 
     def prompt_windows(self) -> dict[str, int]:
-        return {"prompt": self._max_tokens}
+        return {"prompt": self.max_text_tokens}
 
     def set_timesteps(
         self, scheduler: SchedulerMixin, steps: int, height: int, width: int, device: torch.device | None = None
@@ -129,7 +113,7 @@ class Flux2KleinModel(FlowMatchingModel):
             for text in texts
         ]
         tokens = pipe.tokenizer(
-            templated, padding="max_length", max_length=self._max_tokens, truncation=True, return_tensors="pt"
+            templated, padding="max_length", max_length=self.max_text_tokens, truncation=True, return_tensors="pt"
         )
         output = pipe.text_encoder(
             input_ids=tokens.input_ids.to(self.device),
@@ -139,7 +123,7 @@ class Flux2KleinModel(FlowMatchingModel):
         )
         stacked = torch.stack([output.hidden_states[k] for k in HIDDEN_LAYERS], dim=1).to(pipe.text_encoder.dtype)
         rows, layers, length, width = stacked.shape
-        cut = [len(ids) > self._max_tokens for ids in pipe.tokenizer(templated).input_ids]
+        cut = [len(ids) > self.max_text_tokens for ids in pipe.tokenizer(templated).input_ids]
         return stacked.permute(0, 2, 1, 3).reshape(rows, length, layers * width), cut
 
     def encode_prompts(self, jobs: list[Job]) -> list[Encoded]:
@@ -203,7 +187,7 @@ class Flux2KleinModel(FlowMatchingModel):
     def example_inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         config, size = self.pipe.transformer.config, self.native_size
         zeros = {"device": self.device, "dtype": self.latent_dtype}
-        captions = torch.zeros((rows, self._max_tokens, config.joint_attention_dim), **zeros)
+        captions = torch.zeros((rows, self.max_text_tokens, config.joint_attention_dim), **zeros)
         inputs = {
             "encoder_hidden_states": captions,
             "txt_ids": self.pipe._prepare_text_ids(captions[:1]).to(self.device).expand(rows, -1, -1),

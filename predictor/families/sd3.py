@@ -26,7 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from predictor import builtin
 from predictor.families.base import Builtin, Encoded, Family, Loaded, ServedPipeline, truncated, with_negatives
-from predictor.families.flow import FlowMatchingModel, TransformerCall
+from predictor.families.flow import FlowMatchingModel
 from predictor.jobs import Job
 
 logger = logging.getLogger(__name__)
@@ -47,16 +47,12 @@ def _call_sd3(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor, *
 class StableDiffusion3Model(FlowMatchingModel):
     family_fields = frozenset({"prompt_3", "negative_prompt_3"})
 
+    call_transformer = staticmethod(_call_sd3)
+
     def __init__(self, loaded: Loaded) -> None:
         super().__init__(loaded)
-        self._call = TransformerCall(self.pipe.transformer, _call_sd3)
-        self._max_tokens = int(loaded.max_sequence_length or T5_TOKENS)
         if self.pipe.text_encoder_3 is None:
             logger.info("%s has no T5 encoder (text_encoder_3): prompts condition it through CLIP only", loaded.source)
-
-    @property
-    def denoiser_module(self) -> torch.nn.Module:
-        return self._call
 
     @property
     def size_multiple(self) -> int:
@@ -71,7 +67,7 @@ class StableDiffusion3Model(FlowMatchingModel):
     def prompt_windows(self) -> dict[str, int]:
         windows = {"prompt": self.pipe.tokenizer.model_max_length, "prompt_2": self.pipe.tokenizer_2.model_max_length}
         if self.pipe.text_encoder_3 is not None:
-            windows["prompt_3"] = self._max_tokens
+            windows["prompt_3"] = self.max_text_tokens
         return windows
 
     def taken_fields(self, windows: dict[str, int]) -> frozenset[str]:
@@ -124,10 +120,10 @@ class StableDiffusion3Model(FlowMatchingModel):
     def _t5(self, texts: list[str]) -> torch.Tensor:
         pipe = self.pipe
         if pipe.text_encoder_3 is None:
-            shape = (len(texts), self._max_tokens, pipe.transformer.config.joint_attention_dim)
+            shape = (len(texts), self.max_text_tokens, pipe.transformer.config.joint_attention_dim)
             return torch.zeros(shape, device=self.device, dtype=pipe.text_encoder.dtype)
         ids = pipe.tokenizer_3(
-            texts, padding="max_length", max_length=self._max_tokens, truncation=True, return_tensors="pt"
+            texts, padding="max_length", max_length=self.max_text_tokens, truncation=True, return_tensors="pt"
         ).input_ids
         return pipe.text_encoder_3(ids.to(self.device))[0].to(pipe.text_encoder_3.dtype)
 
@@ -159,7 +155,7 @@ class StableDiffusion3Model(FlowMatchingModel):
                 or truncated(pipe.tokenizer_2, p.prompt_2 or p.prompt)
                 or (
                     pipe.text_encoder_3 is not None
-                    and truncated(pipe.tokenizer_3, p.prompt_3 or p.prompt, self._max_tokens)
+                    and truncated(pipe.tokenizer_3, p.prompt_3 or p.prompt, self.max_text_tokens)
                 )
             )
             cond = {
@@ -196,7 +192,7 @@ class StableDiffusion3Model(FlowMatchingModel):
         zeros = {"device": self.device, "dtype": self.latent_dtype}
         sample = torch.zeros((rows, *self.native_row_shape()), **zeros)
         timesteps = torch.full((rows,), 500.0, device=self.device)
-        tokens = self.pipe.tokenizer_max_length + self._max_tokens
+        tokens = self.pipe.tokenizer_max_length + self.max_text_tokens
         inputs = {
             "encoder_hidden_states": torch.zeros((rows, tokens, config.joint_attention_dim), **zeros),
             "pooled_projections": torch.zeros((rows, config.pooled_projection_dim), **zeros),

@@ -29,13 +29,12 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from predictor import builtin
-from predictor.families.base import Builtin, Encoded, Family, Loaded, ServedPipeline, with_negatives
-from predictor.families.flow import FlowMatchingModel, TransformerCall
+from predictor.families.base import Builtin, Encoded, Family, ServedPipeline, with_negatives
+from predictor.families.flow import FlowMatchingModel
 from predictor.jobs import Job
 from predictor.request import GenerationParams
 
 TEXT_TOKENS = 512  # ZImagePipeline's default max_sequence_length
-NATIVE_SIZE = 1024  # ZImagePipeline's default height and width
 
 
 def _call_zimage(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor, **inputs: Any) -> Any:
@@ -54,31 +53,14 @@ class ZImageModel(FlowMatchingModel):
         "recompile for every new one"
     )
 
-    def __init__(self, loaded: Loaded) -> None:
-        super().__init__(loaded)
-        self._call = TransformerCall(self.pipe.transformer, _call_zimage)
-        self._max_tokens = int(loaded.max_sequence_length or TEXT_TOKENS)
-
-    @property
-    def denoiser_module(self) -> torch.nn.Module:
-        return self._call
+    call_transformer = staticmethod(_call_zimage)
 
     @property
     def latent_dtype(self) -> torch.dtype:
         return torch.float32  # the pipeline keeps its latents in float32 whatever the transformer's dtype
 
-    @property
-    def native_size(self) -> int:
-        # ZImagePipeline fixes its default size (1024); the tiny builtin sets a smaller one, as FLUX's does.
-        sample_size = getattr(self.pipe, "default_sample_size", None)
-        return NATIVE_SIZE if sample_size is None else int(sample_size) * self.pipe.vae_scale_factor
-
-    @property
-    def size_multiple(self) -> int:
-        return self.pipe.vae_scale_factor * 2  # latents in 2x2 patches
-
     def prompt_windows(self) -> dict[str, int]:
-        return {"prompt": self._max_tokens}
+        return {"prompt": self.max_text_tokens}
 
     def set_timesteps(
         self, scheduler: SchedulerMixin, steps: int, height: int, width: int, device: torch.device | None = None
@@ -124,14 +106,14 @@ class ZImageModel(FlowMatchingModel):
         pipe = self.pipe
         templated = [self._templated(text) for text in texts]
         tokens = pipe.tokenizer(
-            templated, padding="max_length", max_length=self._max_tokens, truncation=True, return_tensors="pt"
+            templated, padding="max_length", max_length=self.max_text_tokens, truncation=True, return_tensors="pt"
         )
         masks = tokens.attention_mask.to(self.device).bool()
         hidden = pipe.text_encoder(
             input_ids=tokens.input_ids.to(self.device), attention_mask=masks, output_hidden_states=True
         ).hidden_states[-2]
         lengths = [len(ids) for ids in pipe.tokenizer(templated).input_ids]
-        return [hidden[i][masks[i]] for i in range(len(texts))], [n > self._max_tokens for n in lengths]
+        return [hidden[i][masks[i]] for i in range(len(texts))], [n > self.max_text_tokens for n in lengths]
 
     def encode_prompts(self, jobs: list[Job]) -> list[Encoded]:
         # diffusers' rule: guidance (and its negative row, "" by default) for any scale above 0.
@@ -160,7 +142,7 @@ class ZImageModel(FlowMatchingModel):
         config = self.pipe.transformer.config
         sample = torch.zeros((rows, *self.native_row_shape()), device=self.device, dtype=torch.float32)
         timesteps = torch.full((rows,), 500.0, device=self.device, dtype=torch.float32)
-        features = torch.zeros((self._max_tokens, config.cap_feat_dim), device=self.device, dtype=self.pipe.dtype)
+        features = torch.zeros((self.max_text_tokens, config.cap_feat_dim), device=self.device, dtype=self.pipe.dtype)
         return sample, timesteps, {"cap_feats": [features] * rows}
 
 
