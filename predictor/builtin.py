@@ -14,6 +14,11 @@ Tiny ones, for tests and smoke runs (seconds on a CPU; they produce noise):
 ``builtin:tiny-flux-dev`` FLUX.1-dev's: the same with the guidance embedding and dev's resolution shift.
 ``builtin:tiny-sd3``   SD 3.5's: two CLIP encoders with projections, a T5 encoder, an MMDiT transformer with
                        SD 3.5 medium's dual-attention and RMS-norm layers, SD3's shift-3 scheduler.
+``builtin:tiny-zimage`` Z-Image's: a Qwen3 encoder behind its chat template, the Z-Image transformer, FLUX.1's VAE.
+``builtin:tiny-flux2-klein`` FLUX.2-klein's (distilled; ``-base``: with guidance): Qwen3's layers 9, 18 and 27, the
+                       FLUX.2 transformer and VAE (batch-norm statistics drawn at random).
+``builtin:tiny-flux2-dev`` FLUX.2-dev's: a Mistral 3 encoder (layers 10, 20 and 30) behind its chat template, the
+                       FLUX.2 transformer with the guidance embedding.
 
 Full-size architectures, for GPU benchmarks without weights (their timings stand for the real model's):
 ``builtin:sd-v1-arch`` SD v1 (860M UNet, ViT-L/14 text encoder, 84M VAE), native 512.
@@ -23,6 +28,9 @@ Full-size architectures, for GPU benchmarks without weights (their timings stand
 ``builtin:flux-schnell-arch`` FLUX.1-schnell (the same without the guidance embedding), 1024.
 ``builtin:sd35-arch``  SD 3.5 large (8.1B MMDiT, CLIP ViT-L/14 and ViT-bigG/14 with projections, T5-XXL), 1024.
 ``builtin:sd35-medium-arch`` SD 3.5 medium (2.5B MMDiT-X), 1024.
+``builtin:zimage-arch`` Z-Image(-Turbo) (6.15B transformer, Qwen3-4B), 1024.
+``builtin:flux2-klein-4b-arch`` FLUX.2-klein-4B (3.88B transformer, Qwen3-4B, FLUX.2 VAE), 1024.
+``builtin:flux2-dev-arch`` FLUX.2-dev (32.2B transformer, Mistral-Small-3.1-24B), 1024.
 
 All are seeded, so the same builtin is the same pipeline in every process. Each family's module
 (``predictor.families``) names the builtins that stand for it; ``builtin:NAME`` is resolved and built there.
@@ -41,6 +49,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
+    Flux2Pipeline,
     Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -60,6 +69,8 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
     Qwen2Tokenizer,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -68,6 +79,8 @@ from transformers import (
     T5EncoderModel,
     T5TokenizerFast,
 )
+
+from predictor.processors import PixtralTextProcessor
 
 _SEED = 0
 
@@ -719,6 +732,41 @@ FLUX2_SCHEDULER_CONFIG = {
 }
 
 
+def _tiny_flux2_vae() -> AutoencoderKLFlux2:
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 16, 16),  # four blocks: the VAE's factor 8
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    # Batch-norm statistics the latents are normalised with: random, so the decode's un-normalising is tested.
+    vae.bn.running_mean.normal_(0, 0.5)
+    vae.bn.running_var.uniform_(0.5, 2.0)
+    return vae
+
+
+def _tiny_flux2_transformer(guidance: bool) -> Flux2Transformer2DModel:
+    transformer = Flux2Transformer2DModel(
+        in_channels=16,  # 4 latent channels in 2x2 patches
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=48,  # three layers of the 16-wide encoder side by side
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance,
+    )
+    # diffusers' initialisation leaves a transformer this small nearly blind to its context (reference images moved
+    # no pixel by more than one grey level): larger weights, so every input visibly moves the output.
+    generator = torch.Generator().manual_seed(_SEED)
+    with torch.no_grad():
+        for weight in (p for p in transformer.parameters() if p.ndim == 2):
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
+    return transformer
+
+
 def _build_tiny_flux2_klein(distilled: bool) -> Flux2KleinPipeline:
     torch.manual_seed(_SEED)
     tokenizer = _qwen_tokenizer()
@@ -734,40 +782,14 @@ def _build_tiny_flux2_klein(distilled: bool) -> Flux2KleinPipeline:
         head_dim=8,
         max_position_embeddings=1024,
     )
-    vae = AutoencoderKLFlux2(
-        block_out_channels=(8, 8, 16, 16),  # four blocks: the VAE's factor 8
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-    )
-    # Batch-norm statistics the latents are normalised with: random, so the decode's un-normalising is tested.
-    vae.bn.running_mean.normal_(0, 0.5)
-    vae.bn.running_var.uniform_(0.5, 2.0)
     pipe = Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX2_SCHEDULER_CONFIG),
-        vae=vae,
+        vae=_tiny_flux2_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        transformer=Flux2Transformer2DModel(
-            in_channels=16,  # 4 latent channels in 2x2 patches
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=48,  # three layers of the 16-wide encoder side by side
-            timestep_guidance_channels=32,
-            axes_dims_rope=(4, 4, 4, 4),
-            guidance_embeds=False,
-        ),
+        transformer=_tiny_flux2_transformer(guidance=False),
         is_distilled=distilled,
     )
-    # diffusers' initialisation leaves a transformer this small nearly blind to its context (reference images moved
-    # no pixel by more than one grey level): larger weights, so every input visibly moves the output.
-    generator = torch.Generator().manual_seed(_SEED)
-    with torch.no_grad():
-        for weight in (p for p in pipe.transformer.parameters() if p.ndim == 2):
-            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
     # Flux2KleinPipeline fixes its default size at 128 latents (1024 px); the tiny one is made for 64 px.
     pipe.default_sample_size = 8
     return pipe
@@ -799,5 +821,123 @@ def build_flux2_klein_4b_arch(device: torch.device, dtype: torch.dtype) -> Flux2
         tokenizer=tokenizer,
         transformer=transformer,
         is_distilled=True,
+    )
+    return pipe.to(device=device, dtype=dtype)
+
+
+# The format of Mistral Small 3's chat template, for text: the system prompt, then each user turn.
+MISTRAL3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message.content is string %}{% set text = message.content %}"
+    "{% else %}{% set text = message.content | selectattr('type', 'equalto', 'text') | map(attribute='text') "
+    "| join('') %}{% endif %}"
+    "{% if message.role == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif message.role == 'user' %}[INST]{{ text }}[/INST]{% else %}{{ text }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+_MISTRAL3_SPECIALS = ["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+# Mistral-Small-3.1-24B's shapes: FLUX.2-dev's text encoder (a Pixtral vision tower beside the language model).
+MISTRAL3_SMALL_24B = {
+    "text_config": {
+        "model_type": "mistral",
+        "vocab_size": 131072,
+        "hidden_size": 5120,
+        "intermediate_size": 32768,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 131072,
+        "rope_theta": 1e9,
+    },
+    "vision_config": {
+        "model_type": "pixtral",
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "head_dim": 64,
+        "image_size": 1540,
+        "patch_size": 14,
+    },
+    "spatial_merge_size": 2,
+    "multimodal_projector_bias": False,
+    "tie_word_embeddings": False,
+}
+
+
+def _mistral3_processor() -> Any:
+    """FLUX.2-dev's ``tokenizer`` for text: a byte-level tokenizer (any text tokenizes) with Mistral's special
+    tokens and the format of its chat template."""
+    symbols = [*_byte_symbols()[:256], "<s>", "</s>", "<pad>"]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(symbols))}
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token=None, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": _MISTRAL3_SPECIALS})
+    return PixtralTextProcessor(tokenizer=tokenizer, chat_template=MISTRAL3_CHAT_TEMPLATE)
+
+
+def _mistral3(processor: Any, **config: Any) -> Mistral3ForConditionalGeneration:
+    tokenizer = processor.tokenizer
+    text = {**config.pop("text_config")}
+    text["vocab_size"] = max(len(tokenizer), text.get("vocab_size", 0))
+    image_token = tokenizer.convert_tokens_to_ids("[IMG]")
+    return Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, image_token_index=image_token, **config))
+
+
+def build_tiny_flux2_dev() -> Flux2Pipeline:
+    torch.manual_seed(_SEED)
+    processor = _mistral3_processor()
+    # Layers 10, 20 and 30 are read: 30 layers, each tiny, and a one-layer vision tower.
+    text_encoder = _mistral3(
+        processor,
+        text_config={
+            "model_type": "mistral",
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 8,
+            "max_position_embeddings": 1024,
+        },
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "head_dim": 8,
+            "image_size": 64,
+            "patch_size": 16,
+        },
+    )
+    pipe = Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX2_SCHEDULER_CONFIG),
+        vae=_tiny_flux2_vae(),
+        text_encoder=text_encoder,
+        tokenizer=processor,
+        transformer=_tiny_flux2_transformer(guidance=True),
+    )
+    pipe.default_sample_size = 8  # 64 px, as the other tiny ones (Flux2Pipeline's own is 1024 px)
+    return pipe
+
+
+def build_flux2_dev_arch(device: torch.device, dtype: torch.dtype) -> Flux2Pipeline:
+    """FLUX.2-dev's shapes: the 32B transformer (diffusers' defaults: 8 double-stream and 48 single-stream blocks of
+    48 heads, guidance embedding) on Mistral-Small-3.1-24B's layers 10, 20 and 30 (15360 wide), the FLUX.2 VAE."""
+    torch.manual_seed(_SEED)
+    processor = _mistral3_processor()
+    with torch.device(device):
+        text_encoder = _mistral3(processor, **MISTRAL3_SMALL_24B)
+        transformer = Flux2Transformer2DModel()
+        vae = AutoencoderKLFlux2()
+    pipe = Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX2_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=processor,
+        transformer=transformer,
     )
     return pipe.to(device=device, dtype=dtype)

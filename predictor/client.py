@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--image",
         action="append",
         help="img2img / inpainting: an input picture file (PNG, JPEG or WebP); on models that edit by reference "
-        "images (FLUX.2-klein), give it once per reference.",
+        "images (FLUX.2), give it once per reference.",
     )
     parser.add_argument("--mask", help="Inpainting: a mask file, white = repaint, black = keep (needs --image).")
     parser.add_argument(

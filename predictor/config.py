@@ -87,6 +87,15 @@ class ModelSource:
             "and the VAE keep --dtype. auto: --dtype. Not with --compile or --lora_dir yet."
         },
     )
+    offload_text_encoders: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the text encoders' weights in host memory and stream them to the GPU layer by layer while "
+            "they encode (diffusers' group offloading, on a CUDA stream): the GPU holds the denoiser and the VAE "
+            "only, and each batch of prompts reads the encoders over PCIe once (FLUX.2-dev's 48 GB Mistral encoder "
+            "on an 80 GB GPU). Images are unchanged. The pipeline is then loaded in host memory first."
+        },
+    )
     safety_checker: SafetyChecker = field(
         default="checkpoint",
         metadata={

@@ -122,6 +122,7 @@ def load_source(source: ModelSource) -> LoadedPipeline:
         lora_dir=source.lora_dir,
         max_lora_bytes=source.max_lora_bytes,
         storage_dtype=source.storage_dtype,
+        offload_text_encoders=source.offload_text_encoders,
     )
 
 
@@ -138,6 +139,7 @@ def load_pipeline(
     lora_dir: str | None = None,
     max_lora_bytes: int = 1024**3,
     storage_dtype: str = "auto",
+    offload_text_encoders: bool = False,
 ) -> LoadedPipeline:
     install_log_filters()
     device = resolve_device(device_flag)
@@ -160,10 +162,16 @@ def load_pipeline(
     if max_sequence_length is not None and family.long_text_tokens is None:
         raise LoadError(f"--max_sequence_length is for models with a T5 encoder (FLUX, SD3); '{source}' has none")
     dtype = resolve_dtype(dtype_flag, device, family)
+    # Weights that are cast or offloaded are loaded in host memory first: a 32B transformer in bfloat16 would not
+    # fit the GPU it fits in float8, nor beside a text encoder meant to stay in host memory.
+    placed_later = storage_dtype != "auto" or offload_text_encoders
+    load_device = torch.device("cpu") if placed_later else device
     if random_weights:
-        pipe = build_builtin(source.removeprefix(BUILTIN_PREFIX), device, dtype)
+        pipe = build_builtin(source.removeprefix(BUILTIN_PREFIX), load_device, dtype)
     else:
-        pipe = _from_pretrained(source, revision if source == model_id else None, device, dtype, variant, index, local)
+        pipe = _from_pretrained(
+            source, revision if source == model_id else None, load_device, dtype, variant, index, local
+        )
     if family_for(type(pipe).__name__) is not family:
         raise unsupported_class(type(pipe).__name__, source)
     pipe.set_progress_bar_config(disable=True)
@@ -176,6 +184,13 @@ def load_pipeline(
         if lora_dir is not None:
             raise LoadError("--storage_dtype with --lora_dir: adapters on layerwise-cast weights are not supported yet")
         store_layerwise(pipe, getattr(torch, storage_dtype), dtype)
+    if placed_later:
+        if offload_text_encoders and lora_dir is not None:
+            # PEFT's adapter layers, added after the offloading hooks, would stay in host memory.
+            raise LoadError(
+                "--offload_text_encoders with --lora_dir: adapters on offloaded encoders are not supported yet"
+            )
+        place(pipe, device, offload_text_encoders)
     loras = None
     if lora_dir is not None:
         if not hasattr(pipe, "load_lora_weights"):
@@ -222,6 +237,23 @@ def store_layerwise(pipe: DiffusionPipeline, storage: torch.dtype, compute: torc
         component = getattr(pipe, name, None)
         if component is not None:
             component.enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute)
+
+
+def place(pipe: DiffusionPipeline, device: torch.device, offload_text_encoders: bool) -> None:
+    """Each component of a pipeline loaded in host memory onto ``device``; with ``offload_text_encoders`` the text
+    encoders stay in host memory under diffusers' group offloading (leaf level: each layer's weights come to
+    ``device`` as it runs, on a stream of their own on CUDA, so the copies overlap the compute)."""
+    from diffusers.hooks import apply_group_offloading
+
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        if offload_text_encoders and name.startswith("text_encoder"):
+            apply_group_offloading(
+                component, onload_device=device, offload_type="leaf_level", use_stream=device.type == "cuda"
+            )
+        else:
+            component.to(device)
 
 
 def load_preview_vae(directory: str, pipe: DiffusionPipeline, device: torch.device, dtype: torch.dtype) -> Any:
@@ -312,6 +344,10 @@ def _from_pretrained(
     if variant is not None:
         logger.info("loading the %s weight files of %s", variant, source)
     try:
+        overrides = family.model.component_overrides(index, source, local, revision)
+        # Components loaded otherwise are registered after diffusers' load: diffusers checks a passed component's
+        # class against model_index.json's, which transformers may leave a placeholder (PixtralProcessor without
+        # torchvision).
         pipe = served.pipeline_class.from_pretrained(
             source,
             revision=revision,
@@ -320,8 +356,9 @@ def _from_pretrained(
             use_safetensors=True,
             local_files_only=local,
             device_map=device.type,  # weights go straight to the device, not through host memory first
-            **family.model.absent_components(index, source, local),
+            **dict.fromkeys(overrides),
         )
+        pipe.register_modules(**{name: part for name, part in overrides.items() if part is not None})
     except (OSError, ValueError) as exc:
         where = "directory" if local else "Hugging Face repo"
         raise LoadError(f"cannot load a diffusers pipeline from {where} '{source}': {exc}") from exc

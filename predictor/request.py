@@ -116,7 +116,7 @@ class Limits:
     max_reference_images: int = field(
         default=4,
         metadata={
-            "help": "Most reference images one edit may give, on models that edit by reference (FLUX.2-klein); "
+            "help": "Most reference images one edit may give, on models that edit by reference (FLUX.2); "
             f"each adds its tokens to every step. At most {HARD_MAX_REFERENCES}.",
             "gt": 0,
             "le": HARD_MAX_REFERENCES,
@@ -174,7 +174,7 @@ class ModelTraits:
     max_prompt_tokens: dict[str, int] = field(default_factory=lambda: {"prompt": 77})  # per text field
     max_image_size: int | None = None  # the model's own ceiling (SD3's position embedding), None: none
     # Which of "text", "img2img", "inpaint", "edit" the model takes: an inpainting checkpoint (a UNet with mask and
-    # masked-image channels) takes "inpaint" only; "edit": the input images are references (FLUX.2-klein).
+    # masked-image channels) takes "inpaint" only; "edit": the input images are references (FLUX.2).
     modes: frozenset[str] = frozenset({"text"})
     # "edit": what the pipeline refuses of a reference (a side under min_side, a longer side over max_aspect times
     # the other), and the area it scales one down to (the output's default size is the first one's, so scaled).
@@ -346,7 +346,7 @@ class GenerationRequest(ImageStrength, GenerationFields):
         default=None,
         description="img2img and inpainting: a PNG, JPEG or WebP image, base64. The output takes its size (rounded "
         "down to the model's size multiple) unless width or height are given, which resize it. On models that edit "
-        "by reference (FLUX.2-klein): one image or a list of up to --max_reference_images, the edit's references "
+        "by reference (FLUX.2): one image or a list of up to --max_reference_images, the edit's references "
         "(the output takes the first one's size).",
     )
     mask: InputImage | None = Field(
@@ -674,6 +674,12 @@ def resolve(
             raise refuse("guidance_scale", distilled)
         if request.negative_prompt is not None and not traits.takes("true_cfg_scale"):
             raise refuse("negative_prompt", distilled)
+    if traits.guidance == "embedded" and request.negative_prompt is not None and not traits.takes("true_cfg_scale"):
+        raise refuse(
+            "negative_prompt",
+            "has no effect on this model: it is guidance-distilled (guidance_scale is an input of the model), "
+            "with no classifier-free guidance against a negative prompt",
+        )
     true_cfg = request.true_cfg_scale if request.true_cfg_scale is not None else 1.0
     if traits.takes("true_cfg_scale"):
         negatives = [n for n in ("negative_prompt", "negative_prompt_2") if getattr(request, n) is not None]

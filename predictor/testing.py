@@ -192,10 +192,14 @@ def reference_scheduler(pipe: Any, name: str) -> Any:
 
 def diffusers_pipeline(directory: Path | str, cls: Any, dtype: Any = None, **components: Any) -> Any:
     """diffusers' own ``cls`` loaded from ``directory`` (a pipeline saved with save_pretrained), in float32 unless
-    ``dtype`` says otherwise, with its progress bar off: the reference the equivalence tests compare with."""
+    ``dtype`` says otherwise, with its progress bar off: the reference the equivalence tests compare with.
+    ``components`` replace the saved ones (registered after the load, as the server's loader does)."""
     import torch
 
-    pipe = cls.from_pretrained(directory, use_safetensors=True, dtype=dtype or torch.float32, **components)
+    pipe = cls.from_pretrained(
+        directory, use_safetensors=True, dtype=dtype or torch.float32, **dict.fromkeys(components)
+    )
+    pipe.register_modules(**{name: part for name, part in components.items() if part is not None})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -342,6 +346,42 @@ def save_hub_like_repository(root: Path) -> Path:
     (root / "v1-4.ckpt").write_bytes(b"\0" * 200_000)
     (root / "README.md").write_text("# a model card\n")
     return root
+
+
+# FLUX.2-dev's tokenizer folder as released: a PixtralProcessor (its processor and image-processor configs).
+_PIXTRAL_PROCESSOR = {
+    "processor_class": "PixtralProcessor",
+    "image_token": "[IMG]",
+    "image_break_token": "[IMG_BREAK]",
+    "image_end_token": "[IMG_END]",
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+}
+_PIXTRAL_IMAGE_PROCESSOR = {
+    "image_processor_type": "PixtralImageProcessorFast",
+    "patch_size": {"height": 14, "width": 14},
+    "size": {"longest_edge": 1540},
+    "do_resize": True,
+    "do_rescale": True,
+    "do_normalize": True,
+    "do_convert_rgb": True,
+}
+
+
+def save_as_released(pipe: Any, directory: Path) -> Path:
+    """``pipe`` saved with save_pretrained, in the layout its released checkpoint has: a FLUX.2-dev's tokenizer is
+    named the ``PixtralProcessor`` it is (with its image processor's config), not the text-only class built here."""
+    import json
+
+    pipe.save_pretrained(directory, safe_serialization=True)
+    index_path = directory / "model_index.json"
+    index = json.loads(index_path.read_text())
+    if index.get("_class_name") == "Flux2Pipeline":
+        index["tokenizer"] = ["transformers", "PixtralProcessor"]
+        index_path.write_text(json.dumps(index, indent=2))
+        (directory / "tokenizer" / "processor_config.json").write_text(json.dumps(_PIXTRAL_PROCESSOR, indent=2))
+        (directory / "tokenizer" / "preprocessor_config.json").write_text(json.dumps(_PIXTRAL_IMAGE_PROCESSOR))
+    return directory
 
 
 MODEL_NAME = "sd"

@@ -1,7 +1,7 @@
-"""FLUX.2-klein through the same engine: each image equals diffusers' own ``Flux2KleinPipeline``'s, alone and in
-mixed batches (the distilled checkpoint without guidance; the base one with guided and unguided rows in one call,
-jobs joining mid-flight, two sizes); the decode's batch-norm un-normalising; the family's rules; the full-size
-builtin on the meta device."""
+"""FLUX.2 through the same engine: each image equals diffusers' own ``Flux2KleinPipeline``'s or ``Flux2Pipeline``'s,
+alone and in mixed batches (the distilled klein checkpoint without guidance; the base one with guided and unguided
+rows in one call; dev with a guidance input per row; jobs joining mid-flight, two sizes, reference images); the
+decode's batch-norm un-normalising; the family's rules; the full-size builtins on the meta device."""
 
 from __future__ import annotations
 
@@ -13,15 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import Flux2KleinPipeline
+from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from predictor.builtin import build_tiny_flux2_klein, build_tiny_flux2_klein_base
-from predictor.errors import InvalidRequest
+from predictor.builtin import build_tiny_flux2_dev, build_tiny_flux2_klein, build_tiny_flux2_klein_base
+from predictor.errors import InvalidRequest, LoadError
 from predictor.families import build_builtin
 from predictor.images import encode_png
 from predictor.loading import LoadedPipeline, load_pipeline
+from predictor.processors import PixtralTextProcessor
 from predictor.request import GenerationParams, GenerationRequest, Limits, resolve
 from predictor.testing import (
     MODEL_NAME,
@@ -33,6 +34,7 @@ from predictor.testing import (
     diffusers_pipeline,
     make_settings,
     params,
+    save_as_released,
 )
 
 
@@ -235,6 +237,87 @@ def test_the_cli_sends_each_image_option_as_a_reference(
     assert "'image[1]' is 48x64" in capsys.readouterr().err
 
 
+def test_flux2_dev_equals_diffusers_with_a_guidance_input_a_row_and_references(tmp_path: Path) -> None:
+    """FLUX.2-dev saved as released (its tokenizer a PixtralProcessor) loads without torchvision, and each image
+    equals Flux2Pipeline's: guidance scales differing row by row in one call, every scheduler, two sizes, prompts
+    past the 512-token window, one and two reference images beside text jobs, jobs joining mid-flight."""
+    import json
+
+    directory = save_as_released(build_tiny_flux2_dev(), tmp_path)
+    assert json.loads((directory / "model_index.json").read_text())["tokenizer"] == ["transformers", "PixtralProcessor"]
+    loaded = load_pipeline(str(directory), "not/used", None, "cpu", "float32")
+    traits = loaded.traits
+    assert (traits.family, traits.guidance, traits.default_guidance_scale) == ("flux2", "embedded", 4.0)
+    assert (traits.modes, traits.max_prompt_tokens, traits.schedulers) == (
+        {"text", "edit"},
+        {"prompt": 512},
+        ("euler", "dpmpp_2m", "unipc"),
+    )
+    tokenizer = PixtralTextProcessor.from_pretrained(directory, subfolder="tokenizer")
+    reference = diffusers_pipeline(directory, Flux2Pipeline, tokenizer=tokenizer)
+    first, second = _picture(96, 64, 1), _picture(64, 80, 2)
+    common = {"num_inference_steps": 3, "scheduler": "euler"}
+    cases = [*_cases(traits, (2.0, 5.0)), _edit(traits, first, seed=7, **common)]
+    cases += [_edit(traits, first, second, seed=8, guidance_scale=2.5, **common), params(prompt="a " * 600, **common)]
+    expected = [diffusers_image(reference, case, image=list(case.references) or None) for case in cases]
+    assert_alone_and_mixed_equal(loaded, cases, expected, join_at_step=2, tolerance=TOLERANCE)
+    assert loaded.model._encode_texts(["a " * 600, "short"])[1] == [True, False]  # the cut prompt is flagged
+
+
+def test_flux2_dev_serves_every_protocol_and_refuses_a_negative_prompt(tmp_path: Path) -> None:
+    directory = save_as_released(build_tiny_flux2_dev(), tmp_path)
+    with app_client(directory, "--default_steps", "2", "--warmup_steps", "0") as client:
+        info = client.get(f"/v1/models/{MODEL_NAME}/schedulers").json()
+        assert (info["family"], info["guidance"], info["modes"]) == ("flux2", "embedded", ["edit", "text"])
+        generated = client.post("/generate", json={"prompt": "a fox", "guidance_scale": 2.5, "width": 64, "height": 64})
+        assert generated.status_code == 200, generated.text
+        assert decode_image(generated.content).shape == (64, 64, 3)
+        picture = base64.b64decode(encode_png(_picture(96, 64, 1)))
+        files = [("image[]", ("a.png", picture, "image/png")), ("image[]", ("b.png", picture, "image/png"))]
+        edited = client.post("/v1/images/edits", data={"prompt": "blue"}, files=files)
+        assert edited.status_code == 200 and len(edited.json()["data"]) == 1, edited.text
+        v2 = client.post(
+            f"/v2/models/{MODEL_NAME}/infer",
+            json={"inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a fox"]}]},
+        )
+        assert v2.status_code == 200, v2.text
+        refused = client.post("/generate", json={"prompt": "a fox", "negative_prompt": "blurry"})
+        assert refused.status_code == 400
+        assert refused.json()["param"] == "negative_prompt" and "guidance-distilled" in refused.json()["error"]
+
+
+def test_offloaded_text_encoders_change_no_pixel(tmp_path: Path) -> None:
+    """--offload_text_encoders: the encoder under diffusers' group offloading (its hooks on every layer), the image
+    equal to the pipeline's with the same offloading. (On a CPU both devices are the host: the GPU suite measures what
+    it saves on a GPU.)"""
+    from diffusers.hooks import HookRegistry, apply_group_offloading
+
+    directory = save_as_released(build_tiny_flux2_dev(), tmp_path)
+    loaded = load_pipeline(str(directory), "not/used", None, "cpu", "float32", offload_text_encoders=True)
+    layer = loaded.pipe.text_encoder.model.language_model.layers[0].mlp.up_proj
+    assert HookRegistry.check_if_exists_or_initialize(layer).get_hook("group_offloading") is not None
+    assert HookRegistry.check_if_exists_or_initialize(loaded.pipe.transformer).get_hook("group_offloading") is None
+    reference = diffusers_pipeline(
+        directory, Flux2Pipeline, tokenizer=PixtralTextProcessor.from_pretrained(directory, subfolder="tokenizer")
+    )
+    apply_group_offloading(reference.text_encoder, onload_device=torch.device("cpu"), offload_type="leaf_level")
+    cases = [params(scheduler="euler", seed=s, num_inference_steps=2, guidance_scale=3.0) for s in (1, 2)]
+    assert_alone_and_mixed_equal(loaded, cases, [diffusers_image(reference, case) for case in cases])
+    with pytest.raises(LoadError, match="--offload_text_encoders with --lora_dir"):
+        load_pipeline(None, "builtin:tiny-flux2-dev", None, "cpu", "float32", offload_text_encoders=True, lora_dir=".")
+
+
+def test_full_size_builtin_has_flux2_dev_shapes() -> None:
+    """FLUX.2-dev's released shapes: the 32.2B transformer (8 double-stream and 48 single-stream blocks of 48 heads,
+    guidance embedding) and Mistral-Small-3.1-24B (its vision tower included), 112 GB of weights in bfloat16."""
+    pipe = build_builtin("flux2-dev-arch", torch.device("meta"), torch.bfloat16)
+    counts = {
+        name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("transformer", "text_encoder")
+    }
+    assert counts == {"transformer": 32_223_281_152, "text_encoder": 24_011_361_280}
+    assert pipe.transformer.config.guidance_embeds and pipe.transformer.config.joint_attention_dim == 15360
+
+
 def test_float8_storage_equals_diffusers_layerwise_casting(tmp_path: Path) -> None:
     """--storage_dtype float8_e4m3fn: the transformer's weights kept in float8, each layer computed in float32 here,
     as diffusers' enable_layerwise_casting does; the image equals the pipeline's with the same casting, and differs
@@ -254,7 +337,6 @@ def test_float8_storage_equals_diffusers_layerwise_casting(tmp_path: Path) -> No
 
 def test_float8_storage_is_refused_with_compile_and_with_adapters(tmp_path: Path) -> None:
     from predictor.config import Settings
-    from predictor.errors import LoadError
 
     settings = make_settings(tmp_path)
     with pytest.raises(ValueError, match="--storage_dtype with --compile"):

@@ -419,8 +419,11 @@ class FamilyModel:
         raise NotImplementedError
 
     @classmethod
-    def absent_components(cls, index: dict[str, Any], source: str, local: bool) -> dict[str, None]:
-        """Components a checkpoint may leave out, passed to ``from_pretrained`` as None."""
+    def component_overrides(
+        cls, index: dict[str, Any], source: str, local: bool, revision: str | None
+    ) -> dict[str, Any]:
+        """Components passed to ``from_pretrained`` in place of what it would load: None for one a checkpoint may
+        leave out, or the component loaded otherwise."""
         return {}
 
 

@@ -1,18 +1,21 @@
-"""FLUX.2-klein (4B and 9B, distilled and base): a Qwen3 text encoder's hidden states from three layers, side by
-side, condition a transformer over latents patchified 2x2 and normalised by the VAE's batch-norm statistics, with
-flow matching. Text to image, and edits by reference images (``image=[...]``).
+"""FLUX.2: klein (4B and 9B, distilled and base) and dev (32B). A text encoder's hidden states from three layers,
+side by side, condition a transformer over latents patchified 2x2 and normalised by the VAE's batch-norm
+statistics, with flow matching. Text to image, and edits by reference images (``image=[...]``).
 
-The specification it matches row for row is diffusers' ``Flux2KleinPipeline.__call__``:
+The specification it matches row for row is diffusers' ``Flux2KleinPipeline.__call__`` and ``Flux2Pipeline.__call__``:
 
-- each prompt goes through the tokenizer's chat template (``enable_thinking=False``), padded to
+- klein: each prompt goes through the Qwen3 tokenizer's chat template (``enable_thinking=False``), padded to
   ``max_sequence_length`` (512) tokens; the caption is the encoder's hidden states of layers 9, 18 and 27, side by
   side, for every token (padding included), with 4-axis text position ids;
+- dev: each prompt follows the pipeline's system message through the Mistral 3 processor's chat template, padded
+  to 512 tokens; the caption is the hidden states of layers 10, 20 and 30 side by side;
 - latents ``(4 * c, h / 16, w / 16)`` drawn with the request's CPU generator in the text encoder's dtype, packed to
   tokens, each with its 4-axis position id; rows of one size share a call (the transformer takes one row's ids);
 - each job's schedule is its pipeline's: sigmas ``linspace(1, 1/n, n)`` shifted by the empirical ``mu`` of the
   image's token count and the step count, from index 0; the transformer takes ``t / 1000``;
-- the distilled checkpoints take no guidance; the base ones guide above 1 against the negative prompt (``""``, the
-  pipeline's only one), mixed as ``negative + scale * (positive - negative)``;
+- the distilled klein checkpoints take no guidance; the base ones guide above 1 against the negative prompt (``""``,
+  the pipeline's only one), mixed as ``negative + scale * (positive - negative)``; dev is guidance-distilled: the
+  scale is an input of the transformer, one value per row;
 - the decode un-normalises with the VAE's batch-norm statistics and unpatchifies before the VAE;
 - reference images are encoded (the posterior's mode: no draw from the generator), their tokens appended to the
   image's in every call with ids offset in time, and only the image's tokens kept from the output.
@@ -24,8 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import Flux2KleinPipeline
-from diffusers.pipelines.flux2 import pipeline_flux2_klein
+from diffusers import Flux2KleinPipeline, Flux2Pipeline
+from diffusers.pipelines.flux2 import pipeline_flux2, pipeline_flux2_klein
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -33,10 +36,12 @@ from predictor import builtin
 from predictor.families.base import Builtin, Encoded, Family, ServedPipeline, with_negatives
 from predictor.families.flow import FlowMatchingModel
 from predictor.jobs import Job
+from predictor.processors import PixtralTextProcessor
 from predictor.request import GenerationParams
 
-TEXT_TOKENS = 512  # Flux2KleinPipeline's default max_sequence_length
-HIDDEN_LAYERS = (9, 18, 27)  # its default text_encoder_out_layers
+TEXT_TOKENS = 512  # both pipelines' default max_sequence_length
+HIDDEN_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's default text_encoder_out_layers
+DEV_HIDDEN_LAYERS = (10, 20, 30)  # Flux2Pipeline's
 
 
 def _call_flux2(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor, **inputs: Any) -> Any:
@@ -49,7 +54,7 @@ def _call_flux2(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor,
     out = transformer(
         hidden_states=hidden.to(transformer.dtype),
         timestep=timesteps / 1000,
-        guidance=None,
+        guidance=inputs.get("guidance"),  # dev's: one scale a row; klein's: none
         encoder_hidden_states=inputs["encoder_hidden_states"],
         txt_ids=inputs["txt_ids"],
         img_ids=ids,
@@ -58,14 +63,30 @@ def _call_flux2(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor,
     return (out[:, : sample.shape[1]],)
 
 
-class Flux2KleinModel(FlowMatchingModel):
+class Flux2Model(FlowMatchingModel):
     image_size_factor = 2  # the image processor works in multiples of 16: the VAE's 8 and the 2x2 patches
 
     call_transformer = staticmethod(_call_flux2)
 
     @property
+    def _dev(self) -> bool:
+        return isinstance(self.pipe, Flux2Pipeline)
+
+    @property
     def _distilled(self) -> bool:
-        return bool(self.pipe.config.is_distilled)
+        return not self._dev and bool(self.pipe.config.is_distilled)
+
+    @classmethod
+    def component_overrides(
+        cls, index: dict[str, Any], source: str, local: bool, revision: str | None
+    ) -> dict[str, Any]:
+        """FLUX.2-dev's ``tokenizer`` folder as a text-only processor (see ``PixtralTextProcessor``)."""
+        if index.get("_class_name") != Flux2Pipeline.__name__:
+            return {}
+        processor = PixtralTextProcessor.from_pretrained(
+            source, subfolder="tokenizer", revision=revision, local_files_only=local
+        )
+        return {"tokenizer": processor}
 
     def modes(self) -> frozenset[str]:
         return frozenset({"text", "edit"})  # its input images are references (image=[...]), not img2img
@@ -75,7 +96,10 @@ class Flux2KleinModel(FlowMatchingModel):
         return (params.height, params.width, tuple(reference.size for reference in params.references))
 
     def guidance_kind(self) -> str:
-        # The distilled checkpoints ignore a guidance scale (diffusers warns); the base ones guide above 1.
+        # dev takes the scale as an input; the distilled klein checkpoints ignore one (diffusers warns); the base
+        # ones guide above 1.
+        if self._dev:
+            return "embedded"
         return "none" if self._distilled else "cfg"
 
     def prompt_windows(self) -> dict[str, int]:
@@ -105,30 +129,46 @@ class Flux2KleinModel(FlowMatchingModel):
 
     def _encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, list[bool]]:
         """Every text's caption in one encoder call, and whether each was cut at the token window."""
-        pipe = self.pipe
-        templated = [
-            pipe.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+        pipe, window = self.pipe, self.max_text_tokens
+        if self._dev:  # the processor's chat template, after the pipeline's system message
+            conversations = pipeline_flux2.format_input(prompts=texts, system_message=pipe.system_message)
+            # diffusers passes padding and truncation beside the template's arguments; transformers takes them as
+            # processor_kwargs (and warns, on every call, when given otherwise): the same tokens either way.
+            template = {"add_generation_prompt": False, "tokenize": True, "return_dict": True, "return_tensors": "pt"}
+            padded = {"padding": "max_length", "truncation": True, "max_length": window}
+            tokens = pipe.tokenizer.apply_chat_template(conversations, processor_kwargs=padded, **template)
+            untruncated = pipe.tokenizer.apply_chat_template(
+                conversations, processor_kwargs={"padding": True}, **template
             )
-            for text in texts
-        ]
-        tokens = pipe.tokenizer(
-            templated, padding="max_length", max_length=self.max_text_tokens, truncation=True, return_tensors="pt"
-        )
+            lengths, layers = untruncated.attention_mask.sum(dim=1).tolist(), DEV_HIDDEN_LAYERS
+        else:
+            templated = [
+                pipe.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": text}],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                    enable_thinking=False,
+                )
+                for text in texts
+            ]
+            tokens = pipe.tokenizer(
+                templated, padding="max_length", max_length=window, truncation=True, return_tensors="pt"
+            )
+            lengths, layers = [len(ids) for ids in pipe.tokenizer(templated).input_ids], HIDDEN_LAYERS
         output = pipe.text_encoder(
             input_ids=tokens.input_ids.to(self.device),
             attention_mask=tokens.attention_mask.to(self.device),
             output_hidden_states=True,
             use_cache=False,
         )
-        stacked = torch.stack([output.hidden_states[k] for k in HIDDEN_LAYERS], dim=1).to(pipe.text_encoder.dtype)
-        rows, layers, length, width = stacked.shape
-        cut = [len(ids) > self.max_text_tokens for ids in pipe.tokenizer(templated).input_ids]
-        return stacked.permute(0, 2, 1, 3).reshape(rows, length, layers * width), cut
+        stacked = torch.stack([output.hidden_states[k] for k in layers], dim=1).to(pipe.text_encoder.dtype)
+        rows, depth, length, width = stacked.shape
+        cut = [length > window for length in lengths]
+        return stacked.permute(0, 2, 1, 3).reshape(rows, length, depth * width), cut
 
     def encode_prompts(self, jobs: list[Job]) -> list[Encoded]:
-        # diffusers' rule: guidance above 1 on the base checkpoints, against "" (a negative prompt when given).
-        guided = [] if self._distilled else [job for job in jobs if job.params.guidance_scale > 1]
+        # diffusers' rule: guidance above 1 on the klein base checkpoints, against "" (a negative prompt when given).
+        guided = [] if self._distilled or self._dev else [job for job in jobs if job.params.guidance_scale > 1]
         (texts,), negative_row = with_negatives(
             jobs, guided, lambda p: (p.prompt,), lambda p: (p.negative_prompt or "",)
         )
@@ -138,6 +178,8 @@ class Flux2KleinModel(FlowMatchingModel):
         for index, job in enumerate(jobs):
             job.prompt_truncated = cut[index]
             shared = {"txt_ids": text_ids, "img_ids": self._image_ids(job.params.height, job.params.width)}
+            if self._dev:  # the pipeline's guidance input: float32, whatever the latents' dtype
+                shared["guidance"] = torch.full([1], job.params.guidance_scale, device=self.device, dtype=torch.float32)
             if job.params.references:
                 shared["reference_latents"], shared["reference_ids"] = self._references(job.params.references)
             other = negative_row.get(id(job))
@@ -176,7 +218,9 @@ class Flux2KleinModel(FlowMatchingModel):
         p = jobs[0].params  # one decode holds one batch group: one size
         packed = torch.cat([job.work.latents for job in jobs])
         ids = self._image_ids(p.height, p.width).expand(len(jobs), -1, -1)
-        return self.pipe._unpack_latents_with_ids(packed, ids, self._latent_grid(p.height), self._latent_grid(p.width))
+        # klein's unpacking, for dev too: the same scatter, given the grid's size rather than finding it on the device
+        unpack = Flux2KleinPipeline._unpack_latents_with_ids
+        return unpack(packed, ids, self._latent_grid(p.height), self._latent_grid(p.width))
 
     def latents_for_vae(self, latents: torch.Tensor, dtype: torch.dtype, jobs: list[Job] | None = None) -> torch.Tensor:
         bn, eps = self.vae.bn, self.vae.config.batch_norm_eps
@@ -193,16 +237,24 @@ class Flux2KleinModel(FlowMatchingModel):
             "txt_ids": self.pipe._prepare_text_ids(captions[:1]).to(self.device).expand(rows, -1, -1),
             "img_ids": self._image_ids(size, size).expand(rows, -1, -1),
         }
+        if self._dev:
+            inputs["guidance"] = torch.full((rows,), 4.0, device=self.device, dtype=torch.float32)
         return torch.zeros((rows, *self.native_row_shape()), **zeros), torch.full((rows,), 500.0, **zeros), inputs
 
 
 FAMILY = Family(
     name="flux2",
-    model=Flux2KleinModel,
+    model=Flux2Model,
     pipelines=(
         ServedPipeline(
             pipeline_class=Flux2KleinPipeline,
             description="FLUX.2-klein 4B and 9B, distilled and base (text to image; edits by reference images)",
+            default_guidance_scale=4.0,
+            takes_images=False,
+        ),
+        ServedPipeline(
+            pipeline_class=Flux2Pipeline,
+            description="FLUX.2-dev (text to image; edits by reference images; guidance-distilled)",
             default_guidance_scale=4.0,
             takes_images=False,
         ),
@@ -213,5 +265,7 @@ FAMILY = Family(
         "tiny-flux2-klein": Builtin(Flux2KleinPipeline, builtin.build_tiny_flux2_klein),
         "tiny-flux2-klein-base": Builtin(Flux2KleinPipeline, builtin.build_tiny_flux2_klein_base),
         "flux2-klein-4b-arch": Builtin(Flux2KleinPipeline, builtin.build_flux2_klein_4b_arch, full_size=True),
+        "tiny-flux2-dev": Builtin(Flux2Pipeline, builtin.build_tiny_flux2_dev),
+        "flux2-dev-arch": Builtin(Flux2Pipeline, builtin.build_flux2_dev_arch, full_size=True),
     },
 )

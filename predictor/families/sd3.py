@@ -74,7 +74,9 @@ class StableDiffusion3Model(FlowMatchingModel):
         return self.family_fields if "prompt_3" in windows else frozenset()
 
     @classmethod
-    def absent_components(cls, index: dict[str, Any], source: str, local: bool) -> dict[str, None]:
+    def component_overrides(
+        cls, index: dict[str, Any], source: str, local: bool, revision: str | None
+    ) -> dict[str, Any]:
         """The T5 encoder when model_index.json has it null or the directory lacks its folder (left out to save
         9.5 GB): diffusers runs without it when it is passed as None; any other missing component stays an error."""
         if not local:

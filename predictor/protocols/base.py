@@ -28,7 +28,7 @@ class Context:
     # The request checked against the model's traits and adapters, with its defaults filled; the string names
     # where the request sits in its body (a prefix of every error's param).
     resolve: Callable[[GenerationRequest, str], GenerationParams]
-    # The model edits by reference images (FLUX.2-klein): several input images are one edit's references.
+    # The model edits by reference images (FLUX.2): several input images are one edit's references.
     edits_by_reference: bool = False
 
 

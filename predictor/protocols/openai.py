@@ -168,7 +168,7 @@ async def read_edit(http: Request, limits: Limits, served_model: str) -> EditFor
 
 def edit_params(edit: EditForm, ctx: Context) -> list[GenerationParams]:
     """One generation request per input image, each making ``n`` images; on a model that edits by reference
-    (FLUX.2-klein), one request whose references are all the images (``images.edit(image=[f1, f2])``). The mask
+    (FLUX.2), one request whose references are all the images (``images.edit(image=[f1, f2])``). The mask
     follows OpenAI's convention (its fully transparent pixels mark the area to edit) and becomes this server's
     (white repaints)."""
     limits, request = ctx.limits, edit.request
