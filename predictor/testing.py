@@ -136,6 +136,25 @@ def params(**overrides: Any) -> GenerationParams:
     return GenerationParams(**values)
 
 
+def mixed_cases(
+    schedulers: tuple[str, ...],
+    rounds: int,
+    first: Callable[[int], dict[str, Any]] = lambda i: {},
+    second: Callable[[int], dict[str, Any]] = lambda i: {},
+) -> list[GenerationParams]:
+    """The equivalence tests' cases: two a round, the scheduler cycling through ``schedulers``. The first at 64 px
+    (seed i, 3 or 4 steps); the second (seed 100 + i, 4 steps) at 64 px every other round, so rows of one size share
+    calls, and 96x80 in between, a group of its own. ``first(i)`` and ``second(i)`` give round i's own fields
+    (guidance, prompts)."""
+    cases = []
+    for i in range(rounds):
+        scheduler = schedulers[i % len(schedulers)]
+        cases.append(params(scheduler=scheduler, seed=i, num_inference_steps=3 + i % 2, **first(i)))
+        size = {"width": 64, "height": 64} if i % 2 == 0 else {"width": 96, "height": 80}
+        cases.append(params(scheduler=scheduler, seed=100 + i, num_inference_steps=4, **size, **second(i)))
+    return cases
+
+
 def pixels(image: Image.Image) -> np.ndarray:
     """An image as int16 RGB values, so differences do not wrap around."""
     return np.asarray(image.convert("RGB"), dtype=np.int16)
@@ -348,39 +367,50 @@ def save_hub_like_repository(root: Path) -> Path:
     return root
 
 
-# FLUX.2-dev's tokenizer folder as released: a PixtralProcessor (its processor and image-processor configs).
-_PIXTRAL_PROCESSOR = {
-    "processor_class": "PixtralProcessor",
-    "image_token": "[IMG]",
-    "image_break_token": "[IMG_BREAK]",
-    "image_end_token": "[IMG_END]",
-    "patch_size": 14,
-    "spatial_merge_size": 2,
-}
-_PIXTRAL_IMAGE_PROCESSOR = {
-    "image_processor_type": "PixtralImageProcessorFast",
-    "patch_size": {"height": 14, "width": 14},
-    "size": {"longest_edge": 1540},
-    "do_resize": True,
-    "do_rescale": True,
-    "do_normalize": True,
-    "do_convert_rgb": True,
+# Components built here in place of a released class, by class name, and what a released checkpoint holds instead:
+# FLUX.2-dev's tokenizer is a PixtralProcessor (its processor's and image processor's configs beside the tokenizer).
+_RELEASED_LAYOUTS: dict[str, tuple[list[str], dict[str, dict[str, Any]]]] = {
+    "PixtralTextProcessor": (
+        ["transformers", "PixtralProcessor"],
+        {
+            "processor_config.json": {
+                "processor_class": "PixtralProcessor",
+                "image_token": "[IMG]",
+                "image_break_token": "[IMG_BREAK]",
+                "image_end_token": "[IMG_END]",
+                "patch_size": 14,
+                "spatial_merge_size": 2,
+            },
+            "preprocessor_config.json": {
+                "image_processor_type": "PixtralImageProcessorFast",
+                "patch_size": {"height": 14, "width": 14},
+                "size": {"longest_edge": 1540},
+                "do_resize": True,
+                "do_rescale": True,
+                "do_normalize": True,
+                "do_convert_rgb": True,
+            },
+        },
+    ),
 }
 
 
 def save_as_released(pipe: Any, directory: Path) -> Path:
-    """``pipe`` saved with save_pretrained, in the layout its released checkpoint has: a FLUX.2-dev's tokenizer is
-    named the ``PixtralProcessor`` it is (with its image processor's config), not the text-only class built here."""
+    """``pipe`` saved with save_pretrained, in the layout its released checkpoint has: a component built here in
+    place of a released class (FLUX.2-dev's text-only processor) is named and configured as that class."""
     import json
 
     pipe.save_pretrained(directory, safe_serialization=True)
     index_path = directory / "model_index.json"
     index = json.loads(index_path.read_text())
-    if index.get("_class_name") == "Flux2Pipeline":
-        index["tokenizer"] = ["transformers", "PixtralProcessor"]
-        index_path.write_text(json.dumps(index, indent=2))
-        (directory / "tokenizer" / "processor_config.json").write_text(json.dumps(_PIXTRAL_PROCESSOR, indent=2))
-        (directory / "tokenizer" / "preprocessor_config.json").write_text(json.dumps(_PIXTRAL_IMAGE_PROCESSOR))
+    for name, component in pipe.components.items():
+        layout = _RELEASED_LAYOUTS.get(type(component).__name__)
+        if layout is None:
+            continue
+        index[name], files = layout
+        for file_name, config in files.items():
+            (directory / name / file_name).write_text(json.dumps(config, indent=2))
+    index_path.write_text(json.dumps(index, indent=2))
     return directory
 
 

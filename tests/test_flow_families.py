@@ -26,6 +26,7 @@ from predictor.testing import (
     diffusers_image,
     diffusers_pipeline,
     free_port,
+    mixed_cases,
     params,
     pixels,
     running_engine,
@@ -85,25 +86,13 @@ def _mixed(loaded, reference, cases, max_sequence_length=None) -> None:
 
 
 def _cases(traits, **extra) -> list:
-    """One case per scheduler the model takes, varying seeds, steps, sizes, prompts and guidance."""
-    cases = []
-    for i, scheduler in enumerate(traits.schedulers):
-        cases.append(params(scheduler=scheduler, seed=i, num_inference_steps=3 + i % 2, **extra.get("a", {})))
-        # Every other one at the first ones' size: guided and unguided rows, different guidance values and
-        # prompts share one transformer call; the rest form groups of other sizes.
-        cases.append(
-            params(
-                scheduler=scheduler,
-                seed=100 + i,
-                num_inference_steps=4,
-                width=64 if i % 2 == 0 else 96,
-                height=64 if i % 2 == 0 else 80,
-                prompt=f"a red fox number {i}",
-                prompt_2=f"second prompt {i}",
-                **extra.get("b", {}),
-            )
-        )
-    return cases
+    """One pair per scheduler the model takes: guided and unguided rows, different guidance values and prompts share
+    one transformer call; the rest form groups of other sizes."""
+
+    def second(i: int) -> dict:
+        return {"prompt": f"a red fox number {i}", "prompt_2": f"second prompt {i}", **extra.get("b", {})}
+
+    return mixed_cases(traits.schedulers, len(traits.schedulers), first=lambda i: extra.get("a", {}), second=second)
 
 
 def test_flux_schnell_equals_diffusers_in_mixed_batches(flux_dir: Path) -> None:

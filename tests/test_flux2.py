@@ -33,6 +33,7 @@ from predictor.testing import (
     diffusers_image,
     diffusers_pipeline,
     make_settings,
+    mixed_cases,
     params,
     save_as_released,
 )
@@ -48,22 +49,13 @@ def _reference(directory: Path) -> Flux2KleinPipeline:
 
 
 def _cases(traits, guidance: tuple[float, float]) -> list:
-    cases = []
-    for i in range(3):
-        scheduler = traits.schedulers[i % len(traits.schedulers)]
-        cases.append(params(scheduler=scheduler, seed=i, num_inference_steps=3 + i % 2, guidance_scale=guidance[0]))
-        cases.append(
-            params(
-                scheduler=scheduler,
-                seed=100 + i,
-                num_inference_steps=4,
-                width=64 if i % 2 == 0 else 96,
-                height=64 if i % 2 == 0 else 80,
-                prompt=f"a red fox number {i} in the snow" * (i + 1),
-                guidance_scale=guidance[1],
-            )
-        )
-    return cases
+    """Pairs with guidance ``guidance[0]`` and ``guidance[1]``, the second's prompt longer each round."""
+    return mixed_cases(
+        traits.schedulers,
+        3,
+        first=lambda i: {"guidance_scale": guidance[0]},
+        second=lambda i: {"prompt": f"a red fox number {i} in the snow" * (i + 1), "guidance_scale": guidance[1]},
+    )
 
 
 def test_flux2_klein_distilled_equals_diffusers_in_mixed_batches(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from predictor.testing import (
     decode_image,
     diffusers_image,
     diffusers_pipeline,
+    mixed_cases,
     params,
     pixels,
     running_engine,
@@ -59,24 +60,18 @@ def test_zimage_equals_diffusers_in_mixed_batches(zimage_dir: Path, reference: Z
     # The pipeline hands its sigmas to the scheduler as a list, which the multistep solvers cannot take and Heun
     # takes none of: diffusers' own pipeline runs with its Euler only, and so does the server.
     assert traits.schedulers == ("euler",)
-    cases = []
-    for i in range(3):
-        scheduler = traits.schedulers[i % len(traits.schedulers)]
-        # Turbo's way (no guidance, no negative row) beside the base model's (guidance, a negative prompt or the
-        # pipeline's ""), at two sizes; the prompts' lengths differ, so each row's caption has its own length.
-        cases.append(params(scheduler=scheduler, seed=i, num_inference_steps=3 + i % 2, guidance_scale=0.0))
-        cases.append(
-            params(
-                scheduler=scheduler,
-                seed=100 + i,
-                num_inference_steps=4,
-                width=64 if i % 2 == 0 else 96,
-                height=64 if i % 2 == 0 else 80,
-                prompt=f"a red fox number {i} in the snow, long exposure" * (i + 1),
-                negative_prompt="blurry" if i % 2 else None,
-                guidance_scale=1.0 + 2 * i,
-            )
-        )
+    # Turbo's way (no guidance, no negative row) beside the base model's (guidance, a negative prompt or the
+    # pipeline's ""), at two sizes; the prompts' lengths differ, so each row's caption has its own length.
+    cases = mixed_cases(
+        traits.schedulers,
+        3,
+        first=lambda i: {"guidance_scale": 0.0},
+        second=lambda i: {
+            "prompt": f"a red fox number {i} in the snow, long exposure" * (i + 1),
+            "negative_prompt": "blurry" if i % 2 else None,
+            "guidance_scale": 1.0 + 2 * i,
+        },
+    )
     expected = [diffusers_image(reference, case) for case in cases]
     assert_alone_and_mixed_equal(loaded, cases, expected, join_at_step=2, tolerance=TOLERANCE)
 

@@ -15,6 +15,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -48,6 +49,19 @@ FLOW_SCHEDULERS: SchedulerRegistry = {
     ),
     "unipc": (UniPCMultistepScheduler, _flow_sigmas),
 }
+
+
+def resolution_shift(config: Any, tokens: int, default_max_shift: float = 1.15) -> float:
+    """The ``mu`` a flow pipeline shifts its schedule by for an image of ``tokens`` latent tokens: diffusers'
+    ``calculate_shift`` (each of FLUX's, SD3's and Z-Image's pipelines holds the same copy) over the scheduler
+    config's fields, with the pipeline's defaults (SD3's ``max_shift`` is 1.16)."""
+    return calculate_shift(
+        tokens,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", default_max_shift),
+    )
 
 
 class TransformerCall(torch.nn.Module):

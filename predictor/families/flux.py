@@ -36,7 +36,7 @@ from predictor.families.base import (
     two_prompts,
     with_negatives,
 )
-from predictor.families.flow import FlowMatchingModel
+from predictor.families.flow import FlowMatchingModel, resolution_shift
 from predictor.jobs import Job
 from predictor.request import GenerationParams
 
@@ -85,13 +85,7 @@ class FluxModel(FlowMatchingModel):
         config = scheduler.config
         sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
         tokens = (height // (self.pipe.vae_scale_factor * 2)) * (width // (self.pipe.vae_scale_factor * 2))
-        mu = pipeline_flux.calculate_shift(
-            tokens,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
+        mu = resolution_shift(config, tokens)
         pipeline_flux.retrieve_timesteps(scheduler, steps, device or self.device, sigmas=sigmas, mu=mu)
 
     def guidance_scale(self, params: GenerationParams) -> float:

@@ -26,7 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from predictor import builtin
 from predictor.families.base import Builtin, Encoded, Family, Loaded, ServedPipeline, truncated, with_negatives
-from predictor.families.flow import FlowMatchingModel
+from predictor.families.flow import FlowMatchingModel, resolution_shift
 from predictor.jobs import Job
 
 logger = logging.getLogger(__name__)
@@ -97,13 +97,7 @@ class StableDiffusion3Model(FlowMatchingModel):
         if config.get("use_dynamic_shifting", None):
             patch = pipe.transformer.config.patch_size
             tokens = (height // pipe.vae_scale_factor // patch) * (width // pipe.vae_scale_factor // patch)
-            kwargs["mu"] = pipeline_stable_diffusion_3.calculate_shift(
-                tokens,
-                config.get("base_image_seq_len", 256),
-                config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5),
-                config.get("max_shift", 1.16),
-            )
+            kwargs["mu"] = resolution_shift(config, tokens, default_max_shift=1.16)
         pipeline_stable_diffusion_3.retrieve_timesteps(scheduler, steps, device or self.device, sigmas=None, **kwargs)
 
     def native_row_shape(self) -> tuple[int, ...]:

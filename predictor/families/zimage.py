@@ -30,7 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from predictor import builtin
 from predictor.families.base import Builtin, Encoded, Family, ServedPipeline, with_negatives
-from predictor.families.flow import FlowMatchingModel
+from predictor.families.flow import FlowMatchingModel, resolution_shift
 from predictor.jobs import Job
 from predictor.request import GenerationParams
 
@@ -71,13 +71,7 @@ class ZImageModel(FlowMatchingModel):
         sigmas = pipeline_z_image.get_default_z_image_sigmas(steps)
         patch = self.pipe.vae_scale_factor * 2
         tokens = (height // patch) * (width // patch)
-        mu = pipeline_z_image.calculate_shift(
-            tokens,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
+        mu = resolution_shift(config, tokens)
         pipeline_z_image.retrieve_timesteps(scheduler, steps, device or self.device, sigmas=sigmas, mu=mu)
 
     def guidance_scale(self, params: GenerationParams) -> float:
