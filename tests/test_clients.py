@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
@@ -21,6 +22,9 @@ from PIL import Image
 from predictor.families.sd import UNET_SCHEDULERS as SCHEDULERS
 from predictor.request import FAMILY_FIELDS
 from predictor.testing import decode_image, free_port, metric, start_server, stop_server, wait_ready, wait_until
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Playwright
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -223,28 +227,20 @@ def test_cli_refuses_a_format_that_disagrees_with_the_file_name(tmp_path: Path) 
 
 
 def test_playground_in_headless_chromium(server: str, tmp_path: Path) -> None:
-    if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
-        pytest.skip("chromium is not installed (apt-get install chromium); the playground test needs a browser")
+    _require_chromium()
     from playwright.sync_api import sync_playwright
 
-    flags = [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-    ]
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags, headless=True)
+        browser = _launch(playwright)
         try:
             page = browser.new_page(viewport={"width": 900, "height": 1000})
             page.goto(f"{server}/playground")
             page.wait_for_function("document.getElementById('scheduler').options.length > 0")
             assert page.locator("#model-name").inner_text() == "sd"
+            # Fields of other families and of key-protected servers are not shown to an SD user.
+            for field in ("#prompt_2", "#true_cfg_scale", "#api_key"):
+                assert page.locator(field).is_hidden(), field
+            assert not page.locator("#mask").is_hidden()  # SD inpaints: its mask is offered
             page.fill("#prompt", "a lighthouse in the playground")
             page.fill("#num_inference_steps", "3")
             page.fill("#seed", "21")
@@ -281,5 +277,80 @@ def test_playground_in_headless_chromium(server: str, tmp_path: Path) -> None:
             page.wait_for_selector("#error:not([hidden])", timeout=30_000)
             assert "400" in page.locator("#error").inner_text()
             assert "non-whitespace" in page.locator("#error").inner_text()
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def reference_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A model that edits by reference images (the tiny FLUX.2-klein), for the playground's several-file input."""
+    tmp = tmp_path_factory.mktemp("references")
+    port = free_port()
+    log = tmp / "server.log"
+    flags = ("--default_steps", "2", "--max_batch_instances", "2")
+    process = start_server(
+        "--model_id", "builtin:tiny-flux2-klein", "--model_dir", str(tmp / "none"), *flags, port=port, log=log
+    )
+    try:
+        wait_ready(process, port, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        assert stop_server(process) == 0
+
+
+def _require_chromium() -> None:
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
+        pytest.skip("chromium is not installed (apt-get install chromium); the playground test needs a browser")
+
+
+def _launch(playwright: Playwright) -> Browser:
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking"]
+    flags += ["--disable-component-update", "--disable-sync"]
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=flags, headless=True)
+
+
+def test_playground_sends_several_reference_images_as_one_edit(reference_server: str, tmp_path: Path) -> None:
+    """On a model that edits by reference the file input takes several files, mask and strength are gone, and
+    the image shown is the one /generate makes from the same references in the same order."""
+    _require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    paths, sizes = [], [(96, 64), (64, 64)]
+    for index, (width, height) in enumerate(sizes):
+        paths.append(tmp_path / f"reference-{index}.png")
+        pixels = np.random.default_rng(index).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(paths[-1])
+    with sync_playwright() as playwright:
+        browser = _launch(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 1000})
+            page.goto(f"{reference_server}/playground")
+            page.wait_for_function("document.getElementById('scheduler').options.length > 0")
+            assert not page.locator("#inputs").is_hidden()
+            assert page.locator("#inputs legend").inner_text().startswith("Reference images")
+            assert page.evaluate("document.getElementById('input-image').multiple")
+            assert page.locator("#mask").is_hidden() and page.locator("#strength").is_hidden()
+            page.fill("#prompt", "the two pictures, blended")
+            page.fill("#seed", "5")
+            page.set_input_files("#input-image", [str(path) for path in paths])
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')", timeout=60_000)
+            source = page.get_attribute("#image", "src")
+            shown = decode_image(base64.b64decode(source.split(",", 1)[1]))
+            assert shown.shape == (64, 96, 3)  # the first reference's size
+            references = [base64.b64encode(path.read_bytes()).decode() for path in paths]
+            body = {"prompt": "the two pictures, blended", "seed": 5, "image": references}
+            body |= {
+                "scheduler": page.input_value("#scheduler"),
+                "guidance_scale": float(page.input_value("#guidance_scale")),
+            }
+            expected = httpx.post(f"{reference_server}/generate", json=body, timeout=60)
+            assert expected.status_code == 200, expected.text
+            assert np.array_equal(shown, decode_image(expected.content))
+            # The order is the user's: swapped references are another edit, at the other first image's size.
+            swapped = httpx.post(f"{reference_server}/generate", json=body | {"image": references[::-1]}, timeout=60)
+            assert decode_image(swapped.content).shape == (64, 64, 3)
         finally:
             browser.close()
