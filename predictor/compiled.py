@@ -5,6 +5,10 @@ reduce-overhead`` on CUDA) a graph is recorded per bucket of rows (2, 4, 8, ... 
 can bring) and every call is padded up to the next bucket; without them the compiled graph takes any row
 count, and warm-up runs each one so a guard split compiles before the server is ready, not under a request.
 The decoder is compiled for one image and decodes a batch image by image.
+
+A family whose transformer takes ragged inputs (Z-Image: each caption at its own length, padded and masked by the
+model's own code) is compiled by region instead: each of its repeated blocks with dynamic batch and sequence
+dimensions, the model's glue eager. Its graphs, a few per block kind, are all made in warm-up.
 """
 
 from __future__ import annotations
@@ -145,6 +149,81 @@ class CompiledDenoiser:
         if self.cuda_graphs:
             return f"CUDA graphs for {len(self.buckets)} batch sizes"
         return "dynamic batch size"
+
+
+def _compact_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def _mark_ragged(value: Any) -> Any:
+    """A block's tensor input, contiguous (dynamo guards on strides: the model slices its padded sequences), with
+    the batch dimension dynamic, and the sequence dimension too: the second of a sequence tensor (three or more
+    dimensions) and of the boolean attention mask. Feature dimensions stay static, so kernels keep their sizes."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.stride() != _compact_strides(value.shape):  # contiguous() keeps a slice's stride on a size-1 dimension
+        value = torch.empty(value.shape, dtype=value.dtype, device=value.device).copy_(value)
+    torch._dynamo.maybe_mark_dynamic(value, 0)
+    if value.dim() >= 3 or (value.dim() == 2 and value.dtype == torch.bool):
+        torch._dynamo.maybe_mark_dynamic(value, 1)
+    return value
+
+
+def _ragged_forward(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return compiled(*map(_mark_ragged, args), **{key: _mark_ragged(value) for key, value in kwargs.items()})
+
+    return forward
+
+
+class CompiledBlocks:
+    """A transformer compiled by region: each block its class names in ``_repeated_blocks`` (diffusers' list for
+    regional compilation) under torch.compile with dynamic batch and sequence sizes, called through the family's
+    eager call. Any row count, caption length and image size then runs without compiling; a graph exists per block
+    kind (with and without adaptive modulation), per attention mask (none when a batch's sequences are equal) and
+    for one row (dynamo specialises a size of one), each made in warm-up. No CUDA graphs: shapes vary by request."""
+
+    cuda_graphs = False
+
+    def __init__(self, module: torch.nn.Module, call: torch.nn.Module, config: EngineConfig, max_rows: int) -> None:
+        kinds = tuple(getattr(module, "_repeated_blocks", ()))
+        self.blocks = [block for block in module.modules() if type(block).__name__ in kinds]
+        if not self.blocks:
+            raise ValueError(f"{type(module).__name__} names no repeated blocks to compile by region")
+        self.max_rows = max_rows
+        self._call = call
+        mode = "default" if config.compile_mode == "reduce-overhead" else config.compile_mode
+        options = compile_options(config, mode, None)
+        # Every block shares one code object, so its variants (block kinds x masks x one row or several, twice
+        # with adapter slots) are entries of one cache: more than dynamo's default limit of 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for block in self.blocks:
+            block.forward = _ragged_forward(torch.compile(block.forward, **options))
+
+    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, **inputs: Any) -> torch.Tensor:
+        return self._call(sample, timesteps, **inputs, return_dict=False)[0]
+
+    def warm_up(self, example: Callable[..., Any], synchronize: Callable[[], None]) -> tuple[float, float]:
+        """Compile on two rows of unequal captions, then run every row count, with equal and unequal captions, so
+        no request compiles. ``example(rows, ragged=...)`` gives the inputs. Returns the seconds of each part."""
+        started = time.perf_counter()
+        sample, timesteps, inputs = example(2, ragged=True)
+        self(sample, timesteps, **inputs)
+        synchronize()
+        compiled = time.perf_counter()
+        for rows in range(1, self.max_rows + 1):
+            for ragged in (False, True) if rows > 1 else (False,):
+                sample, timesteps, inputs = example(rows, ragged=ragged)
+                self(sample, timesteps, **inputs)
+        synchronize()
+        return compiled - started, time.perf_counter() - compiled
+
+    def describe(self) -> str:
+        return f"{len(self.blocks)} blocks by region, dynamic batch and sequence sizes"
 
 
 class CompiledDecoder:

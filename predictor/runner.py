@@ -27,9 +27,15 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
 from predictor.batching import AdapterLimit
-from predictor.compiled import CompiledDecoder, CompiledDenoiser, compile_cache_counts, compile_phases
+from predictor.compiled import (
+    CompiledBlocks,
+    CompiledDecoder,
+    CompiledDenoiser,
+    compile_cache_counts,
+    compile_phases,
+)
 from predictor.config import EngineConfig
-from predictor.errors import GenerationFailed, LoadError, PredictorError
+from predictor.errors import GenerationFailed, PredictorError
 from predictor.families.base import Conditioning, FamilyModel
 from predictor.jobs import Job
 from predictor.loading import LoadedPipeline
@@ -474,8 +480,6 @@ class DiffusionRunner:
     def _compile(self) -> None:
         """torch.compile the denoiser and the VAE decoder, then run them so no request compiles or records a graph."""
         device, config, model = self.device, self.config, self.model
-        if model.compile_refused is not None:
-            raise LoadError(f"--compile: {model.compile_refused}; serve it without --compile")
         started = time.perf_counter()
         # CUDA graphs replay fixed shapes; they exist on CUDA only.
         cuda_graphs = device.type == "cuda" and (
@@ -488,7 +492,11 @@ class DiffusionRunner:
         if self.adapters is not None:  # adapters in fixed slots, so loading one never changes a compiled module
             self.adapters.install_for_compile(max_rows)
             variants = self.adapters.graph_variants()  # with and without adapter rows: both before serving
-        denoiser = CompiledDenoiser(model.denoiser_module, config, max_rows=max_rows, cuda_graphs=cuda_graphs)
+        denoiser: CompiledDenoiser | CompiledBlocks
+        if model.compile_by_region:
+            denoiser = CompiledBlocks(model.denoiser, model.denoiser_module, config, max_rows=max_rows)
+        else:
+            denoiser = CompiledDenoiser(model.denoiser_module, config, max_rows=max_rows, cuda_graphs=cuda_graphs)
         decoder = CompiledDecoder(model.vae.decode, config)
         denoiser_compile_s = denoiser_sizes_s = 0.0
         for variant in variants:

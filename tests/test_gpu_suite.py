@@ -60,7 +60,7 @@ def test_quick_mode_runs_every_stage_and_reports_every_figure(tmp_path: Path) ->
     equivalence = _numbers(stages["equivalence"])
     assert len(equivalence) == 2 * 8
     assert all(value <= 2 for value in equivalence.values()), equivalence
-    for name in ("compile-sd-v1", "loras-compiled"):
+    for name in ("compile-sd-v1", "compile-zimage-turbo", "loras-compiled"):
         compiled = _numbers(stages[name])
         assert compiled["recompilations after ready (torch's log)"] == 0
     assert _numbers(stages["loras-compiled"])["slot memory (4 slots)"] > 0

@@ -443,15 +443,19 @@ def test_compiled_denoiser_swaps_adapters_in_its_slots_without_recompiling(
         assert np.abs(one - want).max() <= TOLERANCE and np.abs(batched - want).max() <= TOLERANCE
 
 
-def test_compiled_flux_transformer_takes_adapters_in_slots(tmp_path: Path) -> None:
-    loaded, plain, adapted = _with_two_adapters(build_tiny_flux_dev(), tmp_path, FluxPipeline)
-    loaded.pipe.default_sample_size = 8  # saved to disk, FLUX's native size is its pipeline's 1024: compile at 64
+@pytest.mark.parametrize(
+    ("build", "pipeline_class"), [(build_tiny_flux_dev, FluxPipeline), (build_tiny_zimage, ZImagePipeline)]
+)
+def test_compiled_transformers_take_adapters_in_slots(tmp_path: Path, build, pipeline_class) -> None:
+    """FLUX's whole transformer compiled, Z-Image's blocks compiled by region: adapters in slots either way."""
+    loaded, plain, adapted = _with_two_adapters(build(), tmp_path, pipeline_class)
+    loaded.pipe.default_sample_size = 8  # saved to disk, the native size is the pipeline's 1024: compile at 64
     _fresh_dynamo()
     common = {"num_inference_steps": 2, "guidance_scale": loaded.traits.default_guidance_scale}
-    cases = [
+    cases = [  # prompts of different lengths: Z-Image's captions are ragged
         _resolved(loaded, prompt="a", seed=1, loras=[{"name": "style", "scale": 0.7}], **common),
-        _resolved(loaded, prompt="b", seed=2, **common),
-        _resolved(loaded, prompt="c", seed=3, loras=[{"name": "light"}, {"name": "style", "scale": 1.2}], **common),
+        _resolved(loaded, prompt="b with a longer prompt than the others", seed=2, **common),
+        _resolved(loaded, prompt="c c", seed=3, loras=[{"name": "light"}, {"name": "style", "scale": 1.2}], **common),
     ]
     with running_engine(loaded, compile=True, compile_backend="eager", max_batch_size=4) as engine:
         after_warmup = engine.runner.compiled_graphs()

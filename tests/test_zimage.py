@@ -15,7 +15,6 @@ from diffusers import ZImagePipeline
 from fastapi.testclient import TestClient
 
 from predictor.builtin import build_tiny_zimage
-from predictor.errors import LoadError
 from predictor.families import build_builtin
 from predictor.loading import LoadedPipeline, load_pipeline
 from predictor.testing import (
@@ -143,8 +142,33 @@ def _png(size: int) -> str:
     return encode_png(Image.new("RGB", (size, size), (20, 40, 60)))
 
 
-def test_compile_is_refused_at_load_with_the_reason(zimage_dir: Path) -> None:
+def test_compiled_by_region_never_recompiles_and_matches_eager(zimage_dir: Path) -> None:
+    """--compile compiles Z-Image's blocks by region with dynamic sequence sizes: prompts of new lengths, one row
+    or several, guided or not and another image size compile nothing after warm-up (the eager backend: dynamo's
+    capture and guards are inductor's), and the images are eager's."""
     loaded = _load(zimage_dir)
-    refused = "--compile: Z-Image's transformer takes each prompt at its own length"
-    with pytest.raises(LoadError, match=refused), running_engine(loaded, compile=True, compile_backend="eager"):
-        pass
+    loaded.pipe.default_sample_size = 8  # saved to disk, the native size is the pipeline's 1024: compile at 64
+    sentence = "a lighthouse on a cliff at dusk with gulls and a storm coming in from the sea"
+    jobs = [
+        params(
+            prompt=sentence[: 3 + 20 * i],
+            scheduler="euler",
+            seed=i,
+            num_inference_steps=2,
+            guidance_scale=[0.0, 4.0][i % 2],
+        )
+        for i in range(4)
+    ]
+    jobs.append(
+        params(prompt="a tall one", scheduler="euler", seed=9, num_inference_steps=2, guidance_scale=0.0, height=96)
+    )
+    with running_engine(loaded, max_batch_size=3) as engine:
+        expected = [pixels(f.result(timeout=60).image) for f in engine.submit(jobs)]
+        alone = pixels(engine.submit([jobs[0]])[0].result(timeout=60).image)
+    with running_engine(loaded, max_batch_size=3, compile=True, compile_backend="eager") as engine:
+        after_warmup = engine.runner.compiled_graphs()
+        served = [pixels(f.result(timeout=60).image) for f in engine.submit(jobs)]
+        served_alone = pixels(engine.submit([jobs[0]])[0].result(timeout=60).image)
+        assert engine.runner.compiled_graphs() == after_warmup, "a prompt length or row count compiled after warm-up"
+    for got, want in zip([*served, served_alone], [*expected, alone], strict=True):
+        assert np.abs(got - want).max() <= TOLERANCE

@@ -173,8 +173,9 @@ class FamilyModel:
     default_strength: ClassVar[dict[str, float]] = {"img2img": 0.8, "inpaint": 1.0}
     prediction_type: ClassVar[str] = "epsilon"  # what the checkpoint's scheduler config says when it says nothing
     family_fields: ClassVar[frozenset[str]] = frozenset()  # family-only request fields (request.FAMILY_FIELDS)
-    # Why --compile is refused for this family (None: it compiles).
-    compile_refused: ClassVar[str | None] = None
+    # --compile compiles the transformer's repeated blocks with dynamic sequence sizes, not the whole call: for a
+    # transformer whose inputs are ragged (lists of different lengths). example_inputs then takes ``ragged``.
+    compile_by_region: ClassVar[bool] = False
 
     def __init__(self, loaded: Loaded) -> None:
         self.loaded = loaded

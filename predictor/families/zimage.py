@@ -48,10 +48,7 @@ def _call_zimage(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor
 class ZImageModel(FlowMatchingModel):
     image_size_factor = 2  # the image processor works in multiples of 16: the VAE's 8 and the 2x2 patches
     inpaint_noises_at_full_strength = True  # ZImageInpaintPipeline noises the picture even at strength 1
-    compile_refused = (
-        "Z-Image's transformer takes each prompt at its own length, and graphs compiled for fixed shapes would "
-        "recompile for every new one"
-    )
+    compile_by_region = True  # each prompt at its own length: a graph of fixed shapes would recompile for each
 
     call_transformer = staticmethod(_call_zimage)
 
@@ -132,12 +129,15 @@ class ZImageModel(FlowMatchingModel):
     def final_latents(self, jobs: list[Job]) -> torch.Tensor:
         return torch.cat([job.work.latents for job in jobs])
 
-    def example_inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    def example_inputs(self, rows: int, ragged: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Captions of the full window, or (``ragged``) each row's 40 tokens shorter than the last, so the
+        transformer pads them to different lengths and masks them, as prompts of different lengths make it do."""
         config = self.pipe.transformer.config
         sample = torch.zeros((rows, *self.native_row_shape()), device=self.device, dtype=torch.float32)
         timesteps = torch.full((rows,), 500.0, device=self.device, dtype=torch.float32)
-        features = torch.zeros((self.max_text_tokens, config.cap_feat_dim), device=self.device, dtype=self.pipe.dtype)
-        return sample, timesteps, {"cap_feats": [features] * rows}
+        lengths = [max(self.max_text_tokens - 40 * row * ragged, 1) for row in range(rows)]
+        features = [torch.zeros((n, config.cap_feat_dim), device=self.device, dtype=self.pipe.dtype) for n in lengths]
+        return sample, timesteps, {"cap_feats": features}
 
 
 FAMILY = Family(
