@@ -8,6 +8,8 @@ TOOLS ?= .tools
 TORCH ?=
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 ARGS ?=
+# The suite runs on every core (at most 4 workers), a test file to a worker so each file's servers start once.
+PYTEST_WORKERS ?= -n auto --maxprocesses 4 --dist loadfile
 export TORCH TORCH_INDEX
 
 $(VENV)/.installed: pyproject.toml docker/requirements.lock docker/lockfile.py
@@ -38,4 +40,4 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check predictor tests bench docker
 
 test: lint $(TOOLS)/.installed
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
