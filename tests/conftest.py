@@ -29,6 +29,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 install_log_filters()  # the same third-party noise filtered as in the server process
 
+# The files that take longest (a minute or more each) run first: under `make test`'s workers, a file to a worker in
+# this order, the last files to start are short ones and the workers finish together.
+LONGEST_FIRST = ("test_gpu_suite.py", "test_server_process.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within each file, and of the other files, stays as collected
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -126,11 +126,19 @@ install_log_filters()  # as the server's main() does first: importing the runner
 import predictor.runner
 
 delay = float(os.environ["PREDICTOR_TEST_STEP_DELAY"])
+gate = os.environ.get("PREDICTOR_TEST_GATE")  # a file: the job prompted "gated" takes its last step once it exists
 original = predictor.runner.DiffusionRunner.predict_noise
 
 
 def slowed(self, jobs):
-    time.sleep(delay)
+    gated = [job for job in jobs if job.params.prompt == "gated"]
+    if not gated:
+        time.sleep(delay)
+    elif gated[0].steps_done == gated[0].params.num_inference_steps - 1:
+        open(gate + ".waiting", "w").close()
+        deadline = time.monotonic() + 120
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
     return original(self, jobs)
 
 
@@ -151,7 +159,11 @@ def _start_slowed_server(tmp_path: Path, delay_s: float, grace_s: int) -> tuple[
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(_STEP_DELAY_HOOK)
     port, log = free_port(), tmp_path / "server.log"
-    env = {"PYTHONPATH": str(hook), "PREDICTOR_TEST_STEP_DELAY": str(delay_s)}
+    env = {
+        "PYTHONPATH": str(hook),
+        "PREDICTOR_TEST_STEP_DELAY": str(delay_s),
+        "PREDICTOR_TEST_GATE": str(hook / "gate"),
+    }
     flags = ("--grace_period_s", str(grace_s), "--warmup_steps", "0")
     process = start_server("--model_id", "builtin:tiny", *NO_MODEL_DIR, *flags, port=port, log=log, env=env)
     wait_ready(process, port, log)
@@ -205,9 +217,12 @@ def test_builtin_tiny_serves_then_sigterm_finishes_what_fits_the_grace_period_an
 ) -> None:
     """builtin:tiny as a user starts it. On SIGTERM a request that finishes within --grace_period_s is served;
     past it every other request in flight gets 503 shutting_down in its route's error shape, a stream its error
-    event, a new request on a kept-alive connection 503 too; the process exits 0 a few seconds later."""
+    event, a new request on a kept-alive connection 503 too; the process exits 0 a few seconds later. The request
+    that finishes is held before its last step until the signal is sent (a gate, not a race with the clock); the
+    others are slowed to 20 s."""
     grace_s = 3
     process, base, log = _start_slowed_server(tmp_path, delay_s=0.2, grace_s=grace_s)  # 100 steps: 20 s each
+    gate = tmp_path / "hook" / "gate"
     try:
         response = httpx.post(f"{base}/generate", json={"prompt": "a kite", "seed": 4, "num_inference_steps": 2})
         assert response.status_code == 200
@@ -215,16 +230,17 @@ def test_builtin_tiny_serves_then_sigterm_finishes_what_fits_the_grace_period_an
         assert response.headers["x-seed"] == "4"
 
         answers, threads = _send_in_flight(base)
-        short: dict[str, httpx.Response] = {}  # 4 steps: 0.8 s, within the grace period
-        body = {"prompt": "short", "num_inference_steps": 4}
+        short: dict[str, httpx.Response] = {}
+        body = {"prompt": "gated", "num_inference_steps": 4}
         thread = threading.Thread(target=lambda: short.update(r=httpx.post(f"{base}/generate", json=body, timeout=60)))
         thread.start()
-        wait_until(lambda: metric(base, "diffusion_active_images") == len(_IN_FLIGHT) + 1, timeout_s=30)
+        wait_until(lambda: gate.with_suffix(".waiting").exists(), timeout_s=30)  # at its last step, held
         with httpx.Client(base_url=base, timeout=30) as kept_alive:  # a connection that outlives the signal
             assert kept_alive.get("/livez").status_code == 200
             signalled = time.monotonic()
             process.send_signal(signal.SIGTERM)
             late = kept_alive.post("/generate", json={"prompt": "late"})
+            gate.touch()  # signalled: its last step may run, well within the grace period
         assert late.status_code == 503 and late.json()["error_type"] == "shutting_down"
         for waiting in [thread, *threads]:
             waiting.join(timeout=60)
