@@ -21,6 +21,7 @@ MODELS = (
     ("Z-Image(-Turbo)", "zimage-arch"),
     ("FLUX.2-klein-4B", "flux2-klein-4b-arch"),
     ("FLUX.2-dev", "flux2-dev-arch"),
+    ("Qwen-Image", "qwenimage-arch"),
 )
 HEADER = (
     "| model | denoiser, bfloat16 | denoiser, float8 | text encoders + VAE, bfloat16 | total, bfloat16 "

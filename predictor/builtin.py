@@ -44,6 +44,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLFlux2,
+    AutoencoderKLQwenImage,
     DDIMScheduler,
     DiffusionPipeline,
     EulerDiscreteScheduler,
@@ -54,6 +55,8 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
     PNDMScheduler,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionInpaintPipeline,
@@ -71,6 +74,8 @@ from transformers import (
     CLIPTokenizer,
     Mistral3Config,
     Mistral3ForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -938,6 +943,99 @@ def build_flux2_dev_arch(device: torch.device, dtype: torch.dtype) -> Flux2Pipel
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=processor,
+        transformer=transformer,
+    )
+    return pipe.to(device=device, dtype=dtype)
+
+
+# Qwen-Image's scheduler_config.json: dynamic shifting over the FLUX range, shift 1 (the mu does the shifting).
+QWENIMAGE_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 0.9,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 8192,
+    "shift_terminal": 0.02,
+    "time_shift_type": "exponential",
+}
+
+# Qwen2.5-VL-7B-Instruct's shapes: Qwen-Image's text encoder (its vision tower is loaded, never run here).
+QWEN25_VL_7B_TEXT = {
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 128000,
+    "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+}
+QWEN25_VL_7B_VISION = {
+    "depth": 32,
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "out_hidden_size": 3584,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+}
+
+
+def _qwen25_vl(tokenizer: Qwen2Tokenizer, text: dict[str, Any], vision: dict[str, Any]) -> Any:
+    text = {**text, "vocab_size": max(len(tokenizer), text.get("vocab_size", 0))}
+    text |= {"bos_token_id": None, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+
+
+def build_tiny_qwenimage() -> QwenImagePipeline:
+    torch.manual_seed(_SEED)
+    tokenizer = _qwen_tokenizer()
+    text = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1000000.0},
+    }
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32}
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWENIMAGE_SCHEDULER_CONFIG),
+        vae=AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
+        text_encoder=_qwen25_vl(tokenizer, text, vision),
+        tokenizer=tokenizer,
+        transformer=QwenImageTransformer2DModel(
+            in_channels=64,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,  # the text encoder's width
+            axes_dims_rope=(4, 6, 6),  # the head's 16 dimensions
+        ),
+    )
+    # QwenImagePipeline fixes its default size at 1024 px; the tiny one is made for 64 px (8 latents of the VAE's
+    # 8). Saved to disk and loaded again, it is 1024 px again.
+    pipe.default_sample_size = 8
+    return pipe
+
+
+def build_qwenimage_arch(device: torch.device, dtype: torch.dtype) -> QwenImagePipeline:
+    """Qwen-Image's shapes: the transformer (diffusers' defaults are the released model's), Qwen2.5-VL-7B, and the
+    Qwen-Image VAE (diffusers' defaults)."""
+    torch.manual_seed(_SEED)
+    tokenizer = _qwen_tokenizer()
+    with torch.device(device):
+        text_encoder = _qwen25_vl(tokenizer, QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION)
+        transformer = QwenImageTransformer2DModel()
+        vae = AutoencoderKLQwenImage()
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWENIMAGE_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
         transformer=transformer,
     )
     return pipe.to(device=device, dtype=dtype)

@@ -163,6 +163,8 @@ def _mark_ragged(value: Any) -> Any:
     """A block's tensor input, contiguous (dynamo guards on strides: the model slices its padded sequences), with
     the batch dimension dynamic, and the sequence dimension too: the second of a sequence tensor (three or more
     dimensions) and of the boolean attention mask. Feature dimensions stay static, so kernels keep their sizes."""
+    if isinstance(value, tuple | list):  # Qwen-Image's rotary embeddings: (image frequencies, text frequencies)
+        return type(value)(_mark_ragged(item) for item in value)
     if not isinstance(value, torch.Tensor):
         return value
     if value.stride() != _compact_strides(value.shape):  # contiguous() keeps a slice's stride on a size-1 dimension

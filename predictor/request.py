@@ -166,6 +166,7 @@ class ModelTraits:
     schedulers: tuple[str, ...] = tuple(n for n in SCHEDULER_NAMES if n != "heun")
     default_scheduler: str = "dpmpp_2m"
     default_guidance_scale: float = 7.5
+    default_true_cfg_scale: float = 1.0  # true CFG (FLUX, Qwen-Image) with a negative prompt, above 1
     size_multiple: int = SIZE_MULTIPLE
     fields: frozenset[str] = frozenset()  # which of FAMILY_FIELDS this model takes
     # "cfg": classifier-free guidance rows; "embedded": the scale is an input of the denoiser (FLUX.1-dev);
@@ -284,10 +285,10 @@ class GenerationFields(BaseModel):
     negative_prompt_3: Annotated[OptionalText, _THIRD_ENCODER] = Field(
         default=None, description="SD3 only: the negative prompt for the T5 encoder (default: negative_prompt)."
     )
-    true_cfg_scale: Annotated[Guidance | None, FamilyOnly("FLUX models")] = Field(
+    true_cfg_scale: Annotated[Guidance | None, FamilyOnly("FLUX and Qwen-Image models")] = Field(
         default=None,
-        description="FLUX only: classifier-free guidance against negative_prompt when above 1 (default 1: off; "
-        "each step then costs two transformer rows).",
+        description="FLUX and Qwen-Image only: classifier-free guidance against negative_prompt when above 1 "
+        "(default: the pipeline's, FLUX 1: off, Qwen-Image 4; each guided step costs two transformer rows).",
     )
     num_inference_steps: Annotated[Steps | None, OperatorLimit("max_steps")] = Field(
         default=None, description="Denoising steps (default: --default_steps)."
@@ -670,7 +671,7 @@ def resolve(
         distilled = "has no effect on this model: it was distilled without guidance"
         if request.guidance_scale is not None and request.guidance_scale > 1:
             if traits.takes("true_cfg_scale"):
-                distilled += " (FLUX.1-schnell); use true_cfg_scale with a negative_prompt for classifier-free guidance"
+                distilled += "; use true_cfg_scale with a negative_prompt for classifier-free guidance"
             raise refuse("guidance_scale", distilled)
         if request.negative_prompt is not None and not traits.takes("true_cfg_scale"):
             raise refuse("negative_prompt", distilled)
@@ -680,13 +681,13 @@ def resolve(
             "has no effect on this model: it is guidance-distilled (guidance_scale is an input of the model), "
             "with no classifier-free guidance against a negative prompt",
         )
-    true_cfg = request.true_cfg_scale if request.true_cfg_scale is not None else 1.0
+    true_cfg = request.true_cfg_scale if request.true_cfg_scale is not None else traits.default_true_cfg_scale
     if traits.takes("true_cfg_scale"):
         negatives = [n for n in ("negative_prompt", "negative_prompt_2") if getattr(request, n) is not None]
-        if true_cfg > 1 and request.negative_prompt is None:
-            raise refuse("true_cfg_scale", "needs a negative_prompt (FLUX guides against it)")
+        if request.true_cfg_scale is not None and true_cfg > 1 and request.negative_prompt is None:
+            raise refuse("true_cfg_scale", "needs a negative_prompt (the model guides against it)")
         if negatives and true_cfg <= 1:
-            raise refuse(negatives[0], "takes effect on FLUX only with true_cfg_scale above 1")
+            raise refuse(negatives[0], "takes effect on this model only with true_cfg_scale above 1")
     resolved = {
         "num_inference_steps": steps,
         "guidance_scale": float(guidance),

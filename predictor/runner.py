@@ -319,7 +319,7 @@ class DiffusionRunner:
         for job in jobs:
             if job.work.uncond is not None:
                 uncond, text = noise[row : row + 1], noise[row + 1 : row + 2]
-                predictions[job] = uncond + model.guidance_scale(job.params) * (text - uncond)
+                predictions[job] = model.mix_guidance(uncond, text, job.params)
                 row += 2
             else:
                 predictions[job] = noise[row : row + 1]

@@ -488,3 +488,18 @@ def save_random_lora(
     directory.mkdir(parents=True, exist_ok=True)
     type(pipe).save_lora_weights(directory, weight_name=f"{name}.safetensors", **layers)
     return directory / f"{name}.safetensors"
+
+
+def assert_compiled_matches_eager(loaded: Any, jobs: list[GenerationParams], **engine_config: Any) -> None:
+    """``jobs`` under --compile (the eager backend: dynamo's capture and guards are inductor's) compile nothing
+    after warm-up, and make the images eager makes, alone (the first) and together."""
+    with running_engine(loaded, **engine_config) as engine:
+        expected = [pixels(f.result(timeout=60).image) for f in engine.submit(jobs)]
+        expected.append(pixels(engine.submit(jobs[:1])[0].result(timeout=60).image))
+    with running_engine(loaded, compile=True, compile_backend="eager", **engine_config) as engine:
+        after_warmup = engine.runner.compiled_graphs()
+        served = [pixels(f.result(timeout=60).image) for f in engine.submit(jobs)]
+        served.append(pixels(engine.submit(jobs[:1])[0].result(timeout=60).image))
+        assert engine.runner.compiled_graphs() == after_warmup, "a prompt length, size or row count compiled"
+    for got, want in zip(served, expected, strict=True):
+        assert np.abs(got - want).max() <= TOLERANCE

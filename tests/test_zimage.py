@@ -22,6 +22,7 @@ from predictor.testing import (
     TOLERANCE,
     app_client,
     assert_alone_and_mixed_equal,
+    assert_compiled_matches_eager,
     decode_image,
     diffusers_image,
     diffusers_pipeline,
@@ -162,13 +163,4 @@ def test_compiled_by_region_never_recompiles_and_matches_eager(zimage_dir: Path)
     jobs.append(
         params(prompt="a tall one", scheduler="euler", seed=9, num_inference_steps=2, guidance_scale=0.0, height=96)
     )
-    with running_engine(loaded, max_batch_size=3) as engine:
-        expected = [pixels(f.result(timeout=60).image) for f in engine.submit(jobs)]
-        alone = pixels(engine.submit([jobs[0]])[0].result(timeout=60).image)
-    with running_engine(loaded, max_batch_size=3, compile=True, compile_backend="eager") as engine:
-        after_warmup = engine.runner.compiled_graphs()
-        served = [pixels(f.result(timeout=60).image) for f in engine.submit(jobs)]
-        served_alone = pixels(engine.submit([jobs[0]])[0].result(timeout=60).image)
-        assert engine.runner.compiled_graphs() == after_warmup, "a prompt length or row count compiled after warm-up"
-    for got, want in zip([*served, served_alone], [*expected, alone], strict=True):
-        assert np.abs(got - want).max() <= TOLERANCE
+    assert_compiled_matches_eager(loaded, jobs, max_batch_size=3)

@@ -1,7 +1,8 @@
 """The model families this server serves, one module each, registered once here.
 
-A family module (``sd``, ``sdxl``, ``flux``, ``sd3``, ``zimage``, ``flux2``) defines its ``FamilyModel`` (traits,
-schedule and the runner's hooks) and its ``FAMILY``: the diffusers pipeline classes it serves and its builtins.
+A family module (``sd``, ``sdxl``, ``flux``, ``sd3``, ``zimage``, ``flux2``, ``qwenimage``) defines its
+``FamilyModel`` (traits, schedule and the runner's hooks) and its ``FAMILY``: the diffusers pipeline classes it
+serves and its builtins.
 Nothing outside this package branches on a family's name or a pipeline class: the loader finds a checkpoint's family
 here by the class name in its ``model_index.json``, and everything after asks the family's model.
 docs/families.md says what a new family takes.
@@ -12,10 +13,18 @@ from __future__ import annotations
 import torch
 from diffusers import DiffusionPipeline
 
-from predictor.families import flux, flux2, sd, sd3, sdxl, zimage
+from predictor.families import flux, flux2, qwenimage, sd, sd3, sdxl, zimage
 from predictor.families.base import Builtin, Family, FamilyModel, check_registries
 
-FAMILIES: tuple[Family, ...] = (sd.FAMILY, sdxl.FAMILY, flux.FAMILY, sd3.FAMILY, zimage.FAMILY, flux2.FAMILY)
+FAMILIES: tuple[Family, ...] = (
+    sd.FAMILY,
+    sdxl.FAMILY,
+    flux.FAMILY,
+    sd3.FAMILY,
+    zimage.FAMILY,
+    flux2.FAMILY,
+    qwenimage.FAMILY,
+)
 
 BUILTIN_PREFIX = "builtin:"
 

@@ -57,6 +57,8 @@ class ServedPipeline:
     pipeline_class: type[DiffusionPipeline]
     description: str
     default_guidance_scale: float  # diffusers' default for this pipeline's __call__
+    # diffusers' default true_cfg_scale (FLUX.1's 1: off; Qwen-Image's 4, in effect with a negative prompt)
+    default_true_cfg_scale: float = 1.0
     takes_images: bool = True  # False: its img2img and inpainting pipelines compute otherwise (LCM's)
 
 
@@ -181,7 +183,12 @@ class FamilyModel:
         self.loaded = loaded
         self.pipe: Any = loaded.pipe
         self.device = loaded.device
-        self.vae: Any = loaded.pipe.vae  # the VAE that decodes (SDXL's may be a float32 copy)
+        self.vae: Any = self.decoding_vae(loaded.pipe.vae)  # the VAE that decodes (SDXL's may be a float32 copy)
+
+    def decoding_vae(self, vae: Any) -> Any:
+        """The VAE as the runner calls it: ``decode`` of (rows, channels, height, width) latents to images, with
+        ``config.latent_channels`` (Qwen-Image's video VAE is wrapped to look so)."""
+        return vae
 
     # ---- facts about the checkpoint ----------------------------------------------------------------
 
@@ -235,6 +242,10 @@ class FamilyModel:
         served = self.loaded.family.served(type(self.pipe).__name__)
         return served.default_guidance_scale if served is not None else 7.5
 
+    def default_true_cfg_scale(self) -> float:
+        served = self.loaded.family.served(type(self.pipe).__name__)
+        return served.default_true_cfg_scale if served is not None else 1.0
+
     def guidance_kind(self) -> str:
         """ "cfg": classifier-free guidance rows; "embedded": the scale is an input; "none": no guidance scale."""
         return "cfg"
@@ -276,6 +287,7 @@ class FamilyModel:
             schedulers=schedulers,
             default_scheduler=default,
             default_guidance_scale=0.0 if guidance == "none" else self.default_guidance_scale(),
+            default_true_cfg_scale=self.default_true_cfg_scale(),
             size_multiple=self.size_multiple,
             fields=self.taken_fields(windows),
             guidance=guidance,  # type: ignore[arg-type]
@@ -368,6 +380,10 @@ class FamilyModel:
     def guidance_scale(self, params: GenerationParams) -> float:
         """The scale that mixes a job's unconditional and conditional rows."""
         return params.guidance_scale
+
+    def mix_guidance(self, uncond: torch.Tensor, text: torch.Tensor, params: GenerationParams) -> torch.Tensor:
+        """A guided job's noise prediction from its two rows."""
+        return uncond + self.guidance_scale(params) * (text - uncond)
 
     # ---- image jobs ----------------------------------------------------------------------------------
 

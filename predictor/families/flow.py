@@ -101,7 +101,7 @@ class FlowMatchingModel(FamilyModel):
         self._call = TransformerCall(self.pipe.transformer, self.call_transformer)
         # The long text encoder's token window: --max_sequence_length, else the pipeline's default (the family's).
         self.max_text_tokens = int(loaded.max_sequence_length or loaded.family.long_text_tokens or 0)
-        scale, channels = self.pipe.vae_scale_factor * self.image_size_factor, self.pipe.vae.config.latent_channels
+        scale, channels = self.pipe.vae_scale_factor * self.image_size_factor, self.vae.config.latent_channels
         self.image_processor = VaeImageProcessor(vae_scale_factor=scale, vae_latent_channels=channels)
         self.mask_processor = VaeImageProcessor(
             vae_scale_factor=scale,

@@ -1,0 +1,219 @@
+"""Qwen-Image (and its 2512 checkpoint): a Qwen2.5-VL encoder's last hidden states, each prompt at its own length,
+condition a double-stream transformer over latents packed in 2x2 patches, with flow matching and true CFG.
+
+The specification it matches row for row is diffusers' ``QwenImagePipeline.__call__``:
+
+- each prompt goes into the pipeline's describe-the-image template and through the encoder; the template's first
+  34 tokens are dropped, and the prompt's own tokens, at most ``max_sequence_length`` (512), are its caption;
+  captions of different lengths in one call are padded with zeros and masked, as the pipeline pads a batch;
+- latents ``(1, 16, h, w)`` per image (one video frame) in the encoder's dtype, drawn with the request's CPU
+  generator, then packed; the transformer takes ``t / 1000`` and each image's ``img_shapes``;
+- each job's schedule is its pipeline's: sigmas ``linspace(1, 1/n, n)`` shifted by ``mu`` from the image's token
+  count, from index 0;
+- ``true_cfg_scale`` above 1 (the pipeline's default is 4) with a negative prompt adds a row conditioned on it,
+  mixed as ``negative + scale * (positive - negative)`` and then rescaled, token by token, to the positive row's
+  norm; the model takes no ``guidance_scale``;
+- the decode un-normalises with the VAE's per-channel mean and std and takes the one frame of its video VAE.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import QwenImagePipeline
+from diffusers.configuration_utils import FrozenDict
+from diffusers.pipelines.qwenimage import pipeline_qwenimage
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from predictor import builtin
+from predictor.families.base import Builtin, Encoded, Family, ServedPipeline, with_negatives
+from predictor.families.flow import FlowMatchingModel, resolution_shift
+from predictor.jobs import Job
+from predictor.request import GenerationParams
+
+TEXT_TOKENS = 512  # QwenImagePipeline's default max_sequence_length (it refuses more than 1024)
+
+
+def _call_qwen(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor, **inputs: Any) -> Any:
+    """The pipeline's call: captions padded with zeros to the longest and masked (no mask when all are equal, as
+    the pipeline drops an all-ones mask), each row's image shape."""
+    captions: list[torch.Tensor] = inputs["encoder_hidden_states"]
+    longest = max(len(caption) for caption in captions)
+    states = torch.stack([torch.cat([c, c.new_zeros(longest - len(c), c.shape[1])]) for c in captions])
+    mask = None
+    if any(len(caption) != longest for caption in captions):
+        ones = [torch.ones(len(c), dtype=torch.long, device=c.device) for c in captions]
+        mask = torch.stack([torch.cat([one, one.new_zeros(longest - len(one))]) for one in ones])
+    return transformer(
+        hidden_states=sample,
+        timestep=timesteps / 1000,
+        guidance=None,
+        encoder_hidden_states_mask=mask,
+        encoder_hidden_states=states,
+        img_shapes=[[shape] for shape in inputs["img_shapes"]],
+        return_dict=False,
+    )
+
+
+class FrameVAE(torch.nn.Module):
+    """Qwen-Image's video VAE as the runner calls an image VAE: latents ``(rows, 16, h, w)`` decode as one frame
+    each (the pipeline decodes ``(rows, 16, 1, h, w)`` and takes frame 0); ``config.latent_channels`` is its
+    ``z_dim``."""
+
+    def __init__(self, vae: Any) -> None:
+        super().__init__()
+        self.vae = vae
+        self.config = FrozenDict({**vae.config, "latent_channels": vae.config.z_dim})
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vae.dtype
+
+    def decode(self, latents: torch.Tensor, return_dict: bool = False) -> tuple[torch.Tensor]:
+        return (self.vae.decode(latents.unsqueeze(2), return_dict=False)[0][:, :, 0],)
+
+
+class QwenImageModel(FlowMatchingModel):
+    image_size_factor = 2  # the image processor works in multiples of 16: the VAE's 8 and the 2x2 patches
+    family_fields = frozenset({"true_cfg_scale"})
+    compile_by_region = True  # each prompt at its own length: a graph of fixed shapes would recompile for each
+    call_transformer = staticmethod(_call_qwen)
+
+    def decoding_vae(self, vae: Any) -> Any:
+        return FrameVAE(vae)
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        return self.pipe.text_encoder.dtype  # the pipeline draws latents in the prompt embeddings' dtype
+
+    def guidance_kind(self) -> str:
+        return "none"  # guidance_scale is for guidance-distilled checkpoints; Qwen-Image guides by true CFG
+
+    def modes(self) -> frozenset[str]:
+        return frozenset({"text"})  # QwenImageImg2ImgPipeline and QwenImageInpaintPipeline are not served yet
+
+    def prompt_windows(self) -> dict[str, int]:
+        return {"prompt": self.max_text_tokens}
+
+    def set_timesteps(
+        self, scheduler: SchedulerMixin, steps: int, height: int, width: int, device: torch.device | None = None
+    ) -> None:
+        """QwenImagePipeline's schedule: its own sigmas (a scheduler that takes none cannot run it, and is not
+        offered) and a shift ``mu`` from the image's token count."""
+        config = scheduler.config
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        tokens = (height // (self.pipe.vae_scale_factor * 2)) * (width // (self.pipe.vae_scale_factor * 2))
+        mu = resolution_shift(config, tokens)
+        pipeline_qwenimage.retrieve_timesteps(scheduler, steps, device or self.device, sigmas=sigmas, mu=mu)
+
+    def guidance_scale(self, params: GenerationParams) -> float:
+        return params.true_cfg_scale
+
+    def mix_guidance(self, uncond: torch.Tensor, text: torch.Tensor, params: GenerationParams) -> torch.Tensor:
+        """The pipeline's true CFG: the mix, rescaled token by token to the positive prediction's norm."""
+        mixed = uncond + params.true_cfg_scale * (text - uncond)
+        return mixed * (torch.norm(text, dim=-1, keepdim=True) / torch.norm(mixed, dim=-1, keepdim=True))
+
+    def timestep_row(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.latent_dtype).reshape(1)  # diffusers casts t to the latents' dtype, then divides
+
+    def _latent_size(self, pixels: int) -> int:
+        return 2 * (pixels // (self.pipe.vae_scale_factor * 2))
+
+    def _image_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        return (1, self._latent_size(height) // 2, self._latent_size(width) // 2)
+
+    def native_row_shape(self) -> tuple[int, ...]:
+        size = self._latent_size(self.native_size) // 2
+        return (size * size, self.pipe.transformer.config.in_channels)
+
+    def _encode_texts(self, texts: list[str]) -> tuple[list[torch.Tensor], list[bool]]:
+        """Each text's caption (its own tokens after the template's, at most the window), in one encoder call; and
+        whether each was cut."""
+        pipe, drop = self.pipe, self.pipe.prompt_template_encode_start_idx
+        templated = [pipe.prompt_template_encode.format(text) for text in texts]
+        tokens = pipe.tokenizer(
+            templated,
+            max_length=pipe.tokenizer_max_length + drop,
+            padding=True,
+            truncation=True,
+            return_tensors="pt",
+        ).to(self.device)
+        hidden = pipe.text_encoder(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True
+        ).hidden_states[-1]
+        masks = tokens.attention_mask.bool()
+        captions = [hidden[i][masks[i]][drop:][: self.max_text_tokens] for i in range(len(texts))]
+        lengths = [len(ids) - drop for ids in pipe.tokenizer(templated).input_ids]
+        return [c.to(pipe.text_encoder.dtype) for c in captions], [n > self.max_text_tokens for n in lengths]
+
+    def encode_prompts(self, jobs: list[Job]) -> list[Encoded]:
+        # diffusers' rule: true CFG with true_cfg_scale above 1 and a negative prompt.
+        guided = [job for job in jobs if job.params.true_cfg_scale > 1 and job.params.negative_prompt is not None]
+        (texts,), negative_row = with_negatives(jobs, guided, lambda p: (p.prompt,), lambda p: (p.negative_prompt,))
+        captions, cut = self._encode_texts(texts)
+        rows: list[Encoded] = []
+        for index, job in enumerate(jobs):
+            p = job.params
+            job.prompt_truncated = cut[index]
+            shape = [self._image_shape(p.height, p.width)]
+            other = negative_row.get(id(job))
+            uncond = None if other is None else {"encoder_hidden_states": [captions[other]], "img_shapes": shape}
+            rows.append(({"encoder_hidden_states": [captions[index]], "img_shapes": shape}, uncond))
+        return rows
+
+    def initial_latents(self, job: Job, scheduler: SchedulerMixin, generator: torch.Generator) -> torch.Tensor:
+        p = job.params
+        channels = self.pipe.transformer.config.in_channels // 4
+        height, width = self._latent_size(p.height), self._latent_size(p.width)
+        latents = randn_tensor(
+            (1, 1, channels, height, width), generator=generator, device=self.device, dtype=self.latent_dtype
+        )
+        return self.pipe._pack_latents(latents, 1, channels, height, width)
+
+    def final_latents(self, jobs: list[Job]) -> torch.Tensor:
+        p = jobs[0].params  # one decode holds one batch group: one size
+        packed = torch.cat([job.work.latents for job in jobs])
+        return self.pipe._unpack_latents(packed, p.height, p.width, self.pipe.vae_scale_factor)[:, :, 0]
+
+    def latents_for_vae(self, latents: torch.Tensor, dtype: torch.dtype, jobs: list[Job] | None = None) -> torch.Tensor:
+        config = self.vae.config
+        mean = torch.tensor(config.latents_mean, device=latents.device).view(1, config.z_dim, 1, 1)
+        std = 1.0 / torch.tensor(config.latents_std, device=latents.device).view(1, config.z_dim, 1, 1)
+        latents = latents.to(dtype)
+        return latents / std.to(dtype) + mean.to(dtype)
+
+    def example_inputs(self, rows: int, ragged: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Captions of the full window, or (``ragged``) each row's 40 tokens shorter than the last, so the call pads
+        and masks them, as prompts of different lengths make it do."""
+        config, zeros = self.pipe.transformer.config, {"device": self.device, "dtype": self.latent_dtype}
+        sample = torch.zeros((rows, *self.native_row_shape()), **zeros)
+        timesteps = torch.full((rows,), 500.0, **zeros)
+        lengths = [max(self.max_text_tokens - 40 * row * ragged, 1) for row in range(rows)]
+        captions = [torch.zeros((n, config.joint_attention_dim), **zeros) for n in lengths]
+        shapes = [self._image_shape(self.native_size, self.native_size)] * rows
+        return sample, timesteps, {"encoder_hidden_states": captions, "img_shapes": shapes}
+
+
+FAMILY = Family(
+    name="qwenimage",
+    model=QwenImageModel,
+    pipelines=(
+        ServedPipeline(
+            pipeline_class=QwenImagePipeline,
+            description="Qwen-Image and Qwen-Image-2512 (text to image; true CFG with a negative prompt)",
+            default_guidance_scale=0.0,
+            default_true_cfg_scale=4.0,
+            takes_images=False,
+        ),
+    ),
+    cuda_dtype=torch.bfloat16,
+    long_text_tokens=TEXT_TOKENS,
+    builtins={
+        "tiny-qwenimage": Builtin(QwenImagePipeline, builtin.build_tiny_qwenimage),
+        "qwenimage-arch": Builtin(QwenImagePipeline, builtin.build_qwenimage_arch, full_size=True),
+    },
+)
