@@ -136,6 +136,8 @@ def register_routes(app: FastAPI, model: DiffusionModel, api_key_required: bool 
         }
         if traits.max_image_size is not None:
             limits["max_image_size"] = min(limits["max_image_size"], traits.max_image_size)
+        if traits.takes("true_cfg_scale"):  # the pipeline's default: FLUX's 1 (off), Qwen-Image's 4
+            limits["default_true_cfg_scale"] = traits.default_true_cfg_scale
         limits["max_image_bytes"] = model.settings.server.max_image_bytes
         return {"model": model.name, **described, "api_key_required": api_key_required, **limits}
 

@@ -241,6 +241,7 @@ def test_playground_in_headless_chromium(server: str, tmp_path: Path) -> None:
             for field in ("#prompt_2", "#true_cfg_scale", "#api_key"):
                 assert page.locator(field).is_hidden(), field
             assert not page.locator("#mask").is_hidden()  # SD inpaints: its mask is offered
+            assert not page.locator("#guidance_scale").is_hidden()
             page.fill("#prompt", "a lighthouse in the playground")
             page.fill("#num_inference_steps", "3")
             page.fill("#seed", "21")
@@ -332,6 +333,7 @@ def test_playground_sends_several_reference_images_as_one_edit(reference_server:
             assert page.locator("#inputs legend").inner_text().startswith("Reference images")
             assert page.evaluate("document.getElementById('input-image').multiple")
             assert page.locator("#mask").is_hidden() and page.locator("#strength").is_hidden()
+            assert page.locator("#guidance_scale").is_hidden()  # distilled: no scale to set
             page.fill("#prompt", "the two pictures, blended")
             page.fill("#seed", "5")
             page.set_input_files("#input-image", [str(path) for path in paths])

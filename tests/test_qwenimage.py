@@ -149,6 +149,7 @@ def test_every_protocol_serves_qwenimage(client: TestClient) -> None:
         ["text"],
     )
     assert info["request_fields"]["true_cfg_scale"] and not info["request_fields"]["prompt_2"]
+    assert (info["default_true_cfg_scale"], info["schedulers"]) == (4.0, ["euler", "unipc"])
     body = {"prompt": "a cat", "negative_prompt": "a dog", "seed": 7, "width": 96, "height": 64}
     image = client.post("/generate", json=body)
     assert image.status_code == 200 and decode_image(image.content).shape == (64, 96, 3)

@@ -16,6 +16,8 @@ async function loadLimits() {
   $("num_inference_steps").max = info.max_steps;
   $("num_inference_steps").value = info.default_steps;
   $("guidance_scale").value = info.default_guidance_scale;
+  $("guidance_scale").closest("label").hidden = info.guidance === "none";  // FLUX.1-schnell, Qwen-Image: no scale
+  if (info.default_true_cfg_scale !== undefined) $("true_cfg_scale").value = info.default_true_cfg_scale;
   // The family-only fields the served model takes; the page has inputs for some of them.
   for (const [field, taken] of Object.entries(info.request_fields || {})) {
     const label = $(`${field}-label`);
@@ -89,13 +91,12 @@ function requestBody() {
   for (const field of ["prompt_2", "prompt_3"]) {
     if (!$(`${field}-label`).hidden && $(field).value) body[field] = $(field).value;
   }
-  if (!$("true_cfg_scale-label").hidden && parseFloat($("true_cfg_scale").value) > 1) {
-    body.true_cfg_scale = parseFloat($("true_cfg_scale").value);
-  }
+  // True CFG needs a negative prompt: sent with one, so the scale shown is the scale used.
+  if (!$("true_cfg_scale-label").hidden && body.negative_prompt) body.true_cfg_scale = parseFloat($("true_cfg_scale").value);
   for (const field of ["num_inference_steps", "width", "height", "seed"]) {
     if ($(field).value !== "") body[field] = parseInt($(field).value, 10);
   }
-  body.guidance_scale = parseFloat($("guidance_scale").value);
+  if (!$("guidance_scale").closest("label").hidden) body.guidance_scale = parseFloat($("guidance_scale").value);
   if ($("previews").checked) body.partial_images = 3; // preview events: a cheap look at the latents
   if (!$("loras-label").hidden && $("loras").value.trim()) body.loras = parseLoras($("loras").value);
   return body;
