@@ -17,6 +17,9 @@ from diffusers import (
     FluxImg2ImgPipeline,
     FluxInpaintPipeline,
     FluxPipeline,
+    QwenImageImg2ImgPipeline,
+    QwenImageInpaintPipeline,
+    QwenImagePipeline,
     StableDiffusion3Img2ImgPipeline,
     StableDiffusion3InpaintPipeline,
     StableDiffusion3Pipeline,
@@ -35,6 +38,7 @@ from PIL import Image
 from predictor.builtin import (
     build_tiny_flux_dev,
     build_tiny_inpaint,
+    build_tiny_qwenimage,
     build_tiny_sd3,
     build_tiny_sdxl,
     build_tiny_sdxl_inpaint,
@@ -409,8 +413,9 @@ def test_image_modes_convert_and_exif_orientation_holds(tiny_model_dir: Path) ->
         (build_tiny_flux_dev, FluxPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline),
         (build_tiny_sd3, StableDiffusion3Pipeline, StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline),
         (build_tiny_zimage, ZImagePipeline, ZImageImg2ImgPipeline, ZImageInpaintPipeline),
+        (build_tiny_qwenimage, QwenImagePipeline, QwenImageImg2ImgPipeline, QwenImageInpaintPipeline),
     ],
-    ids=["flux-dev", "sd3", "zimage"],
+    ids=["flux-dev", "sd3", "zimage", "qwenimage"],
 )
 def test_flow_matching_image_jobs_equal_diffusers_beside_text_jobs(
     build, text, img2img, inpaint, tmp_path: Path
@@ -428,7 +433,10 @@ def test_flow_matching_image_jobs_equal_diffusers_beside_text_jobs(
     cases = []
     for i, scheduler in enumerate(traits.image_schedulers * 3):
         body = {"prompt": f"p{i}", "seed": i, "num_inference_steps": 5 + i, "scheduler": scheduler, "image": image}
-        body["guidance_scale"] = [1.0, 4.0][i % 2]
+        if traits.guidance == "none":  # Qwen-Image guides by true CFG, against a negative prompt (scale 4)
+            body["negative_prompt"] = [None, "dull"][i % 2]
+        else:
+            body["guidance_scale"] = [1.0, 4.0][i % 2]
         body["strength"] = [0.45, 1.0, 0.6][i % 3]
         if i % 2:
             body["mask"] = mask

@@ -1,7 +1,8 @@
 """Qwen-Image through the same engine: each image equals diffusers' own ``QwenImagePipeline``'s, alone and in mixed
 batches (true-CFG rows beside unguided ones, prompts of different lengths padded and masked in one transformer call,
 jobs joining mid-flight); its traits and request rules; the full-size builtin's parameter counts; --compile by
-region; every protocol in process."""
+region; every protocol in process. Its img2img and inpainting are checked against diffusers' with the other
+flow-matching families in test_images."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def test_qwenimage_equals_diffusers_in_mixed_batches(qwen_dir: Path, reference: 
     loaded = _load(qwen_dir)
     traits = loaded.traits
     assert (traits.family, traits.guidance, traits.default_true_cfg_scale) == ("qwenimage", "none", 4.0)
-    assert (traits.size_multiple, traits.modes, traits.max_prompt_tokens) == (16, {"text"}, {"prompt": 512})
+    assert (traits.size_multiple, traits.max_prompt_tokens) == (16, {"prompt": 512})
+    assert traits.modes == {"text", "img2img", "inpaint"}  # QwenImageImg2ImgPipeline's and QwenImageInpaintPipeline's
     assert traits.native_size == 1024  # QwenImagePipeline's default size: the saved tiny one has no other
     assert traits.takes("true_cfg_scale") and traits.default_scheduler == "euler"
     # Unguided rows beside true-CFG ones (the pipeline's default scale 4, and others), at two sizes; the prompts'
@@ -146,7 +148,7 @@ def test_every_protocol_serves_qwenimage(client: TestClient) -> None:
         "qwenimage",
         "QwenImagePipeline",
         "none",
-        ["text"],
+        ["img2img", "inpaint", "text"],
     )
     assert info["request_fields"]["true_cfg_scale"] and not info["request_fields"]["prompt_2"]
     assert (info["default_true_cfg_scale"], info["schedulers"]) == (4.0, ["euler", "unipc"])
@@ -167,7 +169,7 @@ def test_every_protocol_serves_qwenimage(client: TestClient) -> None:
         events = [line for line in response.iter_lines() if line.startswith("event: ")]
     assert events.count("event: preview") == 2 and events[-1] == "event: image"  # previews of the video VAE's frame
     image_job = client.post("/generate", json={"prompt": "a", "image": _png(64), "strength": 0.5})
-    assert image_job.status_code == 400 and image_job.json()["param"] == "image"
+    assert image_job.status_code == 200 and decode_image(image_job.content).shape == (64, 64, 3)  # the input's size
 
 
 def _png(size: int) -> str:

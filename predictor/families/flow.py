@@ -156,6 +156,11 @@ class FlowMatchingModel(FamilyModel):
         config = self.vae.config
         return latents.to(dtype) / config.scaling_factor + config.shift_factor
 
+    def latents_from_vae(self, sample: torch.Tensor) -> torch.Tensor:
+        """A picture's VAE latents as the denoiser's (``latents_for_vae``'s inverse)."""
+        config = self.vae.config
+        return (sample - config.shift_factor) * config.scaling_factor
+
     # ---- image jobs: diffusers' Flux/StableDiffusion3 Img2Img and Inpaint pipelines ---------------------------
 
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
@@ -187,9 +192,8 @@ class FlowMatchingModel(FamilyModel):
     def image_latents(
         self, job: Job, scheduler: SchedulerMixin, timesteps: torch.Tensor, generator: torch.Generator, encoded: Any
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        p, dtype, config = job.params, self.latent_dtype, self.vae.config
-        init = (vae_posterior_sample(encoded["image"], generator) - config.shift_factor) * config.scaling_factor
-        init = init.to(dtype).contiguous()
+        p, dtype = job.params, self.latent_dtype
+        init = self.latents_from_vae(vae_posterior_sample(encoded["image"], generator)).to(dtype).contiguous()
         noise = randn_tensor(init.shape, generator=generator, device=self.device, dtype=dtype)
         if p.mask is None:  # img2img
             return self.pack(self.renoise(scheduler, init, noise, timesteps[:1]).to(dtype)), {}

@@ -13,11 +13,15 @@ The specification it matches row for row is diffusers' ``QwenImagePipeline.__cal
 - ``true_cfg_scale`` above 1 (the pipeline's default is 4) with a negative prompt adds a row conditioned on it,
   mixed as ``negative + scale * (positive - negative)`` and then rescaled, token by token, to the positive row's
   norm; the model takes no ``guidance_scale``;
-- the decode un-normalises with the VAE's per-channel mean and std and takes the one frame of its video VAE.
+- the decode un-normalises with the VAE's per-channel mean and std and takes the one frame of its video VAE;
+- img2img and inpainting are ``QwenImageImg2ImgPipeline``'s and ``QwenImageInpaintPipeline``'s, computed as the
+  other flow-matching families compute theirs (``FlowMatchingModel``), the picture encoded as one frame and
+  normalised with the same statistics (default strength 0.6; inpainting noises the picture even at strength 1).
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -75,9 +79,16 @@ class FrameVAE(torch.nn.Module):
     def decode(self, latents: torch.Tensor, return_dict: bool = False) -> tuple[torch.Tensor]:
         return (self.vae.decode(latents.unsqueeze(2), return_dict=False)[0][:, :, 0],)
 
+    def encode(self, images: torch.Tensor, return_dict: bool = True) -> SimpleNamespace:
+        """The posterior of pictures ``(rows, 3, H, W)``, each one frame: its mean and std without the frame axis
+        (a draw from it takes as many values from a generator as the pipeline's five-dimensional one)."""
+        posterior = self.vae.encode(images.unsqueeze(2)).latent_dist
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=posterior.mean[:, :, 0], std=posterior.std[:, :, 0]))
+
 
 class QwenImageModel(FlowMatchingModel):
     image_size_factor = 2  # the image processor works in multiples of 16: the VAE's 8 and the 2x2 patches
+    inpaint_noises_at_full_strength = True  # QwenImageInpaintPipeline noises the picture even at strength 1
     family_fields = frozenset({"true_cfg_scale"})
     compile_by_region = True  # each prompt at its own length: a graph of fixed shapes would recompile for each
     call_transformer = staticmethod(_call_qwen)
@@ -91,9 +102,6 @@ class QwenImageModel(FlowMatchingModel):
 
     def guidance_kind(self) -> str:
         return "none"  # guidance_scale is for guidance-distilled checkpoints; Qwen-Image guides by true CFG
-
-    def modes(self) -> frozenset[str]:
-        return frozenset({"text"})  # QwenImageImg2ImgPipeline and QwenImageInpaintPipeline are not served yet
 
     def prompt_windows(self) -> dict[str, int]:
         return {"prompt": self.max_text_tokens}
@@ -165,6 +173,13 @@ class QwenImageModel(FlowMatchingModel):
             rows.append(({"encoder_hidden_states": [captions[index]], "img_shapes": shape}, uncond))
         return rows
 
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        _, channels, height, width = latents.shape
+        return self.pipe._pack_latents(latents, latents.shape[0], channels, height, width)
+
+    def pack_mask(self, mask: torch.Tensor, channels: int) -> torch.Tensor:
+        return self.pack(mask.repeat(1, channels, 1, 1))
+
     def initial_latents(self, job: Job, scheduler: SchedulerMixin, generator: torch.Generator) -> torch.Tensor:
         p = job.params
         channels = self.pipe.transformer.config.in_channels // 4
@@ -179,12 +194,21 @@ class QwenImageModel(FlowMatchingModel):
         packed = torch.cat([job.work.latents for job in jobs])
         return self.pipe._unpack_latents(packed, p.height, p.width, self.pipe.vae_scale_factor)[:, :, 0]
 
-    def latents_for_vae(self, latents: torch.Tensor, dtype: torch.dtype, jobs: list[Job] | None = None) -> torch.Tensor:
+    def _latent_statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's per-channel mean and the inverse of its std, as the pipelines hold them."""
         config = self.vae.config
-        mean = torch.tensor(config.latents_mean, device=latents.device).view(1, config.z_dim, 1, 1)
-        std = 1.0 / torch.tensor(config.latents_std, device=latents.device).view(1, config.z_dim, 1, 1)
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1).to(like.device, like.dtype)
+        inverse_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1).to(like.device, like.dtype)
+        return mean, inverse_std
+
+    def latents_for_vae(self, latents: torch.Tensor, dtype: torch.dtype, jobs: list[Job] | None = None) -> torch.Tensor:
         latents = latents.to(dtype)
-        return latents / std.to(dtype) + mean.to(dtype)
+        mean, inverse_std = self._latent_statistics(latents)
+        return latents / inverse_std + mean
+
+    def latents_from_vae(self, sample: torch.Tensor) -> torch.Tensor:
+        mean, inverse_std = self._latent_statistics(sample)
+        return (sample - mean) * inverse_std
 
     def example_inputs(self, rows: int, ragged: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Captions of the full window, or (``ragged``) each row's 40 tokens shorter than the last, so the call pads
@@ -204,10 +228,9 @@ FAMILY = Family(
     pipelines=(
         ServedPipeline(
             pipeline_class=QwenImagePipeline,
-            description="Qwen-Image and Qwen-Image-2512 (text to image; true CFG with a negative prompt)",
+            description="Qwen-Image and Qwen-Image-2512 (true CFG with a negative prompt)",
             default_guidance_scale=0.0,
             default_true_cfg_scale=4.0,
-            takes_images=False,
         ),
     ),
     cuda_dtype=torch.bfloat16,
