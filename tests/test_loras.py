@@ -15,6 +15,7 @@ import torch
 from diffusers import (
     Flux2KleinPipeline,
     FluxPipeline,
+    QwenImagePipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     ZImagePipeline,
@@ -25,6 +26,7 @@ from predictor.builtin import (
     build_tiny,
     build_tiny_flux2_klein,
     build_tiny_flux_dev,
+    build_tiny_qwenimage,
     build_tiny_sdxl,
     build_tiny_zimage,
 )
@@ -200,9 +202,10 @@ def _with_two_adapters(pipe, tmp_path: Path, cls):
         (build_tiny_flux_dev, FluxPipeline),
         (build_tiny_zimage, ZImagePipeline),
         (build_tiny_flux2_klein, Flux2KleinPipeline),
+        (build_tiny_qwenimage, QwenImagePipeline),
     ],
 )
-def test_sdxl_flux_zimage_and_flux2_adapters_equal_diffusers(build, cls, tmp_path: Path) -> None:
+def test_transformer_family_adapters_equal_diffusers(build, cls, tmp_path: Path) -> None:
     loaded, plain, adapted = _with_two_adapters(build(), tmp_path, cls)
     traits = loaded.traits
     # The tiny builtins' size: saved and loaded again, FLUX and Z-Image default to 1024 px.
@@ -444,10 +447,16 @@ def test_compiled_denoiser_swaps_adapters_in_its_slots_without_recompiling(
 
 
 @pytest.mark.parametrize(
-    ("build", "pipeline_class"), [(build_tiny_flux_dev, FluxPipeline), (build_tiny_zimage, ZImagePipeline)]
+    ("build", "pipeline_class"),
+    [
+        (build_tiny_flux_dev, FluxPipeline),
+        (build_tiny_zimage, ZImagePipeline),
+        (build_tiny_qwenimage, QwenImagePipeline),
+    ],
 )
 def test_compiled_transformers_take_adapters_in_slots(tmp_path: Path, build, pipeline_class) -> None:
-    """FLUX's whole transformer compiled, Z-Image's blocks compiled by region: adapters in slots either way."""
+    """FLUX's whole transformer compiled, Z-Image's and Qwen-Image's blocks compiled by region: adapters in slots
+    either way."""
     loaded, plain, adapted = _with_two_adapters(build(), tmp_path, pipeline_class)
     loaded.pipe.default_sample_size = 8  # saved to disk, the native size is the pipeline's 1024: compile at 64
     _fresh_dynamo()
