@@ -33,6 +33,7 @@ KUSTOMIZE_DIRS = [
     "manifests/kserve/overlays/zimage-turbo",
     "manifests/kserve/overlays/flux2-klein-4b",
     "manifests/kserve/overlays/flux2-dev",
+    "manifests/kserve/overlays/qwen-image",
     "manifests/kserve/overlays/modelcar",
     "manifests/kserve/overlays/hf-allow-patterns",
     "manifests/kserve/overlays/kserve-0.15",
@@ -54,6 +55,7 @@ GPU_DIRS = [
     "manifests/kserve/overlays/zimage-turbo",
     "manifests/kserve/overlays/flux2-klein-4b",
     "manifests/kserve/overlays/flux2-dev",
+    "manifests/kserve/overlays/qwen-image",
     "manifests/kserve/overlays/modelcar",
     "manifests/kserve/overlays/hf-allow-patterns",
 ]
@@ -323,6 +325,22 @@ MODEL_OVERLAYS = {
             "max_image_size": 1024,
         },
         ("24Gi", "32Gi"),
+        16,
+    ),
+    # 50 steps, true CFG at the pipeline's default with a negative prompt; 57.7 GB of bfloat16 weights on 80 GB.
+    "manifests/kserve/overlays/qwen-image": ModelOverlay(
+        "Qwen/Qwen-Image",
+        "stable-diffusion-qwen-image",
+        {
+            "dtype": "bfloat16",
+            "max_batch_size": 2,
+            "max_queue": 8,
+            "default_steps": 50,
+            "max_steps": 100,
+            "default_scheduler": "euler",
+            "max_image_size": 1328,
+        },
+        ("32Gi", "48Gi"),
         16,
     ),
     # Distilled: 4 steps, no guidance; bfloat16.
