@@ -62,6 +62,9 @@ def main() -> None:
     parser.add_argument("--diffusers", action="store_true", help="also measure the bare diffusers pipeline")
     parser.add_argument("--diffusers_batch", type=int, default=8)
     parser.add_argument("--log", default=None, help="write server logs to LOG.bsN.log")
+    parser.add_argument(
+        "--negative_prompt", default=None, help="every request's (with true CFG, Qwen-Image's guidance: two rows)"
+    )
     parser.add_argument("server_args", nargs="*", help="extra server flags, after --")
     options = parser.parse_args()
 
@@ -73,6 +76,8 @@ def main() -> None:
     }
     if options.scheduler is not None:
         body["scheduler"] = options.scheduler
+    if options.negative_prompt is not None:
+        body["negative_prompt"] = options.negative_prompt
     if options.img2img_every > 0:
         body = [body] * (options.img2img_every - 1) + [
             {**body, "image": picture(options.size), "strength": options.strength}
