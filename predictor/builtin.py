@@ -55,6 +55,7 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
     PNDMScheduler,
+    QwenImageEditPlusPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
@@ -77,6 +78,7 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
+    Qwen2VLImageProcessorPil,
     Qwen3Config,
     Qwen3ForCausalLM,
     Qwen3Model,
@@ -85,7 +87,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from predictor.processors import PixtralTextProcessor
+from predictor.processors import PixtralTextProcessor, QwenVLImageProcessor
 
 _SEED = 0
 
@@ -982,10 +984,73 @@ QWEN25_VL_7B_VISION = {
 }
 
 
-def _qwen25_vl(tokenizer: Qwen2Tokenizer, text: dict[str, Any], vision: dict[str, Any]) -> Any:
+def _qwen25_vl(tokenizer: Qwen2Tokenizer, text: dict[str, Any], vision: dict[str, Any], **config: Any) -> Any:
     text = {**text, "vocab_size": max(len(tokenizer), text.get("vocab_size", 0))}
     text |= {"bos_token_id": None, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **config))
+
+
+QWEN_VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
+
+
+def _qwen_vl_processor() -> QwenVLImageProcessor:
+    """Qwen2.5-VL's processor for Qwen-Image-Edit: the byte-level Qwen tokenizer with the vision tokens, and the
+    image processor's defaults (14 px patches, 2x2 merged)."""
+    tokenizer = _qwen_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *QWEN_VISION_TOKENS]})
+    return QwenVLImageProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer)
+
+
+def _vision_token_ids(tokenizer: Qwen2Tokenizer) -> dict[str, int]:
+    start, pad, end = (tokenizer.convert_tokens_to_ids(token) for token in QWEN_VISION_TOKENS)
+    return {"vision_start_token_id": start, "image_token_id": pad, "vision_end_token_id": end}
+
+
+TINY_QWEN25_VL_TEXT = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1000000.0},
+}
+TINY_QWEN25_VL_VISION = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32}
+
+
+def _tiny_qwenimage_transformer() -> QwenImageTransformer2DModel:
+    return QwenImageTransformer2DModel(
+        in_channels=64,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # the text encoder's width
+        axes_dims_rope=(4, 6, 6),  # the head's 16 dimensions
+    )
+
+
+def _tiny_qwenimage_vae() -> AutoencoderKLQwenImage:
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+
+
+def build_tiny_qwenimage_edit_plus() -> QwenImageEditPlusPipeline:
+    """Qwen-Image-Edit-2509/2511's pipeline, tiny: one to three input images through the vision-language encoder
+    (a one-layer vision tower) and the VAE."""
+    torch.manual_seed(_SEED)
+    processor = _qwen_vl_processor()
+    tokenizer = processor.tokenizer
+    text_encoder = _qwen25_vl(tokenizer, TINY_QWEN25_VL_TEXT, TINY_QWEN25_VL_VISION, **_vision_token_ids(tokenizer))
+    pipe = QwenImageEditPlusPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWENIMAGE_SCHEDULER_CONFIG),
+        vae=_tiny_qwenimage_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        processor=processor,
+        transformer=_tiny_qwenimage_transformer(),
+    )
+    pipe.default_sample_size = 8
+    return pipe
 
 
 def build_tiny_qwenimage() -> QwenImagePipeline:

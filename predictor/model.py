@@ -196,10 +196,14 @@ class DiffusionModel(Model):
 
     def default_params(self, prompt: str, steps: int | None = None) -> GenerationParams:
         request = GenerationRequest(prompt=prompt, num_inference_steps=steps, seed=0)
-        if "text" not in self.traits.modes:  # an inpainting checkpoint: repaint the whole of a grey picture
+        if "text" not in self.traits.modes:
             size = (self.traits.native_size, self.traits.native_size)
-            image, mask = encode_png(Image.new("RGB", size, (128, 128, 128))), encode_png(Image.new("L", size, 255))
-            request = request.model_copy(update={"image": image, "mask": mask})
+            image = encode_png(Image.new("RGB", size, (128, 128, 128)))
+            if "edit" in self.traits.modes:  # an edit-only checkpoint: edit a grey picture, at the native size
+                update = {"image": image, "width": size[0], "height": size[1]}
+            else:  # an inpainting checkpoint: repaint the whole of a grey picture
+                update = {"image": image, "mask": encode_png(Image.new("L", size, 255))}
+            request = request.model_copy(update=update)
         return resolve(request, self.limits, self.traits)
 
     # ---- protocol path -------------------------------------------------------------------------

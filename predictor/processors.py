@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from transformers import Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
 
@@ -22,3 +23,20 @@ class PixtralTextProcessor(ProcessorMixin):
     def __init__(self, tokenizer: Any = None, chat_template: str | None = None, **processor_config: Any) -> None:
         # processor_config.json's image fields (patch_size, image_token, ...) are for images: not used here.
         super().__init__(tokenizer, chat_template=chat_template)
+
+
+class QwenVLImageProcessor(Qwen2VLProcessor):
+    """Qwen-Image-Edit's ``processor`` (a ``Qwen2VLProcessor``) for prompts and still images: the same tokenizer,
+    image processor and ``<|image_pad|>`` expansion (transformers' own ``Qwen2VLProcessor.__call__``), without the
+    video processor, which transformers builds only with torchvision. The edit pipelines never give it a video."""
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        return ["image_processor", "tokenizer"]
+
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **_: Any):
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = None
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)

@@ -131,6 +131,7 @@ class Limits:
             self,
             default_scheduler=scheduler,
             default_guidance_scale=traits.default_guidance_scale if guidance is None else guidance,
+            max_reference_images=min(self.max_reference_images, traits.max_reference_images),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -182,6 +183,10 @@ class ModelTraits:
     reference_min_side: int = 64
     reference_max_aspect: float = 8.0
     reference_max_area: int = 1024 * 1024
+    # The output's default size: "first-within-area", the first reference's scaled down to reference_max_area when
+    # larger (FLUX.2); "last-at-area", the last one's aspect ratio at that area, sides rounded to 32 (Qwen-Image-Edit)
+    reference_output_size: Literal["first-within-area", "last-at-area"] = "first-within-area"
+    max_reference_images: int = HARD_MAX_REFERENCES  # the pipeline's own maximum (Qwen-Image-Edit-Plus: 3)
     # img2img and inpainting defaults as diffusers' pipelines for the family set them (SD 0.8 and 1, FLUX and SD3 0.6)
     default_strength: dict[str, float] = field(default_factory=lambda: {"img2img": 0.8, "inpaint": 1.0})
     image_schedulers: tuple[str, ...] = ()  # those that can start from an image (FLUX and SD3: scale_noise)
@@ -601,15 +606,20 @@ def resolve(
             raise refuse(name, f"is for {takers}; this model is of the '{traits.family}' family")
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
     references: tuple[Any, ...] = ()
+    if "edit" in traits.modes and "text" not in traits.modes and request.image is None:
+        raise refuse("image", "is required: this checkpoint edits images (an edit-only model); send one or more")
     if "edit" in traits.modes and request.image is not None:
         references = _references(request, limits, traits, prefix)
         image, mask, strength = None, None, 1.0
     else:
         image, mask, strength = _input_images(request, limits, traits, prefix)
-    if references:  # the first reference's size as the pipeline takes it, unless asked otherwise
-        first_width, first_height = _scaled_to_area(references[0].size, traits.reference_max_area)
-        width = request.width or first_width // traits.size_multiple * traits.size_multiple
-        height = request.height or first_height // traits.size_multiple * traits.size_multiple
+    if references:  # the size the pipeline takes from its references, unless asked otherwise
+        if traits.reference_output_size == "last-at-area":
+            default_width, default_height = at_area(references[-1].size, traits.reference_max_area)
+        else:
+            default_width, default_height = _scaled_to_area(references[0].size, traits.reference_max_area)
+        width = request.width or default_width // traits.size_multiple * traits.size_multiple
+        height = request.height or default_height // traits.size_multiple * traits.size_multiple
     elif image is not None:  # the input's size, rounded down to the model's multiple, unless asked otherwise
         width = request.width or image.width // traits.size_multiple * traits.size_multiple
         height = request.height or image.height // traits.size_multiple * traits.size_multiple
@@ -626,9 +636,9 @@ def resolve(
         width = request.width or traits.native_size
         height = request.height or traits.native_size
     if max(width, height) > limits.max_image_size:
+        taken = f"the size the input images make, {width}x{height}," if references else "the model's native size"
         raise InvalidRequest(
-            f"the model's native size {traits.native_size} exceeds --max_image_size {limits.max_image_size}; "
-            "pass width and height",
+            f"{taken} exceeds --max_image_size {limits.max_image_size}; pass width and height",
             param=f"{prefix}{'width' if width > limits.max_image_size else 'height'}",
         )
     for name, size in (("width", width), ("height", height)):
@@ -738,6 +748,14 @@ def kept_steps(steps: int, strength: float, start_rounded: bool = False) -> int:
     return min(int(steps * strength), steps)
 
 
+def at_area(size: tuple[int, int], area: int) -> tuple[int, int]:
+    """A size of ``size``'s aspect ratio and about ``area`` pixels, sides rounded to 32 (the Qwen-Image-Edit
+    pipelines' ``calculate_dimensions``: for the output, the VAE's inputs and the encoder's)."""
+    ratio = size[0] / size[1]
+    width = math.sqrt(area * ratio)
+    return round(width / 32) * 32, round(width / ratio / 32) * 32
+
+
 def _scaled_to_area(size: tuple[int, int], area: int) -> tuple[int, int]:
     """A reference's size once scaled down to ``area`` pixels when larger (diffusers' FLUX.2 image processor)."""
     width, height = size
@@ -758,7 +776,11 @@ def _references(request: GenerationRequest, limits: Limits, traits: ModelTraits,
     if len(given) > limits.max_reference_images:
         raise InvalidRequest(
             f"'{prefix}image' has {len(given)} reference images; at most {limits.max_reference_images} "
-            "(--max_reference_images)",
+            + (
+                "(the model's own maximum)"
+                if limits.max_reference_images == traits.max_reference_images
+                else "(--max_reference_images)"
+            ),
             param=f"{prefix}image",
         )
     references = []

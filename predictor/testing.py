@@ -368,7 +368,8 @@ def save_hub_like_repository(root: Path) -> Path:
 
 
 # Components built here in place of a released class, by class name, and what a released checkpoint holds instead:
-# FLUX.2-dev's tokenizer is a PixtralProcessor (its processor's and image processor's configs beside the tokenizer).
+# FLUX.2-dev's tokenizer is a PixtralProcessor (its processor's and image processor's configs beside the tokenizer);
+# Qwen-Image-Edit's processor a Qwen2VLProcessor.
 _RELEASED_LAYOUTS: dict[str, tuple[list[str], dict[str, dict[str, Any]]]] = {
     "PixtralTextProcessor": (
         ["transformers", "PixtralProcessor"],
@@ -392,6 +393,14 @@ _RELEASED_LAYOUTS: dict[str, tuple[list[str], dict[str, dict[str, Any]]]] = {
             },
         },
     ),
+    # Qwen-Image-Edit's processor is a Qwen2VLProcessor (its image processor the torchvision one).
+    "QwenVLImageProcessor": (
+        ["transformers", "Qwen2VLProcessor"],
+        {
+            "processor_config.json": {"processor_class": "Qwen2VLProcessor"},
+            "preprocessor_config.json": {"image_processor_type": "Qwen2VLImageProcessor"},
+        },
+    ),
 }
 
 
@@ -408,8 +417,10 @@ def save_as_released(pipe: Any, directory: Path) -> Path:
         if layout is None:
             continue
         index[name], files = layout
-        for file_name, config in files.items():
-            (directory / name / file_name).write_text(json.dumps(config, indent=2))
+        for file_name, config in files.items():  # the released fields over what save_pretrained wrote, if any
+            path = directory / name / file_name
+            written = json.loads(path.read_text()) if path.exists() else {}
+            path.write_text(json.dumps({**written, **config}, indent=2))
     index_path.write_text(json.dumps(index, indent=2))
     return directory
 

@@ -34,6 +34,7 @@ KUSTOMIZE_DIRS = [
     "manifests/kserve/overlays/flux2-klein-4b",
     "manifests/kserve/overlays/flux2-dev",
     "manifests/kserve/overlays/qwen-image",
+    "manifests/kserve/overlays/qwen-image-edit",
     "manifests/kserve/overlays/modelcar",
     "manifests/kserve/overlays/hf-allow-patterns",
     "manifests/kserve/overlays/kserve-0.15",
@@ -56,6 +57,7 @@ GPU_DIRS = [
     "manifests/kserve/overlays/flux2-klein-4b",
     "manifests/kserve/overlays/flux2-dev",
     "manifests/kserve/overlays/qwen-image",
+    "manifests/kserve/overlays/qwen-image-edit",
     "manifests/kserve/overlays/modelcar",
     "manifests/kserve/overlays/hf-allow-patterns",
 ]
@@ -339,6 +341,22 @@ MODEL_OVERLAYS = {
             "max_steps": 100,
             "default_scheduler": "euler",
             "max_image_size": 1328,
+        },
+        ("32Gi", "48Gi"),
+        16,
+    ),
+    # Edit-only, 40 steps; the output's default size reaches 1440 for inputs that are not square.
+    "manifests/kserve/overlays/qwen-image-edit": ModelOverlay(
+        "Qwen/Qwen-Image-Edit-2511",
+        "stable-diffusion-qwen-image-edit",
+        {
+            "dtype": "bfloat16",
+            "max_batch_size": 2,
+            "max_queue": 8,
+            "default_steps": 40,
+            "max_steps": 100,
+            "default_scheduler": "euler",
+            "max_image_size": 1440,
         },
         ("32Gi", "48Gi"),
         16,
@@ -660,6 +678,16 @@ def test_folder_overlays_fetch_only_the_diffusers_folders(rendered, directory: s
     assert [name for name in files if _hub_fetches(name, without_t5)] == [
         name for name in fetched if name.split("/")[0] not in ("tokenizer_3", "text_encoder_3")
     ]
+
+
+def test_folder_patterns_fetch_the_edit_pipelines_processor(rendered) -> None:
+    """Qwen-Image-Edit's processor folder (a Qwen2VLProcessor: the tokenizer and the image processor the encoder
+    sees the input images through) is fetched with the other component folders."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    patterns = _allow_patterns(_storage_containers(rendered)[FOLDERS_CONTAINER])
+    wanted = ["processor/preprocessor_config.json", "processor/tokenizer.json", "processor/chat_template.json"]
+    assert list(filter_repo_objects(wanted, allow_patterns=patterns)) == wanted
 
 
 def test_weight_paths_point_at_each_other_and_keep_the_base_model(rendered) -> None:

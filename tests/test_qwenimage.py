@@ -6,20 +6,24 @@ flow-matching families in test_images."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import QwenImagePipeline
+from diffusers import QwenImageEditPlusPipeline, QwenImagePipeline
 from fastapi.testclient import TestClient
+from PIL import Image
 
-from predictor.builtin import build_tiny_qwenimage
+from predictor.builtin import build_tiny_qwenimage, build_tiny_qwenimage_edit_plus
 from predictor.errors import InvalidRequest
 from predictor.families import build_builtin
+from predictor.images import encode_png
 from predictor.loading import LoadedPipeline, load_pipeline
-from predictor.request import GenerationRequest, Limits, resolve
+from predictor.request import GenerationParams, GenerationRequest, Limits, resolve
 from predictor.testing import (
     MODEL_NAME,
     TOLERANCE,
@@ -33,6 +37,7 @@ from predictor.testing import (
     params,
     pixels,
     running_engine,
+    save_as_released,
 )
 
 
@@ -178,3 +183,109 @@ def _png(size: int) -> str:
     from predictor.images import encode_png
 
     return encode_png(Image.new("RGB", (size, size), (20, 40, 60)))
+
+
+# ---- Qwen-Image-Edit-Plus (2509/2511): one to three input images ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def edit_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The tiny Edit-Plus pipeline as the release is laid out (its processor folder a Qwen2VLProcessor's). The
+    pipeline's module fixes the areas its input images are resized to (1024x1024 for the VAE, 384x384 for the
+    encoder); both the pipeline and the server read them from there, so a tiny model gets tiny ones, as it gets a
+    tiny native size: 128x128 and 64x64, which keeps each edit under a second on a CPU."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as module
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "VAE_IMAGE_SIZE", 128 * 128)
+        patch.setattr(module, "CONDITION_IMAGE_SIZE", 64 * 64)
+        yield save_as_released(build_tiny_qwenimage_edit_plus(), tmp_path_factory.mktemp("tiny-qwenimage-edit"))
+
+
+def _picture(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def _edit(traits, *images: Image.Image, **body) -> GenerationParams:
+    encoded = [encode_png(image) for image in images]
+    request = GenerationRequest(prompt="make it blue", image=encoded if len(encoded) > 1 else encoded[0], **body)
+    return resolve(request, Limits().for_model(traits), traits)
+
+
+def test_edits_of_one_two_and_three_images_equal_diffusers_in_mixed_batches(edit_dir: Path) -> None:
+    """Each edit equals QwenImageEditPlusPipeline's with the same images: the images through the encoder (as the
+    prompt's image tokens, at 384x384's area) and the VAE (at 1024x1024's, their latents after the image's), with and
+    without true CFG, alone and with edits of the same layout sharing calls, one joining mid-flight."""
+    loaded = _load(edit_dir)
+    traits = loaded.traits
+    assert traits.modes == {"edit"} and traits.max_reference_images == 3
+    reference = diffusers_pipeline(edit_dir, QwenImageEditPlusPipeline, processor=loaded.pipe.processor)
+    first, second, third = _picture(96, 64, 1), _picture(64, 80, 2), _picture(64, 64, 3)
+    common = {"num_inference_steps": 2, "scheduler": "euler", "width": 64, "height": 64}
+    cases = [
+        _edit(traits, first, seed=1, negative_prompt=" ", **common),
+        _edit(traits, first, second, seed=2, **common),
+        _edit(traits, first, seed=3, **common),  # the first's layout, without true CFG: shares its calls
+        _edit(traits, first, second, third, seed=4, negative_prompt="blurry", true_cfg_scale=2.5, **common),
+    ]
+    expected = [diffusers_image(reference, case, image=list(case.references)) for case in cases]
+    assert_alone_and_mixed_equal(loaded, cases, expected, join_at_step=1, tolerance=TOLERANCE)
+
+
+def test_the_output_takes_the_last_images_shape_at_the_pipelines_area(edit_dir: Path) -> None:
+    traits = _load(edit_dir).traits
+    images = [encode_png(_picture(64, 64, 1)), encode_png(_picture(128, 64, 2))]
+    request = GenerationRequest(prompt="a", image=images)
+    wide = resolve(request, Limits().for_model(traits), traits)
+    assert (wide.width, wide.height) == (192, 96)  # 2:1 at the (tiny) VAE area of 128x128, sides rounded to 32
+    with pytest.raises(InvalidRequest, match="the size the input images make, 192x96, exceeds --max_image_size 128"):
+        resolve(request, replace(Limits(), max_image_size=128).for_model(traits), traits)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"images": 4}, "image", "at most 3 (the model's own maximum)"),
+        ({"mask": "x"}, "mask", "edits by reference images: it takes no mask"),
+        ({"strength": 0.5}, "strength", "no strength"),
+        ({"images": 0}, "image", "is required: this checkpoint edits images"),
+    ],
+)
+def test_edit_requests_it_cannot_honour_are_400s_that_say_why(
+    edit_dir: Path, body: dict, param: str, words: str
+) -> None:
+    traits = _load(edit_dir).traits
+    count = body.pop("images", 1)
+    images = [encode_png(_picture(64, 64, i)) for i in range(count)]
+    if body.get("mask"):
+        body["mask"] = images[0]
+    image = None if not images else images if len(images) > 1 else images[0]
+    with pytest.raises(InvalidRequest) as error:
+        resolve(GenerationRequest(prompt="a", image=image, **body), Limits().for_model(traits), traits)
+    assert error.value.param == param and words in error.value.message
+
+
+def test_every_protocol_edits_with_several_images(edit_dir: Path) -> None:
+    flags = ("--default_steps", "2", "--warmup_steps", "0", "--max_sequence_length", "64")
+    with app_client(edit_dir, *flags) as client:
+        info = client.get(f"/v1/models/{MODEL_NAME}/schedulers").json()
+        assert (info["pipeline"], info["modes"], info["max_reference_images"]) == (
+            "QwenImageEditPlusPipeline",
+            ["edit"],
+            3,
+        )
+        first, second = encode_png(_picture(96, 64, 1)), encode_png(_picture(64, 64, 2))
+        body = {"prompt": "blue", "image": [first, second], "seed": 1, "width": 64, "height": 80}
+        generated = client.post("/generate", json=body)
+        assert generated.status_code == 200 and decode_image(generated.content).shape == (80, 64, 3)
+        v1 = {"instances": [{"prompt": "blue", "image": [first], "width": 64, "height": 64}]}
+        assert client.post(f"/v1/models/{MODEL_NAME}:predict", json=v1).status_code == 200
+        files = [
+            ("image[]", ("a.png", base64.b64decode(first), "image/png")),
+            ("image[]", ("b.png", base64.b64decode(second), "image/png")),
+        ]
+        edited = client.post("/v1/images/edits", data={"prompt": "blue", "size": "64x64"}, files=files)
+        assert edited.status_code == 200 and len(edited.json()["data"]) == 1  # one edit of two images
+        text_only = client.post("/generate", json={"prompt": "blue"})
+        assert text_only.status_code == 400 and "edit-only" in text_only.json()["error"]

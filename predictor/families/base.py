@@ -297,7 +297,13 @@ class FamilyModel:
             default_strength=dict(self.default_strength),
             image_schedulers=self.image_schedulers(schedulers),
             strength_rounded_from_start=self.strength_rounded_from_start,
+            **self.reference_rules(),
         )
+
+    def reference_rules(self) -> dict[str, Any]:
+        """ModelTraits' reference_* and max_reference_images fields where the model edits by reference and its
+        pipeline's rules differ from FLUX.2's (the defaults)."""
+        return {}
 
     def taken_fields(self, windows: dict[str, int]) -> frozenset[str]:
         """The family fields this checkpoint takes (SD3 without its T5 encoder takes no third prompt)."""

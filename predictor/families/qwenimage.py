@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import QwenImagePipeline
+from diffusers import QwenImageEditPlusPipeline, QwenImagePipeline
 from diffusers.configuration_utils import FrozenDict
-from diffusers.pipelines.qwenimage import pipeline_qwenimage
+from diffusers.pipelines.qwenimage import pipeline_qwenimage, pipeline_qwenimage_edit_plus
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -36,7 +36,8 @@ from predictor import builtin
 from predictor.families.base import Builtin, Encoded, Family, ServedPipeline, with_negatives
 from predictor.families.flow import FlowMatchingModel, resolution_shift
 from predictor.jobs import Job
-from predictor.request import GenerationParams
+from predictor.processors import QwenVLImageProcessor
+from predictor.request import GenerationParams, at_area
 
 TEXT_TOKENS = 512  # QwenImagePipeline's default max_sequence_length (it refuses more than 1024)
 
@@ -51,15 +52,18 @@ def _call_qwen(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor, 
     if any(len(caption) != longest for caption in captions):
         ones = [torch.ones(len(c), dtype=torch.long, device=c.device) for c in captions]
         mask = torch.stack([torch.cat([one, one.new_zeros(longest - len(one))]) for one in ones])
-    return transformer(
-        hidden_states=sample,
+    # Edits: the input images' latents follow the image's in every row's sequence, and only the image's come out.
+    hidden = sample if "image_latents" not in inputs else torch.cat([sample, inputs["image_latents"]], dim=1)
+    out = transformer(
+        hidden_states=hidden,
         timestep=timesteps / 1000,
         guidance=None,
         encoder_hidden_states_mask=mask,
         encoder_hidden_states=states,
-        img_shapes=[[shape] for shape in inputs["img_shapes"]],
+        img_shapes=inputs["img_shapes"],
         return_dict=False,
-    )
+    )[0]
+    return (out[:, : sample.shape[1]],)
 
 
 class FrameVAE(torch.nn.Module):
@@ -92,6 +96,19 @@ class QwenImageModel(FlowMatchingModel):
     family_fields = frozenset({"true_cfg_scale"})
     compile_by_region = True  # each prompt at its own length: a graph of fixed shapes would recompile for each
     call_transformer = staticmethod(_call_qwen)
+
+    @classmethod
+    def component_overrides(
+        cls, index: dict[str, Any], source: str, local: bool, revision: str | None
+    ) -> dict[str, Any]:
+        """Qwen-Image-Edit's ``processor`` folder as a processor of prompts and still images (``QwenVLImageProcessor``:
+        transformers builds a ``Qwen2VLProcessor`` only with torchvision, for its video processor)."""
+        if index.get("_class_name") != QwenImageEditPlusPipeline.__name__:
+            return {}
+        processor = QwenVLImageProcessor.from_pretrained(
+            source, subfolder="processor", revision=revision, local_files_only=local
+        )
+        return {"processor": processor}
 
     def decoding_vae(self, vae: Any) -> Any:
         return FrameVAE(vae)
@@ -159,6 +176,8 @@ class QwenImageModel(FlowMatchingModel):
         return [c.to(pipe.text_encoder.dtype) for c in captions], [n > self.max_text_tokens for n in lengths]
 
     def encode_prompts(self, jobs: list[Job]) -> list[Encoded]:
+        if self._edit:
+            return [self._encode_edit(job) for job in jobs]
         # diffusers' rule: true CFG with true_cfg_scale above 1 and a negative prompt.
         guided = [job for job in jobs if job.params.true_cfg_scale > 1 and job.params.negative_prompt is not None]
         (texts,), negative_row = with_negatives(jobs, guided, lambda p: (p.prompt,), lambda p: (p.negative_prompt,))
@@ -167,11 +186,80 @@ class QwenImageModel(FlowMatchingModel):
         for index, job in enumerate(jobs):
             p = job.params
             job.prompt_truncated = cut[index]
-            shape = [self._image_shape(p.height, p.width)]
+            shapes = [[self._image_shape(p.height, p.width)]]
             other = negative_row.get(id(job))
-            uncond = None if other is None else {"encoder_hidden_states": [captions[other]], "img_shapes": shape}
-            rows.append(({"encoder_hidden_states": [captions[index]], "img_shapes": shape}, uncond))
+            uncond = None if other is None else {"encoder_hidden_states": [captions[other]], "img_shapes": shapes}
+            rows.append(({"encoder_hidden_states": [captions[index]], "img_shapes": shapes}, uncond))
         return rows
+
+    # ---- Qwen-Image-Edit-Plus: the input images through the encoder (as the prompt's image tokens) and the VAE ----
+
+    @property
+    def _edit(self) -> bool:
+        return isinstance(self.pipe, QwenImageEditPlusPipeline)
+
+    def modes(self) -> frozenset[str]:
+        # The edit pipeline needs its images (it sizes the output from the last one): an edit-only checkpoint.
+        return frozenset({"edit"}) if self._edit else super().modes()
+
+    def reference_rules(self) -> dict[str, Any]:
+        if not self._edit:
+            return {}
+        # QwenImageEditPlusPipeline: one to three images (the model's), the output at the last one's aspect ratio
+        # and 1024x1024's area; any image it can resize.
+        return {
+            "max_reference_images": 3,
+            "reference_max_area": pipeline_qwenimage_edit_plus.VAE_IMAGE_SIZE,
+            "reference_output_size": "last-at-area",
+            "reference_min_side": 32,
+        }
+
+    def shape_key(self, params: GenerationParams) -> Any:
+        # The input images' latents lengthen each row's sequence: rows share a call with the same input layout only.
+        return (params.height, params.width, tuple(self._vae_size(image) for image in params.references))
+
+    def _vae_size(self, image: Any) -> tuple[int, int]:
+        return at_area(image.size, pipeline_qwenimage_edit_plus.VAE_IMAGE_SIZE)
+
+    def _encode_edit(self, job: Job) -> Encoded:
+        """One edit's rows as QwenImageEditPlusPipeline makes them: each image at 384x384's area through the
+        encoder after "Picture N:" in the prompt, and at 1024x1024's through the VAE (the posterior's mode: no
+        draw), its latents packed after the image's; the negative prompt sees the same images."""
+        pipe, p = self.pipe, job.params
+        area = pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE  # what the encoder sees of each input image
+        condition = [pipe.image_processor.resize(image, *reversed(at_area(image.size, area))) for image in p.references]
+        guided = p.true_cfg_scale > 1 and p.negative_prompt is not None
+        texts = [p.prompt, p.negative_prompt] if guided else [p.prompt]
+        captions, cut = zip(*(self._encode_with_images(text, condition) for text in texts), strict=True)
+        job.prompt_truncated = cut[0]
+        latents, shapes = [], [self._image_shape(p.height, p.width)]
+        for image in p.references:
+            width, height = self._vae_size(image)
+            pixels = pipe.image_processor.preprocess(image, height, width).to(self.device, self.latent_dtype)
+            encoded = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mean
+            latents.append(self.pack(self.latents_from_vae(encoded).to(self.latent_dtype)))
+            shapes.append(self._image_shape(height, width))
+        shared = {"image_latents": torch.cat(latents, dim=1), "img_shapes": [shapes]}
+        cond = {"encoder_hidden_states": [captions[0]], **shared}
+        return cond, ({"encoder_hidden_states": [captions[1]], **shared} if guided else None)
+
+    def _encode_with_images(self, text: str, images: list[Any]) -> tuple[torch.Tensor, bool]:
+        """A prompt's caption with the images' tokens in it (its own tokens after the template's, at most the
+        window), and whether it was cut."""
+        pipe, drop = self.pipe, self.pipe.prompt_template_encode_start_idx
+        pictures = "".join(f"Picture {i + 1}: <|vision_start|><|image_pad|><|vision_end|>" for i in range(len(images)))
+        inputs = pipe.processor(
+            text=[pipe.prompt_template_encode.format(pictures + text)], images=images, padding=True, return_tensors="pt"
+        ).to(self.device)
+        hidden = pipe.text_encoder(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=inputs.get("pixel_values"),
+            image_grid_thw=inputs.get("image_grid_thw"),
+            output_hidden_states=True,
+        ).hidden_states[-1]
+        caption = hidden[0][inputs["attention_mask"][0].bool()][drop:]
+        return caption[: self.max_text_tokens].to(pipe.text_encoder.dtype), len(caption) > self.max_text_tokens
 
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         _, channels, height, width = latents.shape
@@ -218,7 +306,7 @@ class QwenImageModel(FlowMatchingModel):
         timesteps = torch.full((rows,), 500.0, **zeros)
         lengths = [max(self.max_text_tokens - 40 * row * ragged, 1) for row in range(rows)]
         captions = [torch.zeros((n, config.joint_attention_dim), **zeros) for n in lengths]
-        shapes = [self._image_shape(self.native_size, self.native_size)] * rows
+        shapes = [[self._image_shape(self.native_size, self.native_size)]] * rows
         return sample, timesteps, {"encoder_hidden_states": captions, "img_shapes": shapes}
 
 
@@ -232,11 +320,19 @@ FAMILY = Family(
             default_guidance_scale=0.0,
             default_true_cfg_scale=4.0,
         ),
+        ServedPipeline(
+            pipeline_class=QwenImageEditPlusPipeline,
+            description="Qwen-Image-Edit-2509 and -2511 (edits one to three input images; true CFG)",
+            default_guidance_scale=0.0,
+            default_true_cfg_scale=4.0,
+            takes_images=False,
+        ),
     ),
     cuda_dtype=torch.bfloat16,
     long_text_tokens=TEXT_TOKENS,
     builtins={
         "tiny-qwenimage": Builtin(QwenImagePipeline, builtin.build_tiny_qwenimage),
         "qwenimage-arch": Builtin(QwenImagePipeline, builtin.build_qwenimage_arch, full_size=True),
+        "tiny-qwenimage-edit-plus": Builtin(QwenImageEditPlusPipeline, builtin.build_tiny_qwenimage_edit_plus),
     },
 )
