@@ -55,6 +55,7 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
     PNDMScheduler,
+    QwenImageEditPipeline,
     QwenImageEditPlusPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
@@ -1037,11 +1038,20 @@ def _tiny_qwenimage_vae() -> AutoencoderKLQwenImage:
 def build_tiny_qwenimage_edit_plus() -> QwenImageEditPlusPipeline:
     """Qwen-Image-Edit-2509/2511's pipeline, tiny: one to three input images through the vision-language encoder
     (a one-layer vision tower) and the VAE."""
+    return _tiny_qwenimage_edit(QwenImageEditPlusPipeline)
+
+
+def build_tiny_qwenimage_edit() -> QwenImageEditPipeline:
+    """Qwen-Image-Edit's pipeline (the first release), tiny: one input image."""
+    return _tiny_qwenimage_edit(QwenImageEditPipeline)
+
+
+def _tiny_qwenimage_edit(cls: type) -> Any:
     torch.manual_seed(_SEED)
     processor = _qwen_vl_processor()
     tokenizer = processor.tokenizer
     text_encoder = _qwen25_vl(tokenizer, TINY_QWEN25_VL_TEXT, TINY_QWEN25_VL_VISION, **_vision_token_ids(tokenizer))
-    pipe = QwenImageEditPlusPipeline(
+    pipe = cls(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWENIMAGE_SCHEDULER_CONFIG),
         vae=_tiny_qwenimage_vae(),
         text_encoder=text_encoder,

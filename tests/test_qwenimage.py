@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import QwenImageEditPlusPipeline, QwenImagePipeline
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from predictor.builtin import build_tiny_qwenimage, build_tiny_qwenimage_edit_plus
+from predictor.builtin import build_tiny_qwenimage, build_tiny_qwenimage_edit, build_tiny_qwenimage_edit_plus
 from predictor.errors import InvalidRequest
 from predictor.families import build_builtin
 from predictor.images import encode_png
@@ -289,3 +289,21 @@ def test_every_protocol_edits_with_several_images(edit_dir: Path) -> None:
         assert edited.status_code == 200 and len(edited.json()["data"]) == 1  # one edit of two images
         text_only = client.post("/generate", json={"prompt": "blue"})
         assert text_only.status_code == 400 and "edit-only" in text_only.json()["error"]
+
+
+def test_the_first_edit_release_edits_one_image_as_its_pipeline_does(tmp_path: Path) -> None:
+    """QwenImageEditPipeline: its one image at 1024x1024's area (fixed in its __call__) both for the encoder (its
+    template holds the image's tokens, all of them kept) and for the VAE; a second image is a 400. One guided edit
+    alone (a 1 MP encode on each side takes seconds on a CPU; the batching is Edit-Plus's, tested above)."""
+    directory = save_as_released(build_tiny_qwenimage_edit(), tmp_path)
+    loaded = _load(directory)
+    traits = loaded.traits
+    assert (traits.modes, traits.max_reference_images) == ({"edit"}, 1)
+    reference = diffusers_pipeline(directory, QwenImageEditPipeline, processor=loaded.pipe.processor)
+    common = {"num_inference_steps": 2, "scheduler": "euler", "width": 64, "height": 64}
+    case = _edit(traits, _picture(40, 32, 1), seed=1, negative_prompt=" ", **common)
+    with running_engine(loaded) as engine:
+        served = pixels(engine.generate(case).image)
+    assert np.abs(served - diffusers_image(reference, case, image=case.references[0])).max() <= TOLERANCE
+    with pytest.raises(InvalidRequest, match="at most 1"):
+        _edit(traits, _picture(40, 32, 1), _picture(32, 32, 2), **common)

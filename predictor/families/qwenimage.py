@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import QwenImageEditPlusPipeline, QwenImagePipeline
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
 from diffusers.configuration_utils import FrozenDict
 from diffusers.pipelines.qwenimage import pipeline_qwenimage, pipeline_qwenimage_edit_plus
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -103,7 +103,7 @@ class QwenImageModel(FlowMatchingModel):
     ) -> dict[str, Any]:
         """Qwen-Image-Edit's ``processor`` folder as a processor of prompts and still images (``QwenVLImageProcessor``:
         transformers builds a ``Qwen2VLProcessor`` only with torchvision, for its video processor)."""
-        if index.get("_class_name") != QwenImageEditPlusPipeline.__name__:
+        if index.get("_class_name") not in (QwenImageEditPipeline.__name__, QwenImageEditPlusPipeline.__name__):
             return {}
         processor = QwenVLImageProcessor.from_pretrained(
             source, subfolder="processor", revision=revision, local_files_only=local
@@ -121,7 +121,8 @@ class QwenImageModel(FlowMatchingModel):
         return "none"  # guidance_scale is for guidance-distilled checkpoints; Qwen-Image guides by true CFG
 
     def prompt_windows(self) -> dict[str, int]:
-        return {"prompt": self.max_text_tokens}
+        # The edit pipelines keep every token of the prompt and its images (the text encoder's window).
+        return {"prompt": self.pipe.tokenizer_max_length if self._edit else self.max_text_tokens}
 
     def set_timesteps(
         self, scheduler: SchedulerMixin, steps: int, height: int, width: int, device: torch.device | None = None
@@ -192,11 +193,22 @@ class QwenImageModel(FlowMatchingModel):
             rows.append(({"encoder_hidden_states": [captions[index]], "img_shapes": shapes}, uncond))
         return rows
 
-    # ---- Qwen-Image-Edit-Plus: the input images through the encoder (as the prompt's image tokens) and the VAE ----
+    # ---- Qwen-Image-Edit and Edit-Plus: input images through the encoder (as image tokens) and the VAE ----
 
     @property
     def _edit(self) -> bool:
+        return isinstance(self.pipe, QwenImageEditPipeline | QwenImageEditPlusPipeline)
+
+    @property
+    def _plus(self) -> bool:
         return isinstance(self.pipe, QwenImageEditPlusPipeline)
+
+    def _areas(self) -> tuple[int, int]:
+        """The areas (pixels) an input image is resized to for the VAE and for the encoder: Edit-Plus's module
+        constants (1024x1024 and 384x384); Edit's 1024x1024 for both."""
+        if self._plus:
+            return pipeline_qwenimage_edit_plus.VAE_IMAGE_SIZE, pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE
+        return 1024 * 1024, 1024 * 1024
 
     def modes(self) -> frozenset[str]:
         # The edit pipeline needs its images (it sizes the output from the last one): an edit-only checkpoint.
@@ -205,11 +217,11 @@ class QwenImageModel(FlowMatchingModel):
     def reference_rules(self) -> dict[str, Any]:
         if not self._edit:
             return {}
-        # QwenImageEditPlusPipeline: one to three images (the model's), the output at the last one's aspect ratio
-        # and 1024x1024's area; any image it can resize.
+        # QwenImageEditPlusPipeline: one to three images (the model's); QwenImageEditPipeline one. The output at the
+        # last one's aspect ratio and the VAE's area; any image it can resize.
         return {
-            "max_reference_images": 3,
-            "reference_max_area": pipeline_qwenimage_edit_plus.VAE_IMAGE_SIZE,
+            "max_reference_images": 3 if self._plus else 1,
+            "reference_max_area": self._areas()[0],
             "reference_output_size": "last-at-area",
             "reference_min_side": 32,
         }
@@ -219,14 +231,15 @@ class QwenImageModel(FlowMatchingModel):
         return (params.height, params.width, tuple(self._vae_size(image) for image in params.references))
 
     def _vae_size(self, image: Any) -> tuple[int, int]:
-        return at_area(image.size, pipeline_qwenimage_edit_plus.VAE_IMAGE_SIZE)
+        return at_area(image.size, self._areas()[0])
 
     def _encode_edit(self, job: Job) -> Encoded:
         """One edit's rows as QwenImageEditPlusPipeline makes them: each image at 384x384's area through the
-        encoder after "Picture N:" in the prompt, and at 1024x1024's through the VAE (the posterior's mode: no
-        draw), its latents packed after the image's; the negative prompt sees the same images."""
+        encoder after "Picture N:" in the prompt (QwenImageEditPipeline: its one image at 1024x1024's, where its
+        template holds it), and at 1024x1024's through the VAE (the posterior's mode: no draw), its latents packed
+        after the image's; the negative prompt sees the same images."""
         pipe, p = self.pipe, job.params
-        area = pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE  # what the encoder sees of each input image
+        area = self._areas()[1]  # what the encoder sees of each input image
         condition = [pipe.image_processor.resize(image, *reversed(at_area(image.size, area))) for image in p.references]
         guided = p.true_cfg_scale > 1 and p.negative_prompt is not None
         texts = [p.prompt, p.negative_prompt] if guided else [p.prompt]
@@ -244,10 +257,12 @@ class QwenImageModel(FlowMatchingModel):
         return cond, ({"encoder_hidden_states": [captions[1]], **shared} if guided else None)
 
     def _encode_with_images(self, text: str, images: list[Any]) -> tuple[torch.Tensor, bool]:
-        """A prompt's caption with the images' tokens in it (its own tokens after the template's, at most the
-        window), and whether it was cut."""
+        """A prompt's caption with the images' tokens in it: every token after the template's. The edit pipelines
+        cut nothing (their max_sequence_length is only checked), so neither does this: never cut."""
         pipe, drop = self.pipe, self.pipe.prompt_template_encode_start_idx
         pictures = "".join(f"Picture {i + 1}: <|vision_start|><|image_pad|><|vision_end|>" for i in range(len(images)))
+        if not self._plus:  # QwenImageEditPipeline's template holds its one image's tokens
+            pictures = ""
         inputs = pipe.processor(
             text=[pipe.prompt_template_encode.format(pictures + text)], images=images, padding=True, return_tensors="pt"
         ).to(self.device)
@@ -259,7 +274,7 @@ class QwenImageModel(FlowMatchingModel):
             output_hidden_states=True,
         ).hidden_states[-1]
         caption = hidden[0][inputs["attention_mask"][0].bool()][drop:]
-        return caption[: self.max_text_tokens].to(pipe.text_encoder.dtype), len(caption) > self.max_text_tokens
+        return caption.to(pipe.text_encoder.dtype), False
 
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         _, channels, height, width = latents.shape
@@ -321,6 +336,13 @@ FAMILY = Family(
             default_true_cfg_scale=4.0,
         ),
         ServedPipeline(
+            pipeline_class=QwenImageEditPipeline,
+            description="Qwen-Image-Edit (edits one input image; true CFG)",
+            default_guidance_scale=0.0,
+            default_true_cfg_scale=4.0,
+            takes_images=False,
+        ),
+        ServedPipeline(
             pipeline_class=QwenImageEditPlusPipeline,
             description="Qwen-Image-Edit-2509 and -2511 (edits one to three input images; true CFG)",
             default_guidance_scale=0.0,
@@ -333,6 +355,7 @@ FAMILY = Family(
     builtins={
         "tiny-qwenimage": Builtin(QwenImagePipeline, builtin.build_tiny_qwenimage),
         "qwenimage-arch": Builtin(QwenImagePipeline, builtin.build_qwenimage_arch, full_size=True),
+        "tiny-qwenimage-edit": Builtin(QwenImageEditPipeline, builtin.build_tiny_qwenimage_edit),
         "tiny-qwenimage-edit-plus": Builtin(QwenImageEditPlusPipeline, builtin.build_tiny_qwenimage_edit_plus),
     },
 )
