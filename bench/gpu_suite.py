@@ -125,6 +125,7 @@ from common import (  # noqa: E402
     live_and_ready,
     measure_load,
     median,
+    picture,
     running_server,
     start_server,
     stop_server,
@@ -163,6 +164,18 @@ class Workload:
 TURBO = ("--default_guidance_scale", "0")  # Z-Image-Turbo's deployment: no guidance row
 TRUE_CFG = (("negative_prompt", " "),)  # Qwen-Image as its model card runs it: two rows a step
 
+
+@dataclass(frozen=True)
+class Picture:
+    """A request field's value: a size x size noise picture (base64 PNG), made when the request is."""
+
+    size: int
+
+
+# Qwen-Image-Edit as its model card runs it: one input image, true CFG.
+EDIT_ONE = (("image", Picture(1024)), *TRUE_CFG)
+EDIT_ONE_TINY = (("image", Picture(64)), *TRUE_CFG)
+
 FULL = {
     "sd-v1": Workload("builtin:sd-v1-arch", "float16", 512, 25, 50, 8, 16, 48, 5, from_disk=True),
     "sdxl": Workload("builtin:sdxl-arch", "float16", 1024, 30, None, 4, 8, 16, 3),
@@ -175,6 +188,9 @@ FULL = {
     "flux2-dev": Workload("builtin:flux2-dev-arch", "bfloat16", 1024, 50, None, 2, 4, 8, 1),
     # 57.7 GB of bfloat16 weights; the bare pipeline beside the server needs a 141 GB H200 (else measured apart).
     "qwen-image": Workload("builtin:qwenimage-arch", "bfloat16", 1024, 50, None, 2, 4, 8, 1, fields=TRUE_CFG),
+    "qwen-image-edit": Workload(
+        "builtin:qwenimage-edit-plus-arch", "bfloat16", 1024, 50, None, 2, 4, 8, 1, fields=EDIT_ONE
+    ),
 }
 QUICK = {
     "sd-v1": Workload("builtin:tiny", "float32", 64, 3, 4, 2, 2, 4, 1, from_disk=True),
@@ -185,6 +201,9 @@ QUICK = {
     "flux2-klein": Workload("builtin:tiny-flux2-klein", "float32", 64, 3, None, 2, 2, 4, 1),
     "flux2-dev": Workload("builtin:tiny-flux2-dev", "float32", 64, 3, None, 2, 2, 4, 1),
     "qwen-image": Workload("builtin:tiny-qwenimage", "float32", 64, 3, None, 2, 2, 4, 1, fields=TRUE_CFG),
+    "qwen-image-edit": Workload(
+        "builtin:tiny-qwenimage-edit-plus", "float32", 64, 3, None, 2, 2, 4, 1, fields=EDIT_ONE_TINY
+    ),
 }
 # The tiny builtin of every family, at its CUDA dtype ("auto"), and SD 1.x in bfloat16 as well.
 EQUIVALENCE = [
@@ -248,6 +267,12 @@ OWED: dict[str, dict[str, tuple[str | None, str | None]]] = {
     "flux2-dev": {
         "lone / bare": ("<= 1.05", None),
         "lone": ("<= 21", "SGLang on 1xH100: 23.1 s, 50 steps"),
+        "images/s / bare batch": (">= 1", None),
+    },
+    "qwen-image-edit": {
+        "lone / bare": ("<= 1.05", None),
+        "lone": ("<= 29", "SGLang on 1xH100: 32.8 s, 50 steps"),
+        "images/s / lone rate": (">= 1.3", None),
         "images/s / bare batch": (">= 1", None),
     },
     "qwen-image": {
@@ -380,6 +405,14 @@ STAGES = [
         'Qwen-Image, eager, true CFG (negative prompt " "): server vs bare pipe(...), lone at 50 steps and 4 clients',
         workload="qwen-image",
         quick_skip="flux runs this code (stage_serve) on the CPU; this stage is the same on Qwen-Image",
+    ),
+    Stage(
+        "qwen-image-edit",
+        360,
+        20,
+        "Qwen-Image-Edit-2511, eager, a 1024x1024 input, true CFG: server vs bare pipe(...), lone and 4 clients",
+        workload="qwen-image-edit",
+        quick_skip="flux runs this code (stage_serve) on the CPU; this stage is the same on Qwen-Image-Edit",
     ),
     Stage(
         "compile-zimage-turbo",
@@ -922,7 +955,21 @@ def request_body(workload: Workload, steps: int, seed: int | None = 1) -> dict[s
     }
     if seed is not None:
         body["seed"] = seed
-    return {**body, **dict(workload.fields)}
+    return {**body, **{name: field_value(value) for name, value in workload.fields}}
+
+
+def field_value(value: Any) -> Any:
+    return picture(value.size) if isinstance(value, Picture) else value
+
+
+def decoded(png: str) -> Any:
+    """A base64 PNG as the PIL image diffusers' pipeline takes."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB")
 
 
 class Bare:
@@ -943,13 +990,15 @@ class Bare:
             seed=1,
             scheduler=self.defaults["default_scheduler"],
             guidance_scale=self.defaults["default_guidance_scale"],
-            **dict(self.workload.fields),
+            **{name: value for name, value in self.workload.fields if not isinstance(value, Picture)},
         )
+        pictures = [decoded(picture(value.size)) for _, value in self.workload.fields if isinstance(value, Picture)]
         if "default_true_cfg_scale" in self.defaults:  # the server's default, passed as the pipeline takes it
             p = replace(p, true_cfg_scale=self.defaults["default_true_cfg_scale"])
         synchronize(self.device)
         started = time.perf_counter()
-        diffusers_image(self.pipe, p, **({"num_images_per_prompt": batch} if batch > 1 else {}))
+        extra = {"num_images_per_prompt": batch} if batch > 1 else {}
+        diffusers_image(self.pipe, p, **extra, **({"image": pictures} if pictures else {}))
         synchronize(self.device)
         return time.perf_counter() - started
 
@@ -1390,6 +1439,7 @@ RUNNERS: dict[str, Callable[[Suite, StageRecord], None]] = {
     "flux2-dev": lambda suite, record: stage_flux2_dev(suite, record),
     "compile-sd-v1": lambda suite, record: stage_compiled(suite, record, "sd-v1"),
     "qwen-image": lambda suite, record: stage_serve(suite, record, "qwen-image"),
+    "qwen-image-edit": lambda suite, record: stage_serve(suite, record, "qwen-image-edit"),
     "compile-zimage-turbo": lambda suite, record: stage_compiled(suite, record, "zimage-turbo"),
     "loras-compiled": stage_loras_compiled,
     "loras": stage_loras,

@@ -1097,6 +1097,27 @@ def build_tiny_qwenimage() -> QwenImagePipeline:
     return pipe
 
 
+def build_qwenimage_edit_plus_arch(device: torch.device, dtype: torch.dtype) -> QwenImageEditPlusPipeline:
+    """Qwen-Image-Edit-2509/2511's shapes: Qwen-Image's transformer and VAE, and Qwen2.5-VL-7B whose vision tower
+    runs on each input image."""
+    torch.manual_seed(_SEED)
+    processor = _qwen_vl_processor()
+    tokenizer = processor.tokenizer
+    with torch.device(device):
+        text_encoder = _qwen25_vl(tokenizer, QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION, **_vision_token_ids(tokenizer))
+        transformer = QwenImageTransformer2DModel()
+        vae = AutoencoderKLQwenImage()
+    pipe = QwenImageEditPlusPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWENIMAGE_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        processor=processor,
+        transformer=transformer,
+    )
+    return pipe.to(device=device, dtype=dtype)
+
+
 def build_qwenimage_arch(device: torch.device, dtype: torch.dtype) -> QwenImagePipeline:
     """Qwen-Image's shapes: the transformer (diffusers' defaults are the released model's), Qwen2.5-VL-7B, and the
     Qwen-Image VAE (diffusers' defaults)."""

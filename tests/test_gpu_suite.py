@@ -51,7 +51,7 @@ def test_quick_mode_runs_every_stage_and_reports_every_figure(tmp_path: Path) ->
         assert not missing, (name, missing)
     ran = {name for name, stage in stages.items() if stage["status"] == "ran"}
     # Left out in the quick mode: stages whose code another stage runs on the CPU (on another workload).
-    quick_skipped = {"sdxl", "sd35", "zimage-turbo", "flux2-klein", "flux2-dev", "qwen-image"}
+    quick_skipped = {"sdxl", "sd35", "zimage-turbo", "flux2-klein", "flux2-dev", "qwen-image", "qwen-image-edit"}
     quick_skipped |= {"compile-sdxl", "compile-flux", "compile-sd35"}
     assert ran >= set(gpu_suite.STAGE_NAMES) - quick_skipped
 

@@ -138,6 +138,9 @@ def test_full_size_builtin_has_the_real_models_parameter_counts() -> None:
     counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("transformer", "vae")}
     assert counts == {"transformer": 20_430_401_088, "vae": 126_892_531}
     assert sum(p.numel() for p in pipe.text_encoder.parameters()) == 8_292_166_656
+    edit = build_builtin("qwenimage-edit-plus-arch", torch.device("meta"), torch.bfloat16)  # Edit-2509/2511's
+    assert sum(p.numel() for p in edit.transformer.parameters()) == counts["transformer"]
+    assert sum(p.numel() for p in edit.text_encoder.parameters()) == 8_292_166_656
 
 
 @pytest.fixture(scope="module")

@@ -357,5 +357,8 @@ FAMILY = Family(
         "qwenimage-arch": Builtin(QwenImagePipeline, builtin.build_qwenimage_arch, full_size=True),
         "tiny-qwenimage-edit": Builtin(QwenImageEditPipeline, builtin.build_tiny_qwenimage_edit),
         "tiny-qwenimage-edit-plus": Builtin(QwenImageEditPlusPipeline, builtin.build_tiny_qwenimage_edit_plus),
+        "qwenimage-edit-plus-arch": Builtin(
+            QwenImageEditPlusPipeline, builtin.build_qwenimage_edit_plus_arch, full_size=True
+        ),
     },
 )
