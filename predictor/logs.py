@@ -7,6 +7,7 @@ library user who wants the same quiet calls it too. Calling it again adds nothin
 from __future__ import annotations
 
 import logging
+import warnings
 
 
 class _DropMessages(logging.Filter):
@@ -36,7 +37,9 @@ _NOISE: dict[str, tuple[str, ...]] = {
 
 
 def install_log_filters() -> None:
-    """Quiet the third-party warnings above; idempotent."""
+    """Quiet the third-party warnings above, and FastAPI's deprecation of the ORJSONResponse KServe's v1 routes
+    answer with (a multi-line warning on the first v1 request, about code this server does not own); idempotent."""
+    warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
     for name, fragments in _NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):

@@ -61,8 +61,13 @@ class _AsciiJSONResponse(JSONResponse):
 
 
 def _respond(request: Request, exc: PredictorError) -> JSONResponse:
-    """``exc`` as the error body of the wire format whose route it happened on."""
-    body = ROUTES.error_body(request.scope.get("path", ""), exc)
+    """``exc`` as the error body of the wire format whose route it happened on. A refusal (4xx) is logged with its
+    reason, one line, so an operator sees why clients fail: the server's own words, which never echo a request's
+    values (nor a key)."""
+    path = request.scope.get("path", "")
+    if 400 <= exc.status_code < 500:
+        logger.info("%s %s refused %d %s: %s", request.method, path[:200], exc.status_code, exc.error_type, exc.message)
+    body = ROUTES.error_body(path, exc)
     return _AsciiJSONResponse(status_code=exc.status_code, content=body, headers=exc.headers or None)
 
 
@@ -94,10 +99,6 @@ async def _request_validation(request: Request, exc: RequestValidationError) -> 
 
 async def _not_ready(request: Request, exc: Exception) -> JSONResponse:
     return _respond(request, HTTPError(503, "model_not_ready", str(exc)))
-
-
-async def _not_found(request: Request, exc: ModelNotFound) -> JSONResponse:
-    return _respond(request, HTTPError(404, "model_not_found", str(exc)))
 
 
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -297,6 +298,11 @@ class PredictorRESTServer(RESTServer):
                 return _respond(request, model.unavailable())
         return await _not_ready(request, exc)
 
+    async def _model_not_found(self, request: Request, exc: ModelNotFound) -> JSONResponse:
+        # KServe's words ("Model with name X does not exist."), and which names this server answers to.
+        served = ", ".join(sorted(self.dataplane.model_registry.get_models())) or "none yet"
+        return _respond(request, HTTPError(404, "model_not_found", f"{exc} This server serves: {served}."))
+
     def _add_exception_handlers(self, app: FastAPI) -> None:
         super()._add_exception_handlers(app)
         app.add_exception_handler(PredictorError, _predictor_error)
@@ -304,7 +310,7 @@ class PredictorRESTServer(RESTServer):
         app.add_exception_handler(RequestValidationError, _request_validation)
         app.add_exception_handler(ModelNotReady, self._model_not_ready)
         app.add_exception_handler(ServerNotReady, _not_ready)
-        app.add_exception_handler(ModelNotFound, _not_found)
+        app.add_exception_handler(ModelNotFound, self._model_not_found)
         app.add_exception_handler(StarletteHTTPException, _http_exception)
         app.add_exception_handler(Exception, _internal_error)
 

@@ -171,6 +171,10 @@ def test_unknown_model_is_404(client: TestClient) -> None:
     response = client.post("/v1/models/nope:predict", json={"instances": [{"prompt": "x"}]})
     assert response.status_code == 404
     assert response.json()["error_type"] == "model_not_found"
+    # The answer names the model asked for and the one this server serves, in v1 and v2 alike.
+    assert f"nope does not exist. This server serves: {MODEL_NAME}." in response.json()["error"]
+    v2 = client.post("/v2/models/nope/infer", json={"inputs": []})
+    assert v2.status_code == 404 and f"This server serves: {MODEL_NAME}." in v2.json()["error"]
 
 
 def test_metrics_are_exposed_and_count_what_happened(client: TestClient) -> None:

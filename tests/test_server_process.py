@@ -228,6 +228,8 @@ def test_builtin_tiny_serves_then_sigterm_finishes_what_fits_the_grace_period_an
         assert response.status_code == 200
         assert response.headers["content-type"] == "image/png"
         assert response.headers["x-seed"] == "4"
+        refused = httpx.post(f"{base}/generate", json={"prompt": "   "})
+        assert refused.status_code == 400
 
         answers, threads = _send_in_flight(base)
         short: dict[str, httpx.Response] = {}
@@ -259,8 +261,10 @@ def test_builtin_tiny_serves_then_sigterm_finishes_what_fits_the_grace_period_an
     assert "RANDOM weights" in output, "a builtin must say it produces noise"
     # What a new user reads at start and per request: no warnings about what this server does not use, no
     # "not registered" for a route it does serve, one line per request.
-    for noise in ("torchvision", "endpoints not registered", "kserve.trace"):
+    for noise in ("torchvision", "endpoints not registered", "kserve.trace", "ORJSONResponse"):
         assert noise not in output, f"start-up or request noise: {noise!r}"
+    # A refusal's reason is in the log, one line, beside the access line.
+    assert "POST /generate refused 400 invalid_input: 'prompt' must contain a non-whitespace character" in output
     assert "POST /v1/images/generations" in output, "the log says which routes are served"
     assert output.count('"POST /generate HTTP/1.1" 200') == 3  # the kite, the short one and the stream
 
