@@ -124,15 +124,22 @@ class Limits:
     )
 
     def for_model(self, traits: ModelTraits) -> Limits:
-        """These limits with the family's defaults in place of "auto", once the model is known."""
+        """These limits with the family's defaults in place of "auto", once the model is known, and the model's
+        own scheduler names (for the message that refuses another)."""
         scheduler = traits.default_scheduler if self.default_scheduler == "auto" else self.default_scheduler
         guidance = self.default_guidance_scale
-        return replace(
+        limits = replace(
             self,
             default_scheduler=scheduler,
             default_guidance_scale=traits.default_guidance_scale if guidance is None else guidance,
             max_reference_images=min(self.max_reference_images, traits.max_reference_images),
         )
+        return ModelLimits(**vars(limits), schedulers=traits.schedulers)
+
+    @property
+    def scheduler_names(self) -> tuple[str, ...]:
+        """The scheduler names a request may give: every one until the model is known."""
+        return SCHEDULER_NAMES
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -496,20 +503,36 @@ def _worded(error: Mapping[str, Any], limit: int | None) -> str:
 
 
 def invalid_from_validation_error(
-    exc: ValidationError, prefix: str = "", bounds: Mapping[str, int] | None = None
+    exc: ValidationError,
+    prefix: str = "",
+    bounds: Mapping[str, int] | None = None,
+    schedulers: tuple[str, ...] = SCHEDULER_NAMES,
 ) -> InvalidRequest:
     """The first pydantic error as an ``InvalidRequest`` worded as this server words its own checks, with the
-    operator's bound (``bounds``: field name -> bound) where one applies; pydantic's errors never include the
-    input."""
+    operator's bound (``bounds``: field name -> bound) where one applies and the served model's ``schedulers`` for a
+    name that is none of them; pydantic's errors never include the input."""
     error = exc.errors(include_url=False, include_input=False)[0]
     loc = tuple(error["loc"])
     param = _param_name(loc, prefix)
     if error["type"] == "extra_forbidden":
         return InvalidRequest(f"unknown field '{param}'", param=param)
+    if error["type"] == "literal_error" and loc and loc[-1] == "scheduler":
+        return InvalidRequest(f"'{param}' must be one of {', '.join(schedulers)} (this model's)", param=param)
     if error["type"] == "missing":
         return InvalidRequest(f"'{param}' is required", param=param)
     limit = (bounds or {}).get(str(loc[0])) if len(loc) == 1 else None
     return InvalidRequest(f"'{param}' {_worded(error, limit)}", param=param)
+
+
+@dataclass(frozen=True)
+class ModelLimits(Limits):
+    """The limits once the model is known (``Limits.for_model``): not flags, so kept apart from ``Limits``."""
+
+    schedulers: tuple[str, ...] = SCHEDULER_NAMES
+
+    @property
+    def scheduler_names(self) -> tuple[str, ...]:
+        return self.schedulers
 
 
 Validated = TypeVar("Validated", bound=BaseModel)
@@ -523,7 +546,9 @@ def validate(
     try:
         request = model.model_validate_strings(data) if strings else model.model_validate(data)
     except ValidationError as exc:
-        raise invalid_from_validation_error(exc, prefix, operator_limits(model, limits)) from None
+        raise invalid_from_validation_error(
+            exc, prefix, operator_limits(model, limits), limits.scheduler_names
+        ) from None
     check_limits(request, limits, prefix)
     return request
 

@@ -178,6 +178,19 @@ def test_valid_request_is_served_after_bad_ones(client: TestClient) -> None:
         ("/generate", {"prompt": "a", "width": 100}, "'width' must be a multiple of 8"),
         ("/generate", {"prompt": "   "}, "'prompt' must contain a non-whitespace character"),
         ("/generate", {"prompt": ""}, "'prompt' must not be empty"),
+        # The served model's own names: SD 1.x's, without the flow-matching families' heun.
+        (
+            "/generate",
+            {"prompt": "a", "scheduler": "karras_9000"},
+            "'scheduler' must be one of dpmpp_2m, dpmpp_2m_karras, euler, euler_a, ddim, pndm, lms, unipc, lcm "
+            "(this model's)",
+        ),
+        (
+            V1,
+            {"instances": [{"prompt": "a", "scheduler": "heun!"}]},
+            "'instances[0].scheduler' must be one of dpmpp_2m, dpmpp_2m_karras, euler, euler_a, ddim, pndm, lms, "
+            "unipc, lcm (this model's)",
+        ),
     ],
 )
 def test_error_messages_say_the_real_limit_in_plain_words(client: TestClient, route: str, body, message: str) -> None:
