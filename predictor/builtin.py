@@ -1019,69 +1019,18 @@ TINY_QWEN25_VL_TEXT = {
 TINY_QWEN25_VL_VISION = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32}
 
 
-def _tiny_qwenimage_transformer() -> QwenImageTransformer2DModel:
-    return QwenImageTransformer2DModel(
-        in_channels=64,
-        out_channels=16,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,  # the text encoder's width
-        axes_dims_rope=(4, 6, 6),  # the head's 16 dimensions
-    )
-
-
-def _tiny_qwenimage_vae() -> AutoencoderKLQwenImage:
-    return AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
-
-
-def build_tiny_qwenimage_edit_plus() -> QwenImageEditPlusPipeline:
-    """Qwen-Image-Edit-2509/2511's pipeline, tiny: one to three input images through the vision-language encoder
-    (a one-layer vision tower) and the VAE."""
-    return _tiny_qwenimage_edit(QwenImageEditPlusPipeline)
-
-
-def build_tiny_qwenimage_edit() -> QwenImageEditPipeline:
-    """Qwen-Image-Edit's pipeline (the first release), tiny: one input image."""
-    return _tiny_qwenimage_edit(QwenImageEditPipeline)
-
-
-def _tiny_qwenimage_edit(cls: type) -> Any:
+def _qwenimage(cls: type, full_size_on: torch.device | None = None) -> Any:
+    """A Qwen-Image pipeline of class ``cls``: tiny (a one-layer vision tower, 64 px), or with the released shapes
+    on ``full_size_on`` (the transformer and VAE are diffusers' defaults, the encoder Qwen2.5-VL-7B). The edit
+    pipelines also get the vision-language processor: their encoder sees the input images."""
     torch.manual_seed(_SEED)
-    processor = _qwen_vl_processor()
-    tokenizer = processor.tokenizer
-    text_encoder = _qwen25_vl(tokenizer, TINY_QWEN25_VL_TEXT, TINY_QWEN25_VL_VISION, **_vision_token_ids(tokenizer))
-    pipe = cls(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWENIMAGE_SCHEDULER_CONFIG),
-        vae=_tiny_qwenimage_vae(),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        processor=processor,
-        transformer=_tiny_qwenimage_transformer(),
-    )
-    pipe.default_sample_size = 8
-    return pipe
-
-
-def build_tiny_qwenimage() -> QwenImagePipeline:
-    torch.manual_seed(_SEED)
-    tokenizer = _qwen_tokenizer()
-    text = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 2048,
-        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1000000.0},
-    }
-    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32}
-    pipe = QwenImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWENIMAGE_SCHEDULER_CONFIG),
-        vae=AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
-        text_encoder=_qwen25_vl(tokenizer, text, vision),
-        tokenizer=tokenizer,
-        transformer=QwenImageTransformer2DModel(
+    edit = cls is not QwenImagePipeline
+    processor = _qwen_vl_processor() if edit else None
+    tokenizer = processor.tokenizer if processor is not None else _qwen_tokenizer()
+    vision_ids = _vision_token_ids(tokenizer) if edit else {}
+    if full_size_on is None:
+        text_encoder = _qwen25_vl(tokenizer, TINY_QWEN25_VL_TEXT, TINY_QWEN25_VL_VISION, **vision_ids)
+        transformer = QwenImageTransformer2DModel(
             in_channels=64,
             out_channels=16,
             num_layers=2,
@@ -1089,49 +1038,46 @@ def build_tiny_qwenimage() -> QwenImagePipeline:
             num_attention_heads=2,
             joint_attention_dim=32,  # the text encoder's width
             axes_dims_rope=(4, 6, 6),  # the head's 16 dimensions
-        ),
+        )
+        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    else:
+        with torch.device(full_size_on):
+            text_encoder = _qwen25_vl(tokenizer, QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION, **vision_ids)
+            transformer, vae = QwenImageTransformer2DModel(), AutoencoderKLQwenImage()
+    pipe = cls(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWENIMAGE_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        **({"processor": processor} if processor is not None else {}),
     )
-    # QwenImagePipeline fixes its default size at 1024 px; the tiny one is made for 64 px (8 latents of the VAE's
-    # 8). Saved to disk and loaded again, it is 1024 px again.
-    pipe.default_sample_size = 8
+    if full_size_on is None:
+        # The pipelines fix their default size at 1024 px; the tiny ones are made for 64 px (8 latents of the VAE's
+        # 8). Saved to disk and loaded again, they are 1024 px again.
+        pipe.default_sample_size = 8
     return pipe
 
 
-def build_qwenimage_edit_plus_arch(device: torch.device, dtype: torch.dtype) -> QwenImageEditPlusPipeline:
-    """Qwen-Image-Edit-2509/2511's shapes: Qwen-Image's transformer and VAE, and Qwen2.5-VL-7B whose vision tower
-    runs on each input image."""
-    torch.manual_seed(_SEED)
-    processor = _qwen_vl_processor()
-    tokenizer = processor.tokenizer
-    with torch.device(device):
-        text_encoder = _qwen25_vl(tokenizer, QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION, **_vision_token_ids(tokenizer))
-        transformer = QwenImageTransformer2DModel()
-        vae = AutoencoderKLQwenImage()
-    pipe = QwenImageEditPlusPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWENIMAGE_SCHEDULER_CONFIG),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        processor=processor,
-        transformer=transformer,
-    )
-    return pipe.to(device=device, dtype=dtype)
+def build_tiny_qwenimage() -> QwenImagePipeline:
+    return _qwenimage(QwenImagePipeline)
+
+
+def build_tiny_qwenimage_edit() -> QwenImageEditPipeline:
+    """Qwen-Image-Edit's pipeline (the first release): one input image."""
+    return _qwenimage(QwenImageEditPipeline)
+
+
+def build_tiny_qwenimage_edit_plus() -> QwenImageEditPlusPipeline:
+    """Qwen-Image-Edit-2509/2511's pipeline: one to three input images."""
+    return _qwenimage(QwenImageEditPlusPipeline)
 
 
 def build_qwenimage_arch(device: torch.device, dtype: torch.dtype) -> QwenImagePipeline:
-    """Qwen-Image's shapes: the transformer (diffusers' defaults are the released model's), Qwen2.5-VL-7B, and the
-    Qwen-Image VAE (diffusers' defaults)."""
-    torch.manual_seed(_SEED)
-    tokenizer = _qwen_tokenizer()
-    with torch.device(device):
-        text_encoder = _qwen25_vl(tokenizer, QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION)
-        transformer = QwenImageTransformer2DModel()
-        vae = AutoencoderKLQwenImage()
-    pipe = QwenImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWENIMAGE_SCHEDULER_CONFIG),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-    )
-    return pipe.to(device=device, dtype=dtype)
+    """Qwen-Image's shapes: the 20.4B transformer, Qwen2.5-VL-7B and the Qwen-Image VAE."""
+    return _qwenimage(QwenImagePipeline, device).to(device=device, dtype=dtype)
+
+
+def build_qwenimage_edit_plus_arch(device: torch.device, dtype: torch.dtype) -> QwenImageEditPlusPipeline:
+    """Qwen-Image-Edit-2509/2511's shapes: Qwen-Image's, with the encoder's vision tower run on each input image."""
+    return _qwenimage(QwenImageEditPlusPipeline, device).to(device=device, dtype=dtype)
