@@ -142,7 +142,8 @@ class EngineConfig:
     """How images are batched, queued and timed out in the denoising loop; torch.compile; adapters in the model."""
 
     # KServe's --model_name: the engine labels its metrics with it.
-    model_name: str = field(default="model", metadata={"kserve": True})
+    # "sd" by default (KServe's is "model"): the name `make serve`, the README's examples and the CLI use.
+    model_name: str = field(default="sd", metadata={"kserve": True})
     max_batch_size: int = field(
         default=8, metadata={"help": "Most images in one denoiser (UNet or transformer) call; 1: serial.", "gt": 0}
     )
@@ -391,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # gRPC serves no image route here; turn it on explicitly if wanted. The per-request latency line is
     # opt-in: uvicorn's access log already says what happened, and /metrics has the timings.
-    parser.set_defaults(enable_grpc=False, enable_latency_logging=False)
+    parser.set_defaults(enable_grpc=False, enable_latency_logging=False, model_name="sd")
     hints = get_type_hints(Settings)
     for section in fields(Settings):
         _add_section(parser, hints[section.name], section.metadata["title"])

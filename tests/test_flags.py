@@ -51,8 +51,10 @@ def test_each_settings_field_is_one_flag_in_its_sections_group() -> None:
     # EngineConfig.model_name is KServe's --model_name, not a second flag.
     known = {option for action in parser._actions for option in action.option_strings}
     assert "--model_name" in known
-    _, settings = parse_settings(["--model_name", "sd"])
-    assert settings.model_name == settings.engine.model_name == "sd"
+    _, settings = parse_settings(["--model_name", "fox"])
+    assert settings.model_name == settings.engine.model_name == "fox"
+    # One default name, the one `make serve` and the README's examples use (KServe's own default is "model").
+    assert parse_settings([])[1].model_name == "sd"
 
 
 def test_choices_come_from_the_literal_types() -> None:
