@@ -456,51 +456,6 @@ def app_client(model_dir: Path | str, *flags: str) -> Iterator[Any]:
         model.stop()
 
 
-def save_random_lora(
-    pipe: Any, directory: Any, name: str, seed: int, rank: int = 4, alpha: int = 8, text_encoders: bool = False
-) -> Any:
-    """A LoRA adapter with random weights for ``pipe``'s denoiser (attention projections; SD's convolutional
-    proj_in too) and, with ``text_encoders``, its CLIP encoders, made with PEFT and saved by the pipeline class's own
-    ``save_lora_weights`` (diffusers' format) as ``directory/name.safetensors``. Returns the file's path."""
-    import copy
-    import inspect
-    from pathlib import Path
-
-    import torch
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    torch.manual_seed(seed)
-    flow = hasattr(pipe, "transformer") and getattr(pipe, "transformer", None) is not None
-    denoiser = copy.deepcopy(pipe.transformer if flow else pipe.unet)
-    targets = ["to_q", "to_k", "to_v", "to_out.0"] + ([] if flow else ["proj_in"])
-    # init_lora_weights=False: B is random too, so the adapter changes the output from the first step.
-    denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False))
-    component = "transformer" if flow else "unet"
-    # The adapter's config goes into the file's metadata, as diffusers' training scripts write it: lora_alpha lives
-    # nowhere else in a file of diffusers' format.
-    layers = {
-        f"{component}_lora_layers": get_peft_model_state_dict(denoiser),
-        f"{component}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict(),
-    }
-    # Z-Image's loader takes adapters for its transformer alone.
-    takes_encoders = "text_encoder_lora_layers" in inspect.signature(type(pipe).save_lora_weights).parameters
-    if text_encoders and takes_encoders:
-        for component in ("text_encoder", "text_encoder_2"):
-            encoder = getattr(pipe, component, None)
-            if encoder is None or (component == "text_encoder_2" and flow):  # FLUX's second encoder is T5
-                continue
-            encoder = copy.deepcopy(encoder)
-            config = LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-            encoder.add_adapter(config)
-            layers[f"{component}_lora_layers"] = get_peft_model_state_dict(encoder)
-            layers[f"{component}_lora_adapter_metadata"] = config.to_dict()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    type(pipe).save_lora_weights(directory, weight_name=f"{name}.safetensors", **layers)
-    return directory / f"{name}.safetensors"
-
-
 def assert_compiled_matches_eager(loaded: Any, jobs: list[GenerationParams], **engine_config: Any) -> None:
     """``jobs`` under --compile (the eager backend: dynamo's capture and guards are inductor's) compile nothing
     after warm-up, and make the images eager makes, alone (the first) and together."""
@@ -514,3 +469,11 @@ def assert_compiled_matches_eager(loaded: Any, jobs: list[GenerationParams], **e
         assert engine.runner.compiled_graphs() == after_warmup, "a prompt length, size or row count compiled"
     for got, want in zip(served, expected, strict=True):
         assert np.abs(got - want).max() <= TOLERANCE
+
+
+def save_random_lora(*args: Any, **kwargs: Any) -> Any:
+    """``predictor.lora.make.save_random_lora`` (the adapter command's function), imported when first used, so
+    importing this module imports no torch."""
+    from predictor.lora.make import save_random_lora as make
+
+    return make(*args, **kwargs)

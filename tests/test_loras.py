@@ -220,6 +220,22 @@ def test_transformer_family_adapters_equal_diffusers(build, cls, tmp_path: Path)
     assert_alone_and_mixed_equal(loaded, cases, expected, join_at_step=1, tolerance=TOLERANCE)
 
 
+def test_the_adapter_command_makes_one_the_server_serves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's offline walk: ``python -m predictor.lora.make`` writes an adapter for builtin:tiny, and a
+    server with --lora_dir lists it as usable and changes the picture with it."""
+    from predictor.lora.make import main
+
+    assert main(["--model_id", "builtin:tiny", "--out", str(tmp_path / "loras"), "--name", "style"]) == 0
+    assert "style.safetensors" in capsys.readouterr().out
+    loaded = load_pipeline(None, "builtin:tiny", None, "cpu", "float32", lora_dir=str(tmp_path / "loras"))
+    assert [(e["name"], e["available"]) for e in loaded.loras.describe()] == [("style", True)]
+    plain = _resolved(loaded, prompt="a harbour", seed=3, num_inference_steps=2)
+    styled = _resolved(loaded, prompt="a harbour", seed=3, num_inference_steps=2, loras=[{"name": "style"}])
+    with running_engine(loaded) as engine:
+        images = [pixels(future.result(timeout=60).image) for future in engine.submit([plain, styled])]
+    assert np.abs(images[0] - images[1]).max() > 0
+
+
 def test_bad_files_are_listed_with_the_reason_and_refused_by_name(sd_dirs: tuple[Path, Path], tmp_path: Path) -> None:
     model, good = sd_dirs
     loras = tmp_path / "loras"
