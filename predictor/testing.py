@@ -472,8 +472,8 @@ def assert_compiled_matches_eager(loaded: Any, jobs: list[GenerationParams], **e
 
 
 def save_random_lora(*args: Any, **kwargs: Any) -> Any:
-    """``predictor.lora.make.save_random_lora`` (the adapter command's function), imported when first used, so
+    """``predictor.make_lora.save_random_lora`` (the adapter command's function), imported when first used, so
     importing this module imports no torch."""
-    from predictor.lora.make import save_random_lora as make
+    from predictor.make_lora import save_random_lora as make
 
     return make(*args, **kwargs)

@@ -221,9 +221,9 @@ def test_transformer_family_adapters_equal_diffusers(build, cls, tmp_path: Path)
 
 
 def test_the_adapter_command_makes_one_the_server_serves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The README's offline walk: ``python -m predictor.lora.make`` writes an adapter for builtin:tiny, and a
+    """The README's offline walk: ``python -m predictor.make_lora`` writes an adapter for builtin:tiny, and a
     server with --lora_dir lists it as usable and changes the picture with it."""
-    from predictor.lora.make import main
+    from predictor.make_lora import main
 
     assert main(["--model_id", "builtin:tiny", "--out", str(tmp_path / "loras"), "--name", "style"]) == 0
     assert "style.safetensors" in capsys.readouterr().out

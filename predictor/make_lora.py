@@ -2,7 +2,7 @@
 the builtin models (or any pipeline) without downloading one. It changes the picture from the first step and means
 nothing; it is saved in diffusers' format by the pipeline's own ``save_lora_weights``, as a trained one would be.
 
-    python -m predictor.lora.make --model_id builtin:tiny --out ./loras --name style
+    python -m predictor.make_lora --model_id builtin:tiny --out ./loras --name style
     python -m predictor --model_id builtin:tiny --lora_dir ./loras     # requests may name "style"
 """
 
@@ -60,7 +60,7 @@ def save_random_lora(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m predictor.lora.make", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m predictor.make_lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model_id", default="builtin:tiny", help="a builtin (builtin:NAME) or a pipeline directory")
     parser.add_argument("--out", required=True, help="the adapters' folder (--lora_dir); made if missing")
