@@ -1,6 +1,7 @@
 """What the flow-matching transformer families share (FLUX.1, SD3, and the DiTs after them): the flow-matching
 scheduler registry, no ``scale_model_input`` (their pipelines call none), img2img and inpainting by
-``scale_noise``, and ``TransformerCall``, which lets the runner call a transformer as it calls a UNet."""
+``scale_noise``, ``TransformerCall``, which lets the runner call a transformer as it calls a UNet, and
+``PackedFlowModel``, FLUX.1's 2x2 packed latents (Qwen-Image's too)."""
 
 from __future__ import annotations
 
@@ -211,3 +212,23 @@ class FlowMatchingModel(FamilyModel):
             "noise": self.pack(noise),
         }
         return self.pack(latents.to(dtype)), inputs
+
+
+class PackedFlowModel(FlowMatchingModel):
+    """The FLUX.1 way of laying latents out, which Qwen-Image's pipelines copy: 2x2 patches packed into tokens
+    (``pipe._pack_latents``), sizes in multiples of 16, the timestep in the latents' dtype."""
+
+    image_size_factor = 2  # the image processor works in multiples of 16: the VAE's 8 and the 2x2 patches
+
+    def timestep_row(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.latent_dtype).reshape(1)  # diffusers casts t to the latents' dtype, then divides
+
+    def _latent_size(self, pixels: int) -> int:
+        return 2 * (pixels // (self.pipe.vae_scale_factor * 2))
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        _, channels, height, width = latents.shape
+        return self.pipe._pack_latents(latents, latents.shape[0], channels, height, width)
+
+    def pack_mask(self, mask: torch.Tensor, channels: int) -> torch.Tensor:
+        return self.pack(mask.repeat(1, channels, 1, 1))

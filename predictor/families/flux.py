@@ -36,7 +36,7 @@ from predictor.families.base import (
     two_prompts,
     with_negatives,
 )
-from predictor.families.flow import FlowMatchingModel, resolution_shift
+from predictor.families.flow import PackedFlowModel, resolution_shift
 from predictor.jobs import Job
 from predictor.request import GenerationParams
 
@@ -57,8 +57,7 @@ def _call_flux(transformer: Any, sample: torch.Tensor, timesteps: torch.Tensor, 
     )
 
 
-class FluxModel(FlowMatchingModel):
-    image_size_factor = 2  # the image processor works in multiples of 16: the VAE's 8 and the 2x2 patches
+class FluxModel(PackedFlowModel):
     inpaint_noises_at_full_strength = True
     family_fields = frozenset({"true_cfg_scale"})
     call_transformer = staticmethod(_call_flux)
@@ -90,12 +89,6 @@ class FluxModel(FlowMatchingModel):
 
     def guidance_scale(self, params: GenerationParams) -> float:
         return params.true_cfg_scale
-
-    def timestep_row(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.latent_dtype).reshape(1)  # diffusers casts t to the latents' dtype, then divides
-
-    def _latent_size(self, pixels: int) -> int:
-        return 2 * (pixels // (self.pipe.vae_scale_factor * 2))
 
     def _image_ids(self, height: int, width: int, rows: int = 1) -> torch.Tensor:
         h, w = self._latent_size(height) // 2, self._latent_size(width) // 2
@@ -156,13 +149,6 @@ class FluxModel(FlowMatchingModel):
                 }
             rows.append(({**cond, **shared}, uncond))
         return rows
-
-    def pack_mask(self, mask: torch.Tensor, channels: int) -> torch.Tensor:
-        return self.pack(mask.repeat(1, channels, 1, 1))
-
-    def pack(self, latents: torch.Tensor) -> torch.Tensor:
-        _, channels, height, width = latents.shape
-        return self.pipe._pack_latents(latents, latents.shape[0], channels, height, width)
 
     def initial_latents(self, job: Job, scheduler: SchedulerMixin, generator: torch.Generator) -> torch.Tensor:
         p = job.params

@@ -34,7 +34,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from predictor import builtin
 from predictor.families.base import Builtin, Encoded, Family, ServedPipeline, with_negatives
-from predictor.families.flow import FlowMatchingModel, resolution_shift
+from predictor.families.flow import PackedFlowModel, resolution_shift
 from predictor.jobs import Job
 from predictor.processors import QwenVLImageProcessor
 from predictor.request import GenerationParams, at_area
@@ -90,8 +90,7 @@ class FrameVAE(torch.nn.Module):
         return SimpleNamespace(latent_dist=SimpleNamespace(mean=posterior.mean[:, :, 0], std=posterior.std[:, :, 0]))
 
 
-class QwenImageModel(FlowMatchingModel):
-    image_size_factor = 2  # the image processor works in multiples of 16: the VAE's 8 and the 2x2 patches
+class QwenImageModel(PackedFlowModel):
     inpaint_noises_at_full_strength = True  # QwenImageInpaintPipeline noises the picture even at strength 1
     family_fields = frozenset({"true_cfg_scale"})
     compile_by_region = True  # each prompt at its own length: a graph of fixed shapes would recompile for each
@@ -142,12 +141,6 @@ class QwenImageModel(FlowMatchingModel):
         """The pipeline's true CFG: the mix, rescaled token by token to the positive prediction's norm."""
         mixed = uncond + params.true_cfg_scale * (text - uncond)
         return mixed * (torch.norm(text, dim=-1, keepdim=True) / torch.norm(mixed, dim=-1, keepdim=True))
-
-    def timestep_row(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.latent_dtype).reshape(1)  # diffusers casts t to the latents' dtype, then divides
-
-    def _latent_size(self, pixels: int) -> int:
-        return 2 * (pixels // (self.pipe.vae_scale_factor * 2))
 
     def _image_shape(self, height: int, width: int) -> tuple[int, int, int]:
         return (1, self._latent_size(height) // 2, self._latent_size(width) // 2)
@@ -275,13 +268,6 @@ class QwenImageModel(FlowMatchingModel):
         ).hidden_states[-1]
         caption = hidden[0][inputs["attention_mask"][0].bool()][drop:]
         return caption.to(pipe.text_encoder.dtype), False
-
-    def pack(self, latents: torch.Tensor) -> torch.Tensor:
-        _, channels, height, width = latents.shape
-        return self.pipe._pack_latents(latents, latents.shape[0], channels, height, width)
-
-    def pack_mask(self, mask: torch.Tensor, channels: int) -> torch.Tensor:
-        return self.pack(mask.repeat(1, channels, 1, 1))
 
     def initial_latents(self, job: Job, scheduler: SchedulerMixin, generator: torch.Generator) -> torch.Tensor:
         p = job.params
